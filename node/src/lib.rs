@@ -1,0 +1,6 @@
+//! meridian-node as a library: the agent's building blocks, shared with the end-to-end
+//! tests and the chaos harness.
+
+pub mod config;
+pub mod pg;
+pub mod types;

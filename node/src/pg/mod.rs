@@ -1,0 +1,1 @@
+//! Postgres control layer (being written).
