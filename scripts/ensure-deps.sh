@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what building and testing Meridian needs on a fresh Debian machine:
+# PostgreSQL server binaries (>= 13) and the rustfmt/clippy components. Idempotent.
+set -euo pipefail
+
+have_pg() {
+  command -v pg_config >/dev/null 2>&1 && [ -x "$(pg_config --bindir)/initdb" ] && return 0
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
+}
+
+if ! have_pg; then
+  echo "ensure-deps: installing PostgreSQL server binaries (Debian package postgresql)"
+  if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq postgresql >/dev/null
+  # The Debian package starts a default cluster on 5432; Meridian needs none of it.
+  $SUDO systemctl stop postgresql >/dev/null 2>&1 || $SUDO service postgresql stop >/dev/null 2>&1 || true
+fi
+
+if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
+  # Postgres refuses to run as root: the agents run it as this unprivileged user.
+  useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+fi
+
+if command -v rustup >/dev/null 2>&1; then
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+fi
