@@ -2,5 +2,7 @@
 //! tests and the chaos harness.
 
 pub mod config;
+pub mod http;
+pub mod metrics;
 pub mod pg;
 pub mod types;

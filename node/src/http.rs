@@ -1,0 +1,339 @@
+//! The agent's HTTP endpoints, compatible with Patroni's REST API health checks so an
+//! existing HAProxy configuration works unchanged, plus `/cluster`, `/history` and a
+//! Prometheus `/metrics`.
+//!
+//! Owns only the mapping from the agent's published [`NodeHealth`] to status codes and
+//! bodies; it decides nothing. The runtime publishes a fresh `NodeHealth` through a
+//! `watch` channel after every observation and lease renewal.
+//!
+//! Semantics (as Patroni's): `GET /`, `/primary`, `/read-write`, `/leader`: 200 only on a
+//! primary that holds a valid lease, else 503. `/replica`: 200 on a running standby
+//! (`?lag=` bounds its lag, in bytes or with a unit such as `16MB`). `/read-only`: 200 on a
+//! running primary or standby. `/health`: 200 when Postgres is running. `/sync` and
+//! `/async`: 200 on a synchronous / asynchronous standby. Health checks answer `GET`,
+//! `HEAD` and `OPTIONS` (HAProxy's `option httpchk` sends `OPTIONS` by default).
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+
+/// What this member is, from the point of view of routing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Primary,
+    SyncStandby,
+    AsyncStandby,
+    Witness,
+    #[default]
+    Unknown,
+}
+
+/// Everything the endpoints need about this member, published by the runtime.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct NodeHealth {
+    pub cluster: String,
+    pub member: String,
+    pub region: String,
+    pub role: Role,
+    /// Postgres answers queries.
+    pub running: bool,
+    pub in_recovery: bool,
+    /// This member is the primary in the newest generation and its lease is valid.
+    pub lease_valid: bool,
+    pub fenced: bool,
+    pub timeline: u32,
+    pub generation: u64,
+    /// Bytes this standby is behind the primary's last known position.
+    pub lag_bytes: Option<u64>,
+    pub paused: bool,
+    pub noloadbalance: bool,
+    pub version: String,
+    /// The cluster topology as the leader last reported it (for `/cluster`).
+    #[serde(skip)]
+    pub cluster_json: serde_json::Value,
+    /// History entries (for `/history`).
+    #[serde(skip)]
+    pub history_json: serde_json::Value,
+}
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub health: watch::Receiver<NodeHealth>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The router with every endpoint; the caller binds and serves it.
+pub fn router(state: HttpState) -> Router {
+    let check = |f: fn(&NodeHealth, &CheckQuery) -> bool| {
+        let h = move |State(s): State<HttpState>, Query(q): Query<CheckQuery>| async move {
+            respond(&s.health.borrow().clone(), &q, f)
+        };
+        get(h).options(h)
+    };
+    Router::new()
+        .route("/", check(is_writable_primary))
+        .route("/primary", check(is_writable_primary))
+        .route("/master", check(is_writable_primary))
+        .route("/leader", check(is_writable_primary))
+        .route("/read-write", check(is_writable_primary))
+        .route("/replica", check(is_replica))
+        .route("/read-only", check(is_read_only))
+        .route("/health", check(|h, _| h.running))
+        .route(
+            "/sync",
+            check(|h, _| h.running && h.role == Role::SyncStandby),
+        )
+        .route(
+            "/synchronous",
+            check(|h, _| h.running && h.role == Role::SyncStandby),
+        )
+        .route(
+            "/async",
+            check(|h, _| h.running && h.role == Role::AsyncStandby),
+        )
+        .route(
+            "/asynchronous",
+            check(|h, _| h.running && h.role == Role::AsyncStandby),
+        )
+        .route("/liveness", check(|_, _| true))
+        .route("/readiness", check(is_read_only))
+        .route("/cluster", get(cluster))
+        .route("/history", get(history))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct CheckQuery {
+    /// Maximum replication lag: bytes, or a number with a unit (`kB`, `MB`, `GB`).
+    lag: Option<String>,
+}
+
+fn is_writable_primary(h: &NodeHealth, _: &CheckQuery) -> bool {
+    h.running && h.role == Role::Primary && h.lease_valid && !h.fenced && !h.in_recovery
+}
+
+fn is_standby(h: &NodeHealth) -> bool {
+    h.running && h.in_recovery && matches!(h.role, Role::SyncStandby | Role::AsyncStandby)
+}
+
+fn lag_ok(h: &NodeHealth, q: &CheckQuery) -> bool {
+    match q.lag.as_deref().map(parse_lag_bytes) {
+        None => true,
+        // A malformed bound must not route traffic to a replica of unknown lag.
+        Some(None) => false,
+        Some(Some(max)) => h.lag_bytes.is_some_and(|l| l <= max),
+    }
+}
+
+fn is_replica(h: &NodeHealth, q: &CheckQuery) -> bool {
+    is_standby(h) && !h.noloadbalance && lag_ok(h, q)
+}
+
+fn is_read_only(h: &NodeHealth, q: &CheckQuery) -> bool {
+    is_writable_primary(h, q) || is_replica(h, q)
+}
+
+/// Parses Patroni-style lag bounds: `1048576`, `16MB`, `1 GB`, `512kB`.
+pub fn parse_lag_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1 << 10,
+        "mb" => 1 << 20,
+        "gb" => 1 << 30,
+        "tb" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+fn respond(h: &NodeHealth, q: &CheckQuery, f: fn(&NodeHealth, &CheckQuery) -> bool) -> Response {
+    let code = if f(h, q) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(patroni_body(h))).into_response()
+}
+
+/// The body Patroni returns from its health endpoints (the fields HAProxy users and
+/// scripts read), with Meridian's additions.
+fn patroni_body(h: &NodeHealth) -> serde_json::Value {
+    let state = if h.fenced {
+        "fenced"
+    } else if h.running {
+        "running"
+    } else {
+        "stopped"
+    };
+    let role = match h.role {
+        Role::Primary => "primary",
+        Role::SyncStandby | Role::AsyncStandby => "replica",
+        Role::Witness => "witness",
+        Role::Unknown => "unknown",
+    };
+    serde_json::json!({
+        "state": state,
+        "role": role,
+        "timeline": h.timeline,
+        "replication_lag_bytes": h.lag_bytes,
+        "sync_standby": h.role == Role::SyncStandby,
+        "pause": h.paused,
+        "meridian": {
+            "version": h.version,
+            "scope": h.cluster,
+            "name": h.member,
+            "region": h.region,
+            "generation": h.generation,
+            "lease_valid": h.lease_valid,
+        },
+    })
+}
+
+async fn cluster(State(s): State<HttpState>) -> Response {
+    let v = s.health.borrow().cluster_json.clone();
+    Json(v).into_response()
+}
+
+async fn history(State(s): State<HttpState>) -> Response {
+    let v = s.health.borrow().history_json.clone();
+    Json(v).into_response()
+}
+
+async fn metrics(State(s): State<HttpState>) -> Response {
+    match s.metrics.render() {
+        Ok(body) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "render metrics");
+            (StatusCode::INTERNAL_SERVER_ERROR, "cannot render metrics\n").into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn primary() -> NodeHealth {
+        NodeHealth {
+            role: Role::Primary,
+            running: true,
+            lease_valid: true,
+            ..Default::default()
+        }
+    }
+
+    fn standby(role: Role, lag: u64) -> NodeHealth {
+        NodeHealth {
+            role,
+            running: true,
+            in_recovery: true,
+            lag_bytes: Some(lag),
+            ..Default::default()
+        }
+    }
+
+    fn q(lag: Option<&str>) -> CheckQuery {
+        CheckQuery {
+            lag: lag.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn primary_needs_a_valid_lease() {
+        assert!(is_writable_primary(&primary(), &q(None)));
+        let expired = NodeHealth {
+            lease_valid: false,
+            ..primary()
+        };
+        assert!(!is_writable_primary(&expired, &q(None)));
+        let fenced = NodeHealth {
+            fenced: true,
+            ..primary()
+        };
+        assert!(!is_writable_primary(&fenced, &q(None)));
+    }
+
+    #[test]
+    fn replica_lag_bound() {
+        let s = standby(Role::AsyncStandby, 2 << 20);
+        assert!(is_replica(&s, &q(None)));
+        assert!(is_replica(&s, &q(Some("16MB"))));
+        assert!(!is_replica(&s, &q(Some("1MB"))));
+        assert!(!is_replica(&s, &q(Some("lots"))));
+        assert!(!is_replica(&primary(), &q(None)));
+        assert!(is_read_only(&primary(), &q(None)));
+    }
+
+    #[test]
+    fn lag_units() {
+        assert_eq!(parse_lag_bytes("1024"), Some(1024));
+        assert_eq!(parse_lag_bytes("16MB"), Some(16 << 20));
+        assert_eq!(parse_lag_bytes("1 GB"), Some(1 << 30));
+        assert_eq!(parse_lag_bytes("512kB"), Some(512 << 10));
+        assert_eq!(parse_lag_bytes("MB"), None);
+        assert_eq!(parse_lag_bytes("3 parsecs"), None);
+    }
+
+    #[tokio::test]
+    async fn endpoints_answer_over_http() {
+        let (tx, rx) = watch::channel(standby(Role::SyncStandby, 0));
+        let state = HttpState {
+            health: rx,
+            metrics: Arc::new(Metrics::new()),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, router(state)).await.unwrap();
+        });
+        let get = |path: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                s.read_to_string(&mut out),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+            out
+        };
+        assert!(get("/primary").await.starts_with("HTTP/1.1 503"));
+        assert!(get("/replica").await.starts_with("HTTP/1.1 200"));
+        assert!(get("/sync").await.starts_with("HTTP/1.1 200"));
+        assert!(get("/async").await.starts_with("HTTP/1.1 503"));
+        tx.send(primary()).unwrap();
+        assert!(get("/primary").await.starts_with("HTTP/1.1 200"));
+        assert!(get("/").await.starts_with("HTTP/1.1 200"));
+        assert!(get("/replica").await.starts_with("HTTP/1.1 503"));
+        let m = get("/metrics").await;
+        assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+        assert!(m.contains("meridian_generation"), "{m}");
+        server.abort();
+    }
+}
