@@ -3,4 +3,5 @@
 
 pub mod config;
 pub mod pg;
+pub mod raft;
 pub mod types;
