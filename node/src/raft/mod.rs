@@ -5,6 +5,7 @@
 
 pub mod intent;
 pub mod log_store;
+pub mod network;
 pub mod state_machine;
 
 use std::fmt;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 pub use intent::{Command, Intent, Refused, Response};
 pub use log_store::LogStore;
+pub use network::{AddressBook, GrpcNetworkFactory, RaftGrpcService};
 pub use state_machine::{AppliedState, IntentSnapshotBuilder, StateMachineStore};
 
 /// A member as Raft's membership config knows it: by name. Addresses are not replicated.
@@ -77,6 +79,46 @@ pub fn open_store(dir: &Path) -> anyhow::Result<(LogStore, StateMachineStore)> {
     state_machine::create_tables(&db).context("creating raft snapshot tables")?;
     let sm = StateMachineStore::load(db.clone()).context("loading raft state machine")?;
     Ok((LogStore::new(db), sm))
+}
+
+/// Raft timing for members spread over regions: round trips of 20-90 ms (and spikes of x10)
+/// would make openraft's LAN defaults (50 ms heartbeat, 150-300 ms election) elect constantly.
+pub const HEARTBEAT_INTERVAL_MS: u64 = 250;
+pub const ELECTION_TIMEOUT_MIN_MS: u64 = 1_000;
+pub const ELECTION_TIMEOUT_MAX_MS: u64 = 2_000;
+/// Snapshot chunk size; keeps a JSON-encoded chunk well under the gRPC message limit.
+pub const SNAPSHOT_CHUNK_BYTES: u64 = 1 << 20;
+
+/// A validated openraft config with Meridian's cross-region timing.
+pub fn raft_config(cluster: &str) -> anyhow::Result<Arc<openraft::Config>> {
+    raft_config_with_timing(
+        cluster,
+        HEARTBEAT_INTERVAL_MS,
+        ELECTION_TIMEOUT_MIN_MS,
+        ELECTION_TIMEOUT_MAX_MS,
+    )
+}
+
+/// Like [`raft_config`] with other timing (tests on one host use shorter timeouts).
+pub fn raft_config_with_timing(
+    cluster: &str,
+    heartbeat_interval_ms: u64,
+    election_timeout_min_ms: u64,
+    election_timeout_max_ms: u64,
+) -> anyhow::Result<Arc<openraft::Config>> {
+    let config = openraft::Config {
+        cluster_name: cluster.to_string(),
+        heartbeat_interval: heartbeat_interval_ms,
+        election_timeout_min: election_timeout_min_ms,
+        election_timeout_max: election_timeout_max_ms,
+        // Snapshot transfers cross regions: allow a few chunks' worth of slow round trips.
+        install_snapshot_timeout: 4 * election_timeout_max_ms,
+        snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+        ..Default::default()
+    };
+    Ok(Arc::new(
+        config.validate().context("validating raft config")?,
+    ))
 }
 
 /// Runs a blocking redb operation (fsync on commit) off the async workers.
