@@ -30,7 +30,8 @@ struct Member {
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
-    _dir: TempDir,
+    /// Kept so a stopped member can be restarted on the same data.
+    dir: Option<TempDir>,
 }
 
 impl Member {
@@ -66,8 +67,17 @@ async fn start_member(
     book: AddressBook,
     cluster: &str,
 ) -> Member {
+    start_member_in(id, listener, book, cluster, tempfile::tempdir().unwrap()).await
+}
+
+async fn start_member_in(
+    id: NodeId,
+    listener: TcpListener,
+    book: AddressBook,
+    cluster: &str,
+    dir: TempDir,
+) -> Member {
     let addr = listener.local_addr().unwrap();
-    let dir = tempfile::tempdir().unwrap();
     let (log, sm): (_, StateMachineStore) = open_store(dir.path()).unwrap();
     let applied = sm.subscribe();
     let config = raft_config_with_timing(cluster, 100, 500, 1000).unwrap();
@@ -93,11 +103,11 @@ async fn start_member(
         addr,
         stop: Some(tx),
         server: Some(server),
-        _dir: dir,
+        dir: Some(dir),
     }
 }
 
-async fn start_cluster(n: u64) -> Vec<Member> {
+async fn start_cluster(n: u64) -> (Vec<Member>, AddressBook) {
     let mut listeners = Vec::new();
     let mut addrs = HashMap::new();
     for id in 1..=n {
@@ -110,7 +120,7 @@ async fn start_cluster(n: u64) -> Vec<Member> {
     for (id, l) in listeners {
         members.push(start_member(id, l, book.clone(), CLUSTER).await);
     }
-    members
+    (members, book)
 }
 
 async fn wait_leader(members: &[Member], not: Option<NodeId>) -> NodeId {
@@ -138,7 +148,7 @@ fn add(name: &str) -> Command {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_members_elect_replicate_and_fail_over_over_grpc() {
-    let mut members = start_cluster(3).await;
+    let (mut members, book) = start_cluster(3).await;
     let voters: BTreeMap<NodeId, MemberNode> =
         (1..=3).map(|id| (id, MemberNode::new(name(id)))).collect();
     members[0]
@@ -206,6 +216,23 @@ async fn three_members_elect_replicate_and_fail_over_over_grpc() {
             .expect("applied after failover");
         assert_eq!(m.applied.borrow().intent.members.len(), 2);
     }
+
+    // The old leader restarts on its data at a new address (the address book follows): it
+    // comes back with its durable log and vote, catches up, and applies what it missed.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    book.set(name(old.id), listener.local_addr().unwrap());
+    let dir = old.dir.take().unwrap();
+    let back = start_member_in(old.id, listener, book.clone(), CLUSTER, dir).await;
+    back.raft
+        .wait(Some(WAIT))
+        .applied_index_at_least(Some(w2.log_id.index), "restarted member catches up")
+        .await
+        .expect("restarted member catches up");
+    let state = back.applied.borrow().clone();
+    assert_eq!(state.intent.members.len(), 2);
+    assert!(state.intent.member("n2").is_some());
+    members.push(back);
+
     for m in &mut members {
         m.stop().await;
     }
@@ -213,7 +240,7 @@ async fn three_members_elect_replicate_and_fail_over_over_grpc() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rpc_from_another_cluster_is_refused() {
-    let mut members = start_cluster(1).await;
+    let (mut members, _book) = start_cluster(1).await;
     let addr = members[0].addr;
     let mut client = RaftClient::connect(format!("http://{addr}"))
         .await
