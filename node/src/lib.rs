@@ -5,4 +5,5 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod pg;
+pub mod raft;
 pub mod types;

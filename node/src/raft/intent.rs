@@ -1,0 +1,1242 @@
+//! The cluster intent: what the Raft group has decided (members, primary, generation,
+//! replication policy, sync set, maintenance, pending switchover, history), the typed
+//! commands that change it, and their validation.
+//!
+//! Validation is one pure function, [`Intent::validate`], run twice: by the proposer before
+//! it proposes (so a refusal costs no log entry) and again by every member at apply time,
+//! because the intent may have moved between proposal and commit. An entry refused at apply
+//! time changes nothing; the refusal travels back to the proposer in the [`Response`].
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Generation, Lsn, MemberId};
+
+/// History entries kept in the intent; older ones are dropped so snapshots stay small.
+pub const MAX_HISTORY_ENTRIES: usize = 1000;
+
+/// Longest member or region name: Postgres truncates `application_name` (which carries the
+/// member name into `synchronous_standby_names`) at NAMEDATALEN - 1 = 63 bytes.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// Upper bound on `commit_latency_budget_ms`: beyond a minute "auto" means nothing useful.
+pub const MAX_COMMIT_LATENCY_BUDGET_MS: u64 = 60_000;
+
+/// Longest free-text reason kept in a command or history entry.
+pub const MAX_REASON_LEN: usize = 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberKind {
+    /// Manages one local Postgres.
+    Data,
+    /// Votes only; manages no Postgres and can never be primary.
+    Witness,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MemberTags {
+    /// Higher is preferred among otherwise equal failover candidates.
+    pub priority: i32,
+    /// Never promoted automatically (a forced promotion may still pick it).
+    pub nofailover: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    pub id: MemberId,
+    pub region: String,
+    pub kind: MemberKind,
+    #[serde(default)]
+    pub tags: MemberTags,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicationMode {
+    Sync,
+    Async,
+    /// Sync only while the measured round trip from the primary fits the commit latency budget.
+    Auto,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Commits wait while fewer than `sync_quorum` sync standbys are healthy: zero loss.
+    Required,
+    /// The sync set shrinks to the healthy standbys, and history records that it did.
+    Preferred,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailoverMode {
+    Auto,
+    /// Only an operator promotes a member of this region.
+    Manual,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionPolicy {
+    pub mode: ReplicationMode,
+    pub failover: FailoverMode,
+}
+
+impl Default for RegionPolicy {
+    fn default() -> Self {
+        RegionPolicy {
+            mode: ReplicationMode::Auto,
+            failover: FailoverMode::Auto,
+        }
+    }
+}
+
+/// How the primary replicates and when a standby may replace it.
+///
+/// Defaults: `auto` everywhere with a 10 ms budget, so sync follows the primary's region and
+/// cross-region standbys are async; `preferred` durability; async failover allowed within
+/// 1 MiB of lag (the same bound Patroni uses by default), recorded in history as possible loss.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReplicationPolicy {
+    /// Applies to every region not listed in `regions`.
+    pub default_region: RegionPolicy,
+    pub regions: BTreeMap<String, RegionPolicy>,
+    /// k in `ANY k (sync set)`.
+    pub sync_quorum: u32,
+    pub durability: Durability,
+    /// Whether an async standby may be promoted automatically.
+    pub async_failover: bool,
+    pub max_lag_on_failover_bytes: u64,
+    pub commit_latency_budget_ms: u64,
+}
+
+impl Default for ReplicationPolicy {
+    fn default() -> Self {
+        ReplicationPolicy {
+            default_region: RegionPolicy::default(),
+            regions: BTreeMap::new(),
+            sync_quorum: 1,
+            durability: Durability::Preferred,
+            async_failover: true,
+            max_lag_on_failover_bytes: 1 << 20,
+            commit_latency_budget_ms: 10,
+        }
+    }
+}
+
+impl ReplicationPolicy {
+    pub fn region(&self, region: &str) -> RegionPolicy {
+        self.regions
+            .get(region)
+            .copied()
+            .unwrap_or(self.default_region)
+    }
+
+    pub fn mode_for(&self, region: &str) -> ReplicationMode {
+        self.region(region).mode
+    }
+
+    pub fn failover_for(&self, region: &str) -> FailoverMode {
+        self.region(region).failover
+    }
+
+    fn validate(&self) -> Result<(), Refused> {
+        if self.sync_quorum == 0 {
+            return Err(Refused::InvalidPolicy(
+                "sync_quorum must be at least 1".into(),
+            ));
+        }
+        if self.commit_latency_budget_ms > MAX_COMMIT_LATENCY_BUDGET_MS {
+            return Err(Refused::InvalidPolicy(format!(
+                "commit_latency_budget_ms {} is above the limit of {MAX_COMMIT_LATENCY_BUDGET_MS}",
+                self.commit_latency_budget_ms
+            )));
+        }
+        for region in self.regions.keys() {
+            check_name("region", region)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingSwitchover {
+    pub from: String,
+    pub to: String,
+    pub started_at_unix_ms: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HistoryKind {
+    /// The first primary of a new cluster.
+    Bootstrap,
+    Failover,
+    Switchover,
+    Policy,
+    Member,
+    /// Anything else worth keeping (e.g. a sync set shrunk under `preferred` durability).
+    Note,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// The proposer's wall clock: apply must not read clocks, so time travels in the command.
+    pub at_unix_ms: i64,
+    pub kind: HistoryKind,
+    pub reason: String,
+    pub old_primary: Option<String>,
+    pub new_primary: Option<String>,
+    pub generation: Generation,
+    /// Last known position of the old primary, when known.
+    pub old_primary_lsn: Option<Lsn>,
+    /// Position of the promoted member when it was chosen.
+    pub new_primary_lsn: Option<Lsn>,
+    /// Bytes the promotion may have lost (async failover), when known.
+    pub possible_loss_bytes: Option<u64>,
+}
+
+/// Why a promotion happens; decides the history kind and which guards apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromotionKind {
+    /// First primary of the cluster; only valid at generation 0 with no primary.
+    Bootstrap,
+    /// Automatic replacement of a failed primary: refused in maintenance mode.
+    Failover,
+    /// Completes the pending switchover, whose target must be this member.
+    Switchover,
+    /// Operator-requested (`meridianctl failover --candidate`).
+    Manual,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Promote {
+    pub member: String,
+    /// Must be exactly the current generation + 1: a proposal built on a stale view is refused.
+    pub generation: Generation,
+    pub kind: PromotionKind,
+    /// Allows a `nofailover` member or a region whose failover mode is manual.
+    #[serde(default)]
+    pub force: bool,
+    pub reason: String,
+    pub at_unix_ms: i64,
+    #[serde(default)]
+    pub old_primary_lsn: Option<Lsn>,
+    #[serde(default)]
+    pub new_primary_lsn: Option<Lsn>,
+    #[serde(default)]
+    pub possible_loss_bytes: Option<u64>,
+}
+
+/// Every change to the intent. Apply is deterministic: no clocks, no I/O, no randomness.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    /// Allocates the next member id (never reused) and records the member.
+    AddMember {
+        name: String,
+        region: String,
+        kind: MemberKind,
+        #[serde(default)]
+        tags: MemberTags,
+        at_unix_ms: i64,
+    },
+    RemoveMember {
+        name: String,
+        at_unix_ms: i64,
+    },
+    SetMemberTags {
+        name: String,
+        tags: MemberTags,
+    },
+    Promote(Promote),
+    SetPolicy {
+        policy: ReplicationPolicy,
+        reason: String,
+        at_unix_ms: i64,
+    },
+    /// The sync set as Postgres may wait on it, recorded for the current generation's primary.
+    RecordSyncSet {
+        generation: Generation,
+        members: Vec<String>,
+    },
+    SetMaintenance {
+        on: bool,
+    },
+    BeginSwitchover(PendingSwitchover),
+    ClearSwitchover,
+    AppendHistory(HistoryEntry),
+}
+
+/// Why a command was refused. Serializable so it crosses the Raft log and the admin API.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "refused", content = "detail", rename_all = "snake_case")]
+pub enum Refused {
+    #[error("invalid {what} name {name:?}: 1 to 63 characters of A-Z a-z 0-9 '-' '_'")]
+    InvalidName { what: String, name: String },
+    #[error("member {0:?} already exists")]
+    MemberExists(String),
+    #[error("no member named {0:?}")]
+    UnknownMember(String),
+    #[error("member {0:?} is the current primary; switch over first")]
+    MemberIsPrimary(String),
+    #[error("member {0:?} is in the recorded sync set; shrink the sync set first")]
+    MemberInSyncSet(String),
+    #[error("member {0:?} is part of the pending switchover")]
+    MemberInSwitchover(String),
+    #[error("member {0:?} is a witness and cannot hold a Postgres role")]
+    NotDataMember(String),
+    #[error("member {0:?} is tagged nofailover (force to override)")]
+    NoFailover(String),
+    #[error("failover is manual in region {region:?} of member {member:?} (force to override)")]
+    ManualFailoverRegion { member: String, region: String },
+    #[error("stale generation: expected {expected}, got {got}")]
+    StaleGeneration {
+        expected: Generation,
+        got: Generation,
+    },
+    #[error("member {0:?} is already the primary")]
+    AlreadyPrimary(String),
+    #[error("bootstrap promotion needs generation 0 and no primary")]
+    AlreadyBootstrapped,
+    #[error("automatic failover is refused in maintenance mode")]
+    Maintenance,
+    #[error("no switchover is pending")]
+    NoSwitchoverPending,
+    #[error("a switchover from {from:?} to {to:?} is already pending")]
+    SwitchoverPending { from: String, to: String },
+    #[error("switchover target {expected:?} differs from {got:?}")]
+    SwitchoverTargetMismatch { expected: String, got: String },
+    #[error("switchover source {got:?} is not the current primary {primary:?}")]
+    SwitchoverSourceNotPrimary {
+        got: String,
+        primary: Option<String>,
+    },
+    #[error("invalid policy: {0}")]
+    InvalidPolicy(String),
+    #[error("sync set lists {0:?} twice")]
+    DuplicateSyncMember(String),
+    #[error("sync set of {size} is below sync_quorum {quorum} under required durability")]
+    SyncSetBelowQuorum { size: usize, quorum: u32 },
+    #[error("reason is longer than {MAX_REASON_LEN} bytes")]
+    ReasonTooLong,
+    #[error("member ids are exhausted")]
+    MemberIdsExhausted,
+}
+
+/// What the state machine answers for each applied log entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "response", content = "detail", rename_all = "snake_case")]
+pub enum Response {
+    /// A blank or membership entry: nothing happened to the intent.
+    Empty,
+    /// The command changed the intent.
+    Applied,
+    /// `AddMember` allocated this id.
+    MemberAdded(MemberId),
+    /// The command was refused at apply time; the intent is unchanged.
+    Refused(Refused),
+}
+
+/// The replicated state: everything the cluster has decided.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Intent {
+    /// By name; ordered so serialization (and thus snapshots) is deterministic.
+    pub members: BTreeMap<String, Member>,
+    /// The next id `AddMember` hands out: a high-water mark that never goes down, so a removed
+    /// member's id is never reused (reuse after a wipe could let two quorums form).
+    pub next_member_id: MemberId,
+    pub primary: Option<String>,
+    pub generation: Generation,
+    pub policy: ReplicationPolicy,
+    pub sync_set: Vec<String>,
+    pub maintenance: bool,
+    pub pending_switchover: Option<PendingSwitchover>,
+    pub history: Vec<HistoryEntry>,
+}
+
+impl Default for Intent {
+    fn default() -> Self {
+        Intent {
+            members: BTreeMap::new(),
+            // Id 0 is left unused so a zero never looks like a valid member by accident.
+            next_member_id: MemberId(1),
+            primary: None,
+            generation: Generation(0),
+            policy: ReplicationPolicy::default(),
+            sync_set: Vec::new(),
+            maintenance: false,
+            pending_switchover: None,
+            history: Vec::new(),
+        }
+    }
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), Refused> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Refused::InvalidName {
+            what: what.to_string(),
+            name: name.to_string(),
+        })
+    }
+}
+
+fn check_reason(reason: &str) -> Result<(), Refused> {
+    if reason.len() > MAX_REASON_LEN {
+        Err(Refused::ReasonTooLong)
+    } else {
+        Ok(())
+    }
+}
+
+impl Intent {
+    pub fn member(&self, name: &str) -> Option<&Member> {
+        self.members.get(name)
+    }
+
+    pub fn member_by_id(&self, id: MemberId) -> Option<&Member> {
+        self.members.values().find(|m| m.id == id)
+    }
+
+    fn known(&self, name: &str) -> Result<&Member, Refused> {
+        self.members
+            .get(name)
+            .ok_or_else(|| Refused::UnknownMember(name.to_string()))
+    }
+
+    fn data_member(&self, name: &str) -> Result<&Member, Refused> {
+        let m = self.known(name)?;
+        if m.kind != MemberKind::Data {
+            return Err(Refused::NotDataMember(name.to_string()));
+        }
+        Ok(m)
+    }
+
+    /// Whether `command` may be applied to this intent. Pure: the same intent and command
+    /// always give the same answer, on the proposer and on every member at apply time.
+    pub fn validate(&self, command: &Command) -> Result<(), Refused> {
+        match command {
+            Command::AddMember { name, region, .. } => {
+                check_name("member", name)?;
+                check_name("region", region)?;
+                if self.members.contains_key(name) {
+                    return Err(Refused::MemberExists(name.clone()));
+                }
+                if self.next_member_id.0 == u64::MAX {
+                    return Err(Refused::MemberIdsExhausted);
+                }
+                Ok(())
+            }
+            Command::RemoveMember { name, .. } => {
+                self.known(name)?;
+                if self.primary.as_deref() == Some(name) {
+                    return Err(Refused::MemberIsPrimary(name.clone()));
+                }
+                if self.sync_set.iter().any(|s| s == name) {
+                    return Err(Refused::MemberInSyncSet(name.clone()));
+                }
+                if let Some(sw) = &self.pending_switchover {
+                    if sw.from == *name || sw.to == *name {
+                        return Err(Refused::MemberInSwitchover(name.clone()));
+                    }
+                }
+                Ok(())
+            }
+            Command::SetMemberTags { name, .. } => self.known(name).map(|_| ()),
+            Command::Promote(p) => self.validate_promote(p),
+            Command::SetPolicy { policy, reason, .. } => {
+                check_reason(reason)?;
+                policy.validate()?;
+                if policy.durability == Durability::Required
+                    && !self.sync_set.is_empty()
+                    && self.sync_set.len() < policy.sync_quorum as usize
+                {
+                    return Err(Refused::SyncSetBelowQuorum {
+                        size: self.sync_set.len(),
+                        quorum: policy.sync_quorum,
+                    });
+                }
+                Ok(())
+            }
+            Command::RecordSyncSet {
+                generation,
+                members,
+            } => {
+                if *generation != self.generation {
+                    return Err(Refused::StaleGeneration {
+                        expected: self.generation,
+                        got: *generation,
+                    });
+                }
+                let mut seen = BTreeSet::new();
+                for name in members {
+                    self.data_member(name)?;
+                    if self.primary.as_deref() == Some(name.as_str()) {
+                        return Err(Refused::MemberIsPrimary(name.clone()));
+                    }
+                    if !seen.insert(name.as_str()) {
+                        return Err(Refused::DuplicateSyncMember(name.clone()));
+                    }
+                }
+                if self.policy.durability == Durability::Required
+                    && members.len() < self.policy.sync_quorum as usize
+                {
+                    return Err(Refused::SyncSetBelowQuorum {
+                        size: members.len(),
+                        quorum: self.policy.sync_quorum,
+                    });
+                }
+                Ok(())
+            }
+            Command::SetMaintenance { .. } => Ok(()),
+            Command::BeginSwitchover(sw) => {
+                if let Some(p) = &self.pending_switchover {
+                    return Err(Refused::SwitchoverPending {
+                        from: p.from.clone(),
+                        to: p.to.clone(),
+                    });
+                }
+                if self.primary.as_deref() != Some(sw.from.as_str()) {
+                    return Err(Refused::SwitchoverSourceNotPrimary {
+                        got: sw.from.clone(),
+                        primary: self.primary.clone(),
+                    });
+                }
+                let to = self.data_member(&sw.to)?;
+                if sw.to == sw.from {
+                    return Err(Refused::AlreadyPrimary(sw.to.clone()));
+                }
+                if to.tags.nofailover {
+                    return Err(Refused::NoFailover(sw.to.clone()));
+                }
+                Ok(())
+            }
+            Command::ClearSwitchover => {
+                if self.pending_switchover.is_none() {
+                    return Err(Refused::NoSwitchoverPending);
+                }
+                Ok(())
+            }
+            Command::AppendHistory(entry) => check_reason(&entry.reason),
+        }
+    }
+
+    fn validate_promote(&self, p: &Promote) -> Result<(), Refused> {
+        check_reason(&p.reason)?;
+        let expected = self.generation.next();
+        if p.generation != expected {
+            return Err(Refused::StaleGeneration {
+                expected,
+                got: p.generation,
+            });
+        }
+        let member = self.data_member(&p.member)?;
+        if self.primary.as_deref() == Some(p.member.as_str()) {
+            return Err(Refused::AlreadyPrimary(p.member.clone()));
+        }
+        match p.kind {
+            PromotionKind::Bootstrap => {
+                if self.generation != Generation(0) || self.primary.is_some() {
+                    return Err(Refused::AlreadyBootstrapped);
+                }
+            }
+            PromotionKind::Failover => {
+                if self.maintenance {
+                    return Err(Refused::Maintenance);
+                }
+            }
+            PromotionKind::Switchover => match &self.pending_switchover {
+                None => return Err(Refused::NoSwitchoverPending),
+                Some(sw) if sw.to != p.member => {
+                    return Err(Refused::SwitchoverTargetMismatch {
+                        expected: sw.to.clone(),
+                        got: p.member.clone(),
+                    })
+                }
+                Some(_) => {}
+            },
+            PromotionKind::Manual => {}
+        }
+        if !p.force {
+            if member.tags.nofailover {
+                return Err(Refused::NoFailover(p.member.clone()));
+            }
+            // A switchover target was chosen by an operator, so a manual region does not block it.
+            if p.kind == PromotionKind::Failover
+                && self.policy.failover_for(&member.region) == FailoverMode::Manual
+            {
+                return Err(Refused::ManualFailoverRegion {
+                    member: p.member.clone(),
+                    region: member.region.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates then applies `command`. A refused command leaves the intent untouched.
+    pub fn apply(&mut self, command: &Command) -> Response {
+        if let Err(refused) = self.validate(command) {
+            return Response::Refused(refused);
+        }
+        match command {
+            Command::AddMember {
+                name,
+                region,
+                kind,
+                tags,
+                at_unix_ms,
+            } => {
+                let id = self.next_member_id;
+                self.next_member_id = MemberId(id.0 + 1);
+                self.members.insert(
+                    name.clone(),
+                    Member {
+                        name: name.clone(),
+                        id,
+                        region: region.clone(),
+                        kind: *kind,
+                        tags: tags.clone(),
+                    },
+                );
+                self.push_history(HistoryEntry {
+                    at_unix_ms: *at_unix_ms,
+                    kind: HistoryKind::Member,
+                    reason: format!("added member {name} (id {id}) in region {region}"),
+                    old_primary: self.primary.clone(),
+                    new_primary: self.primary.clone(),
+                    generation: self.generation,
+                    old_primary_lsn: None,
+                    new_primary_lsn: None,
+                    possible_loss_bytes: None,
+                });
+                return Response::MemberAdded(id);
+            }
+            Command::RemoveMember { name, at_unix_ms } => {
+                let removed = self.members.remove(name);
+                let id = removed.map(|m| m.id).unwrap_or_default();
+                self.push_history(HistoryEntry {
+                    at_unix_ms: *at_unix_ms,
+                    kind: HistoryKind::Member,
+                    reason: format!("removed member {name} (id {id})"),
+                    old_primary: self.primary.clone(),
+                    new_primary: self.primary.clone(),
+                    generation: self.generation,
+                    old_primary_lsn: None,
+                    new_primary_lsn: None,
+                    possible_loss_bytes: None,
+                });
+            }
+            Command::SetMemberTags { name, tags } => {
+                if let Some(m) = self.members.get_mut(name) {
+                    m.tags = tags.clone();
+                }
+            }
+            Command::Promote(p) => {
+                let old = self.primary.replace(p.member.clone());
+                self.generation = p.generation;
+                // The sync set belonged to the old primary's topology; the new primary's agent
+                // records a fresh one (grow the record first, then Postgres).
+                self.sync_set.clear();
+                self.pending_switchover = None;
+                let kind = match p.kind {
+                    PromotionKind::Bootstrap => HistoryKind::Bootstrap,
+                    PromotionKind::Switchover => HistoryKind::Switchover,
+                    PromotionKind::Failover | PromotionKind::Manual => HistoryKind::Failover,
+                };
+                self.push_history(HistoryEntry {
+                    at_unix_ms: p.at_unix_ms,
+                    kind,
+                    reason: p.reason.clone(),
+                    old_primary: old,
+                    new_primary: Some(p.member.clone()),
+                    generation: p.generation,
+                    old_primary_lsn: p.old_primary_lsn,
+                    new_primary_lsn: p.new_primary_lsn,
+                    possible_loss_bytes: p.possible_loss_bytes,
+                });
+            }
+            Command::SetPolicy {
+                policy,
+                reason,
+                at_unix_ms,
+            } => {
+                self.policy = policy.clone();
+                self.push_history(HistoryEntry {
+                    at_unix_ms: *at_unix_ms,
+                    kind: HistoryKind::Policy,
+                    reason: reason.clone(),
+                    old_primary: self.primary.clone(),
+                    new_primary: self.primary.clone(),
+                    generation: self.generation,
+                    old_primary_lsn: None,
+                    new_primary_lsn: None,
+                    possible_loss_bytes: None,
+                });
+            }
+            Command::RecordSyncSet { members, .. } => self.sync_set = members.clone(),
+            Command::SetMaintenance { on } => self.maintenance = *on,
+            Command::BeginSwitchover(sw) => self.pending_switchover = Some(sw.clone()),
+            Command::ClearSwitchover => self.pending_switchover = None,
+            Command::AppendHistory(entry) => self.push_history(entry.clone()),
+        }
+        Response::Applied
+    }
+
+    fn push_history(&mut self, entry: HistoryEntry) {
+        self.history.push(entry);
+        if self.history.len() > MAX_HISTORY_ENTRIES {
+            let excess = self.history.len() - MAX_HISTORY_ENTRIES;
+            self.history.drain(..excess);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn add(intent: &mut Intent, name: &str, region: &str, kind: MemberKind) -> MemberId {
+        match intent.apply(&Command::AddMember {
+            name: name.into(),
+            region: region.into(),
+            kind,
+            tags: MemberTags::default(),
+            at_unix_ms: 1,
+        }) {
+            Response::MemberAdded(id) => id,
+            other => panic!("add {name}: {other:?}"),
+        }
+    }
+
+    fn promote(member: &str, generation: u64, kind: PromotionKind) -> Command {
+        Command::Promote(Promote {
+            member: member.into(),
+            generation: Generation(generation),
+            kind,
+            force: false,
+            reason: "test".into(),
+            at_unix_ms: 2,
+            old_primary_lsn: None,
+            new_primary_lsn: None,
+            possible_loss_bytes: None,
+        })
+    }
+
+    /// a1, a2 in region a; b1 in region b; w1 witness in region c; a1 primary at generation 1.
+    fn cluster() -> Intent {
+        let mut i = Intent::default();
+        add(&mut i, "a1", "a", MemberKind::Data);
+        add(&mut i, "a2", "a", MemberKind::Data);
+        add(&mut i, "b1", "b", MemberKind::Data);
+        add(&mut i, "w1", "c", MemberKind::Witness);
+        assert_eq!(
+            i.apply(&promote("a1", 1, PromotionKind::Bootstrap)),
+            Response::Applied
+        );
+        i
+    }
+
+    /// Applies a command that must be refused and checks the intent did not move.
+    fn refused(intent: &mut Intent, cmd: Command) -> Refused {
+        let before = intent.clone();
+        let err = intent.validate(&cmd).expect_err("validate must refuse");
+        assert_eq!(intent.apply(&cmd), Response::Refused(err.clone()));
+        assert_eq!(*intent, before, "a refused command changed the intent");
+        err
+    }
+
+    #[test]
+    fn add_member_allocates_ids_and_never_reuses_them() {
+        let mut i = Intent::default();
+        let a = add(&mut i, "a1", "a", MemberKind::Data);
+        let b = add(&mut i, "b1", "b", MemberKind::Data);
+        assert_eq!((a, b), (MemberId(1), MemberId(2)));
+        assert_eq!(
+            i.apply(&Command::RemoveMember {
+                name: "b1".into(),
+                at_unix_ms: 3
+            }),
+            Response::Applied
+        );
+        // Same name again gets a fresh id: the high-water mark survives removal.
+        assert_eq!(add(&mut i, "b1", "b", MemberKind::Data), MemberId(3));
+        assert_eq!(i.next_member_id, MemberId(4));
+    }
+
+    #[test]
+    fn add_member_refuses_duplicates_and_bad_names() {
+        let mut i = cluster();
+        let dup = Command::AddMember {
+            name: "a1".into(),
+            region: "a".into(),
+            kind: MemberKind::Data,
+            tags: MemberTags::default(),
+            at_unix_ms: 1,
+        };
+        assert_eq!(refused(&mut i, dup), Refused::MemberExists("a1".into()));
+        for bad in ["", "has space", "semi;colon", &"x".repeat(64)] {
+            let cmd = Command::AddMember {
+                name: bad.into(),
+                region: "a".into(),
+                kind: MemberKind::Data,
+                tags: MemberTags::default(),
+                at_unix_ms: 1,
+            };
+            assert!(matches!(refused(&mut i, cmd), Refused::InvalidName { .. }));
+        }
+        let bad_region = Command::AddMember {
+            name: "z1".into(),
+            region: "".into(),
+            kind: MemberKind::Data,
+            tags: MemberTags::default(),
+            at_unix_ms: 1,
+        };
+        assert!(matches!(
+            refused(&mut i, bad_region),
+            Refused::InvalidName { .. }
+        ));
+    }
+
+    #[test]
+    fn remove_member_refuses_unknown_primary_sync_and_switchover_members() {
+        let mut i = cluster();
+        let rm = |n: &str| Command::RemoveMember {
+            name: n.into(),
+            at_unix_ms: 5,
+        };
+        assert_eq!(
+            refused(&mut i, rm("nobody")),
+            Refused::UnknownMember("nobody".into())
+        );
+        assert_eq!(
+            refused(&mut i, rm("a1")),
+            Refused::MemberIsPrimary("a1".into())
+        );
+        i.apply(&Command::RecordSyncSet {
+            generation: Generation(1),
+            members: vec!["a2".into()],
+        });
+        assert_eq!(
+            refused(&mut i, rm("a2")),
+            Refused::MemberInSyncSet("a2".into())
+        );
+        i.apply(&Command::BeginSwitchover(PendingSwitchover {
+            from: "a1".into(),
+            to: "b1".into(),
+            started_at_unix_ms: 6,
+        }));
+        assert_eq!(
+            refused(&mut i, rm("b1")),
+            Refused::MemberInSwitchover("b1".into())
+        );
+        assert_eq!(i.apply(&rm("w1")), Response::Applied);
+        assert!(i.member("w1").is_none());
+    }
+
+    #[test]
+    fn promote_requires_exactly_next_generation() {
+        let mut i = cluster();
+        for g in [0, 1, 3] {
+            assert_eq!(
+                refused(&mut i, promote("a2", g, PromotionKind::Failover)),
+                Refused::StaleGeneration {
+                    expected: Generation(2),
+                    got: Generation(g)
+                }
+            );
+        }
+        assert_eq!(
+            i.apply(&promote("a2", 2, PromotionKind::Failover)),
+            Response::Applied
+        );
+        assert_eq!(i.primary.as_deref(), Some("a2"));
+        assert_eq!(i.generation, Generation(2));
+        let last = i.history.last().unwrap();
+        assert_eq!(last.kind, HistoryKind::Failover);
+        assert_eq!(last.old_primary.as_deref(), Some("a1"));
+        assert_eq!(last.new_primary.as_deref(), Some("a2"));
+    }
+
+    #[test]
+    fn promote_requires_a_known_data_member_that_is_not_primary() {
+        let mut i = cluster();
+        assert_eq!(
+            refused(&mut i, promote("zz", 2, PromotionKind::Failover)),
+            Refused::UnknownMember("zz".into())
+        );
+        assert_eq!(
+            refused(&mut i, promote("w1", 2, PromotionKind::Failover)),
+            Refused::NotDataMember("w1".into())
+        );
+        assert_eq!(
+            refused(&mut i, promote("a1", 2, PromotionKind::Manual)),
+            Refused::AlreadyPrimary("a1".into())
+        );
+    }
+
+    #[test]
+    fn promote_refuses_nofailover_unless_forced() {
+        let mut i = cluster();
+        i.apply(&Command::SetMemberTags {
+            name: "a2".into(),
+            tags: MemberTags {
+                priority: 0,
+                nofailover: true,
+            },
+        });
+        assert_eq!(
+            refused(&mut i, promote("a2", 2, PromotionKind::Failover)),
+            Refused::NoFailover("a2".into())
+        );
+        let Command::Promote(mut p) = promote("a2", 2, PromotionKind::Manual) else {
+            unreachable!()
+        };
+        p.force = true;
+        assert_eq!(i.apply(&Command::Promote(p)), Response::Applied);
+    }
+
+    #[test]
+    fn failover_refused_in_maintenance_and_manual_regions() {
+        let mut i = cluster();
+        i.apply(&Command::SetMaintenance { on: true });
+        assert_eq!(
+            refused(&mut i, promote("a2", 2, PromotionKind::Failover)),
+            Refused::Maintenance
+        );
+        i.apply(&Command::SetMaintenance { on: false });
+        let mut policy = ReplicationPolicy::default();
+        policy.regions.insert(
+            "b".into(),
+            RegionPolicy {
+                mode: ReplicationMode::Async,
+                failover: FailoverMode::Manual,
+            },
+        );
+        assert_eq!(
+            i.apply(&Command::SetPolicy {
+                policy,
+                reason: "b is manual".into(),
+                at_unix_ms: 3
+            }),
+            Response::Applied
+        );
+        assert_eq!(
+            refused(&mut i, promote("b1", 2, PromotionKind::Failover)),
+            Refused::ManualFailoverRegion {
+                member: "b1".into(),
+                region: "b".into()
+            }
+        );
+        // An operator's manual promotion is not blocked by the region's automatic mode.
+        assert_eq!(
+            i.apply(&promote("b1", 2, PromotionKind::Manual)),
+            Response::Applied
+        );
+    }
+
+    #[test]
+    fn bootstrap_only_once() {
+        let mut i = cluster();
+        assert_eq!(
+            refused(&mut i, promote("a2", 2, PromotionKind::Bootstrap)),
+            Refused::AlreadyBootstrapped
+        );
+    }
+
+    #[test]
+    fn switchover_lifecycle_and_guards() {
+        let mut i = cluster();
+        let begin = |from: &str, to: &str| {
+            Command::BeginSwitchover(PendingSwitchover {
+                from: from.into(),
+                to: to.into(),
+                started_at_unix_ms: 9,
+            })
+        };
+        assert_eq!(
+            refused(&mut i, promote("a2", 2, PromotionKind::Switchover)),
+            Refused::NoSwitchoverPending
+        );
+        assert!(matches!(
+            refused(&mut i, begin("a2", "b1")),
+            Refused::SwitchoverSourceNotPrimary { .. }
+        ));
+        assert_eq!(
+            refused(&mut i, begin("a1", "w1")),
+            Refused::NotDataMember("w1".into())
+        );
+        assert_eq!(
+            refused(&mut i, begin("a1", "a1")),
+            Refused::AlreadyPrimary("a1".into())
+        );
+        assert_eq!(
+            refused(&mut i, Command::ClearSwitchover),
+            Refused::NoSwitchoverPending
+        );
+        assert_eq!(i.apply(&begin("a1", "b1")), Response::Applied);
+        assert!(matches!(
+            refused(&mut i, begin("a1", "a2")),
+            Refused::SwitchoverPending { .. }
+        ));
+        assert_eq!(
+            refused(&mut i, promote("a2", 2, PromotionKind::Switchover)),
+            Refused::SwitchoverTargetMismatch {
+                expected: "b1".into(),
+                got: "a2".into()
+            }
+        );
+        assert_eq!(
+            i.apply(&promote("b1", 2, PromotionKind::Switchover)),
+            Response::Applied
+        );
+        assert_eq!(i.pending_switchover, None);
+        assert_eq!(i.history.last().unwrap().kind, HistoryKind::Switchover);
+
+        assert_eq!(i.apply(&begin("b1", "a1")), Response::Applied);
+        assert_eq!(i.apply(&Command::ClearSwitchover), Response::Applied);
+        assert_eq!(i.pending_switchover, None);
+    }
+
+    #[test]
+    fn switchover_refuses_nofailover_target() {
+        let mut i = cluster();
+        i.apply(&Command::SetMemberTags {
+            name: "b1".into(),
+            tags: MemberTags {
+                priority: 5,
+                nofailover: true,
+            },
+        });
+        assert_eq!(
+            refused(
+                &mut i,
+                Command::BeginSwitchover(PendingSwitchover {
+                    from: "a1".into(),
+                    to: "b1".into(),
+                    started_at_unix_ms: 1
+                })
+            ),
+            Refused::NoFailover("b1".into())
+        );
+    }
+
+    #[test]
+    fn sync_set_rules() {
+        let mut i = cluster();
+        let rec = |g: u64, m: &[&str]| Command::RecordSyncSet {
+            generation: Generation(g),
+            members: m.iter().map(|s| s.to_string()).collect(),
+        };
+        assert!(matches!(
+            refused(&mut i, rec(0, &["a2"])),
+            Refused::StaleGeneration { .. }
+        ));
+        assert_eq!(
+            refused(&mut i, rec(1, &["a1"])),
+            Refused::MemberIsPrimary("a1".into())
+        );
+        assert_eq!(
+            refused(&mut i, rec(1, &["w1"])),
+            Refused::NotDataMember("w1".into())
+        );
+        assert_eq!(
+            refused(&mut i, rec(1, &["nope"])),
+            Refused::UnknownMember("nope".into())
+        );
+        assert_eq!(
+            refused(&mut i, rec(1, &["a2", "a2"])),
+            Refused::DuplicateSyncMember("a2".into())
+        );
+        assert_eq!(i.apply(&rec(1, &["a2", "b1"])), Response::Applied);
+        assert_eq!(i.sync_set, vec!["a2".to_string(), "b1".to_string()]);
+
+        // Under required durability the record may not drop below the quorum...
+        let policy = ReplicationPolicy {
+            durability: Durability::Required,
+            sync_quorum: 2,
+            ..ReplicationPolicy::default()
+        };
+        assert_eq!(
+            i.apply(&Command::SetPolicy {
+                policy: policy.clone(),
+                reason: "zero loss".into(),
+                at_unix_ms: 4
+            }),
+            Response::Applied
+        );
+        assert_eq!(
+            refused(&mut i, rec(1, &["a2"])),
+            Refused::SyncSetBelowQuorum { size: 1, quorum: 2 }
+        );
+        // ...and a policy that the recorded set cannot satisfy is refused.
+        let policy3 = ReplicationPolicy {
+            sync_quorum: 3,
+            ..policy
+        };
+        assert_eq!(
+            refused(
+                &mut i,
+                Command::SetPolicy {
+                    policy: policy3,
+                    reason: "".into(),
+                    at_unix_ms: 5
+                }
+            ),
+            Refused::SyncSetBelowQuorum { size: 2, quorum: 3 }
+        );
+
+        // A promotion resets the record: it described the old primary's standbys.
+        i.apply(&Command::SetPolicy {
+            policy: ReplicationPolicy::default(),
+            reason: "back to default".into(),
+            at_unix_ms: 6,
+        });
+        assert_eq!(
+            i.apply(&promote("b1", 2, PromotionKind::Manual)),
+            Response::Applied
+        );
+        assert!(i.sync_set.is_empty());
+    }
+
+    #[test]
+    fn policy_validation() {
+        let mut i = cluster();
+        let set = |p: ReplicationPolicy| Command::SetPolicy {
+            policy: p,
+            reason: "r".into(),
+            at_unix_ms: 1,
+        };
+        assert!(matches!(
+            refused(
+                &mut i,
+                set(ReplicationPolicy {
+                    sync_quorum: 0,
+                    ..Default::default()
+                })
+            ),
+            Refused::InvalidPolicy(_)
+        ));
+        assert!(matches!(
+            refused(
+                &mut i,
+                set(ReplicationPolicy {
+                    commit_latency_budget_ms: MAX_COMMIT_LATENCY_BUDGET_MS + 1,
+                    ..Default::default()
+                })
+            ),
+            Refused::InvalidPolicy(_)
+        ));
+        let mut bad_region = ReplicationPolicy::default();
+        bad_region
+            .regions
+            .insert("bad region".into(), RegionPolicy::default());
+        assert!(matches!(
+            refused(&mut i, set(bad_region)),
+            Refused::InvalidName { .. }
+        ));
+        assert_eq!(
+            refused(
+                &mut i,
+                Command::SetPolicy {
+                    policy: ReplicationPolicy::default(),
+                    reason: "x".repeat(MAX_REASON_LEN + 1),
+                    at_unix_ms: 1
+                }
+            ),
+            Refused::ReasonTooLong
+        );
+        assert_eq!(
+            i.apply(&set(ReplicationPolicy::default())),
+            Response::Applied
+        );
+        assert_eq!(i.history.last().unwrap().kind, HistoryKind::Policy);
+    }
+
+    #[test]
+    fn policy_defaults_and_region_lookup() {
+        let mut p = ReplicationPolicy::default();
+        assert_eq!(p.mode_for("anywhere"), ReplicationMode::Auto);
+        assert_eq!(p.failover_for("anywhere"), FailoverMode::Auto);
+        p.regions.insert(
+            "b".into(),
+            RegionPolicy {
+                mode: ReplicationMode::Sync,
+                failover: FailoverMode::Manual,
+            },
+        );
+        assert_eq!(p.mode_for("b"), ReplicationMode::Sync);
+        assert_eq!(p.failover_for("b"), FailoverMode::Manual);
+        // A partial policy in JSON fills the rest from the defaults.
+        let parsed: ReplicationPolicy = serde_json::from_str(r#"{"sync_quorum": 2}"#).unwrap();
+        assert_eq!(parsed.sync_quorum, 2);
+        assert_eq!(parsed.commit_latency_budget_ms, 10);
+    }
+
+    #[test]
+    fn history_is_bounded_and_append_history_checks_reason() {
+        let mut i = Intent::default();
+        let entry = HistoryEntry {
+            at_unix_ms: 1,
+            kind: HistoryKind::Note,
+            reason: "sync set shrunk".into(),
+            old_primary: None,
+            new_primary: None,
+            generation: Generation(0),
+            old_primary_lsn: None,
+            new_primary_lsn: None,
+            possible_loss_bytes: None,
+        };
+        for _ in 0..MAX_HISTORY_ENTRIES + 5 {
+            assert_eq!(
+                i.apply(&Command::AppendHistory(entry.clone())),
+                Response::Applied
+            );
+        }
+        assert_eq!(i.history.len(), MAX_HISTORY_ENTRIES);
+        let long = HistoryEntry {
+            reason: "x".repeat(MAX_REASON_LEN + 1),
+            ..entry
+        };
+        assert_eq!(
+            refused(&mut i, Command::AppendHistory(long)),
+            Refused::ReasonTooLong
+        );
+    }
+
+    #[test]
+    fn commands_and_responses_round_trip_through_json() {
+        let cmds = vec![
+            promote("a2", 2, PromotionKind::Failover),
+            Command::ClearSwitchover,
+            Command::SetMaintenance { on: true },
+        ];
+        for c in cmds {
+            let s = serde_json::to_string(&c).unwrap();
+            assert_eq!(serde_json::from_str::<Command>(&s).unwrap(), c);
+        }
+        let r = Response::Refused(Refused::StaleGeneration {
+            expected: Generation(2),
+            got: Generation(1),
+        });
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<Response>(&s).unwrap(), r);
+        let i = cluster();
+        let s = serde_json::to_string(&i).unwrap();
+        assert_eq!(serde_json::from_str::<Intent>(&s).unwrap(), i);
+    }
+}
