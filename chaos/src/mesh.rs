@@ -205,7 +205,7 @@ impl Mesh {
         );
 
         let mut proxies = BTreeMap::new();
-        for (index, (source, source_region)) in sources.iter().enumerate() {
+        for (source, source_region) in &sources {
             for dest in by_name.values() {
                 if *source == Source::Member(dest.name.clone()) {
                     continue;
@@ -217,10 +217,9 @@ impl Mesh {
                         dest: dest.name.clone(),
                         service,
                     };
-                    let link_seed = seed
-                        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                        .wrapping_add((index as u64) << 32)
-                        .wrapping_add(proxies.len() as u64);
+                    // Distinct per link and deterministic (the build order is fixed).
+                    let link_seed =
+                        seed ^ (proxies.len() as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                     let proxy = Proxy::start(
                         upstream,
                         LinkFaults::symmetric(one_way, Duration::ZERO),
@@ -373,8 +372,9 @@ impl Mesh {
         }
     }
 
-    /// Resets (RST) every connection through links to or from `member`, e.g. right after it
-    /// was killed so its peers notice at once as they would with a real dead host's kernel.
+    /// Resets (RST) every connection through links to or from `member`, e.g. to model a host
+    /// that rebooted (its peers' next packet gets RST). A killed process needs no help: its
+    /// kernel closes its sockets and the proxies pass the close on.
     pub fn reset_member(&self, member: &str) -> Result<usize, MeshError> {
         self.region_of(member)?;
         Ok(self
@@ -383,5 +383,239 @@ impl Mesh {
             .filter(|(k, _)| k.dest == member || k.source == Source::Member(member.to_string()))
             .map(|(_, p)| p.reset_connections())
             .sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::tests::echo_server;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio::time::timeout;
+
+    const STEP: Duration = Duration::from_secs(5);
+
+    fn ms(x: f64) -> Duration {
+        Duration::from_secs_f64(x / 1000.0)
+    }
+
+    #[test]
+    fn latency_matrix_defaults_and_overrides() {
+        let m = LatencyMatrix::default();
+        assert_eq!(m.rtt("us-east", "us-east"), ms(0.5));
+        assert_eq!(m.rtt("us-west", "us-east"), ms(35.0));
+        assert_eq!(m.rtt("us-east", "eu-central"), ms(40.0));
+        assert_eq!(m.rtt("eu-central", "us-west"), ms(70.0));
+        assert_eq!(m.rtt("us-east", "ap-south"), ms(50.0));
+
+        let m: LatencyMatrix =
+            "us-west:us-east=20, eu-central:eu-central=1.5 ,us-east:ap-south=180"
+                .parse()
+                .unwrap();
+        assert_eq!(m.rtt("us-east", "us-west"), ms(20.0));
+        assert_eq!(m.rtt("us-east", "us-east"), ms(1.5));
+        assert_eq!(m.rtt("ap-south", "us-east"), ms(180.0));
+        assert_eq!(m.rtt("us-west", "eu-central"), ms(70.0));
+        assert_eq!(
+            "".parse::<LatencyMatrix>().unwrap(),
+            LatencyMatrix::default()
+        );
+
+        for bad in ["us-east=3", "a:b", "a:b=x", "a:b=-1"] {
+            assert!(
+                matches!(
+                    bad.parse::<LatencyMatrix>(),
+                    Err(MeshError::BadLatency { .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    /// m1, m2 in us-east, m3 in us-west, each exposing Api on an echo server that first says
+    /// its name, so a connection shows where it landed.
+    async fn three_members() -> Mesh {
+        let mut members = Vec::new();
+        for (name, region, greeting) in [
+            ("m1", "us-east", b"m1" as &'static [u8]),
+            ("m2", "us-east", b"m2"),
+            ("m3", "us-west", b"m3"),
+        ] {
+            members.push(MemberSpec {
+                name: name.into(),
+                region: region.into(),
+                upstreams: [(Service::Api, echo_server(greeting).await)]
+                    .into_iter()
+                    .collect(),
+            });
+        }
+        Mesh::start(members, LatencyMatrix::default(), 5)
+            .await
+            .unwrap()
+    }
+
+    /// Connects and reads the 2-byte greeting within `within`: Some(name) or None on timeout.
+    async fn greeting(addr: SocketAddr, within: Duration) -> Option<String> {
+        let mut s = timeout(STEP, TcpStream::connect(addr))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut buf = [0u8; 2];
+        match timeout(within, s.read_exact(&mut buf)).await {
+            Ok(r) => {
+                r.unwrap();
+                Some(String::from_utf8(buf.to_vec()).unwrap())
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn key(source: Source, dest: &str) -> LinkKey {
+        LinkKey {
+            source,
+            dest: dest.into(),
+            service: Service::Api,
+        }
+    }
+
+    fn m(name: &str) -> Source {
+        Source::Member(name.into())
+    }
+
+    fn c(region: &str) -> Source {
+        Source::Clients(region.into())
+    }
+
+    fn blackholed(mesh: &Mesh) -> Vec<String> {
+        mesh.links()
+            .filter(|(_, p)| p.faults().blackhole)
+            .map(|(k, _)| k.to_string())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn addresses_route_to_the_right_member_with_the_matrix_latency() {
+        let mesh = three_members().await;
+        // 3 members × 2 other members + 2 client regions × 3 members, Api only.
+        assert_eq!(mesh.links().count(), 12);
+        let direct = mesh.members().find(|s| s.name == "m1").unwrap().upstreams[&Service::Api];
+        assert_eq!(mesh.member_addr("m1", "m1", Service::Api), Some(direct));
+        assert_eq!(mesh.member_addr("m1", "m2", Service::Postgres), None);
+        assert_eq!(mesh.client_addr("eu-central", "m1", Service::Api), None);
+
+        let m1_to_m3 = mesh.member_addr("m1", "m3", Service::Api).unwrap();
+        assert_ne!(
+            m1_to_m3,
+            mesh.member_addr("m2", "m3", Service::Api).unwrap()
+        );
+        assert_eq!(greeting(m1_to_m3, STEP).await.as_deref(), Some("m3"));
+        for (src, dest) in [(m("m3"), "m2"), (c("us-west"), "m1"), (c("us-east"), "m3")] {
+            let addr = mesh.addr(&src, dest, Service::Api).unwrap();
+            assert_eq!(greeting(addr, STEP).await.as_deref(), Some(dest));
+        }
+
+        // Half the RTT each way: 17.5 ms across, 0.25 ms inside us-east.
+        let cross = mesh.proxy(&key(m("m1"), "m3")).unwrap().base();
+        assert_eq!(cross.to_upstream.latency, ms(17.5));
+        assert_eq!(cross.to_client.latency, ms(17.5));
+        let local = mesh.proxy(&key(c("us-east"), "m2")).unwrap().base();
+        assert_eq!(local.to_client.latency, ms(0.25));
+
+        // Measured: one echo round trip m1 -> m3 costs at least the 35 ms RTT.
+        let mut s = TcpStream::connect(m1_to_m3).await.unwrap();
+        let mut buf = [0u8; 2];
+        timeout(STEP, s.read_exact(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let t = tokio::time::Instant::now();
+        s.write_all(b"ab").await.unwrap();
+        timeout(STEP, s.read_exact(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let rtt = t.elapsed();
+        assert!(rtt >= ms(35.0) && rtt < ms(90.0), "{rtt:?}");
+    }
+
+    #[tokio::test]
+    async fn partition_cuts_links_between_region_sets_both_ways() {
+        let mesh = three_members().await;
+        assert_eq!(mesh.partition(&["us-east"], &["us-west"]), Ok(7));
+        assert_eq!(
+            blackholed(&mesh),
+            vec![
+                "m1->m3:Api",
+                "m2->m3:Api",
+                "m3->m1:Api",
+                "m3->m2:Api",
+                "clients@us-east->m3:Api",
+                "clients@us-west->m1:Api",
+                "clients@us-west->m2:Api",
+            ]
+        );
+        let short = Duration::from_millis(300);
+        let cut = mesh.member_addr("m1", "m3", Service::Api).unwrap();
+        assert_eq!(greeting(cut, short).await, None);
+        let open = mesh.member_addr("m1", "m2", Service::Api).unwrap();
+        assert_eq!(greeting(open, STEP).await.as_deref(), Some("m2"));
+
+        mesh.heal_all();
+        assert!(blackholed(&mesh).is_empty());
+        assert_eq!(greeting(cut, STEP).await.as_deref(), Some("m3"));
+        assert_eq!(
+            mesh.partition(&["us-east"], &["mars"]),
+            Err(MeshError::UnknownRegion("mars".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn isolating_one_member_spares_its_region_mate_and_local_clients() {
+        let mesh = three_members().await;
+        assert_eq!(mesh.isolate_member("m1"), Ok(5));
+        assert_eq!(
+            blackholed(&mesh),
+            vec![
+                "m1->m2:Api",
+                "m1->m3:Api",
+                "m2->m1:Api",
+                "m3->m1:Api",
+                "clients@us-west->m1:Api",
+            ]
+        );
+        let short = Duration::from_millis(300);
+        assert_eq!(
+            greeting(mesh.member_addr("m2", "m1", Service::Api).unwrap(), short).await,
+            None
+        );
+        let local = mesh.client_addr("us-east", "m1", Service::Api).unwrap();
+        assert_eq!(greeting(local, STEP).await.as_deref(), Some("m1"));
+        let mate = mesh.member_addr("m2", "m3", Service::Api).unwrap();
+        assert_eq!(greeting(mate, STEP).await.as_deref(), Some("m3"));
+        assert_eq!(
+            mesh.isolate_member("m9"),
+            Err(MeshError::UnknownMember("m9".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn latency_spike_scales_base_and_keeps_blackholes_until_heal() {
+        let mesh = three_members().await;
+        mesh.isolate_member("m3").unwrap();
+        mesh.latency_spike(10.0, Duration::from_millis(5));
+        let f = mesh.proxy(&key(m("m1"), "m3")).unwrap().faults();
+        assert!(f.blackhole);
+        assert_eq!(f.to_upstream.latency, ms(175.0));
+        assert_eq!(f.to_client.jitter, ms(5.0));
+        let local = mesh.proxy(&key(m("m1"), "m2")).unwrap().faults();
+        assert_eq!(local.to_upstream.latency, ms(2.5));
+        assert!(!local.blackhole);
+
+        mesh.heal_all();
+        for (k, p) in mesh.links() {
+            assert_eq!(p.faults(), p.base(), "{k}");
+        }
+        assert_eq!(mesh.reset_member("m3"), Ok(0));
     }
 }

@@ -50,6 +50,9 @@ pub const MAX_CONNECTIONS: usize = 1024;
 /// Bound on dialing the upstream once the link is open.
 pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// ChaCha stream of jitter draws (the seed, not the port, picks the sequence, so a run replays).
+const JITTER_STREAM: u64 = 0x4A17;
+
 /// Delay added to one direction of a link.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DirectionDelay {
@@ -137,7 +140,8 @@ pub struct Proxy {
 
 impl Proxy {
     /// Listens on 127.0.0.1 at a free port and forwards to `upstream` with `base` faults.
-    /// `seed` drives the jitter stream. Must be called inside a tokio runtime.
+    /// `seed` drives the jitter draws (give each proxy its own). Must be called inside a tokio
+    /// runtime.
     pub async fn start(upstream: SocketAddr, base: LinkFaults, seed: u64) -> io::Result<Proxy> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let listen_addr = listener.local_addr()?;
@@ -147,7 +151,7 @@ impl Proxy {
             base: Mutex::new(base),
             faults,
             heal_mode: Mutex::new(HealMode::default()),
-            rng: Mutex::new(seeded::rng(seed, u64::from(listen_addr.port()))),
+            rng: Mutex::new(seeded::rng(seed, JITTER_STREAM)),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
             connections_total: AtomicU64::new(0),
@@ -653,6 +657,52 @@ pub(crate) mod tests {
         assert_eq!(r.unwrap_err().kind(), ErrorKind::ConnectionReset);
     }
 
+    #[tokio::test]
+    async fn jitter_varies_the_delay_within_its_bound() {
+        let echo = echo_server(b"").await;
+        let faults = LinkFaults {
+            to_upstream: DirectionDelay::new(Duration::from_millis(2), Duration::from_millis(30)),
+            ..LinkFaults::default()
+        };
+        let proxy = Proxy::start(echo, faults, 7).await.unwrap();
+        let mut c = connect(proxy.listen_addr()).await;
+        let mut rtts = Vec::new();
+        for _ in 0..12 {
+            let t = Instant::now();
+            round_trip(&mut c, b"j", STEP).await.unwrap();
+            rtts.push(t.elapsed());
+        }
+        let (min, max) = (*rtts.iter().min().unwrap(), *rtts.iter().max().unwrap());
+        assert!(min >= Duration::from_millis(2), "{rtts:?}");
+        assert!(max < Duration::from_millis(80), "{rtts:?}");
+        assert!(
+            max - min > Duration::from_millis(5),
+            "no jitter seen: {rtts:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn jitter_draws_replay_from_the_seed() {
+        let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let f = LinkFaults::symmetric(Duration::from_millis(1), Duration::from_millis(50));
+        let draws = |p: &Proxy| -> Vec<Duration> {
+            (0..16)
+                .map(|_| p.shared.sample_delay(Dir::ToClient))
+                .collect()
+        };
+        let a = draws(&Proxy::start(up, f, 11).await.unwrap());
+        let b = draws(&Proxy::start(up, f, 11).await.unwrap());
+        let c = draws(&Proxy::start(up, f, 12).await.unwrap());
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert!(a
+            .iter()
+            .all(|d| *d >= Duration::from_millis(1) && *d <= Duration::from_millis(51)));
+    }
+
+    /// Chunks leave each direction's FIFO in order whatever their jitter draw (a chunk due
+    /// earlier than its predecessor waits for it), and a burst far larger than the queues
+    /// arrives intact through backpressure.
     #[tokio::test]
     async fn jitter_never_reorders_and_big_transfers_flow_through_bounded_queues() {
         let echo = echo_server(b"").await;
