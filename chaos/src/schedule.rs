@@ -6,6 +6,7 @@
 //! The seed varies the fault start and durations a little (never the kind of fault), so runs
 //! of one scenario explore timing without becoming different experiments.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
 
@@ -96,8 +97,8 @@ impl FromStr for Scenario {
 pub enum Target {
     /// The member currently holding the primary.
     Primary,
-    /// The Raft leader, which the runner first moves off the primary's member if needed
-    /// (or waits until it is elsewhere); the step is skipped with a note if it cannot.
+    /// The Raft leader, provided it is not the primary's member; if it is, the runner waits
+    /// (bounded) for or arranges a leader elsewhere, or skips the step and says so.
     RaftLeaderNotPrimary,
     /// Whatever member the first member-targeting step of this schedule resolved to.
     Victim,
@@ -118,6 +119,32 @@ pub enum RegionSet {
     /// Whatever region the first region-targeting step of this schedule resolved to.
     VictimRegion,
     Named(Vec<String>),
+}
+
+impl RegionSet {
+    /// The concrete regions, given the current primary's region, the victim region recorded
+    /// by an earlier step, and all regions. None when a needed input is unknown (e.g. no
+    /// primary yet). Sorted, without duplicates; names are not checked against `all`.
+    pub fn resolve(
+        &self,
+        primary_region: Option<&str>,
+        victim_region: Option<&str>,
+        all: &BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        let v: Vec<String> = match self {
+            RegionSet::PrimaryRegion => vec![primary_region?.to_string()],
+            RegionSet::VictimRegion => vec![victim_region?.to_string()],
+            RegionSet::OtherThanPrimary => {
+                let p = primary_region?;
+                all.iter().filter(|r| *r != p).cloned().collect()
+            }
+            RegionSet::Named(names) => {
+                let set: BTreeSet<String> = names.iter().cloned().collect();
+                set.into_iter().collect()
+            }
+        };
+        Some(v)
+    }
 }
 
 /// One abstract fault action.
@@ -428,6 +455,34 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn region_sets_resolve_against_the_current_primary() {
+        let all: BTreeSet<String> = ["eu-central", "us-east", "us-west"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        let p = Some("us-east");
+        assert_eq!(
+            RegionSet::PrimaryRegion.resolve(p, None, &all),
+            Some(vec!["us-east".to_string()])
+        );
+        assert_eq!(
+            RegionSet::OtherThanPrimary.resolve(p, None, &all),
+            Some(vec!["eu-central".to_string(), "us-west".to_string()])
+        );
+        assert_eq!(RegionSet::OtherThanPrimary.resolve(None, None, &all), None);
+        assert_eq!(RegionSet::VictimRegion.resolve(p, None, &all), None);
+        assert_eq!(
+            RegionSet::VictimRegion.resolve(p, Some("us-west"), &all),
+            Some(vec!["us-west".to_string()])
+        );
+        let named = RegionSet::Named(vec!["b".into(), "a".into(), "b".into()]);
+        assert_eq!(
+            named.resolve(None, None, &all),
+            Some(vec!["a".to_string(), "b".to_string()])
+        );
     }
 
     #[test]
