@@ -1,2 +1,9 @@
 //! meridian-chaos as a library: the proxy mesh, fault schedules, workload and scorecard,
 //! shared with the end-to-end tests.
+
+pub mod check;
+pub mod mesh;
+pub mod proxy;
+pub mod schedule;
+pub mod scorecard;
+pub mod seeded;
