@@ -7,3 +7,4 @@ pub mod proxy;
 pub mod schedule;
 pub mod scorecard;
 pub mod seeded;
+pub mod workload;

@@ -8,8 +8,9 @@
 //! links to it can be cut while the region's clients still reach it. A member reaches itself
 //! directly (no proxy).
 //!
-//! The latency matrix holds **round-trip** times per region pair; each direction of a link gets
-//! half, so a request/response through one proxy costs one RTT.
+//! The latency matrix holds **one-way** latencies per region pair; each direction of a link
+//! gets the full value, so a request/response through one proxy costs twice it (us-east to
+//! us-west: 35 ms one way, a 70 ms round trip; a x10 spike makes that 700 ms).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -85,12 +86,12 @@ pub enum MeshError {
 /// Round-trip times between regions.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LatencyMatrix {
-    /// RTT between two endpoints of the same region.
-    pub intra_region_rtt: Duration,
-    /// RTT per unordered region pair (stored with the names sorted).
+    /// One-way latency between two endpoints of the same region.
+    pub intra_region_one_way: Duration,
+    /// One-way latency per unordered region pair (stored with the names sorted).
     pairs: BTreeMap<(String, String), Duration>,
-    /// RTT for a cross-region pair missing from `pairs`.
-    pub default_cross_rtt: Duration,
+    /// One-way latency for a cross-region pair missing from `pairs`.
+    pub default_cross_one_way: Duration,
 }
 
 impl Default for LatencyMatrix {
@@ -98,9 +99,9 @@ impl Default for LatencyMatrix {
     /// us-west↔eu-central 70 ms; 50 ms for other pairs.
     fn default() -> Self {
         let mut m = LatencyMatrix {
-            intra_region_rtt: Duration::from_micros(500),
+            intra_region_one_way: Duration::from_micros(500),
             pairs: BTreeMap::new(),
-            default_cross_rtt: Duration::from_millis(50),
+            default_cross_one_way: Duration::from_millis(50),
         };
         m.set("us-east", "us-west", Duration::from_millis(35));
         m.set("us-east", "eu-central", Duration::from_millis(40));
@@ -110,23 +111,23 @@ impl Default for LatencyMatrix {
 }
 
 impl LatencyMatrix {
-    /// Sets the RTT of a pair; `a == b` sets the intra-region RTT for all regions.
-    pub fn set(&mut self, a: &str, b: &str, rtt: Duration) {
+    /// Sets the one-way latency of a pair; `a == b` sets the intra-region latency for all regions.
+    pub fn set(&mut self, a: &str, b: &str, one_way: Duration) {
         if a == b {
-            self.intra_region_rtt = rtt;
+            self.intra_region_one_way = one_way;
         } else {
-            self.pairs.insert(pair(a, b), rtt);
+            self.pairs.insert(pair(a, b), one_way);
         }
     }
 
-    pub fn rtt(&self, a: &str, b: &str) -> Duration {
+    pub fn one_way(&self, a: &str, b: &str) -> Duration {
         if a == b {
-            return self.intra_region_rtt;
+            return self.intra_region_one_way;
         }
         self.pairs
             .get(&pair(a, b))
             .copied()
-            .unwrap_or(self.default_cross_rtt)
+            .unwrap_or(self.default_cross_one_way)
     }
 
     /// Overrides on top of the defaults, e.g. `us-east:us-west=35,us-east:us-east=0.5`
@@ -210,7 +211,7 @@ impl Mesh {
                 if *source == Source::Member(dest.name.clone()) {
                     continue;
                 }
-                let one_way = matrix.rtt(source_region, &dest.region) / 2;
+                let one_way = matrix.one_way(source_region, &dest.region);
                 for (&service, &upstream) in &dest.upstreams {
                     let key = LinkKey {
                         source: source.clone(),
@@ -403,20 +404,20 @@ mod tests {
     #[test]
     fn latency_matrix_defaults_and_overrides() {
         let m = LatencyMatrix::default();
-        assert_eq!(m.rtt("us-east", "us-east"), ms(0.5));
-        assert_eq!(m.rtt("us-west", "us-east"), ms(35.0));
-        assert_eq!(m.rtt("us-east", "eu-central"), ms(40.0));
-        assert_eq!(m.rtt("eu-central", "us-west"), ms(70.0));
-        assert_eq!(m.rtt("us-east", "ap-south"), ms(50.0));
+        assert_eq!(m.one_way("us-east", "us-east"), ms(0.5));
+        assert_eq!(m.one_way("us-west", "us-east"), ms(35.0));
+        assert_eq!(m.one_way("us-east", "eu-central"), ms(40.0));
+        assert_eq!(m.one_way("eu-central", "us-west"), ms(70.0));
+        assert_eq!(m.one_way("us-east", "ap-south"), ms(50.0));
 
         let m: LatencyMatrix =
             "us-west:us-east=20, eu-central:eu-central=1.5 ,us-east:ap-south=180"
                 .parse()
                 .unwrap();
-        assert_eq!(m.rtt("us-east", "us-west"), ms(20.0));
-        assert_eq!(m.rtt("us-east", "us-east"), ms(1.5));
-        assert_eq!(m.rtt("ap-south", "us-east"), ms(180.0));
-        assert_eq!(m.rtt("us-west", "eu-central"), ms(70.0));
+        assert_eq!(m.one_way("us-east", "us-west"), ms(20.0));
+        assert_eq!(m.one_way("us-east", "us-east"), ms(1.5));
+        assert_eq!(m.one_way("ap-south", "us-east"), ms(180.0));
+        assert_eq!(m.one_way("us-west", "eu-central"), ms(70.0));
         assert_eq!(
             "".parse::<LatencyMatrix>().unwrap(),
             LatencyMatrix::default()
@@ -515,14 +516,14 @@ mod tests {
             assert_eq!(greeting(addr, STEP).await.as_deref(), Some(dest));
         }
 
-        // Half the RTT each way: 17.5 ms across, 0.25 ms inside us-east.
+        // The full one-way latency each way: 35 ms across, 0.5 ms inside us-east.
         let cross = mesh.proxy(&key(m("m1"), "m3")).unwrap().base();
-        assert_eq!(cross.to_upstream.latency, ms(17.5));
-        assert_eq!(cross.to_client.latency, ms(17.5));
+        assert_eq!(cross.to_upstream.latency, ms(35.0));
+        assert_eq!(cross.to_client.latency, ms(35.0));
         let local = mesh.proxy(&key(c("us-east"), "m2")).unwrap().base();
-        assert_eq!(local.to_client.latency, ms(0.25));
+        assert_eq!(local.to_client.latency, ms(0.5));
 
-        // Measured: one echo round trip m1 -> m3 costs at least the 35 ms RTT.
+        // Measured: one echo round trip m1 -> m3 costs at least twice the 35 ms one-way latency.
         let mut s = TcpStream::connect(m1_to_m3).await.unwrap();
         let mut buf = [0u8; 2];
         timeout(STEP, s.read_exact(&mut buf))
@@ -536,7 +537,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let rtt = t.elapsed();
-        assert!(rtt >= ms(35.0) && rtt < ms(90.0), "{rtt:?}");
+        assert!(rtt >= ms(70.0) && rtt < ms(140.0), "{rtt:?}");
     }
 
     #[tokio::test]
@@ -606,10 +607,10 @@ mod tests {
         mesh.latency_spike(10.0, Duration::from_millis(5));
         let f = mesh.proxy(&key(m("m1"), "m3")).unwrap().faults();
         assert!(f.blackhole);
-        assert_eq!(f.to_upstream.latency, ms(175.0));
+        assert_eq!(f.to_upstream.latency, ms(350.0));
         assert_eq!(f.to_client.jitter, ms(5.0));
         let local = mesh.proxy(&key(m("m1"), "m2")).unwrap().faults();
-        assert_eq!(local.to_upstream.latency, ms(2.5));
+        assert_eq!(local.to_upstream.latency, ms(5.0));
         assert!(!local.blackhole);
 
         mesh.heal_all();
