@@ -32,6 +32,13 @@ pub fn conninfo<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Stri
         .join(" ")
 }
 
+/// A string value in a Postgres config file (`postgresql.conf`, `postgresql.auto.conf`):
+/// single quotes, with `'` doubled and `\` doubled, since the config lexer reads backslash
+/// escapes (as ALTER SYSTEM writes them).
+pub fn quote_conf_value(v: &str) -> String {
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "''"))
+}
+
 /// A SQL string literal: single quotes, with `'` doubled. Standard-conforming strings are
 /// on by default since PG 9.1, so backslashes need no escaping.
 pub fn quote_literal(v: &str) -> String {
@@ -62,6 +69,12 @@ mod tests {
         assert_eq!(quote_conninfo_value(r"back\slash"), r"'back\\slash'");
         assert_eq!(quote_conninfo_value("a=b"), "'a=b'");
         assert_eq!(conninfo([("password", "p w'd")]), r"password='p w\'d'");
+    }
+
+    #[test]
+    fn conf_values_double_quotes_and_backslashes() {
+        assert_eq!(quote_conf_value("ANY 1 (s1)"), "'ANY 1 (s1)'");
+        assert_eq!(quote_conf_value(r"pw='a\'b'"), r"'pw=''a\\''b'''");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_postgres::{Client, NoTls};
 
 use super::binaries::PgBinaries;
-use super::conninfo::{conninfo, quote_literal};
+use super::conninfo::{conninfo, quote_conf_value, quote_literal};
 use super::error::{tail, PgError};
 use super::exec::{kill_group, pid_alive, run_tool, RunAs};
 
@@ -553,6 +553,23 @@ impl PgInstance {
         .await
     }
 
+    /// Runs each statement on its own (ALTER SYSTEM refuses to run in the implicit
+    /// transaction of a multi-statement query), all within one SQL timeout.
+    async fn run_each(
+        &self,
+        step: &'static str,
+        client: &Client,
+        statements: &[&str],
+    ) -> Result<(), PgError> {
+        self.bounded_sql(step, self.timeouts.sql, async {
+            for s in statements {
+                client.batch_execute(s).await?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn bounded_sql<T>(
         &self,
         step: &'static str,
@@ -609,14 +626,14 @@ impl PgInstance {
                 Some(s) => format!("ALTER SYSTEM SET primary_slot_name = {}", quote_literal(s)),
                 None => "ALTER SYSTEM RESET primary_slot_name".into(),
             };
-            let sql = format!(
-                "ALTER SYSTEM SET primary_conninfo = {}; {slot_sql}; SELECT pg_reload_conf()",
+            let conninfo_sql = format!(
+                "ALTER SYSTEM SET primary_conninfo = {}",
                 quote_literal(&info)
             );
-            self.bounded_sql(
+            self.run_each(
                 "configure standby: ALTER SYSTEM",
-                self.timeouts.sql,
-                client.batch_execute(&sql),
+                &client,
+                &[&conninfo_sql, &slot_sql, "SELECT pg_reload_conf()"],
             )
             .await
         } else {
@@ -695,10 +712,10 @@ impl PgInstance {
             )
             .await?;
         let sql = format!(
-            "ALTER SYSTEM SET synchronous_standby_names = {}; SELECT pg_reload_conf()",
+            "ALTER SYSTEM SET synchronous_standby_names = {}",
             quote_literal(value)
         );
-        self.bounded_sql(STEP, self.timeouts.sql, client.batch_execute(&sql))
+        self.run_each(STEP, &client, &[&sql, "SELECT pg_reload_conf()"])
             .await?;
         let deadline = Instant::now() + self.timeouts.sql;
         loop {
@@ -803,6 +820,10 @@ impl PgInstance {
                 Err(e) => return Err(PgError::io(STEP, p, e)),
             }
         }
+        // A just-promoted source keeps its old timeline in pg_control until its
+        // end-of-recovery checkpoint is done; pg_rewind reads that and would wrongly find
+        // "no rewind required". A CHECKPOINT on the source settles it.
+        self.checkpoint_source(source_host, source_port).await?;
         let source_port = source_port.to_string();
         let source = conninfo([
             ("host", source_host),
@@ -832,6 +853,27 @@ impl PgInstance {
         self.write_conf()?;
         let source_port: u16 = source_port.parse().unwrap_or_default();
         self.configure_standby(source_host, source_port, slot).await
+    }
+
+    async fn checkpoint_source(&self, host: &str, port: u16) -> Result<(), PgError> {
+        const STEP: &str = "rewind: CHECKPOINT on the source";
+        let mut config = self.client_config();
+        config.host(host).port(port);
+        let timeout = self.timeouts.connect;
+        let (client, connection) = tokio::time::timeout(timeout, config.connect(NoTls))
+            .await
+            .map_err(|_| PgError::Timeout {
+                step: STEP,
+                timeout_ms: timeout.as_millis() as u64,
+            })?
+            .map_err(|e| PgError::sql(STEP, e))?;
+        let conn = tokio::spawn(connection);
+        let res = self
+            .bounded_sql(STEP, self.timeouts.tool, client.batch_execute("CHECKPOINT"))
+            .await;
+        drop(client);
+        let _ = tokio::time::timeout(timeout, conn).await;
+        res
     }
 
     /// True when the fence marker is present.
@@ -934,11 +976,11 @@ fn render_meridian_conf(
          # ALTER SYSTEM settings (postgresql.auto.conf) override these.\n",
     );
     let lines = [
-        ("listen_addresses", quote_literal(host)),
+        ("listen_addresses", quote_conf_value(host)),
         ("port", port.to_string()),
         // No Unix socket: /var/run/postgresql may not be writable by the OS user.
         ("unix_socket_directories", "''".into()),
-        ("cluster_name", quote_literal(application_name)),
+        ("cluster_name", quote_conf_value(application_name)),
         ("wal_level", "replica".into()),
         // Redundant with data checksums, but pg_rewind accepts either.
         ("wal_log_hints", "on".into()),
@@ -995,7 +1037,7 @@ fn edit_auto_conf(current: &str, kv: &[(&str, Option<&str>)]) -> String {
         .collect();
     for (k, v) in kv {
         if let Some(v) = v {
-            out.push_str(&format!("{k} = {}\n", quote_literal(v)));
+            out.push_str(&format!("{k} = {}\n", quote_conf_value(v)));
         }
     }
     out
@@ -1022,7 +1064,7 @@ mod tests {
             after,
             "# Do not edit this file manually!\n\
              synchronous_standby_names = 'ANY 1 (s1)'\n\
-             primary_conninfo = 'host=b port=2 password=''x\\''y'''\n"
+             primary_conninfo = 'host=b port=2 password=''x\\\\''y'''\n"
         );
         assert_eq!(edit_auto_conf("", &[("k", Some("v"))]), "k = 'v'\n");
     }

@@ -11,7 +11,7 @@ mod instance;
 mod probe;
 
 pub use binaries::{PgBinaries, REQUIRED_TOOLS};
-pub use conninfo::{conninfo, quote_conninfo_value, quote_literal};
+pub use conninfo::{conninfo, quote_conf_value, quote_conninfo_value, quote_literal};
 pub use error::PgError;
 pub use exec::{pid_alive, RunAs, ToolOutput, DEFAULT_OS_USER};
 pub use instance::{PgInstance, PgTimeouts, StopMode, FENCE_MARKER};
