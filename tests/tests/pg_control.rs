@@ -246,6 +246,16 @@ async fn fence_kills_a_frozen_postmaster_and_its_sessions() {
         .await
         .unwrap();
 
+    // A frozen server cannot answer: the probe gives up within its bound.
+    let started = std::time::Instant::now();
+    let st = p.probe().await;
+    assert!(!st.up, "{st:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+
     let started = std::time::Instant::now();
     p.fence(Duration::from_secs(3)).await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(5));
@@ -351,4 +361,56 @@ async fn probe_of_a_stopped_instance_is_down_and_bounded() {
     // Start again after a clean stop works (not fenced).
     p.start(Duration::from_secs(30)).await.unwrap();
     assert!(p.probe().await.up);
+}
+
+#[tokio::test]
+async fn running_standby_is_repointed_to_the_promoted_one() {
+    let cluster = PgCluster::start(2).await.unwrap();
+    let (s1, s2) = (cluster.instance(1), cluster.instance(2));
+    let c0 = cluster.client(0).await.unwrap();
+    create_table(&c0).await;
+    c0.execute("INSERT INTO t VALUES (1, 'before')", &[])
+        .await
+        .unwrap();
+    let c2 = cluster.client(2).await.unwrap();
+    wait_until("row 1 on s2", WAIT, || has_row(&c2, 1))
+        .await
+        .unwrap();
+    // The old primary goes away first, as in a failover.
+    cluster
+        .primary()
+        .fence(Duration::from_secs(5))
+        .await
+        .unwrap();
+
+    s1.promote(Duration::from_secs(10)).await.unwrap();
+    let new_tl = s1.probe().await.timeline.unwrap();
+    s1.create_slot("s2").await.unwrap();
+    s1.create_slot("s2").await.unwrap(); // idempotent
+    s2.configure_standby(s1.host(), s1.port(), Some("s2"))
+        .await
+        .unwrap();
+    assert!(s2.is_running(), "re-pointing needs no restart");
+
+    wait_until("s2 to stream from s1 on the new timeline", WAIT, || async {
+        let st = s2.probe().await;
+        st.is_streaming()
+            && st.timeline == Some(new_tl)
+            && st.wal_receiver.as_ref().and_then(|w| w.sender_port) == Some(s1.port())
+    })
+    .await
+    .unwrap();
+    let c1 = cluster.client(1).await.unwrap();
+    c1.execute("INSERT INTO t VALUES (2, 'after')", &[])
+        .await
+        .unwrap();
+    wait_until("row 2 on s2", WAIT, || has_row(&c2, 2))
+        .await
+        .unwrap();
+
+    // Slots: a used slot cannot be dropped; an unknown one drops as a no-op.
+    s1.create_slot("spare").await.unwrap();
+    s1.drop_slot("spare").await.unwrap();
+    s1.drop_slot("spare").await.unwrap();
+    assert!(s1.drop_slot("s2").await.is_err(), "s2's slot is in use");
 }
