@@ -35,7 +35,7 @@ pub enum PgError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{step}: {source}")]
+    #[error("{step}: {}", sql_detail(source))]
     Sql {
         step: &'static str,
         #[source]
@@ -85,6 +85,22 @@ impl PgError {
             PgError::Sql { source, .. } => source.code(),
             _ => None,
         }
+    }
+}
+
+/// tokio-postgres shows a server error as just "db error": spell out the server's words.
+fn sql_detail(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        ),
+        None => match std::error::Error::source(e) {
+            Some(inner) => format!("{e}: {inner}"),
+            None => e.to_string(),
+        },
     }
 }
 

@@ -123,7 +123,9 @@ impl RunAs {
 
     /// Writes `contents` to `path` (replacing it) with `mode`, owned by this user.
     pub fn write_file(&self, path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
-        let tmp = path.with_extension("meridian-tmp");
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".meridian-tmp");
+        let tmp = std::path::PathBuf::from(tmp);
         {
             let mut f = fs::OpenOptions::new()
                 .write(true)

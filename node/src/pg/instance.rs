@@ -824,10 +824,10 @@ impl PgInstance {
         // end-of-recovery checkpoint is done; pg_rewind reads that and would wrongly find
         // "no rewind required". A CHECKPOINT on the source settles it.
         self.checkpoint_source(source_host, source_port).await?;
-        let source_port = source_port.to_string();
+        let port_text = source_port.to_string();
         let source = conninfo([
             ("host", source_host),
-            ("port", source_port.as_str()),
+            ("port", port_text.as_str()),
             ("user", self.superuser.as_str()),
             ("dbname", "postgres"),
             ("connect_timeout", "5"),
@@ -851,7 +851,6 @@ impl PgInstance {
             self.write_fence_marker("rewind")?;
         }
         self.write_conf()?;
-        let source_port: u16 = source_port.parse().unwrap_or_default();
         self.configure_standby(source_host, source_port, slot).await
     }
 
