@@ -1,1 +1,18 @@
-//! Postgres control layer (being written).
+//! Postgres control layer: everything the agent does to its local PostgreSQL — create,
+//! start, stop, probe, promote, re-point, clone, rewind and fence it — on tokio-postgres and
+//! the server tools (`initdb`, `pg_ctl`, `pg_basebackup`, `pg_rewind`). Every step is bounded
+//! by a timeout and fails with a [`PgError`] naming the step and why.
+
+mod binaries;
+mod conninfo;
+mod error;
+mod exec;
+mod instance;
+mod probe;
+
+pub use binaries::{PgBinaries, REQUIRED_TOOLS};
+pub use conninfo::{conninfo, quote_conf_value, quote_conninfo_value, quote_literal};
+pub use error::PgError;
+pub use exec::{pid_alive, RunAs, ToolOutput, DEFAULT_OS_USER};
+pub use instance::{PgInstance, PgTimeouts, StopMode, FENCE_MARKER};
+pub use probe::{PgStatus, StandbyInfo, WalReceiverInfo};

@@ -1,0 +1,1114 @@
+//! One local PostgreSQL instance and every action on it: initdb, start/stop, promote,
+//! re-point as a standby, slots, `synchronous_standby_names`, clone, rewind and fencing.
+//!
+//! Meridian's settings live in `meridian.conf` (included from `postgresql.conf`) and in
+//! `pg_hba.conf`, both rewritten by [`PgInstance::write_conf`]; replication targets go to
+//! `postgresql.auto.conf` (ALTER SYSTEM when running, edited in place when stopped), which
+//! Postgres reads last, so they win over anything `pg_basebackup -R` or `pg_rewind` copied.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio_postgres::{Client, NoTls};
+
+use super::binaries::PgBinaries;
+use super::conninfo::{conninfo, quote_conf_value, quote_literal};
+use super::error::{tail, PgError};
+use super::exec::{kill_group, pid_alive, run_tool, RunAs};
+
+/// Marker file in the data dir of a fenced instance: nothing may start it as a primary.
+pub const FENCE_MARKER: &str = "meridian.fenced";
+/// Meridian's settings file, included from `postgresql.conf`.
+const MERIDIAN_CONF: &str = "meridian.conf";
+const INCLUDE_LINE: &str = "include_if_exists = 'meridian.conf'";
+const LOG_TAIL_CHARS: usize = 1500;
+
+/// Bounds on the steps that take no explicit timeout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PgTimeouts {
+    /// Opening a SQL session.
+    pub connect: Duration,
+    /// One SQL step (slot, ALTER SYSTEM + reload + verify, promote's write check).
+    pub sql: Duration,
+    /// A whole [`PgInstance::probe`].
+    pub probe: Duration,
+    /// Long tools: initdb, pg_basebackup, pg_rewind.
+    pub tool: Duration,
+}
+
+impl Default for PgTimeouts {
+    fn default() -> Self {
+        PgTimeouts {
+            connect: Duration::from_secs(2),
+            sql: Duration::from_secs(5),
+            probe: Duration::from_secs(2),
+            tool: Duration::from_secs(120),
+        }
+    }
+}
+
+/// How `pg_ctl stop` stops the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopMode {
+    /// Disconnect clients, write a shutdown checkpoint: a clean stop.
+    Fast,
+    /// Kill everything at once; the next start runs crash recovery.
+    Immediate,
+}
+
+impl StopMode {
+    fn as_arg(self) -> &'static str {
+        match self {
+            StopMode::Fast => "fast",
+            StopMode::Immediate => "immediate",
+        }
+    }
+}
+
+/// One PostgreSQL instance on 127.0.0.1, managed through its data dir.
+#[derive(Clone)]
+pub struct PgInstance {
+    bin: PgBinaries,
+    data_dir: PathBuf,
+    log_file: PathBuf,
+    host: String,
+    port: u16,
+    run_as: RunAs,
+    superuser: String,
+    password: Option<String>,
+    application_name: String,
+    timeouts: PgTimeouts,
+    settings: Vec<(String, String)>,
+}
+
+impl fmt::Debug for PgInstance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgInstance")
+            .field("data_dir", &self.data_dir)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("run_as", &self.run_as)
+            .field("superuser", &self.superuser)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("application_name", &self.application_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgInstance {
+    /// An instance with data in `data_dir`, listening on 127.0.0.1:`port`, known to its
+    /// primary as `application_name` (the member name). Superuser `postgres`, no password,
+    /// server log at `<data_dir>.log`.
+    pub fn new(
+        bin: PgBinaries,
+        data_dir: impl Into<PathBuf>,
+        port: u16,
+        application_name: impl Into<String>,
+        run_as: RunAs,
+    ) -> PgInstance {
+        let data_dir = data_dir.into();
+        let mut log = data_dir.clone().into_os_string();
+        log.push(".log");
+        PgInstance {
+            bin,
+            data_dir,
+            log_file: PathBuf::from(log),
+            host: "127.0.0.1".into(),
+            port,
+            run_as,
+            superuser: "postgres".into(),
+            password: None,
+            application_name: application_name.into(),
+            timeouts: PgTimeouts::default(),
+            settings: Vec::new(),
+        }
+    }
+
+    pub fn with_superuser(mut self, name: impl Into<String>) -> Self {
+        self.superuser = name.into();
+        self
+    }
+
+    /// Password of the superuser: host connections then need scram-sha-256.
+    pub fn with_password(mut self, password: impl Into<String>) -> Self {
+        self.password = Some(password.into());
+        self
+    }
+
+    pub fn with_log_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.log_file = path.into();
+        self
+    }
+
+    pub fn with_timeouts(mut self, timeouts: PgTimeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    /// An extra server setting written to `meridian.conf` (value written verbatim, quote it
+    /// yourself where Postgres needs quotes).
+    pub fn with_setting(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.settings.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn bin(&self) -> &PgBinaries {
+        &self.bin
+    }
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+    pub fn log_file(&self) -> &Path {
+        &self.log_file
+    }
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    pub fn run_as(&self) -> &RunAs {
+        &self.run_as
+    }
+    pub fn superuser(&self) -> &str {
+        &self.superuser
+    }
+    pub fn application_name(&self) -> &str {
+        &self.application_name
+    }
+    pub fn timeouts(&self) -> PgTimeouts {
+        self.timeouts
+    }
+
+    /// libpq conninfo for a superuser session to this instance (without the password).
+    pub fn conninfo(&self) -> String {
+        let port = self.port.to_string();
+        conninfo([
+            ("host", self.host.as_str()),
+            ("port", port.as_str()),
+            ("user", self.superuser.as_str()),
+            ("dbname", "postgres"),
+        ])
+    }
+
+    /// tokio-postgres settings for a superuser session (password included).
+    pub fn client_config(&self) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host(&self.host)
+            .port(self.port)
+            .user(&self.superuser)
+            .dbname("postgres")
+            .application_name("meridian")
+            .connect_timeout(self.timeouts.connect);
+        if let Some(p) = &self.password {
+            c.password(p.as_str());
+        }
+        c
+    }
+
+    /// A superuser session, bounded by the connect timeout; its connection task is spawned.
+    pub async fn connect(&self) -> Result<Client, PgError> {
+        self.connect_within("connect", self.timeouts.connect).await
+    }
+
+    pub(crate) async fn connect_within(
+        &self,
+        step: &'static str,
+        timeout: Duration,
+    ) -> Result<Client, PgError> {
+        let mut config = self.client_config();
+        config.connect_timeout(timeout);
+        let (client, connection) = tokio::time::timeout(timeout, config.connect(NoTls))
+            .await
+            .map_err(|_| PgError::Timeout {
+                step,
+                timeout_ms: timeout.as_millis() as u64,
+            })?
+            .map_err(|e| PgError::sql(step, e))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "postgres connection ended");
+            }
+        });
+        Ok(client)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.data_dir.join(name)
+    }
+
+    fn tool(&self, name: &str) -> PathBuf {
+        self.bin.tool(name)
+    }
+
+    fn password_env(&self) -> Vec<(&str, &str)> {
+        match &self.password {
+            Some(p) => vec![("PGPASSWORD", p.as_str())],
+            None => vec![],
+        }
+    }
+
+    /// Fails unless the data dir is missing or empty; then creates it 0700 for the OS user.
+    fn prepare_empty_data_dir(&self, step: &'static str) -> Result<(), PgError> {
+        let dir = &self.data_dir;
+        if dir.exists() {
+            let mut entries =
+                std::fs::read_dir(dir).map_err(|e| PgError::io(step, dir.clone(), e))?;
+            if entries.next().is_some() {
+                return Err(PgError::state(
+                    step,
+                    format!("data dir {} is not empty", dir.display()),
+                ));
+            }
+        }
+        self.run_as
+            .create_private_dir(dir)
+            .map_err(|e| PgError::io(step, dir.clone(), e))
+    }
+
+    /// Creates the cluster with initdb (data checksums on) and writes Meridian's config.
+    /// With a password, host connections use scram-sha-256; without, trust for 127.0.0.1.
+    pub async fn init(&self) -> Result<(), PgError> {
+        const STEP: &str = "initdb";
+        self.prepare_empty_data_dir(STEP)?;
+        let mut args: Vec<String> = vec![
+            "-D".into(),
+            self.data_dir.display().to_string(),
+            "-U".into(),
+            self.superuser.clone(),
+            "--encoding=UTF8".into(),
+            "--locale=C".into(),
+            "--data-checksums".into(),
+            "--auth-local=trust".into(),
+        ];
+        // The password reaches initdb through a 0600 file, never the command line.
+        let pwfile = self.password.as_ref().map(|_| {
+            let mut p = self.data_dir.clone().into_os_string();
+            p.push(".pwfile");
+            PathBuf::from(p)
+        });
+        if let (Some(pw), Some(path)) = (&self.password, &pwfile) {
+            self.run_as
+                .write_file(path, format!("{pw}\n").as_bytes(), 0o600)
+                .map_err(|e| PgError::io(STEP, path.clone(), e))?;
+            args.push(format!("--pwfile={}", path.display()));
+            args.push("--auth-host=scram-sha-256".into());
+        } else {
+            args.push("--auth-host=trust".into());
+        }
+        let res = run_tool(
+            STEP,
+            &self.tool("initdb"),
+            &args,
+            &self.run_as,
+            &[],
+            self.timeouts.tool,
+        )
+        .await;
+        if let Some(path) = &pwfile {
+            let _ = std::fs::remove_file(path);
+        }
+        res?;
+        self.write_conf()
+    }
+
+    /// (Re)writes `meridian.conf`, its include line in `postgresql.conf`, and `pg_hba.conf`.
+    /// Needed after anything that copies another instance's config (clone, rewind).
+    pub fn write_conf(&self) -> Result<(), PgError> {
+        const STEP: &str = "write config";
+        let conf = render_meridian_conf(
+            &self.host,
+            self.port,
+            &self.application_name,
+            &self.settings,
+        );
+        let p = self.path(MERIDIAN_CONF);
+        self.run_as
+            .write_file(&p, conf.as_bytes(), 0o600)
+            .map_err(|e| PgError::io(STEP, p.clone(), e))?;
+
+        let pg_conf = self.path("postgresql.conf");
+        let current =
+            std::fs::read_to_string(&pg_conf).map_err(|e| PgError::io(STEP, pg_conf.clone(), e))?;
+        if !current.lines().any(|l| l.trim() == INCLUDE_LINE) {
+            let mut next = current;
+            if !next.ends_with('\n') {
+                next.push('\n');
+            }
+            next.push_str("# Meridian's settings (later lines win)\n");
+            next.push_str(INCLUDE_LINE);
+            next.push('\n');
+            self.run_as
+                .write_file(&pg_conf, next.as_bytes(), 0o600)
+                .map_err(|e| PgError::io(STEP, pg_conf.clone(), e))?;
+        }
+
+        let hba = render_hba(self.password.is_some());
+        let p = self.path("pg_hba.conf");
+        self.run_as
+            .write_file(&p, hba.as_bytes(), 0o600)
+            .map_err(|e| PgError::io(STEP, p.clone(), e))
+    }
+
+    /// The postmaster's pid from `postmaster.pid`, if the file is there.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.path("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
+    /// True when `postmaster.pid` names a live process.
+    pub fn is_running(&self) -> bool {
+        self.postmaster_pid().is_some_and(pid_alive)
+    }
+
+    /// True when `standby.signal` is present: the next start enters standby mode.
+    pub fn has_standby_signal(&self) -> bool {
+        self.path("standby.signal").exists()
+    }
+
+    fn ensure_log_file(&self, step: &'static str) -> Result<(), PgError> {
+        let p = &self.log_file;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(|e| PgError::io(step, p.clone(), e))?;
+        self.run_as
+            .chown(p)
+            .map_err(|e| PgError::io(step, p.clone(), e))
+    }
+
+    fn log_tail(&self) -> String {
+        std::fs::read_to_string(&self.log_file)
+            .map(|s| tail(&s, LOG_TAIL_CHARS))
+            .unwrap_or_default()
+    }
+
+    fn with_log(&self, e: PgError) -> PgError {
+        match e {
+            PgError::ToolFailed {
+                step,
+                tool,
+                status,
+                stderr_tail,
+            } => PgError::ToolFailed {
+                step,
+                tool,
+                status,
+                stderr_tail: format!("{stderr_tail}; server log: {}", self.log_tail()),
+            },
+            PgError::ToolTimeout {
+                step,
+                tool,
+                timeout_ms,
+                ..
+            } => PgError::ToolTimeout {
+                step,
+                tool,
+                timeout_ms,
+                stderr_tail: format!("server log: {}", self.log_tail()),
+            },
+            other => other,
+        }
+    }
+
+    /// Starts the server and waits until it accepts connections. Refuses a fenced data dir
+    /// unless it will come up as a standby. A no-op when already running.
+    pub async fn start(&self, timeout: Duration) -> Result<(), PgError> {
+        const STEP: &str = "start";
+        if self.is_fenced() && !self.has_standby_signal() {
+            return Err(PgError::Fenced {
+                step: STEP,
+                data_dir: self.data_dir.clone(),
+                marker: self.path(FENCE_MARKER),
+            });
+        }
+        if self.is_running() {
+            return Ok(());
+        }
+        self.ensure_log_file(STEP)?;
+        let secs = timeout.as_secs().max(1).to_string();
+        let args = [
+            "start".to_string(),
+            "-D".into(),
+            self.data_dir.display().to_string(),
+            "-l".into(),
+            self.log_file.display().to_string(),
+            "-w".into(),
+            "-t".into(),
+            secs,
+            "-s".into(),
+        ];
+        run_tool(
+            STEP,
+            &self.tool("pg_ctl"),
+            &args,
+            &self.run_as,
+            &[],
+            timeout + Duration::from_secs(2),
+        )
+        .await
+        .map_err(|e| self.with_log(e))?;
+        Ok(())
+    }
+
+    /// Stops the server with `pg_ctl stop -m <mode> -w`. A no-op when not running.
+    pub async fn stop(&self, mode: StopMode, timeout: Duration) -> Result<(), PgError> {
+        const STEP: &str = "stop";
+        if !self.is_running() {
+            return Ok(());
+        }
+        let secs = timeout.as_secs().max(1).to_string();
+        let args = [
+            "stop".to_string(),
+            "-D".into(),
+            self.data_dir.display().to_string(),
+            "-m".into(),
+            mode.as_arg().into(),
+            "-w".into(),
+            "-t".into(),
+            secs,
+            "-s".into(),
+        ];
+        run_tool(
+            STEP,
+            &self.tool("pg_ctl"),
+            &args,
+            &self.run_as,
+            &[],
+            timeout + Duration::from_secs(2),
+        )
+        .await
+        .map_err(|e| self.with_log(e))?;
+        Ok(())
+    }
+
+    /// Promotes a standby (`pg_promote(true, wait)`), then checks it really accepts writes:
+    /// out of recovery, and a read-write transaction that takes an xid commits. A primary
+    /// only gets the write check. Refuses a fenced data dir.
+    pub async fn promote(&self, wait: Duration) -> Result<(), PgError> {
+        const STEP: &str = "promote";
+        if self.is_fenced() {
+            return Err(PgError::Fenced {
+                step: STEP,
+                data_dir: self.data_dir.clone(),
+                marker: self.path(FENCE_MARKER),
+            });
+        }
+        let client = self
+            .connect_within("promote: connect", self.timeouts.connect)
+            .await?;
+        let in_recovery = self
+            .bounded_sql("promote: pg_is_in_recovery", self.timeouts.sql, async {
+                client.query_one("SELECT pg_is_in_recovery()", &[]).await
+            })
+            .await?
+            .get::<_, bool>(0);
+        if in_recovery {
+            let secs = wait.as_secs().clamp(1, i32::MAX as u64) as i32;
+            let promoted: bool = self
+                .bounded_sql(
+                    "promote: pg_promote",
+                    wait + self.timeouts.sql,
+                    client.query_one("SELECT pg_promote(true, $1)", &[&secs]),
+                )
+                .await?
+                .get(0);
+            if !promoted {
+                return Err(PgError::state(
+                    "promote: pg_promote",
+                    format!("still in recovery after {} s", secs),
+                ));
+            }
+        }
+        self.check_writable(&client).await
+    }
+
+    /// Fails unless `client`'s server is out of recovery and commits a read-write
+    /// transaction. The commit is local-only so a stale `synchronous_standby_names` cannot
+    /// hang the check.
+    async fn check_writable(&self, client: &Client) -> Result<(), PgError> {
+        let row = self
+            .bounded_sql(
+                "promote: check recovery ended",
+                self.timeouts.sql,
+                client.query_one("SELECT pg_is_in_recovery()", &[]),
+            )
+            .await?;
+        if row.get::<_, bool>(0) {
+            return Err(PgError::state(
+                "promote: check recovery ended",
+                "server is still in recovery",
+            ));
+        }
+        self.bounded_sql(
+            "promote: check a write commits",
+            self.timeouts.sql,
+            client.batch_execute(
+                "BEGIN READ WRITE; SET LOCAL synchronous_commit = local; \
+                 SELECT txid_current(); COMMIT",
+            ),
+        )
+        .await
+    }
+
+    /// Runs each statement on its own (ALTER SYSTEM refuses to run in the implicit
+    /// transaction of a multi-statement query), all within one SQL timeout.
+    async fn run_each(
+        &self,
+        step: &'static str,
+        client: &Client,
+        statements: &[&str],
+    ) -> Result<(), PgError> {
+        self.bounded_sql(step, self.timeouts.sql, async {
+            for s in statements {
+                client.batch_execute(s).await?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn bounded_sql<T>(
+        &self,
+        step: &'static str,
+        timeout: Duration,
+        fut: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, PgError> {
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| PgError::Timeout {
+                step,
+                timeout_ms: timeout.as_millis() as u64,
+            })?
+            .map_err(|e| PgError::sql(step, e))
+    }
+
+    /// The `primary_conninfo` that makes this instance stream from `host:port` under its own
+    /// application_name (the password, if any, is included: the file is 0600).
+    pub fn primary_conninfo(&self, host: &str, port: u16) -> String {
+        let port = port.to_string();
+        let mut pairs = vec![
+            ("host", host),
+            ("port", port.as_str()),
+            ("user", self.superuser.as_str()),
+            ("application_name", self.application_name.as_str()),
+            ("connect_timeout", "2"),
+        ];
+        if let Some(p) = &self.password {
+            pairs.push(("password", p.as_str()));
+        }
+        conninfo(pairs)
+    }
+
+    /// Makes this instance a standby of `host:port` through `slot`: `standby.signal`,
+    /// `primary_conninfo`, `primary_slot_name`. On a running server by ALTER SYSTEM and
+    /// reload (the WAL receiver restarts on reload since PG 13); on a stopped one by editing
+    /// `postgresql.auto.conf`. A running primary only becomes a standby at its next start.
+    pub async fn configure_standby(
+        &self,
+        primary_host: &str,
+        primary_port: u16,
+        slot: Option<&str>,
+    ) -> Result<(), PgError> {
+        const STEP: &str = "configure standby";
+        let signal = self.path("standby.signal");
+        self.run_as
+            .write_file(&signal, b"", 0o600)
+            .map_err(|e| PgError::io(STEP, signal.clone(), e))?;
+        let info = self.primary_conninfo(primary_host, primary_port);
+        if self.is_running() {
+            let client = self
+                .connect_within("configure standby: connect", self.timeouts.connect)
+                .await?;
+            let slot_sql = match slot {
+                Some(s) => format!("ALTER SYSTEM SET primary_slot_name = {}", quote_literal(s)),
+                None => "ALTER SYSTEM RESET primary_slot_name".into(),
+            };
+            let conninfo_sql = format!(
+                "ALTER SYSTEM SET primary_conninfo = {}",
+                quote_literal(&info)
+            );
+            self.run_each(
+                "configure standby: ALTER SYSTEM",
+                &client,
+                &[&conninfo_sql, &slot_sql, "SELECT pg_reload_conf()"],
+            )
+            .await
+        } else {
+            self.set_auto_conf(
+                STEP,
+                &[
+                    ("primary_conninfo", Some(&info)),
+                    ("primary_slot_name", slot),
+                ],
+            )
+        }
+    }
+
+    /// Sets (Some) or removes (None) keys in `postgresql.auto.conf` of a stopped server.
+    fn set_auto_conf(
+        &self,
+        step: &'static str,
+        kv: &[(&str, Option<&str>)],
+    ) -> Result<(), PgError> {
+        let p = self.path("postgresql.auto.conf");
+        let current = match std::fs::read_to_string(&p) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(PgError::io(step, p, e)),
+        };
+        let next = edit_auto_conf(&current, kv);
+        self.run_as
+            .write_file(&p, next.as_bytes(), 0o600)
+            .map_err(|e| PgError::io(step, p.clone(), e))
+    }
+
+    /// Creates a physical replication slot that reserves WAL at once; a no-op if it exists.
+    pub async fn create_slot(&self, name: &str) -> Result<(), PgError> {
+        let client = self
+            .connect_within("create slot: connect", self.timeouts.connect)
+            .await?;
+        self.bounded_sql(
+            "create slot",
+            self.timeouts.sql,
+            client.execute(
+                "SELECT pg_create_physical_replication_slot($1, true) \
+                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&name],
+            ),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Drops a replication slot; a no-op if there is none. Fails while a walsender uses it.
+    pub async fn drop_slot(&self, name: &str) -> Result<(), PgError> {
+        let client = self
+            .connect_within("drop slot: connect", self.timeouts.connect)
+            .await?;
+        self.bounded_sql(
+            "drop slot",
+            self.timeouts.sql,
+            client.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE slot_name = $1",
+                &[&name],
+            ),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// ALTER SYSTEM SET synchronous_standby_names, reload, and wait (bounded) until the
+    /// server reports the new value.
+    pub async fn set_synchronous_standby_names(&self, value: &str) -> Result<(), PgError> {
+        const STEP: &str = "set synchronous_standby_names";
+        let client = self
+            .connect_within(
+                "set synchronous_standby_names: connect",
+                self.timeouts.connect,
+            )
+            .await?;
+        let sql = format!(
+            "ALTER SYSTEM SET synchronous_standby_names = {}",
+            quote_literal(value)
+        );
+        self.run_each(STEP, &client, &[&sql, "SELECT pg_reload_conf()"])
+            .await?;
+        let deadline = Instant::now() + self.timeouts.sql;
+        loop {
+            let row = self
+                .bounded_sql(
+                    "set synchronous_standby_names: SHOW",
+                    self.timeouts.sql,
+                    client.query_one("SHOW synchronous_standby_names", &[]),
+                )
+                .await?;
+            let shown: String = row.get(0);
+            if shown == value {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(PgError::state(
+                    "set synchronous_standby_names: verify",
+                    format!(
+                        "server still shows {shown:?} instead of {value:?} after {} ms",
+                        self.timeouts.sql.as_millis()
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Clones `primary_host:primary_port` into this (missing or empty) data dir with
+    /// `pg_basebackup -X stream -R -c fast`, streaming WAL through `slot` if given (the slot
+    /// must exist on the primary), then writes this instance's config and standby settings.
+    /// The caller starts it.
+    pub async fn clone_from(
+        &self,
+        primary_host: &str,
+        primary_port: u16,
+        slot: Option<&str>,
+    ) -> Result<(), PgError> {
+        const STEP: &str = "clone: pg_basebackup";
+        self.prepare_empty_data_dir(STEP)?;
+        let mut args = vec![
+            "-D".to_string(),
+            self.data_dir.display().to_string(),
+            "-h".into(),
+            primary_host.into(),
+            "-p".into(),
+            primary_port.to_string(),
+            "-U".into(),
+            self.superuser.clone(),
+            "-X".into(),
+            "stream".into(),
+            "-R".into(),
+            "-c".into(),
+            "fast".into(),
+            "-w".into(),
+        ];
+        if let Some(s) = slot {
+            args.push("-S".into());
+            args.push(s.into());
+        }
+        run_tool(
+            STEP,
+            &self.tool("pg_basebackup"),
+            &args,
+            &self.run_as,
+            &self.password_env(),
+            self.timeouts.tool,
+        )
+        .await?;
+        // A clone is never fenced, whatever its source was.
+        let _ = std::fs::remove_file(self.path(FENCE_MARKER));
+        self.write_conf()?;
+        self.configure_standby(primary_host, primary_port, slot)
+            .await
+    }
+
+    /// Rewinds this stopped instance onto `source_host:source_port`'s timeline with
+    /// `pg_rewind`, then configures it as a standby of the source through `slot`.
+    ///
+    /// pg_rewind needs a cleanly shut down target. Since PG 13 it runs the single-user
+    /// crash recovery itself when the target crashed (as after [`PgInstance::fence`]); that
+    /// cannot run in standby mode, so `standby.signal` is removed first. A fence marker
+    /// survives the rewind.
+    pub async fn rewind(
+        &self,
+        source_host: &str,
+        source_port: u16,
+        slot: Option<&str>,
+    ) -> Result<(), PgError> {
+        const STEP: &str = "rewind: pg_rewind";
+        if self.is_running() {
+            return Err(PgError::state(
+                STEP,
+                "target server is running; stop it first",
+            ));
+        }
+        let was_fenced = self.is_fenced();
+        for f in ["standby.signal", "recovery.signal"] {
+            let p = self.path(f);
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(PgError::io(STEP, p, e)),
+            }
+        }
+        // A just-promoted source keeps its old timeline in pg_control until its
+        // end-of-recovery checkpoint is done; pg_rewind reads that and would wrongly find
+        // "no rewind required". A CHECKPOINT on the source settles it.
+        self.checkpoint_source(source_host, source_port).await?;
+        let port_text = source_port.to_string();
+        let source = conninfo([
+            ("host", source_host),
+            ("port", port_text.as_str()),
+            ("user", self.superuser.as_str()),
+            ("dbname", "postgres"),
+            ("connect_timeout", "5"),
+        ]);
+        let args = [
+            "-D".to_string(),
+            self.data_dir.display().to_string(),
+            format!("--source-server={source}"),
+        ];
+        run_tool(
+            STEP,
+            &self.tool("pg_rewind"),
+            &args,
+            &self.run_as,
+            &self.password_env(),
+            self.timeouts.tool,
+        )
+        .await?;
+        // pg_rewind copied the source's config files and may have removed files it lacks.
+        if was_fenced {
+            self.write_fence_marker("rewind")?;
+        }
+        self.write_conf()?;
+        self.configure_standby(source_host, source_port, slot).await
+    }
+
+    async fn checkpoint_source(&self, host: &str, port: u16) -> Result<(), PgError> {
+        const STEP: &str = "rewind: CHECKPOINT on the source";
+        let mut config = self.client_config();
+        config.host(host).port(port);
+        let timeout = self.timeouts.connect;
+        let (client, connection) = tokio::time::timeout(timeout, config.connect(NoTls))
+            .await
+            .map_err(|_| PgError::Timeout {
+                step: STEP,
+                timeout_ms: timeout.as_millis() as u64,
+            })?
+            .map_err(|e| PgError::sql(STEP, e))?;
+        let conn = tokio::spawn(connection);
+        let res = self
+            .bounded_sql(STEP, self.timeouts.tool, client.batch_execute("CHECKPOINT"))
+            .await;
+        drop(client);
+        let _ = tokio::time::timeout(timeout, conn).await;
+        res
+    }
+
+    /// True when the fence marker is present.
+    pub fn is_fenced(&self) -> bool {
+        self.path(FENCE_MARKER).exists()
+    }
+
+    fn write_fence_marker(&self, step: &'static str) -> Result<(), PgError> {
+        let p = self.path(FENCE_MARKER);
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        let text = format!("fenced by meridian at unix time {secs}; do not start as a primary\n");
+        self.run_as
+            .write_file(&p, text.as_bytes(), 0o600)
+            .map_err(|e| PgError::io(step, p.clone(), e))
+    }
+
+    /// Removes the fence marker (a no-op if absent).
+    pub fn clear_fence(&self) -> Result<(), PgError> {
+        let p = self.path(FENCE_MARKER);
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(PgError::io("clear fence", p, e)),
+        }
+    }
+
+    /// Stops this instance from accepting writes for real, within `timeout`: writes the
+    /// fence marker first (so a crash mid-way still leaves it), then `pg_ctl stop -m
+    /// immediate` with half the budget, then SIGKILL of the postmaster's process group
+    /// (which also ends a SIGSTOPped postmaster and its backends).
+    pub async fn fence(&self, timeout: Duration) -> Result<(), PgError> {
+        const STEP: &str = "fence";
+        self.write_fence_marker(STEP)?;
+        let Some(pid) = self.postmaster_pid().filter(|p| pid_alive(*p)) else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let half = timeout / 2;
+        let secs = half.as_secs().max(1).to_string();
+        let args = [
+            "stop".to_string(),
+            "-D".into(),
+            self.data_dir.display().to_string(),
+            "-m".into(),
+            "immediate".into(),
+            "-w".into(),
+            "-t".into(),
+            secs,
+            "-s".into(),
+        ];
+        let stopped = run_tool(STEP, &self.tool("pg_ctl"), &args, &self.run_as, &[], half).await;
+        if let Err(e) = &stopped {
+            tracing::warn!(error = %e, pid, "immediate stop did not finish; killing the postmaster");
+        }
+        if stopped.is_err() || pid_alive(pid) {
+            kill_group(pid);
+        }
+        let deadline = started + timeout.max(Duration::from_millis(500));
+        while pid_alive(pid) {
+            if Instant::now() >= deadline {
+                return Err(PgError::Timeout {
+                    step: "fence: wait for the postmaster to die",
+                    timeout_ms: timeout.as_millis() as u64,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    /// Stops the server if it runs (fast), puts `standby.signal` in place and starts it: it
+    /// then serves reads and refuses writes. Allowed on a fenced data dir.
+    pub async fn restart_as_standby(&self, timeout: Duration) -> Result<(), PgError> {
+        const STEP: &str = "restart as standby";
+        let started = Instant::now();
+        self.stop(StopMode::Fast, timeout).await?;
+        let signal = self.path("standby.signal");
+        self.run_as
+            .write_file(&signal, b"", 0o600)
+            .map_err(|e| PgError::io(STEP, signal.clone(), e))?;
+        let left = timeout
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_secs(1));
+        self.start(left).await
+    }
+}
+
+/// The contents of `meridian.conf`.
+fn render_meridian_conf(
+    host: &str,
+    port: u16,
+    application_name: &str,
+    extra: &[(String, String)],
+) -> String {
+    let mut s = String::from(
+        "# Written by Meridian; rewritten on init, clone and rewind.\n\
+         # ALTER SYSTEM settings (postgresql.auto.conf) override these.\n",
+    );
+    let lines = [
+        ("listen_addresses", quote_conf_value(host)),
+        ("port", port.to_string()),
+        // No Unix socket: /var/run/postgresql may not be writable by the OS user.
+        ("unix_socket_directories", "''".into()),
+        ("cluster_name", quote_conf_value(application_name)),
+        ("wal_level", "replica".into()),
+        // Redundant with data checksums, but pg_rewind accepts either.
+        ("wal_log_hints", "on".into()),
+        ("max_wal_senders", "16".into()),
+        ("max_replication_slots", "16".into()),
+        ("hot_standby", "on".into()),
+        ("wal_keep_size", "'256MB'".into()),
+        // Standbys report replay progress often, so lag readings are fresh.
+        ("wal_receiver_status_interval", "'1s'".into()),
+        ("password_encryption", "'scram-sha-256'".into()),
+    ];
+    for (k, v) in lines {
+        s.push_str(&format!("{k} = {v}\n"));
+    }
+    for (k, v) in extra {
+        s.push_str(&format!("{k} = {v}\n"));
+    }
+    s
+}
+
+/// The contents of `pg_hba.conf`: 127.0.0.1 only, for sessions and replication.
+fn render_hba(with_password: bool) -> String {
+    let method = if with_password {
+        "scram-sha-256"
+    } else {
+        "trust"
+    };
+    format!(
+        "# Written by Meridian.\n\
+         # TYPE DATABASE     USER ADDRESS      METHOD\n\
+         host   all          all  127.0.0.1/32 {method}\n\
+         host   replication  all  127.0.0.1/32 {method}\n"
+    )
+}
+
+/// `postgresql.auto.conf` with each key in `kv` removed and, when Some, re-added at the
+/// end in ALTER SYSTEM's format.
+fn edit_auto_conf(current: &str, kv: &[(&str, Option<&str>)]) -> String {
+    let key_of = |line: &str| -> Option<String> {
+        let l = line.trim_start();
+        if l.starts_with('#') {
+            return None;
+        }
+        let end = l.find(|c: char| c == '=' || c.is_whitespace())?;
+        Some(l[..end].to_ascii_lowercase())
+    };
+    let mut out: String = current
+        .lines()
+        .filter(|l| match key_of(l) {
+            Some(k) => !kv.iter().any(|(key, _)| key.eq_ignore_ascii_case(&k)),
+            None => true,
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    for (k, v) in kv {
+        if let Some(v) = v {
+            out.push_str(&format!("{k} = {}\n", quote_conf_value(v)));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_conf_edit_replaces_and_removes_keys() {
+        let before = "# Do not edit this file manually!\n\
+                      primary_conninfo = 'host=a port=1'\n\
+                      synchronous_standby_names = 'ANY 1 (s1)'\n\
+                      primary_slot_name = 'old'\n";
+        let after = edit_auto_conf(
+            before,
+            &[
+                ("primary_conninfo", Some("host=b port=2 password='x\\'y'")),
+                ("primary_slot_name", None),
+            ],
+        );
+        assert_eq!(
+            after,
+            "# Do not edit this file manually!\n\
+             synchronous_standby_names = 'ANY 1 (s1)'\n\
+             primary_conninfo = 'host=b port=2 password=''x\\\\''y'''\n"
+        );
+        assert_eq!(edit_auto_conf("", &[("k", Some("v"))]), "k = 'v'\n");
+    }
+
+    #[test]
+    fn hba_uses_scram_only_with_a_password() {
+        assert!(render_hba(true).contains("replication  all  127.0.0.1/32 scram-sha-256"));
+        assert!(render_hba(false).contains("all          all  127.0.0.1/32 trust"));
+        assert!(!render_hba(false).contains("0.0.0.0"));
+    }
+
+    #[test]
+    fn meridian_conf_has_port_and_replication_settings() {
+        let c = render_meridian_conf(
+            "127.0.0.1",
+            6543,
+            "s1",
+            &[("shared_buffers".into(), "'16MB'".into())],
+        );
+        for want in [
+            "listen_addresses = '127.0.0.1'",
+            "port = 6543",
+            "unix_socket_directories = ''",
+            "wal_level = replica",
+            "wal_log_hints = on",
+            "hot_standby = on",
+            "shared_buffers = '16MB'",
+        ] {
+            assert!(c.contains(want), "missing {want} in {c}");
+        }
+    }
+
+    #[test]
+    fn debug_redacts_the_password() {
+        let bin = PgBinaries::at("/usr/lib/postgresql/15/bin").unwrap_or_else(|_| {
+            // Only the Debug output matters here.
+            PgBinaries::for_tests("/nonexistent")
+        });
+        let i =
+            PgInstance::new(bin, "/tmp/x", 1, "s1", RunAs::CurrentUser).with_password("hunter2");
+        let d = format!("{i:?}");
+        assert!(!d.contains("hunter2") && d.contains("redacted"), "{d}");
+        assert!(!i.conninfo().contains("hunter2"));
+        assert!(i
+            .primary_conninfo("127.0.0.1", 5)
+            .contains("application_name=s1"));
+    }
+}

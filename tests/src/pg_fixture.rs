@@ -1,0 +1,254 @@
+//! A real PostgreSQL cluster for tests: a primary (`s0`) and N streaming standbys (`s1`,
+//! `s2`, ...), each standby through its own replication slot named like its
+//! application_name, all on free 127.0.0.1 ports in one temp dir. As root the processes run
+//! as the `postgres` OS user, which then owns the temp dir. Dropping the cluster (also on
+//! panic) SIGKILLs every postmaster's process group by PID, then removes the dir.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use meridian_node::pg::{pid_alive, PgBinaries, PgInstance, RunAs, DEFAULT_OS_USER};
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+use tokio_postgres::Client;
+
+/// Bound on starting one instance.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on a standby showing up as streaming.
+const STREAMING_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `n` distinct free TCP ports on 127.0.0.1 (bound at once, then released).
+pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .context("bind a free port")?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+/// Options for [`PgCluster`].
+#[derive(Clone, Debug, Default)]
+pub struct PgClusterBuilder {
+    standbys: usize,
+    password: Option<String>,
+    synchronous_standby_names: Option<String>,
+}
+
+impl PgClusterBuilder {
+    pub fn standbys(mut self, n: usize) -> Self {
+        self.standbys = n;
+        self
+    }
+
+    /// Superuser password: host and replication connections then use scram-sha-256.
+    pub fn password(mut self, p: impl Into<String>) -> Self {
+        self.password = Some(p.into());
+        self
+    }
+
+    /// Set on the primary once every standby streams.
+    pub fn synchronous_standby_names(mut self, v: impl Into<String>) -> Self {
+        self.synchronous_standby_names = Some(v.into());
+        self
+    }
+
+    pub async fn start(self) -> anyhow::Result<PgCluster> {
+        PgCluster::start_with(self).await
+    }
+}
+
+/// A running primary + standbys, torn down on drop.
+pub struct PgCluster {
+    nodes: Vec<PgInstance>,
+    // Declared after `nodes` only for clarity: Drop kills processes before this is removed.
+    dir: Option<TempDir>,
+}
+
+impl PgCluster {
+    pub fn builder() -> PgClusterBuilder {
+        PgClusterBuilder::default()
+    }
+
+    /// A primary and `n_standbys` streaming standbys, no password, async replication.
+    pub async fn start(n_standbys: usize) -> anyhow::Result<PgCluster> {
+        PgCluster::builder().standbys(n_standbys).start().await
+    }
+
+    async fn start_with(b: PgClusterBuilder) -> anyhow::Result<PgCluster> {
+        let bin = PgBinaries::detect()
+            .await
+            .context("find PostgreSQL binaries")?;
+        let run_as = RunAs::resolve(DEFAULT_OS_USER).context("choose the OS user")?;
+        let dir = tempfile::Builder::new()
+            .prefix("meridian-pg-")
+            .tempdir()
+            .context("create the cluster temp dir")?;
+        run_as
+            .chown_recursive(dir.path())
+            .context("give the temp dir to the OS user")?;
+        let ports = free_ports(b.standbys + 1)?;
+        let nodes: Vec<PgInstance> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                let name = format!("s{i}");
+                let mut inst = PgInstance::new(
+                    bin.clone(),
+                    dir.path().join(&name),
+                    *port,
+                    name,
+                    run_as.clone(),
+                )
+                // Small and fast: many clusters share a 2-core machine; a crash here is a
+                // process crash, never an OS one, so skipping fsync loses nothing.
+                .with_setting("shared_buffers", "'16MB'")
+                .with_setting("max_connections", "40")
+                .with_setting("fsync", "off");
+                if let Some(p) = &b.password {
+                    inst = inst.with_password(p.clone());
+                }
+                inst
+            })
+            .collect();
+        // From here on, Drop cleans up whatever got started.
+        let cluster = PgCluster {
+            nodes,
+            dir: Some(dir),
+        };
+        cluster.bring_up(&b).await?;
+        Ok(cluster)
+    }
+
+    async fn bring_up(&self, b: &PgClusterBuilder) -> anyhow::Result<()> {
+        let primary = &self.nodes[0];
+        primary.init().await.context("init the primary")?;
+        primary
+            .start(START_TIMEOUT)
+            .await
+            .context("start the primary")?;
+        for standby in &self.nodes[1..] {
+            let slot = standby.application_name();
+            primary
+                .create_slot(slot)
+                .await
+                .with_context(|| format!("create slot {slot}"))?;
+            standby
+                .clone_from(primary.host(), primary.port(), Some(slot))
+                .await
+                .with_context(|| format!("clone {slot}"))?;
+            standby
+                .start(START_TIMEOUT)
+                .await
+                .with_context(|| format!("start {slot}"))?;
+        }
+        for standby in &self.nodes[1..] {
+            self.wait_streaming(standby.application_name(), STREAMING_TIMEOUT)
+                .await?;
+        }
+        if let Some(v) = &b.synchronous_standby_names {
+            primary
+                .set_synchronous_standby_names(v)
+                .await
+                .context("set synchronous_standby_names")?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the primary (node 0) lists `application_name` as streaming.
+    pub async fn wait_streaming(
+        &self,
+        application_name: &str,
+        within: Duration,
+    ) -> anyhow::Result<()> {
+        self.wait_streaming_to(0, application_name, within).await
+    }
+
+    /// Waits until node `upstream` lists `application_name` as streaming.
+    pub async fn wait_streaming_to(
+        &self,
+        upstream: usize,
+        application_name: &str,
+        within: Duration,
+    ) -> anyhow::Result<()> {
+        let up = &self.nodes[upstream];
+        crate::wait_until(
+            &format!(
+                "{application_name} to stream from {}",
+                up.application_name()
+            ),
+            within,
+            || async {
+                up.probe()
+                    .await
+                    .standby(application_name)
+                    .is_some_and(|s| s.state == "streaming")
+            },
+        )
+        .await
+    }
+
+    /// Every instance: 0 is the initial primary, i ≥ 1 the standby `s<i>`.
+    pub fn instances(&self) -> &[PgInstance] {
+        &self.nodes
+    }
+
+    pub fn instance(&self, i: usize) -> &PgInstance {
+        &self.nodes[i]
+    }
+
+    pub fn primary(&self) -> &PgInstance {
+        &self.nodes[0]
+    }
+
+    pub fn port(&self, i: usize) -> u16 {
+        self.nodes[i].port()
+    }
+
+    pub fn conninfo(&self, i: usize) -> String {
+        self.nodes[i].conninfo()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("dir lives until drop").path()
+    }
+
+    /// A superuser session to node `i`.
+    pub async fn client(&self, i: usize) -> anyhow::Result<Client> {
+        self.nodes[i]
+            .connect()
+            .await
+            .with_context(|| format!("connect to {}", self.nodes[i].application_name()))
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let pids: Vec<i32> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.postmaster_pid())
+            .filter(|p| pid_alive(*p))
+            .collect();
+        for pid in &pids {
+            // The postmaster leads its own process group: this takes the backends too.
+            let _ = killpg(Pid::from_raw(*pid), Signal::SIGKILL);
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+        // Bounded: let the kernel finish the kills before the files go.
+        for _ in 0..200 {
+            if !pids.iter().any(|p| pid_alive(*p)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(dir) = self.dir.take() {
+            let _ = dir.close();
+        }
+    }
+}
