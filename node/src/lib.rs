@@ -2,5 +2,7 @@
 //! tests and the chaos harness.
 
 pub mod config;
+pub mod decide;
 pub mod pg;
+pub mod policy;
 pub mod types;
