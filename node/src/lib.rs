@@ -2,8 +2,10 @@
 //! tests and the chaos harness.
 
 pub mod config;
+pub mod decide;
 pub mod http;
 pub mod metrics;
 pub mod pg;
+pub mod policy;
 pub mod raft;
 pub mod types;

@@ -1,0 +1,318 @@
+//! When the primary counts as failed, and who replaces it.
+//!
+//! Failed: its own agent reports Postgres down (or read-only) and fenced → promote at
+//! once; or its agent is unreachable, no other member still sees it writable, and its
+//! lease expired on the leader's clock. The "others agree" check is the absence of
+//! contrary evidence: safety rests on the lease and the primary's self-fencing, and the
+//! probes only stop a promotion while someone still sees the old primary take writes.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{
+    Action, ClusterView, Cx, Decision, NoCandidate, NoCandidateReason, Observation, PrimaryView,
+    PromoteReason, Rejection, Wait,
+};
+use crate::config::MemberKind;
+use crate::policy::{FailoverMode, SyncMode};
+use crate::types::Lsn;
+
+pub(super) enum PrimaryState<'a> {
+    Healthy(&'a Observation),
+    /// A new primary still in recovery, within its promotion bound.
+    Promoting {
+        remaining_ms: u64,
+    },
+    /// Its agent answers but its Postgres is not writable and not (yet) fenced.
+    NotFenced,
+    Failed(PromoteReason),
+    /// Possibly failed, but not yet safe to replace.
+    Holding(Wait),
+}
+
+pub(super) fn primary_state<'a>(cx: &Cx<'a>, primary: &PrimaryView) -> PrimaryState<'a> {
+    let name = primary.name.as_str();
+    if let Some(obs) = cx.fresh(name) {
+        if obs.writable() {
+            return PrimaryState::Healthy(obs);
+        }
+        if obs.writes_stopped() {
+            return PrimaryState::Failed(PromoteReason::PrimaryFenced);
+        }
+        if !obs.fenced && obs.postgres_up && obs.in_recovery {
+            let remaining_ms = cx.remaining_ms(
+                primary.generation_since_ms,
+                cx.view.limits.promote_timeout_ms,
+            );
+            if remaining_ms > 0 {
+                return PrimaryState::Promoting { remaining_ms };
+            }
+        }
+        return PrimaryState::NotFenced;
+    }
+    let seen_by: Vec<String> = cx
+        .view
+        .members
+        .keys()
+        .filter(|m| m.as_str() != name)
+        .filter(|m| {
+            cx.fresh(m)
+                .and_then(|obs| obs.probes.get(name))
+                .is_some_and(|p| p.postgres_writable)
+        })
+        .cloned()
+        .collect();
+    if !seen_by.is_empty() {
+        return PrimaryState::Holding(Wait::PrimaryWritableForOthers {
+            primary: name.to_string(),
+            seen_by,
+        });
+    }
+    if cx.now_ms < primary.lease_expires_at_ms {
+        return PrimaryState::Holding(Wait::PrimaryLeaseValid {
+            primary: name.to_string(),
+            expires_in_ms: primary.lease_expires_at_ms - cx.now_ms,
+        });
+    }
+    PrimaryState::Failed(PromoteReason::LeaseExpired)
+}
+
+/// Promote the best candidate for `old`, or say why there is none.
+pub(super) fn replace(cx: &Cx, old: &str, reason: PromoteReason) -> Decision {
+    match choose(cx, old) {
+        Ok(c) => Decision {
+            actions: vec![Action::Promote {
+                member: c.name,
+                generation: cx.view.generation.next(),
+                reason,
+                expected_loss_bytes: c.expected_loss_bytes,
+            }],
+            wait: None,
+        },
+        Err(nc) => Decision {
+            actions: Vec::new(),
+            wait: Some(Wait::NoCandidate(nc)),
+        },
+    }
+}
+
+pub(super) struct Chosen {
+    pub name: String,
+    pub expected_loss_bytes: u64,
+}
+
+/// A member that passed the per-member checks.
+struct Qualified {
+    name: String,
+    lsn: Lsn,
+    same_region: bool,
+    region_priority: i32,
+    priority: i32,
+}
+
+fn choose(cx: &Cx, old: &str) -> Result<Chosen, NoCandidate> {
+    let view = cx.view;
+    let best_known = best_known_lsn(view);
+    let old_obs = view.observations.get(old);
+    let old_region = view.members.get(old).map(|m| m.region.as_str());
+    let primary_timeline = old_obs.map(|o| o.timeline);
+
+    let mut rejected = BTreeMap::new();
+    let mut qualified = Vec::new();
+    for name in view.members.keys().filter(|n| n.as_str() != old) {
+        match qualify(cx, name, best_known, primary_timeline) {
+            Ok(lsn) => {
+                let m = &view.members[name];
+                qualified.push(Qualified {
+                    name: name.clone(),
+                    lsn,
+                    same_region: old_region == Some(m.region.as_str()),
+                    region_priority: view.policy.region(&m.region).priority,
+                    priority: m.priority,
+                });
+            }
+            Err(r) => {
+                rejected.insert(name.clone(), r);
+            }
+        }
+    }
+    let no_candidate = |reason, rejected| NoCandidate {
+        failed_primary: old.to_string(),
+        reason,
+        rejected,
+    };
+
+    let sync_names: BTreeSet<&str> = view
+        .recorded_sync_set
+        .names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| *n != old)
+        .collect();
+    let k = view.recorded_sync_set.k as usize;
+    // An explicit `mode = sync` is the user asking for zero loss: no async fallback then.
+    let strict = !view.policy.async_failover
+        || sync_names.iter().any(|n| {
+            view.members
+                .get(*n)
+                .is_some_and(|m| view.policy.region(&m.region).mode == SyncMode::Sync)
+        });
+
+    if !sync_names.is_empty() && k > 0 {
+        let n = sync_names.len();
+        let needed = (n + 1).saturating_sub(k).max(1);
+        let answered: BTreeMap<&str, Lsn> = sync_names
+            .iter()
+            .filter_map(|name| {
+                let obs = cx.fresh(name)?;
+                let lsn = standby_lsn(obs)?;
+                (obs.postgres_up && obs.in_recovery).then_some((*name, lsn))
+            })
+            .collect();
+        if answered.len() >= needed {
+            let quorum_lsn = answered.values().copied().max().unwrap_or(Lsn::ZERO);
+            let (sync_ok, others): (Vec<_>, Vec<_>) = qualified
+                .into_iter()
+                .partition(|q| sync_names.contains(q.name.as_str()) && q.lsn >= quorum_lsn);
+            if !sync_ok.is_empty() {
+                return Ok(best(sync_ok, best_known));
+            }
+            if !strict && !others.is_empty() {
+                return Ok(best(others, best_known));
+            }
+            for q in others {
+                let r = if sync_names.contains(q.name.as_str()) {
+                    Rejection::BehindSyncQuorum {
+                        lsn: q.lsn,
+                        quorum_lsn,
+                    }
+                } else {
+                    Rejection::NotInSyncSet
+                };
+                rejected.insert(q.name, r);
+            }
+            return Err(no_candidate(NoCandidateReason::NoQualifiedMember, rejected));
+        }
+        if !strict && !qualified.is_empty() {
+            return Ok(best(qualified, best_known));
+        }
+        for q in qualified {
+            if !sync_names.contains(q.name.as_str()) {
+                rejected.insert(q.name, Rejection::NotInSyncSet);
+            }
+        }
+        let reason = if strict {
+            NoCandidateReason::SyncQuorumNotAnswering {
+                answered: answered.keys().map(|s| s.to_string()).collect(),
+                needed,
+                of: n,
+            }
+        } else {
+            NoCandidateReason::NoQualifiedMember
+        };
+        return Err(no_candidate(reason, rejected));
+    }
+
+    // No sync set recorded: every standby is async.
+    if view.policy.async_failover && !qualified.is_empty() {
+        return Ok(best(qualified, best_known));
+    }
+    for q in qualified {
+        rejected.insert(q.name, Rejection::NotInSyncSet);
+    }
+    Err(no_candidate(NoCandidateReason::NoQualifiedMember, rejected))
+}
+
+/// Preference: same region as the old primary, region priority, LSN, member priority,
+/// then name.
+fn best(mut candidates: Vec<Qualified>, best_known: Lsn) -> Chosen {
+    candidates.sort_by(|a, b| {
+        let key = |q: &Qualified| {
+            (
+                Reverse(q.same_region),
+                Reverse(q.region_priority),
+                Reverse(q.lsn),
+                Reverse(q.priority),
+            )
+        };
+        key(a).cmp(&key(b)).then_with(|| a.name.cmp(&b.name))
+    });
+    let q = candidates.swap_remove(0);
+    Chosen {
+        expected_loss_bytes: best_known.bytes_after(q.lsn),
+        name: q.name,
+    }
+}
+
+/// The per-member checks; on success, the WAL the member holds.
+fn qualify(
+    cx: &Cx,
+    name: &str,
+    best_known: Lsn,
+    primary_timeline: Option<u32>,
+) -> Result<Lsn, Rejection> {
+    let view = cx.view;
+    let m = view.members.get(name).ok_or(Rejection::NotAMember)?;
+    if m.kind == MemberKind::Witness {
+        return Err(Rejection::Witness);
+    }
+    let obs = view
+        .observations
+        .get(name)
+        .ok_or(Rejection::NoObservation)?;
+    if !cx.is_fresh(obs) {
+        return Err(Rejection::StaleObservation {
+            age_ms: cx.age_ms(obs),
+        });
+    }
+    if obs.fenced {
+        return Err(Rejection::Fenced);
+    }
+    if !obs.postgres_up {
+        return Err(Rejection::PostgresDown);
+    }
+    if !obs.in_recovery {
+        return Err(Rejection::NotInRecovery);
+    }
+    if m.nofailover {
+        return Err(Rejection::NoFailover);
+    }
+    if view.policy.region(&m.region).failover == FailoverMode::Manual {
+        return Err(Rejection::RegionFailoverManual {
+            region: m.region.clone(),
+        });
+    }
+    let lsn = standby_lsn(obs).ok_or(Rejection::NoLsn)?;
+    if let Some(pt) = primary_timeline {
+        if obs.timeline < pt {
+            return Err(Rejection::OlderTimeline {
+                timeline: obs.timeline,
+                primary_timeline: pt,
+            });
+        }
+    }
+    let lag_bytes = best_known.bytes_after(lsn);
+    let max_bytes = view.policy.max_lag_on_failover_bytes;
+    if lag_bytes > max_bytes {
+        return Err(Rejection::LagTooHigh {
+            lag_bytes,
+            max_bytes,
+        });
+    }
+    Ok(lsn)
+}
+
+/// The WAL a standby holds: what it received (it replays that before promoting).
+pub(super) fn standby_lsn(obs: &Observation) -> Option<Lsn> {
+    obs.received_lsn.max(obs.replayed_lsn)
+}
+
+/// The most WAL the old primary is known to have written: its own last report (however
+/// old) or anything a standby received from it.
+fn best_known_lsn(view: &ClusterView) -> Lsn {
+    view.observations
+        .values()
+        .filter_map(Observation::best_lsn)
+        .max()
+        .unwrap_or(Lsn::ZERO)
+}

@@ -1,0 +1,371 @@
+//! The failover decision core: from a [`ClusterView`] and the leader's clock, what the
+//! Raft leader should do next ([`decide`] → [`Decision`]).
+//!
+//! Owns the rules of DESIGN §3: when the primary counts as failed, who may replace it
+//! (and why nobody may), the planned-switchover state machine, rejoin and re-pointing
+//! of standbys, and the sync-set ordering rule.
+//!
+//! # Invariants
+//! - **The decision core does no I/O.** No tokio, no network, no files, no
+//!   `Instant::now()`: the clock is the `now_ms` argument (the leader's monotonic clock)
+//!   and everything else is in the view. Same view and clock → same decision.
+//! - **Level-triggered.** The core says what should be true now, not what changed:
+//!   an action is repeated on every call until the observations show it done. The
+//!   runtime de-duplicates actions already in flight.
+//! - **Raft first.** [`Action::is_raft_write`] actions must be committed by a leader that
+//!   has confirmed its leadership before anything depends on them; the core emits at
+//!   most one step of a two-step change per call, so the next call sees the committed
+//!   step (e.g. the sync set is recorded before Postgres is told to wait on it).
+//! - **No surprise loss.** When no member is safe, the answer is no promotion and a
+//!   reason ([`Wait::NoCandidate`]), never a guess.
+
+mod failover;
+mod switchover;
+mod sync;
+mod view;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+pub use view::{
+    ClusterView, Limits, MemberView, Observation, PeerProbe, PrimaryView, SwitchoverAbort,
+    SwitchoverPhase, SwitchoverView, SyncSet,
+};
+
+use crate::types::{Generation, Lsn};
+
+/// What the leader should do now, and what (if anything) it is waiting for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// In order; Raft writes come before the agent commands that rely on them.
+    pub actions: Vec<Action>,
+    /// Why something the cluster needs is not (yet) happening; `None` when all is well.
+    pub wait: Option<Wait>,
+}
+
+/// One step for the runtime to carry out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Raft: make `member` the primary at `generation` (always the current one + 1);
+    /// then its agent replays, runs `pg_promote` and checks it is writable. A promotion
+    /// with reason `Switchover` also ends the pending switchover.
+    Promote {
+        member: String,
+        generation: Generation,
+        reason: PromoteReason,
+        /// WAL the old primary was known to hold beyond what `member` received.
+        expected_loss_bytes: u64,
+    },
+    /// Agent: stop `member`'s Postgres from accepting writes, for real, and report `fenced`.
+    Fence { member: String },
+    /// Agent: let `member` (still the recorded primary) accept writes again.
+    Unfence { member: String },
+    /// Agent: point `member`'s `primary_conninfo` (and slot) at `to`.
+    Repoint { member: String, to: String },
+    /// Agent: demote `member` (an old primary, or a diverged timeline) and rejoin it as a
+    /// standby of `to` (`pg_rewind`, or a fresh clone if rewind fails).
+    Rejoin { member: String, to: String },
+    /// Raft: record the sync set. `degraded` says it holds fewer standbys than the
+    /// policy's quorum because `durability = preferred` shrank it.
+    RecordSyncSet { set: SyncSet, degraded: bool },
+    /// Agent of `primary`: set `synchronous_standby_names = 'ANY k (names)'`.
+    ApplySyncStandbyNames { primary: String, set: SyncSet },
+    /// Raft: move the pending switchover to `phase`.
+    SetSwitchoverPhase { phase: SwitchoverPhase },
+    /// Raft: drop the pending switchover, recording why in the history.
+    AbandonSwitchover { reason: SwitchoverAbort },
+}
+
+impl Action {
+    /// Actions that are entries of the Raft log (the rest are commands to agents).
+    pub fn is_raft_write(&self) -> bool {
+        matches!(
+            self,
+            Action::Promote { .. }
+                | Action::RecordSyncSet { .. }
+                | Action::SetSwitchoverPhase { .. }
+                | Action::AbandonSwitchover { .. }
+        )
+    }
+}
+
+/// Why a promotion happens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PromoteReason {
+    /// The primary's own agent confirmed its Postgres is down and fenced.
+    PrimaryFenced,
+    /// The primary's agent is unreachable and its lease expired on the leader's clock.
+    LeaseExpired,
+    /// A planned switchover reached its last step.
+    Switchover,
+}
+
+/// Why the cluster is holding back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// No primary is recorded (bootstrap is not the core's job).
+    NoPrimary,
+    /// The primary's agent is unreachable but its lease is still valid.
+    PrimaryLeaseValid {
+        primary: String,
+        expires_in_ms: u64,
+    },
+    /// The primary's agent is unreachable from the leader, yet these members still see
+    /// its Postgres taking writes.
+    PrimaryWritableForOthers {
+        primary: String,
+        seen_by: Vec<String>,
+    },
+    /// The primary's Postgres is down or not writable; waiting for its agent to confirm
+    /// the fence before promoting.
+    PrimaryFencing {
+        primary: String,
+    },
+    /// A new primary is finishing its promotion.
+    PrimaryPromoting {
+        primary: String,
+        remaining_ms: u64,
+    },
+    /// The primary failed and no member may replace it automatically.
+    NoCandidate(NoCandidate),
+    Switchover(SwitchoverWait),
+    /// Maintenance mode: these actions (and this wait) are what the core would otherwise do.
+    Maintenance {
+        suppressed: Vec<Action>,
+        would_wait: Option<Box<Wait>>,
+    },
+}
+
+/// Why no member may be promoted, member by member.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NoCandidate {
+    pub failed_primary: String,
+    pub reason: NoCandidateReason,
+    /// Every other member and why it was passed over.
+    pub rejected: BTreeMap<String, Rejection>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NoCandidateReason {
+    /// Under a sync policy, fewer than n−k+1 of the recorded sync set answered, so the
+    /// highest acknowledged LSN is unknown.
+    SyncQuorumNotAnswering {
+        answered: BTreeSet<String>,
+        needed: usize,
+        of: usize,
+    },
+    /// Every member was rejected (see `rejected`).
+    NoQualifiedMember,
+}
+
+/// Why one member cannot be promoted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    NotAMember,
+    Witness,
+    NoObservation,
+    StaleObservation {
+        age_ms: u64,
+    },
+    Fenced,
+    PostgresDown,
+    NotInRecovery,
+    NoFailover,
+    RegionFailoverManual {
+        region: String,
+    },
+    NoLsn,
+    /// It never followed the old primary's latest timeline.
+    OlderTimeline {
+        timeline: u32,
+        primary_timeline: u32,
+    },
+    LagTooHigh {
+        lag_bytes: u64,
+        max_bytes: u64,
+    },
+    /// Under a sync policy: below the highest LSN of the answering sync quorum.
+    BehindSyncQuorum {
+        lsn: Lsn,
+        quorum_lsn: Lsn,
+    },
+    /// Not in the recorded sync set, and the policy forbids async failover here.
+    NotInSyncSet,
+}
+
+/// What a pending switchover is waiting for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SwitchoverWait {
+    TargetNotReady {
+        target: String,
+        why: Rejection,
+        remaining_ms: u64,
+    },
+    WritesStopping {
+        primary: String,
+        remaining_ms: u64,
+    },
+    TargetCatchingUp {
+        target: String,
+        received_lsn: Option<Lsn>,
+        final_lsn: Lsn,
+        remaining_ms: u64,
+    },
+    PrimaryResuming {
+        primary: String,
+        remaining_ms: u64,
+    },
+}
+
+/// Decides what the Raft leader should do now. Pure: see the module invariants.
+pub fn decide(view: &ClusterView, now_ms: u64) -> Decision {
+    let cx = Cx { view, now_ms };
+    // An operator-requested switchover runs even in maintenance mode.
+    if let Some(sw) = &view.switchover {
+        return switchover::step(&cx, sw);
+    }
+    let decision = automatic(&cx);
+    if view.maintenance && (!decision.actions.is_empty() || decision.wait.is_some()) {
+        return Decision {
+            actions: Vec::new(),
+            wait: Some(Wait::Maintenance {
+                suppressed: decision.actions,
+                would_wait: decision.wait.map(Box::new),
+            }),
+        };
+    }
+    decision
+}
+
+/// Everything the core does on its own: failover when the primary failed, otherwise
+/// housekeeping around a live primary.
+fn automatic(cx: &Cx) -> Decision {
+    let Some(primary) = &cx.view.primary else {
+        return Decision {
+            actions: Vec::new(),
+            wait: Some(Wait::NoPrimary),
+        };
+    };
+    let name = primary.name.as_str();
+    match failover::primary_state(cx, primary) {
+        failover::PrimaryState::Healthy(pobs) => {
+            let mut actions = housekeeping(cx, name, Some(pobs.timeline));
+            actions.extend(sync::step(cx, name, pobs));
+            Decision {
+                actions,
+                wait: None,
+            }
+        }
+        failover::PrimaryState::Promoting { remaining_ms } => Decision {
+            actions: repoints(cx, name),
+            wait: Some(Wait::PrimaryPromoting {
+                primary: name.to_string(),
+                remaining_ms,
+            }),
+        },
+        failover::PrimaryState::NotFenced => Decision {
+            actions: vec![Action::Fence {
+                member: name.to_string(),
+            }],
+            wait: Some(Wait::PrimaryFencing {
+                primary: name.to_string(),
+            }),
+        },
+        failover::PrimaryState::Failed(reason) => failover::replace(cx, name, reason),
+        failover::PrimaryState::Holding(wait) => Decision {
+            actions: Vec::new(),
+            wait: Some(wait),
+        },
+    }
+}
+
+/// Around a healthy primary: fence any second writer, rejoin old primaries and
+/// diverged standbys, re-point standbys that follow someone else.
+fn housekeeping(cx: &Cx, primary: &str, primary_timeline: Option<u32>) -> Vec<Action> {
+    let mut actions = Vec::new();
+    for (name, obs) in cx.fresh_data_members() {
+        if name == primary {
+            continue;
+        }
+        let member = name.to_string();
+        if obs.writable() {
+            // A second writer: the one-writer invariant comes before anything else.
+            actions.push(Action::Fence { member });
+        } else if obs.fenced
+            || (obs.postgres_up
+                && obs.in_recovery
+                && primary_timeline.is_some_and(|t| obs.timeline > t))
+        {
+            actions.push(Action::Rejoin {
+                member,
+                to: primary.to_string(),
+            });
+        } else if obs.postgres_up && obs.in_recovery && obs.upstream.as_deref() != Some(primary) {
+            actions.push(Action::Repoint {
+                member,
+                to: primary.to_string(),
+            });
+        }
+    }
+    actions
+}
+
+/// While a new primary finishes promoting: re-point the standbys already (their WAL
+/// receivers retry until it is up).
+fn repoints(cx: &Cx, primary: &str) -> Vec<Action> {
+    cx.fresh_data_members()
+        .filter(|(name, obs)| {
+            *name != primary
+                && obs.postgres_up
+                && obs.in_recovery
+                && !obs.fenced
+                && obs.upstream.as_deref() != Some(primary)
+        })
+        .map(|(name, _)| Action::Repoint {
+            member: name.to_string(),
+            to: primary.to_string(),
+        })
+        .collect()
+}
+
+/// The view and the clock, with the small queries every rule needs.
+struct Cx<'a> {
+    view: &'a ClusterView,
+    now_ms: u64,
+}
+
+impl<'a> Cx<'a> {
+    fn age_ms(&self, obs: &Observation) -> u64 {
+        self.now_ms.saturating_sub(obs.received_at_ms)
+    }
+
+    fn is_fresh(&self, obs: &Observation) -> bool {
+        self.age_ms(obs) <= self.view.limits.stale_after_ms
+    }
+
+    /// The member's observation if it is fresh (its agent is reachable).
+    fn fresh(&self, name: &str) -> Option<&'a Observation> {
+        self.view
+            .observations
+            .get(name)
+            .filter(|obs| self.is_fresh(obs))
+    }
+
+    /// Data members with a fresh observation, by name.
+    fn fresh_data_members(&self) -> impl Iterator<Item = (&'a str, &'a Observation)> + '_ {
+        self.view
+            .members
+            .iter()
+            .filter(|(_, m)| m.kind == crate::config::MemberKind::Data)
+            .filter_map(move |(name, _)| self.fresh(name).map(|obs| (name.as_str(), obs)))
+    }
+
+    /// Deadline arithmetic: ms left until `since + bound`, 0 once passed.
+    fn remaining_ms(&self, since_ms: u64, bound_ms: u64) -> u64 {
+        since_ms
+            .saturating_add(bound_ms)
+            .saturating_sub(self.now_ms)
+    }
+}

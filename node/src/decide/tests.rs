@@ -1,0 +1,940 @@
+//! Exact-decision tests of the core: each builds a view, calls `decide`, and compares the
+//! whole `Decision`.
+//!
+//! Base cluster: primary e1 and standby e2 in `east`, standbys w1 and w2 in `west`,
+//! witness x1 in `central`; generation 3; sync set `ANY 1 (e2)` recorded and applied.
+//! WAL: e1 last wrote 1_000_100, e2 received 1_000_000, w1 990_000, w2 980_000.
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::config::MemberKind;
+use crate::policy::{Durability, FailoverMode, Policy, SyncMode};
+
+const NOW: u64 = 100_000;
+const FRESH: u64 = NOW - 100;
+const STALE: u64 = NOW - 5_000;
+
+fn member(region: &str, kind: MemberKind) -> MemberView {
+    MemberView {
+        region: region.into(),
+        kind,
+        priority: 0,
+        nofailover: false,
+    }
+}
+
+fn standby(lsn: u64, upstream: &str) -> Observation {
+    Observation {
+        received_at_ms: FRESH,
+        postgres_up: true,
+        in_recovery: true,
+        timeline: 1,
+        received_lsn: Some(Lsn(lsn)),
+        replayed_lsn: Some(Lsn(lsn)),
+        wal_receiver_streaming: true,
+        upstream: Some(upstream.into()),
+        seen_generation: Generation(3),
+        ..Observation::default()
+    }
+}
+
+fn base() -> ClusterView {
+    let members = BTreeMap::from([
+        ("e1".to_string(), member("east", MemberKind::Data)),
+        ("e2".to_string(), member("east", MemberKind::Data)),
+        ("w1".to_string(), member("west", MemberKind::Data)),
+        ("w2".to_string(), member("west", MemberKind::Data)),
+        ("x1".to_string(), member("central", MemberKind::Witness)),
+    ]);
+    let primary_obs = Observation {
+        received_at_ms: FRESH,
+        postgres_up: true,
+        timeline: 1,
+        wal_lsn: Some(Lsn(1_000_100)),
+        seen_generation: Generation(3),
+        sync_standby_names: Some(SyncSet::new(["e2"], 1)),
+        ..Observation::default()
+    };
+    let witness_obs = Observation {
+        received_at_ms: FRESH,
+        seen_generation: Generation(3),
+        ..Observation::default()
+    };
+    ClusterView {
+        members,
+        primary: Some(PrimaryView {
+            name: "e1".into(),
+            lease_expires_at_ms: NOW + 1_500,
+            generation_since_ms: 0,
+        }),
+        generation: Generation(3),
+        policy: Policy::default(),
+        recorded_sync_set: SyncSet::new(["e2"], 1),
+        maintenance: false,
+        switchover: None,
+        observations: BTreeMap::from([
+            ("e1".to_string(), primary_obs),
+            ("e2".to_string(), standby(1_000_000, "e1")),
+            ("w1".to_string(), standby(990_000, "e1")),
+            ("w2".to_string(), standby(980_000, "e1")),
+            ("x1".to_string(), witness_obs),
+        ]),
+        rtt_from_primary_ms: BTreeMap::from([
+            ("e2".to_string(), 1),
+            ("w1".to_string(), 50),
+            ("w2".to_string(), 52),
+            ("x1".to_string(), 30),
+        ]),
+        limits: Limits::default(),
+    }
+}
+
+fn obs<'a>(v: &'a mut ClusterView, name: &str) -> &'a mut Observation {
+    v.observations.get_mut(name).unwrap()
+}
+
+/// The primary's agent vanished and its lease ran out.
+fn lose_primary(v: &mut ClusterView) {
+    obs(v, "e1").received_at_ms = STALE;
+    v.primary.as_mut().unwrap().lease_expires_at_ms = NOW;
+}
+
+/// The primary's own agent reports Postgres down and fenced.
+fn primary_fenced(v: &mut ClusterView) {
+    let o = obs(v, "e1");
+    o.postgres_up = false;
+    o.fenced = true;
+}
+
+fn promote(member: &str, reason: PromoteReason, loss: u64) -> Decision {
+    Decision {
+        actions: vec![Action::Promote {
+            member: member.into(),
+            generation: Generation(4),
+            reason,
+            expected_loss_bytes: loss,
+        }],
+        wait: None,
+    }
+}
+
+fn no_candidate(reason: NoCandidateReason, rejected: &[(&str, Rejection)]) -> Decision {
+    Decision {
+        actions: vec![],
+        wait: Some(Wait::NoCandidate(NoCandidate {
+            failed_primary: "e1".into(),
+            reason,
+            rejected: rejected
+                .iter()
+                .map(|(n, r)| (n.to_string(), r.clone()))
+                .collect(),
+        })),
+    }
+}
+
+fn stale(age_ms: u64) -> Rejection {
+    Rejection::StaleObservation { age_ms }
+}
+
+// ------------------------------------------------------------------ steady state
+
+#[test]
+fn healthy_cluster_needs_nothing() {
+    assert_eq!(decide(&base(), NOW), Decision::default());
+}
+
+// ------------------------------------------------------------------ primary failure
+
+#[test]
+fn primary_lost_with_lease_still_valid_waits_for_the_lease() {
+    let mut v = base();
+    obs(&mut v, "e1").received_at_ms = STALE;
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![],
+            wait: Some(Wait::PrimaryLeaseValid {
+                primary: "e1".into(),
+                expires_in_ms: 1_500
+            }),
+        }
+    );
+    // One millisecond before expiry: still waiting.
+    assert_eq!(
+        decide(&v, NOW + 1_499).wait,
+        Some(Wait::PrimaryLeaseValid {
+            primary: "e1".into(),
+            expires_in_ms: 1
+        })
+    );
+}
+
+#[test]
+fn lease_expired_promotes_the_best_candidate_at_the_next_generation() {
+    let mut v = base();
+    obs(&mut v, "e1").received_at_ms = STALE;
+    // Expiry is inclusive: at exactly the deadline the lease is gone.
+    v.primary.as_mut().unwrap().lease_expires_at_ms = NOW;
+    // e2 is the answering sync standby, same region; loss = what e1 wrote beyond it.
+    assert_eq!(
+        decide(&v, NOW),
+        promote("e2", PromoteReason::LeaseExpired, 100)
+    );
+}
+
+#[test]
+fn primary_confirming_its_fence_is_replaced_at_once_without_lease_wait() {
+    let mut v = base();
+    primary_fenced(&mut v);
+    assert_eq!(v.primary.as_ref().unwrap().lease_expires_at_ms, NOW + 1_500);
+    assert_eq!(
+        decide(&v, NOW),
+        promote("e2", PromoteReason::PrimaryFenced, 100)
+    );
+}
+
+#[test]
+fn primary_down_but_not_fenced_is_told_to_fence_first() {
+    let mut v = base();
+    obs(&mut v, "e1").postgres_up = false;
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![Action::Fence {
+                member: "e1".into()
+            }],
+            wait: Some(Wait::PrimaryFencing {
+                primary: "e1".into()
+            }),
+        }
+    );
+}
+
+#[test]
+fn no_promotion_while_another_member_still_sees_the_primary_writable() {
+    let mut v = base();
+    lose_primary(&mut v);
+    obs(&mut v, "w2").probes.insert(
+        "e1".into(),
+        PeerProbe {
+            agent_reachable: true,
+            postgres_writable: true,
+        },
+    );
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![],
+            wait: Some(Wait::PrimaryWritableForOthers {
+                primary: "e1".into(),
+                seen_by: vec!["w2".into()],
+            }),
+        }
+    );
+    // A stale probe is no evidence.
+    obs(&mut v, "w2").received_at_ms = STALE;
+    assert_eq!(
+        decide(&v, NOW),
+        promote("e2", PromoteReason::LeaseExpired, 100)
+    );
+}
+
+// ------------------------------------------------------------------ candidates
+
+#[test]
+fn whole_region_lost_under_default_policy_fails_over_async_and_reports_the_loss() {
+    let mut v = base();
+    lose_primary(&mut v);
+    obs(&mut v, "e2").received_at_ms = STALE;
+    // Sync set {e2} does not answer; `auto` only, async_failover on: best async standby.
+    assert_eq!(
+        decide(&v, NOW),
+        promote("w1", PromoteReason::LeaseExpired, 1_000_100 - 990_000)
+    );
+}
+
+#[test]
+fn no_safe_candidate_under_the_policy_means_no_promotion_and_a_reason() {
+    let mut v = base();
+    lose_primary(&mut v);
+    obs(&mut v, "e2").received_at_ms = STALE;
+    v.policy.async_failover = false;
+    assert_eq!(
+        decide(&v, NOW),
+        no_candidate(
+            NoCandidateReason::SyncQuorumNotAnswering {
+                answered: Default::default(),
+                needed: 1,
+                of: 1
+            },
+            &[
+                ("e2", stale(5_000)),
+                ("w1", Rejection::NotInSyncSet),
+                ("w2", Rejection::NotInSyncSet),
+                ("x1", Rejection::Witness),
+            ],
+        )
+    );
+}
+
+#[test]
+fn async_failover_disabled_without_a_sync_set_promotes_nobody() {
+    let mut v = base();
+    primary_fenced(&mut v);
+    v.recorded_sync_set = SyncSet::default();
+    v.policy.async_failover = false;
+    assert_eq!(
+        decide(&v, NOW),
+        no_candidate(
+            NoCandidateReason::NoQualifiedMember,
+            &[
+                ("e2", Rejection::NotInSyncSet),
+                ("w1", Rejection::NotInSyncSet),
+                ("w2", Rejection::NotInSyncSet),
+                ("x1", Rejection::Witness),
+            ],
+        )
+    );
+}
+
+/// West is explicitly `sync`, recorded set ANY 2 (e2, w1, w2): n − k + 1 = 2 must answer.
+fn explicit_sync_view() -> ClusterView {
+    let mut v = base();
+    v.policy.set("regions.west.mode", "sync").unwrap();
+    v.policy.set("sync_quorum", "2").unwrap();
+    v.recorded_sync_set = SyncSet::new(["e2", "w1", "w2"], 2);
+    lose_primary(&mut v);
+    v
+}
+
+#[test]
+fn sync_quorum_not_answering_means_no_promotion() {
+    let mut v = explicit_sync_view();
+    obs(&mut v, "e2").received_at_ms = STALE;
+    obs(&mut v, "w1").received_at_ms = STALE;
+    assert_eq!(
+        decide(&v, NOW),
+        no_candidate(
+            NoCandidateReason::SyncQuorumNotAnswering {
+                answered: ["w2".to_string()].into(),
+                needed: 2,
+                of: 3
+            },
+            &[
+                ("e2", stale(5_000)),
+                ("w1", stale(5_000)),
+                ("x1", Rejection::Witness)
+            ],
+        )
+    );
+}
+
+#[test]
+fn sync_quorum_answering_promotes_the_member_holding_its_highest_lsn() {
+    let mut v = explicit_sync_view();
+    obs(&mut v, "e2").received_at_ms = STALE;
+    assert_eq!(
+        decide(&v, NOW),
+        promote("w1", PromoteReason::LeaseExpired, 10_100)
+    );
+    // If the holder of the quorum's highest LSN may not be promoted, the one behind it
+    // may not be either: it could lack acknowledged commits.
+    v.members.get_mut("w1").unwrap().nofailover = true;
+    assert_eq!(
+        decide(&v, NOW),
+        no_candidate(
+            NoCandidateReason::NoQualifiedMember,
+            &[
+                ("e2", stale(5_000)),
+                ("w1", Rejection::NoFailover),
+                (
+                    "w2",
+                    Rejection::BehindSyncQuorum {
+                        lsn: Lsn(980_000),
+                        quorum_lsn: Lsn(990_000)
+                    }
+                ),
+                ("x1", Rejection::Witness),
+            ],
+        )
+    );
+}
+
+#[test]
+fn same_region_is_preferred_over_a_higher_lsn() {
+    let mut v = base();
+    primary_fenced(&mut v);
+    v.recorded_sync_set = SyncSet::default();
+    obs(&mut v, "e2").received_lsn = Some(Lsn(900_000));
+    obs(&mut v, "e2").replayed_lsn = Some(Lsn(900_000));
+    assert_eq!(
+        decide(&v, NOW),
+        promote("e2", PromoteReason::PrimaryFenced, 100_100)
+    );
+}
+
+#[test]
+fn region_priority_comes_before_lsn() {
+    let mut v = base();
+    primary_fenced(&mut v);
+    obs(&mut v, "e2").received_at_ms = STALE;
+    v.members
+        .insert("s1".into(), member("south", MemberKind::Data));
+    v.observations.insert("s1".into(), standby(970_000, "e1"));
+    assert_eq!(
+        decide(&v, NOW),
+        promote("w1", PromoteReason::PrimaryFenced, 10_100)
+    );
+    v.policy.set("regions.south.priority", "5").unwrap();
+    assert_eq!(
+        decide(&v, NOW),
+        promote("s1", PromoteReason::PrimaryFenced, 30_100)
+    );
+}
+
+#[test]
+fn nofailover_member_is_never_promoted() {
+    let mut v = base();
+    primary_fenced(&mut v);
+    v.recorded_sync_set = SyncSet::default();
+    v.members.get_mut("e2").unwrap().nofailover = true;
+    assert_eq!(
+        decide(&v, NOW),
+        promote("w1", PromoteReason::PrimaryFenced, 10_100)
+    );
+}
+
+#[test]
+fn lag_above_the_bound_excludes_a_standby() {
+    let mut v = base();
+    primary_fenced(&mut v);
+    obs(&mut v, "e2").received_at_ms = STALE;
+    v.policy.set("max_lag_on_failover_bytes", "15000").unwrap();
+    assert_eq!(
+        decide(&v, NOW),
+        promote("w1", PromoteReason::PrimaryFenced, 10_100)
+    );
+    v.policy.set("max_lag_on_failover_bytes", "5000").unwrap();
+    assert_eq!(
+        decide(&v, NOW),
+        no_candidate(
+            NoCandidateReason::NoQualifiedMember,
+            &[
+                ("e2", stale(5_000)),
+                (
+                    "w1",
+                    Rejection::LagTooHigh {
+                        lag_bytes: 10_100,
+                        max_bytes: 5_000
+                    }
+                ),
+                (
+                    "w2",
+                    Rejection::LagTooHigh {
+                        lag_bytes: 20_100,
+                        max_bytes: 5_000
+                    }
+                ),
+                ("x1", Rejection::Witness),
+            ],
+        )
+    );
+}
+
+#[test]
+fn stale_observation_excludes_a_standby() {
+    let mut v = base();
+    primary_fenced(&mut v);
+    v.recorded_sync_set = SyncSet::default();
+    // Just inside the staleness bound, e2 (same region) wins.
+    obs(&mut v, "e2").received_at_ms = NOW - 1_000;
+    assert_eq!(
+        decide(&v, NOW),
+        promote("e2", PromoteReason::PrimaryFenced, 100)
+    );
+    obs(&mut v, "e2").received_at_ms = NOW - 1_001;
+    assert_eq!(
+        decide(&v, NOW),
+        promote("w1", PromoteReason::PrimaryFenced, 10_100)
+    );
+}
+
+#[test]
+fn region_with_manual_failover_is_excluded() {
+    let mut v = base();
+    primary_fenced(&mut v);
+    v.recorded_sync_set = SyncSet::default();
+    v.policy.set("regions.east.failover", "manual").unwrap();
+    assert_eq!(
+        decide(&v, NOW),
+        promote("w1", PromoteReason::PrimaryFenced, 10_100)
+    );
+    v.policy.set("regions.west.failover", "manual").unwrap();
+    assert_eq!(
+        decide(&v, NOW),
+        no_candidate(
+            NoCandidateReason::NoQualifiedMember,
+            &[
+                (
+                    "e2",
+                    Rejection::RegionFailoverManual {
+                        region: "east".into()
+                    }
+                ),
+                (
+                    "w1",
+                    Rejection::RegionFailoverManual {
+                        region: "west".into()
+                    }
+                ),
+                (
+                    "w2",
+                    Rejection::RegionFailoverManual {
+                        region: "west".into()
+                    }
+                ),
+                ("x1", Rejection::Witness),
+            ],
+        )
+    );
+}
+
+#[test]
+fn ties_break_by_member_priority_then_name() {
+    let mut v = base();
+    primary_fenced(&mut v);
+    obs(&mut v, "e2").received_at_ms = STALE;
+    for n in ["w1", "w2"] {
+        obs(&mut v, n).received_lsn = Some(Lsn(990_000));
+    }
+    assert_eq!(
+        decide(&v, NOW),
+        promote("w1", PromoteReason::PrimaryFenced, 10_100)
+    );
+    v.members.get_mut("w2").unwrap().priority = 5;
+    assert_eq!(
+        decide(&v, NOW),
+        promote("w2", PromoteReason::PrimaryFenced, 10_100)
+    );
+    // LSN ranks above member priority.
+    obs(&mut v, "w1").received_lsn = Some(Lsn(990_001));
+    assert_eq!(
+        decide(&v, NOW),
+        promote("w1", PromoteReason::PrimaryFenced, 10_099)
+    );
+}
+
+// ------------------------------------------------------------------ maintenance
+
+#[test]
+fn maintenance_mode_takes_no_automatic_action_but_reports_it() {
+    let mut v = base();
+    v.maintenance = true;
+    assert_eq!(decide(&v, NOW), Decision::default());
+    primary_fenced(&mut v);
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![],
+            wait: Some(Wait::Maintenance {
+                suppressed: promote("e2", PromoteReason::PrimaryFenced, 100).actions,
+                would_wait: None,
+            }),
+        }
+    );
+}
+
+// ------------------------------------------------------------------ switchover
+
+fn switchover(phase: SwitchoverPhase, since_ms: u64) -> Option<SwitchoverView> {
+    Some(SwitchoverView {
+        target: "w1".into(),
+        phase,
+        phase_since_ms: since_ms,
+    })
+}
+
+#[test]
+fn switchover_walks_its_steps() {
+    let mut v = base();
+    v.maintenance = true; // an operator's switchover still runs
+    v.switchover = switchover(SwitchoverPhase::Requested, NOW);
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![
+                Action::SetSwitchoverPhase {
+                    phase: SwitchoverPhase::StoppingWrites
+                },
+                Action::Fence {
+                    member: "e1".into()
+                },
+            ],
+            wait: None,
+        }
+    );
+
+    v.switchover = switchover(SwitchoverPhase::StoppingWrites, NOW);
+    assert_eq!(
+        decide(&v, NOW + 200),
+        Decision {
+            actions: vec![Action::Fence {
+                member: "e1".into()
+            }],
+            wait: Some(Wait::Switchover(SwitchoverWait::WritesStopping {
+                primary: "e1".into(),
+                remaining_ms: 4_800
+            })),
+        }
+    );
+
+    primary_fenced(&mut v);
+    obs(&mut v, "e1").wal_lsn = Some(Lsn(1_000_200));
+    assert_eq!(
+        decide(&v, NOW + 300),
+        Decision {
+            actions: vec![],
+            wait: Some(Wait::Switchover(SwitchoverWait::TargetCatchingUp {
+                target: "w1".into(),
+                received_lsn: Some(Lsn(990_000)),
+                final_lsn: Lsn(1_000_200),
+                remaining_ms: 4_700
+            })),
+        }
+    );
+
+    obs(&mut v, "w1").received_lsn = Some(Lsn(1_000_200));
+    assert_eq!(
+        decide(&v, NOW + 400),
+        promote("w1", PromoteReason::Switchover, 0)
+    );
+
+    // Promotion committed: w1 is primary at generation 4; the old primary rejoins, the
+    // standbys follow, and the sync set follows the new primary's region.
+    v.switchover = None;
+    v.maintenance = false;
+    v.generation = Generation(4);
+    v.primary = Some(PrimaryView {
+        name: "w1".into(),
+        lease_expires_at_ms: NOW + 2_000,
+        generation_since_ms: NOW,
+    });
+    *obs(&mut v, "w1") = Observation {
+        received_at_ms: FRESH,
+        postgres_up: true,
+        timeline: 2,
+        wal_lsn: Some(Lsn(1_000_300)),
+        seen_generation: Generation(4),
+        sync_standby_names: Some(SyncSet::default()),
+        ..Observation::default()
+    };
+    v.rtt_from_primary_ms = BTreeMap::from([
+        ("e1".to_string(), 50),
+        ("e2".to_string(), 50),
+        ("w2".to_string(), 1),
+    ]);
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![
+                Action::Rejoin {
+                    member: "e1".into(),
+                    to: "w1".into()
+                },
+                Action::Repoint {
+                    member: "e2".into(),
+                    to: "w1".into()
+                },
+                Action::Repoint {
+                    member: "w2".into(),
+                    to: "w1".into()
+                },
+                // w2 does not stream from w1 yet: nothing to wait on, so the record
+                // shrinks to match Postgres (which waits on nobody).
+                Action::RecordSyncSet {
+                    set: SyncSet::default(),
+                    degraded: false
+                },
+            ],
+            wait: None,
+        }
+    );
+}
+
+#[test]
+fn switchover_gives_up_within_its_bounds() {
+    let mut v = base();
+    v.switchover = switchover(SwitchoverPhase::Requested, NOW);
+    obs(&mut v, "w1").received_at_ms = STALE;
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![],
+            wait: Some(Wait::Switchover(SwitchoverWait::TargetNotReady {
+                target: "w1".into(),
+                why: stale(5_000),
+                remaining_ms: 5_000
+            })),
+        }
+    );
+    v.switchover = switchover(SwitchoverPhase::Requested, NOW - 5_000);
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![Action::AbandonSwitchover {
+                reason: SwitchoverAbort::TargetNotReady(stale(5_000))
+            }],
+            wait: None,
+        }
+    );
+    // A witness can never be the target: abandoned at once.
+    v.switchover.as_mut().unwrap().target = "x1".into();
+    assert_eq!(
+        decide(&v, NOW).actions,
+        vec![Action::AbandonSwitchover {
+            reason: SwitchoverAbort::TargetNotEligible(Rejection::Witness)
+        }]
+    );
+
+    // Writes stopped but the target never caught up: un-fence, then drop.
+    let mut v = base();
+    primary_fenced(&mut v);
+    v.switchover = switchover(SwitchoverPhase::StoppingWrites, NOW);
+    let reason = SwitchoverAbort::TargetDidNotCatchUp {
+        received_lsn: Some(Lsn(990_000)),
+        final_lsn: Lsn(1_000_100),
+    };
+    let at = NOW + 5_000;
+    for o in v.observations.values_mut() {
+        o.received_at_ms = at - 100;
+    }
+    assert_eq!(
+        decide(&v, at),
+        Decision {
+            actions: vec![
+                Action::SetSwitchoverPhase {
+                    phase: SwitchoverPhase::Aborting(reason.clone())
+                },
+                Action::Unfence {
+                    member: "e1".into()
+                },
+            ],
+            wait: None,
+        }
+    );
+    // While aborting, the fenced primary is not mistaken for a crash.
+    v.switchover = switchover(SwitchoverPhase::Aborting(reason.clone()), at);
+    assert_eq!(
+        decide(&v, at),
+        Decision {
+            actions: vec![Action::Unfence {
+                member: "e1".into()
+            }],
+            wait: Some(Wait::Switchover(SwitchoverWait::PrimaryResuming {
+                primary: "e1".into(),
+                remaining_ms: 5_000
+            })),
+        }
+    );
+    let o = obs(&mut v, "e1");
+    o.postgres_up = true;
+    o.fenced = false;
+    assert_eq!(
+        decide(&v, at),
+        Decision {
+            actions: vec![Action::AbandonSwitchover { reason }],
+            wait: None,
+        }
+    );
+}
+
+// ------------------------------------------------------------------ sync set
+
+fn with_applied(v: &mut ClusterView, set: SyncSet) {
+    obs(v, "e1").sync_standby_names = Some(set);
+}
+
+#[test]
+fn growing_the_sync_set_records_it_in_raft_before_postgres_waits_on_it() {
+    let mut v = base();
+    v.policy.set("regions.west.mode", "sync").unwrap();
+    let grown = SyncSet::new(["e2", "w1", "w2"], 1);
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![Action::RecordSyncSet {
+                set: grown.clone(),
+                degraded: false
+            }],
+            wait: None,
+        }
+    );
+    v.recorded_sync_set = grown.clone();
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![Action::ApplySyncStandbyNames {
+                primary: "e1".into(),
+                set: grown.clone()
+            }],
+            wait: None,
+        }
+    );
+    with_applied(&mut v, grown);
+    assert_eq!(decide(&v, NOW), Decision::default());
+}
+
+#[test]
+fn shrinking_the_sync_set_changes_postgres_before_the_record() {
+    let mut v = base();
+    let wide = SyncSet::new(["e2", "w1", "w2"], 1);
+    v.recorded_sync_set = wide.clone();
+    with_applied(&mut v, wide);
+    // Default policy: west is `auto` and 50 ms away, over the 10 ms budget.
+    let narrow = SyncSet::new(["e2"], 1);
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![Action::ApplySyncStandbyNames {
+                primary: "e1".into(),
+                set: narrow.clone()
+            }],
+            wait: None,
+        }
+    );
+    with_applied(&mut v, narrow.clone());
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![Action::RecordSyncSet {
+                set: narrow,
+                degraded: false
+            }],
+            wait: None,
+        }
+    );
+}
+
+#[test]
+fn lowering_k_records_the_lower_k_before_postgres_uses_it() {
+    let mut v = base();
+    v.policy.set("regions.west.mode", "sync").unwrap();
+    let k2 = SyncSet::new(["e2", "w1", "w2"], 2);
+    v.recorded_sync_set = k2.clone();
+    with_applied(&mut v, k2);
+    let k1 = SyncSet::new(["e2", "w1", "w2"], 1);
+    assert_eq!(
+        decide(&v, NOW).actions,
+        vec![Action::RecordSyncSet {
+            set: k1.clone(),
+            degraded: false
+        }]
+    );
+    v.recorded_sync_set = k1.clone();
+    assert_eq!(
+        decide(&v, NOW).actions,
+        vec![Action::ApplySyncStandbyNames {
+            primary: "e1".into(),
+            set: k1
+        }]
+    );
+}
+
+#[test]
+fn durability_required_keeps_waiting_and_preferred_shrinks_and_says_so() {
+    let mut v = base();
+    obs(&mut v, "e2").wal_receiver_streaming = false;
+    assert_eq!(v.policy.durability, Durability::Required);
+    assert_eq!(decide(&v, NOW), Decision::default());
+
+    v.policy.set("durability", "preferred").unwrap();
+    assert_eq!(
+        decide(&v, NOW).actions,
+        vec![Action::ApplySyncStandbyNames {
+            primary: "e1".into(),
+            set: SyncSet::default()
+        }]
+    );
+    with_applied(&mut v, SyncSet::default());
+    assert_eq!(
+        decide(&v, NOW).actions,
+        vec![Action::RecordSyncSet {
+            set: SyncSet::default(),
+            degraded: true
+        }]
+    );
+}
+
+// ------------------------------------------------------------------ housekeeping
+
+#[test]
+fn a_second_writer_is_fenced_then_rejoined() {
+    let mut v = base();
+    obs(&mut v, "w2").in_recovery = false;
+    assert_eq!(
+        decide(&v, NOW).actions,
+        vec![Action::Fence {
+            member: "w2".into()
+        }]
+    );
+    let o = obs(&mut v, "w2");
+    o.fenced = true;
+    o.postgres_up = false;
+    assert_eq!(
+        decide(&v, NOW).actions,
+        vec![Action::Rejoin {
+            member: "w2".into(),
+            to: "e1".into()
+        }]
+    );
+}
+
+#[test]
+fn a_standby_on_a_diverged_timeline_rejoins() {
+    let mut v = base();
+    obs(&mut v, "w2").timeline = 2;
+    assert_eq!(
+        decide(&v, NOW).actions,
+        vec![Action::Rejoin {
+            member: "w2".into(),
+            to: "e1".into()
+        }]
+    );
+}
+
+#[test]
+fn a_new_primary_gets_a_bounded_time_to_finish_promoting() {
+    let mut v = base();
+    v.primary.as_mut().unwrap().generation_since_ms = NOW - 1_000;
+    obs(&mut v, "e1").in_recovery = true;
+    obs(&mut v, "w2").upstream = Some("e2".into());
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![Action::Repoint {
+                member: "w2".into(),
+                to: "e1".into()
+            }],
+            wait: Some(Wait::PrimaryPromoting {
+                primary: "e1".into(),
+                remaining_ms: 29_000
+            }),
+        }
+    );
+    v.primary.as_mut().unwrap().generation_since_ms = NOW - 30_000;
+    assert_eq!(
+        decide(&v, NOW).actions,
+        vec![Action::Fence {
+            member: "e1".into()
+        }]
+    );
+}
+
+#[test]
+fn sync_policy_settings_reach_the_view_types() {
+    // Guards the test fixture itself: the base policy is the documented default.
+    let v = base();
+    assert_eq!(v.policy.region("west").mode, SyncMode::Auto);
+    assert_eq!(v.policy.region("east").failover, FailoverMode::Auto);
+}

@@ -1,0 +1,420 @@
+//! The replication policy: which regions replicate synchronously, how many sync
+//! standbys must acknowledge a commit, and when an automatic failover may lose data.
+//!
+//! Owns the policy's schema (serde, TOML- and JSON-friendly, unknown keys refused), its
+//! defaults, its validation ([`Policy::validate`]) and the `edit-config --set KEY=VALUE`
+//! edits ([`Policy::set`]). The policy lives in the Raft state machine; this module
+//! does no I/O.
+//!
+//! Defaults follow DESIGN §3: every region `auto` with a 10 ms commit-latency budget, so
+//! "sync inside the primary's region, async across regions" (35–70 ms round trips)
+//! follows the primary after a failover; `ANY 1`; `durability = required`; automatic
+//! failover to an async standby allowed when it lags by at most 16 MiB.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Default commit-latency budget for `auto` regions: fits a same-region round trip,
+/// not a cross-region one.
+pub const DEFAULT_COMMIT_LATENCY_BUDGET_MS: u64 = 10;
+/// Default bound on what an automatic failover to an async standby may lose.
+pub const DEFAULT_MAX_LAG_ON_FAILOVER_BYTES: u64 = 16 * 1024 * 1024;
+/// A budget above this is a typo (a commit waiting 10 s is an outage, not a policy).
+pub const MAX_COMMIT_LATENCY_BUDGET_MS: u64 = 10_000;
+/// Postgres accepts at most this many names in `synchronous_standby_names` in practice;
+/// a quorum above it can never be met.
+pub const MAX_SYNC_QUORUM: u32 = 64;
+
+/// Why a policy (or one edit of it) was refused: the key, and the value when one was given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("policy {key}{}: {reason}", value.as_ref().map(|v| format!(" = {v:?}")).unwrap_or_default())]
+pub struct PolicyError {
+    /// Dotted key, e.g. `regions.us-west.mode`.
+    pub key: String,
+    pub value: Option<String>,
+    pub reason: String,
+}
+
+impl PolicyError {
+    fn new(key: impl Into<String>, value: Option<&str>, reason: impl Into<String>) -> Self {
+        PolicyError {
+            key: key.into(),
+            value: value.map(str::to_string),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// How a region's standbys replicate from the current primary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Always in the sync set: zero loss when this region survives, at its round-trip cost.
+    Sync,
+    /// Never in the sync set.
+    Async,
+    /// In the sync set only while the measured round trip from the current primary fits
+    /// `commit_latency_budget_ms`.
+    #[default]
+    Auto,
+}
+
+/// What a commit does when fewer than `sync_quorum` sync standbys are healthy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Keep the sync set: commits wait (zero loss).
+    #[default]
+    Required,
+    /// Shrink the set to the healthy standbys and record that it did.
+    Preferred,
+}
+
+/// Whether a region's members may be promoted without an operator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailoverMode {
+    #[default]
+    Auto,
+    Manual,
+}
+
+/// Per-region settings; a region without an entry gets the defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegionPolicy {
+    pub mode: SyncMode,
+    pub failover: FailoverMode,
+    /// Higher is preferred among failover candidates (after "same region as the old
+    /// primary").
+    pub priority: i32,
+}
+
+/// The cluster's replication policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Policy {
+    /// `auto` regions are sync while the primary's round trip to them is at most this.
+    pub commit_latency_budget_ms: u64,
+    /// k in `synchronous_standby_names = 'ANY k (...)'`.
+    pub sync_quorum: u32,
+    pub durability: Durability,
+    /// May an automatic failover promote a standby outside the sync quorum?
+    pub async_failover: bool,
+    /// Bound on the lag (against the best known LSN of the old primary) of any
+    /// automatically promoted standby.
+    pub max_lag_on_failover_bytes: u64,
+    /// Per-region overrides, by region name.
+    pub regions: BTreeMap<String, RegionPolicy>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            commit_latency_budget_ms: DEFAULT_COMMIT_LATENCY_BUDGET_MS,
+            sync_quorum: 1,
+            durability: Durability::Required,
+            async_failover: true,
+            max_lag_on_failover_bytes: DEFAULT_MAX_LAG_ON_FAILOVER_BYTES,
+            regions: BTreeMap::new(),
+        }
+    }
+}
+
+impl Policy {
+    /// The settings of `region` (defaults when the policy does not name it).
+    pub fn region(&self, region: &str) -> RegionPolicy {
+        self.regions.get(region).cloned().unwrap_or_default()
+    }
+
+    /// Checks the policy is coherent; the error names the offending key.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if self.sync_quorum == 0 {
+            return Err(PolicyError::new(
+                "sync_quorum",
+                Some("0"),
+                "must be at least 1 (ANY 0 would wait for nobody; use mode = async instead)",
+            ));
+        }
+        if self.sync_quorum > MAX_SYNC_QUORUM {
+            return Err(PolicyError::new(
+                "sync_quorum",
+                Some(&self.sync_quorum.to_string()),
+                format!("must be at most {MAX_SYNC_QUORUM}"),
+            ));
+        }
+        if self.commit_latency_budget_ms > MAX_COMMIT_LATENCY_BUDGET_MS {
+            return Err(PolicyError::new(
+                "commit_latency_budget_ms",
+                Some(&self.commit_latency_budget_ms.to_string()),
+                format!("must be at most {MAX_COMMIT_LATENCY_BUDGET_MS} ms"),
+            ));
+        }
+        for name in self.regions.keys() {
+            check_region_name(name)?;
+        }
+        Ok(())
+    }
+
+    /// Parses a policy from TOML and validates it.
+    pub fn from_toml_str(text: &str) -> Result<Policy, PolicyError> {
+        let de = toml::de::Deserializer::parse(text)
+            .map_err(|e| PolicyError::new("(syntax)", None, e.message().trim().to_string()))?;
+        Self::finish(serde_path_to_error::deserialize(de))
+    }
+
+    /// Parses a policy from JSON and validates it.
+    pub fn from_json_str(text: &str) -> Result<Policy, PolicyError> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        Self::finish(serde_path_to_error::deserialize(&mut de))
+    }
+
+    fn finish<E: fmt::Display>(
+        parsed: Result<Policy, serde_path_to_error::Error<E>>,
+    ) -> Result<Policy, PolicyError> {
+        let policy = parsed.map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." {
+                "(top level)".into()
+            } else {
+                key
+            };
+            PolicyError::new(key, None, e.into_inner().to_string())
+        })?;
+        policy.validate()?;
+        Ok(policy)
+    }
+
+    /// Applies one `KEY=VALUE` edit (`sync_quorum=2`, `regions.us-west.mode=sync`, ...)
+    /// and validates the result. On error the policy is left unchanged and the error
+    /// names the key and the value.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), PolicyError> {
+        let bad = |reason: String| PolicyError::new(key, Some(value), reason);
+        let mut next = self.clone();
+        let parts: Vec<&str> = key.split('.').collect();
+        match parts.as_slice() {
+            ["commit_latency_budget_ms"] => next.commit_latency_budget_ms = parse_u64(value).map_err(bad)?,
+            ["sync_quorum"] => {
+                next.sync_quorum = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad("expected a whole number such as 1 or 2".into()))?
+            }
+            ["durability"] => next.durability = parse_enum(value, &[("required", Durability::Required), ("preferred", Durability::Preferred)]).map_err(bad)?,
+            ["async_failover"] => {
+                next.async_failover = match value.trim() {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(bad("expected true or false".into())),
+                }
+            }
+            ["max_lag_on_failover_bytes"] => next.max_lag_on_failover_bytes = parse_bytes(value).map_err(bad)?,
+            ["regions", region, field] => {
+                check_region_name(region).map_err(|e| bad(e.reason))?;
+                let entry = next.regions.entry(region.to_string()).or_default();
+                match *field {
+                    "mode" => entry.mode = parse_enum(value, &[("sync", SyncMode::Sync), ("async", SyncMode::Async), ("auto", SyncMode::Auto)]).map_err(bad)?,
+                    "failover" => entry.failover = parse_enum(value, &[("auto", FailoverMode::Auto), ("manual", FailoverMode::Manual)]).map_err(bad)?,
+                    "priority" => {
+                        entry.priority = value
+                            .trim()
+                            .parse()
+                            .map_err(|_| bad("expected a whole number (higher is preferred)".into()))?
+                    }
+                    _ => return Err(bad(format!("unknown region setting {field:?}; known: mode, failover, priority"))),
+                }
+            }
+            _ => {
+                return Err(bad(
+                    "unknown key; known: commit_latency_budget_ms, sync_quorum, durability, \
+                     async_failover, max_lag_on_failover_bytes, regions.REGION.{mode,failover,priority}"
+                        .into(),
+                ))
+            }
+        }
+        next.validate().map_err(|e| PolicyError {
+            key: e.key,
+            value: e.value.or_else(|| Some(value.to_string())),
+            reason: e.reason,
+        })?;
+        *self = next;
+        Ok(())
+    }
+}
+
+fn check_region_name(name: &str) -> Result<(), PolicyError> {
+    let key = format!("regions.{name}");
+    if name.is_empty() {
+        return Err(PolicyError::new(key, None, "region name must not be empty"));
+    }
+    if name.len() > 63 {
+        return Err(PolicyError::new(
+            key,
+            None,
+            "region name is longer than 63 characters",
+        ));
+    }
+    // The same rule as member regions in the agent config; also keeps dotted keys parseable.
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+    {
+        return Err(PolicyError::new(
+            key,
+            None,
+            "region name may only hold lowercase letters, digits, '-' and '_'",
+        ));
+    }
+    Ok(())
+}
+
+fn parse_enum<T: Copy>(value: &str, choices: &[(&str, T)]) -> Result<T, String> {
+    let v = value.trim();
+    choices
+        .iter()
+        .find(|(name, _)| *name == v)
+        .map(|(_, t)| *t)
+        .ok_or_else(|| {
+            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+            format!("expected one of {}", names.join(", "))
+        })
+}
+
+fn parse_u64(value: &str) -> Result<u64, String> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| "expected a whole number of milliseconds".to_string())
+}
+
+/// A byte count, plain or with a binary suffix (`16777216`, `16MiB`, `512KiB`, `1GiB`).
+fn parse_bytes(value: &str) -> Result<u64, String> {
+    let v = value.trim();
+    let (digits, unit) = match v.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => v.split_at(i),
+        None => (v, ""),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| "expected a byte count such as 16777216 or 16MiB".to_string())?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?}; use B, KiB, MiB or GiB")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| "byte count overflows 64 bits".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_auto_everywhere_with_a_small_budget() {
+        let p = Policy::default();
+        assert_eq!(p.commit_latency_budget_ms, 10);
+        assert_eq!(p.sync_quorum, 1);
+        assert_eq!(p.durability, Durability::Required);
+        assert!(p.async_failover);
+        assert_eq!(p.max_lag_on_failover_bytes, 16 << 20);
+        assert_eq!(p.region("anywhere"), RegionPolicy::default());
+        assert_eq!(p.region("anywhere").mode, SyncMode::Auto);
+        assert_eq!(p.region("anywhere").failover, FailoverMode::Auto);
+        p.validate().unwrap();
+    }
+
+    #[test]
+    fn parses_toml_and_json_and_round_trips() {
+        let p = Policy::from_toml_str(
+            r#"
+            sync_quorum = 2
+            durability = "preferred"
+            [regions.us-west]
+            mode = "sync"
+            priority = 5
+            [regions.eu]
+            failover = "manual"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(p.sync_quorum, 2);
+        assert_eq!(p.durability, Durability::Preferred);
+        assert_eq!(p.region("us-west").mode, SyncMode::Sync);
+        assert_eq!(p.region("us-west").priority, 5);
+        assert_eq!(p.region("us-west").failover, FailoverMode::Auto);
+        assert_eq!(p.region("eu").failover, FailoverMode::Manual);
+        assert_eq!(p.commit_latency_budget_ms, 10, "unset keys keep defaults");
+
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(Policy::from_json_str(&json).unwrap(), p);
+        let toml_text = toml::to_string(&p).unwrap();
+        assert_eq!(Policy::from_toml_str(&toml_text).unwrap(), p);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let e = Policy::from_toml_str("sync_qorum = 2").unwrap_err();
+        assert!(e.reason.contains("sync_qorum"), "{e}");
+        let e = Policy::from_toml_str("[regions.eu]\nmode = \"fast\"").unwrap_err();
+        assert_eq!(e.key, "regions.eu.mode", "{e}");
+        let e = Policy::from_json_str(r#"{"sync_quorum": 0}"#).unwrap_err();
+        assert_eq!(e.key, "sync_quorum");
+        let e = Policy::from_toml_str("[regions.\"US.West\"]\nmode = \"sync\"").unwrap_err();
+        assert_eq!(e.key, "regions.US.West");
+    }
+
+    #[test]
+    fn set_edits_and_validates() {
+        let mut p = Policy::default();
+        p.set("regions.us-west.mode", "sync").unwrap();
+        p.set("sync_quorum", "2").unwrap();
+        p.set("durability", "preferred").unwrap();
+        p.set("async_failover", "false").unwrap();
+        p.set("max_lag_on_failover_bytes", "1MiB").unwrap();
+        p.set("regions.eu.failover", "manual").unwrap();
+        p.set("regions.eu.priority", "-3").unwrap();
+        p.set("commit_latency_budget_ms", "25").unwrap();
+        assert_eq!(p.region("us-west").mode, SyncMode::Sync);
+        assert_eq!(p.sync_quorum, 2);
+        assert_eq!(p.durability, Durability::Preferred);
+        assert!(!p.async_failover);
+        assert_eq!(p.max_lag_on_failover_bytes, 1 << 20);
+        assert_eq!(p.region("eu").failover, FailoverMode::Manual);
+        assert_eq!(p.region("eu").priority, -3);
+        assert_eq!(p.commit_latency_budget_ms, 25);
+    }
+
+    #[test]
+    fn set_refuses_and_leaves_the_policy_unchanged() {
+        let mut p = Policy::default();
+        let before = p.clone();
+        let e = p.set("sync_quorum", "0").unwrap_err();
+        assert_eq!(
+            (e.key.as_str(), e.value.as_deref()),
+            ("sync_quorum", Some("0"))
+        );
+        let e = p.set("regions.us-west.mode", "fast").unwrap_err();
+        assert_eq!(e.key, "regions.us-west.mode");
+        assert!(e.reason.contains("sync, async, auto"), "{e}");
+        let e = p.set("regions.us-west.colour", "red").unwrap_err();
+        assert!(e.reason.contains("unknown region setting"), "{e}");
+        let e = p.set("regions.US.mode", "sync").unwrap_err();
+        assert!(e.reason.contains("lowercase"), "{e}");
+        let e = p.set("durabilty", "required").unwrap_err();
+        assert!(e.reason.contains("unknown key"), "{e}");
+        let e = p.set("max_lag_on_failover_bytes", "16MB").unwrap_err();
+        assert!(e.reason.contains("unknown unit"), "{e}");
+        let e = p.set("commit_latency_budget_ms", "999999").unwrap_err();
+        assert_eq!(e.key, "commit_latency_budget_ms");
+        assert_eq!(p, before);
+        assert_eq!(
+            e.to_string(),
+            "policy commit_latency_budget_ms = \"999999\": must be at most 10000 ms"
+        );
+    }
+}
