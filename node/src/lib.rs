@@ -1,6 +1,7 @@
 //! meridian-node as a library: the agent's building blocks, shared with the end-to-end
 //! tests and the chaos harness.
 
+pub mod agent;
 pub mod config;
 pub mod decide;
 pub mod http;

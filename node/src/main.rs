@@ -1,10 +1,13 @@
-//! `meridian-node`: the agent binary. Loads and validates its config, then runs the agent.
+//! `meridian-node`: the agent binary. Loads and validates its config, initializes logging,
+//! runs the agent on a tokio runtime, and stops it cleanly on SIGINT or SIGTERM.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use meridian_node::agent::Agent;
 use meridian_node::config::Config;
+use tokio::signal::unix::{signal, SignalKind};
 
 /// Meridian agent: runs beside one PostgreSQL instance (or as a witness), joins the
 /// cluster's Raft group, observes its Postgres and acts on the cluster's decisions.
@@ -41,9 +44,48 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    eprintln!(
-        "meridian-node: the agent runtime is not built yet; use --check to validate {}",
-        config.source.display()
-    );
-    ExitCode::from(1)
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("meridian")
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("meridian-node: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// One line per event on stderr; `RUST_LOG` overrides the default (info, openraft quieter).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false)
+        .init();
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let agent = Agent::start(config).await?;
+    let which = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+    };
+    tracing::info!("{which} received; stopping");
+    agent.shutdown().await;
+    Ok(())
 }

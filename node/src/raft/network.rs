@@ -30,7 +30,7 @@ use openraft::raft::{
 use openraft::RPCTypes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
 use super::{MemberNode, MeridianRaft, NodeId, TypeConfig};
@@ -85,6 +85,7 @@ pub struct GrpcNetworkFactory {
     cluster: String,
     book: AddressBook,
     channels: ChannelCache,
+    tls: Option<ClientTlsConfig>,
 }
 
 impl GrpcNetworkFactory {
@@ -94,7 +95,15 @@ impl GrpcNetworkFactory {
             cluster: cluster.into(),
             book,
             channels: Arc::default(),
+            tls: None,
         }
+    }
+
+    /// Dials peers over TLS: presents `tls`'s identity and checks that each peer's
+    /// certificate is signed by its CA and names the peer (its member name).
+    pub fn with_tls(mut self, tls: ClientTlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
     }
 }
 
@@ -109,6 +118,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetworkFactory {
             cluster: self.cluster.clone(),
             book: self.book.clone(),
             channels: self.channels.clone(),
+            tls: self.tls.clone(),
         }
     }
 }
@@ -121,6 +131,7 @@ pub struct GrpcNetwork {
     cluster: String,
     book: AddressBook,
     channels: ChannelCache,
+    tls: Option<ClientTlsConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,7 +166,8 @@ impl GrpcNetwork {
                 return Ok(ch.clone());
             }
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
             .map_err(|source| LinkError::Endpoint {
                 name: name.clone(),
                 addr,
@@ -166,6 +178,15 @@ impl GrpcNetwork {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone().domain_name(name.clone()))
+                .map_err(|source| LinkError::Endpoint {
+                    name: name.clone(),
+                    addr,
+                    source,
+                })?;
+        }
         // Lazy: connects on first use and reconnects by itself after the peer comes back.
         let ch = endpoint.connect_lazy();
         cache.insert(name.clone(), (addr, ch.clone()));
@@ -297,6 +318,7 @@ impl RaftGrpcService {
     fn open<T: DeserializeOwned>(&self, request: tonic::Request<RaftRequest>) -> Result<T, Status> {
         let req = request.into_inner();
         if req.cluster != self.cluster {
+            warn_cluster_mismatch(&self.cluster, &req.cluster);
             return Err(Status::failed_precondition(format!(
                 "cluster mismatch: this member belongs to {:?}, the request to {:?}",
                 self.cluster, req.cluster
@@ -304,6 +326,26 @@ impl RaftGrpcService {
         }
         serde_json::from_slice(&req.payload)
             .map_err(|e| Status::invalid_argument(format!("decoding raft request: {e}")))
+    }
+}
+
+/// Logs a refused request from another cluster, at most once per 10 s (peers retry often).
+fn warn_cluster_mismatch(ours: &str, theirs: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_WARN_S: AtomicU64 = AtomicU64::new(0);
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let last = LAST_WARN_S.load(Ordering::Relaxed);
+    if now_s >= last + 10
+        && LAST_WARN_S
+            .compare_exchange(last, now_s, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            "refused a raft request from cluster {theirs:?}: this member belongs to {ours:?}"
+        );
     }
 }
 

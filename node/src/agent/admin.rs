@@ -1,0 +1,593 @@
+//! The `Admin` gRPC service: cluster status, member add / admit / remove, and generic
+//! intent commands — what `meridianctl`, joining members and the tests call.
+//!
+//! Any member answers. A write that reaches a follower is forwarded to the leader it
+//! knows, once: the forwarded request carries [`FORWARDED_HEADER`], and a member that
+//! receives a forwarded request it cannot serve answers `Unavailable` naming the leader
+//! instead of forwarding again. `Status` is forwarded too (observations live on the
+//! leader); when the leader cannot be reached, or `local` is asked for, the member answers
+//! with its own view, flagged `from_leader = false`.
+//!
+//! Every write goes through `client_write` / `change_membership`, which need a quorum.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meridian_proto::admin_client::AdminClient;
+use meridian_proto::admin_server::{Admin, AdminServer};
+use meridian_proto::{
+    AddMemberRequest, AddMemberResponse, AdmitMemberRequest, AdmitMemberResponse, CommandRequest,
+    CommandResponse, MemberStatus, RemoveMemberRequest, RemoveMemberResponse, StatusRequest,
+    StatusResponse,
+};
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState};
+use tonic::{Request, Response as GrpcResponse, Status};
+
+use super::join::{unix_ms, ADMIT_CALL_TIMEOUT};
+use super::Shared;
+use crate::raft::intent::{Command, MemberKind, MemberTags, Response};
+use crate::raft::{MemberNode, NodeId};
+
+/// Marks a request a member forwarded to its leader; it is never forwarded again.
+pub const FORWARDED_HEADER: &str = "x-meridian-forwarded";
+/// Bound on a forwarded call other than AdmitMember.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on one Raft write (commit by a quorum) made for an admin request.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many times a membership change is retried while another one is in progress.
+const MEMBERSHIP_RETRIES: usize = 20;
+const MEMBERSHIP_RETRY_EVERY: Duration = Duration::from_millis(200);
+
+pub struct AdminService {
+    shared: Arc<Shared>,
+}
+
+impl AdminService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        AdminService { shared }
+    }
+
+    pub fn into_server(self) -> AdminServer<AdminService> {
+        AdminServer::new(self)
+    }
+
+    fn check_token(&self, token: &str) -> Result<(), Status> {
+        match &self.shared.config.api.token {
+            Some(t) if t.expose() != token => {
+                Err(Status::permission_denied("missing or wrong admin token"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn check_cluster(&self, what: &str, name: &str, cluster: &str) -> Result<(), Status> {
+        let ours = &self.shared.config.cluster;
+        if cluster != ours {
+            tracing::warn!(
+                "refused {what} of member {name:?}: it names cluster {cluster:?}, this is cluster {ours:?}"
+            );
+            return Err(Status::failed_precondition(format!(
+                "cluster mismatch: this member belongs to cluster {ours:?}, the request names {cluster:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `None`: serve here (this member leads). `Some(leader)`: forward there.
+    fn route<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
+        if self.shared.believes_leader() {
+            return Ok(None);
+        }
+        let leader = self.shared.leader();
+        if request.metadata().get(FORWARDED_HEADER).is_some() {
+            return Err(not_leader(leader.map(|l| l.1)));
+        }
+        match leader {
+            Some((id, name)) if id != self.shared.id => Ok(Some(name)),
+            other => Err(not_leader(other.map(|l| l.1))),
+        }
+    }
+
+    fn client(&self, leader: &str) -> Result<AdminClient<tonic::transport::Channel>, Status> {
+        let ch = self
+            .shared
+            .dialer
+            .channel(leader)
+            .map_err(|e| Status::unavailable(format!("cannot reach leader {leader}: {e:#}")))?;
+        Ok(AdminClient::new(ch))
+    }
+}
+
+fn not_leader(leader: Option<String>) -> Status {
+    match leader {
+        Some(l) => Status::unavailable(format!("not the leader; the leader is {l}")),
+        None => Status::unavailable("no leader is known; try again later"),
+    }
+}
+
+/// The request to send to the leader: same message, marked forwarded, bounded.
+fn forwarded<T>(message: T, timeout: Duration) -> Request<T> {
+    let mut r = Request::new(message);
+    r.metadata_mut().insert(
+        FORWARDED_HEADER,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    r.set_timeout(timeout);
+    r
+}
+
+async fn bounded<T>(
+    timeout: Duration,
+    fut: impl std::future::Future<Output = Result<GrpcResponse<T>, Status>>,
+) -> Result<GrpcResponse<T>, Status> {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(
+                "the leader did not answer in time",
+            ))
+        })
+}
+
+/// Maps a failed Raft write to a gRPC status; leadership changes are `Unavailable`
+/// (retry), the rest explain themselves.
+fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, MemberNode>>) -> Status {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            not_leader(f.leader_node.map(|n| n.name))
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            ChangeMembershipError::InProgress(p),
+        )) => Status::unavailable(format!("another membership change is in progress: {p}")),
+        RaftError::APIError(e) => Status::failed_precondition(e.to_string()),
+        RaftError::Fatal(f) => Status::unavailable(format!("raft stopped: {f}")),
+    }
+}
+
+/// Bounds a Raft write: without a quorum, a write would wait forever.
+async fn within<T>(
+    fut: impl std::future::Future<
+        Output = Result<T, RaftError<NodeId, ClientWriteError<NodeId, MemberNode>>>,
+    >,
+) -> Result<Result<T, RaftError<NodeId, ClientWriteError<NodeId, MemberNode>>>, Status> {
+    tokio::time::timeout(WRITE_TIMEOUT, fut).await.map_err(|_| {
+        Status::unavailable(format!(
+            "the write was not committed within {} s (no quorum?)",
+            WRITE_TIMEOUT.as_secs()
+        ))
+    })
+}
+
+fn is_in_progress(e: &RaftError<NodeId, ClientWriteError<NodeId, MemberNode>>) -> bool {
+    matches!(
+        e,
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            ChangeMembershipError::InProgress(_)
+        ))
+    )
+}
+
+fn parse_kind(kind: &str) -> Result<MemberKind, Status> {
+    match kind {
+        "data" => Ok(MemberKind::Data),
+        "witness" => Ok(MemberKind::Witness),
+        other => Err(Status::invalid_argument(format!(
+            "member kind {other:?} is neither data nor witness"
+        ))),
+    }
+}
+
+fn kind_name(kind: MemberKind) -> &'static str {
+    match kind {
+        MemberKind::Data => "data",
+        MemberKind::Witness => "witness",
+    }
+}
+
+fn parse_tags(tags: &HashMap<String, String>) -> Result<MemberTags, Status> {
+    let mut t = MemberTags::default();
+    for (k, v) in tags {
+        match k.as_str() {
+            "priority" => {
+                t.priority = v
+                    .parse()
+                    .map_err(|_| Status::invalid_argument(format!("tag priority={v:?}")))?
+            }
+            "nofailover" => {
+                t.nofailover = v
+                    .parse()
+                    .map_err(|_| Status::invalid_argument(format!("tag nofailover={v:?}")))?
+            }
+            other => return Err(Status::invalid_argument(format!("unknown tag {other:?}"))),
+        }
+    }
+    Ok(t)
+}
+
+impl AdminService {
+    /// Runs a membership change, repeating it while another one is in progress (a joint
+    /// config left behind by a leader change must settle first).
+    async fn change_membership(
+        &self,
+        changes: ChangeMembers<NodeId, MemberNode>,
+    ) -> Result<(), Status> {
+        let mut attempt = 0;
+        loop {
+            match within(self.shared.raft.change_membership(changes.clone(), false)).await? {
+                Ok(_) => return Ok(()),
+                Err(e) if is_in_progress(&e) && attempt < MEMBERSHIP_RETRIES => {
+                    attempt += 1;
+                    tokio::time::sleep(MEMBERSHIP_RETRY_EVERY).await;
+                }
+                Err(e) => return Err(write_error(e)),
+            }
+        }
+    }
+
+    async fn add_member_here(&self, req: AddMemberRequest) -> Result<AddMemberResponse, Status> {
+        let kind = parse_kind(&req.kind)?;
+        let tags = parse_tags(&req.tags)?;
+        let intent = self.shared.applied().intent.clone();
+        if intent.members.is_empty() {
+            // Id 1 belongs to the bootstrap member, which has not recorded itself yet.
+            return Err(Status::unavailable(
+                "the cluster is still bootstrapping; try again shortly",
+            ));
+        }
+        if let Some(m) = intent.member(&req.name) {
+            let in_raft = self
+                .shared
+                .raft_metrics()
+                .membership_config
+                .membership()
+                .get_node(&m.id.0)
+                .is_some();
+            if !in_raft && m.region == req.region && m.kind == kind {
+                // Registered before, never admitted: it has no Raft state, so its id is
+                // still safe to hand back (the earlier answer was lost).
+                return Ok(AddMemberResponse { id: m.id.0 });
+            }
+            return Err(Status::already_exists(format!(
+                "member {:?} already exists with id {}; remove it before it joins again",
+                req.name, m.id
+            )));
+        }
+        let cmd = Command::AddMember {
+            name: req.name.clone(),
+            region: req.region,
+            kind,
+            tags,
+            at_unix_ms: unix_ms(),
+        };
+        intent
+            .validate(&cmd)
+            .map_err(|r| Status::failed_precondition(r.to_string()))?;
+        let w = within(self.shared.raft.client_write(cmd))
+            .await?
+            .map_err(write_error)?;
+        match w.data {
+            Response::MemberAdded(id) => {
+                tracing::info!(member = %req.name, id = id.0, "member registered");
+                Ok(AddMemberResponse { id: id.0 })
+            }
+            Response::Refused(r) => Err(Status::failed_precondition(r.to_string())),
+            other => Err(Status::internal(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    async fn admit_member_here(&self, req: AdmitMemberRequest) -> Result<(), Status> {
+        let intent = self.shared.applied().intent.clone();
+        let member = intent.member(&req.name).ok_or_else(|| {
+            Status::failed_precondition(format!("no member named {:?} is registered", req.name))
+        })?;
+        if member.id.0 != req.id {
+            return Err(Status::failed_precondition(format!(
+                "member {:?} is registered with id {}, not {}",
+                req.name, member.id, req.id
+            )));
+        }
+        let id = req.id;
+        let metrics = self.shared.raft_metrics();
+        let membership = metrics.membership_config.membership();
+        if membership.voter_ids().any(|v| v == id) {
+            return Ok(());
+        }
+        // Blocks until the learner has caught up with the leader's log (bounded by the
+        // caller's deadline); repeated calls are harmless.
+        match tokio::time::timeout(
+            ADMIT_CALL_TIMEOUT,
+            self.shared
+                .raft
+                .add_learner(id, MemberNode::new(&req.name), true),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if is_in_progress(&e) => return Err(write_error(e)),
+            Ok(Err(e)) => return Err(write_error(e)),
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "learner {} did not catch up within {} s",
+                    req.name,
+                    ADMIT_CALL_TIMEOUT.as_secs()
+                )))
+            }
+        }
+        self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])))
+            .await?;
+        tracing::info!(member = %req.name, id, "member is now a voter");
+        Ok(())
+    }
+
+    async fn remove_member_here(&self, name: &str) -> Result<(), Status> {
+        let intent = self.shared.applied().intent.clone();
+        let cmd = Command::RemoveMember {
+            name: name.to_string(),
+            at_unix_ms: unix_ms(),
+        };
+        intent
+            .validate(&cmd)
+            .map_err(|r| Status::failed_precondition(r.to_string()))?;
+        let id = intent.member(name).map(|m| m.id.0).unwrap_or_default();
+        let metrics = self.shared.raft_metrics();
+        let membership = metrics.membership_config.membership();
+        if membership.voter_ids().any(|v| v == id) {
+            self.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])))
+                .await?;
+        } else if membership.get_node(&id).is_some() {
+            self.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])))
+                .await?;
+        }
+        let w = within(self.shared.raft.client_write(cmd))
+            .await?
+            .map_err(write_error)?;
+        match w.data {
+            Response::Refused(r) => Err(Status::failed_precondition(r.to_string())),
+            _ => {
+                tracing::info!(member = %name, id, "member removed");
+                Ok(())
+            }
+        }
+    }
+
+    /// This member's view of the cluster.
+    fn local_status(&self) -> StatusResponse {
+        let shared = &self.shared;
+        let metrics = shared.raft_metrics();
+        let applied = shared.applied();
+        let intent = &applied.intent;
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let is_leader = metrics.current_leader == Some(shared.id);
+        let role_of = |id: NodeId| -> &'static str {
+            if metrics.current_leader == Some(id) {
+                "leader"
+            } else if voters.contains(&id) {
+                "follower"
+            } else if membership.get_node(&id).is_some() {
+                "learner"
+            } else {
+                "none"
+            }
+        };
+        let now = Instant::now();
+        let observations = if is_leader {
+            shared.observations.snapshot()
+        } else {
+            HashMap::new()
+        };
+        let mut members: Vec<MemberStatus> = intent
+            .members
+            .values()
+            .map(|m| {
+                let obs = observations.get(&m.name);
+                MemberStatus {
+                    name: m.name.clone(),
+                    id: m.id.0,
+                    region: m.region.clone(),
+                    kind: kind_name(m.kind).to_string(),
+                    voter: voters.contains(&m.id.0),
+                    raft_role: role_of(m.id.0).to_string(),
+                    observation: obs.map(|(o, _)| o.clone()),
+                    observation_age_ms: obs
+                        .map(|(_, at)| {
+                            i64::try_from(now.duration_since(*at).as_millis()).unwrap_or(i64::MAX)
+                        })
+                        .unwrap_or(-1),
+                    tags: [
+                        ("priority".to_string(), m.tags.priority.to_string()),
+                        ("nofailover".to_string(), m.tags.nofailover.to_string()),
+                    ]
+                    .into(),
+                }
+            })
+            .collect();
+        // Raft members the intent does not know yet (e.g. the bootstrap member before it
+        // recorded itself).
+        for (id, node) in membership.nodes() {
+            if intent.member_by_id(crate::types::MemberId(*id)).is_none() {
+                members.push(MemberStatus {
+                    name: node.name.clone(),
+                    id: *id,
+                    kind: "unknown".into(),
+                    voter: voters.contains(id),
+                    raft_role: role_of(*id).to_string(),
+                    observation_age_ms: -1,
+                    ..MemberStatus::default()
+                });
+            }
+        }
+        let leader = metrics
+            .current_leader
+            .and_then(|id| membership.get_node(&id).map(|n| n.name.clone()))
+            .unwrap_or_default();
+        StatusResponse {
+            cluster: shared.config.cluster.clone(),
+            leader,
+            term: metrics.current_term,
+            applied_index: metrics.last_applied.map(|l| l.index).unwrap_or_default(),
+            generation: intent.generation.0,
+            primary: intent.primary.clone().unwrap_or_default(),
+            paused: intent.maintenance,
+            members,
+            intent_json: serde_json::to_string(intent).unwrap_or_default(),
+            answered_by: shared.name().to_string(),
+            answered_role: role_name(metrics.state).to_string(),
+            from_leader: is_leader && metrics.state == ServerState::Leader,
+            last_log_index: metrics.last_log_index.unwrap_or_default(),
+        }
+    }
+}
+
+fn role_name(state: ServerState) -> &'static str {
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<GrpcResponse<StatusResponse>, Status> {
+        if request.get_ref().local {
+            return Ok(GrpcResponse::new(self.local_status()));
+        }
+        match self.route(&request) {
+            Ok(Some(leader)) => {
+                let fwd = async {
+                    let mut client = self.client(&leader)?;
+                    bounded(
+                        FORWARD_TIMEOUT,
+                        client.status(forwarded(request.into_inner(), FORWARD_TIMEOUT)),
+                    )
+                    .await
+                };
+                match fwd.await {
+                    Ok(r) => Ok(r),
+                    Err(e) => {
+                        tracing::debug!(
+                            "status: leader {leader} unreachable ({e}); answering locally"
+                        );
+                        Ok(GrpcResponse::new(self.local_status()))
+                    }
+                }
+            }
+            // Not the leader and cannot forward: this member's view, flagged.
+            Ok(None) | Err(_) => Ok(GrpcResponse::new(self.local_status())),
+        }
+    }
+
+    async fn add_member(
+        &self,
+        request: Request<AddMemberRequest>,
+    ) -> Result<GrpcResponse<AddMemberResponse>, Status> {
+        let req = request.get_ref();
+        self.check_cluster("registration", &req.name, &req.cluster)?;
+        self.check_token(&req.token)?;
+        match self.route(&request)? {
+            Some(leader) => {
+                let mut client = self.client(&leader)?;
+                bounded(
+                    FORWARD_TIMEOUT,
+                    client.add_member(forwarded(request.into_inner(), FORWARD_TIMEOUT)),
+                )
+                .await
+            }
+            None => Ok(GrpcResponse::new(
+                self.add_member_here(request.into_inner()).await?,
+            )),
+        }
+    }
+
+    async fn admit_member(
+        &self,
+        request: Request<AdmitMemberRequest>,
+    ) -> Result<GrpcResponse<AdmitMemberResponse>, Status> {
+        let req = request.get_ref();
+        self.check_cluster("admission", &req.name, &req.cluster)?;
+        self.check_token(&req.token)?;
+        match self.route(&request)? {
+            Some(leader) => {
+                let mut client = self.client(&leader)?;
+                let bound = ADMIT_CALL_TIMEOUT + FORWARD_TIMEOUT;
+                bounded(
+                    bound,
+                    client.admit_member(forwarded(request.into_inner(), bound)),
+                )
+                .await
+            }
+            None => {
+                self.admit_member_here(request.into_inner()).await?;
+                Ok(GrpcResponse::new(AdmitMemberResponse {}))
+            }
+        }
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<RemoveMemberRequest>,
+    ) -> Result<GrpcResponse<RemoveMemberResponse>, Status> {
+        self.check_token(&request.get_ref().token)?;
+        match self.route(&request)? {
+            Some(leader) => {
+                let mut client = self.client(&leader)?;
+                bounded(
+                    FORWARD_TIMEOUT * 2,
+                    client.remove_member(forwarded(request.into_inner(), FORWARD_TIMEOUT * 2)),
+                )
+                .await
+            }
+            None => {
+                self.remove_member_here(&request.get_ref().name).await?;
+                Ok(GrpcResponse::new(RemoveMemberResponse {}))
+            }
+        }
+    }
+
+    async fn command(
+        &self,
+        request: Request<CommandRequest>,
+    ) -> Result<GrpcResponse<CommandResponse>, Status> {
+        self.check_token(&request.get_ref().token)?;
+        let cmd: Command = serde_json::from_str(&request.get_ref().command_json)
+            .map_err(|e| Status::invalid_argument(format!("decoding command_json: {e}")))?;
+        if matches!(
+            cmd,
+            Command::AddMember { .. } | Command::RemoveMember { .. }
+        ) {
+            return Err(Status::invalid_argument(
+                "members are added and removed with AddMember/RemoveMember, which also change the Raft membership",
+            ));
+        }
+        match self.route(&request)? {
+            Some(leader) => {
+                let mut client = self.client(&leader)?;
+                bounded(
+                    FORWARD_TIMEOUT,
+                    client.command(forwarded(request.into_inner(), FORWARD_TIMEOUT)),
+                )
+                .await
+            }
+            None => {
+                let w = within(self.shared.raft.client_write(cmd))
+                    .await?
+                    .map_err(write_error)?;
+                let result = serde_json::json!({
+                    "log_index": w.log_id.index,
+                    "response": w.data,
+                });
+                Ok(GrpcResponse::new(CommandResponse {
+                    result_json: result.to_string(),
+                }))
+            }
+        }
+    }
+}

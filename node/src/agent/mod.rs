@@ -1,0 +1,293 @@
+//! The agent runtime: turns a loaded [`Config`] into a running member of the Raft group.
+//!
+//! [`Agent::start`] establishes the member's identity (bootstrap, join, or the id persisted
+//! by an earlier run), opens the Raft store, serves gRPC (`Raft`, `Agent`, `Admin`) on
+//! `api.listen` and HTTP (health, metrics) on `api.http_listen`, and spawns the background
+//! tasks: bootstrap self-registration or admission as a voter, the observation reporter,
+//! and the health publisher. [`AgentHandle::shutdown`] stops all of it.
+//!
+//! Architecture Invariant: cluster changes (member add/admit/remove, commands) go through
+//! `client_write` / `change_membership`, which need a quorum; `state == Leader` is only
+//! used to route a request, never to decide that a change happened.
+
+pub mod admin;
+pub mod dial;
+pub mod join;
+pub mod observe;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use openraft::{RaftMetrics, ServerState};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+
+use crate::config::{Config, MemberKind};
+use crate::http::{self, HttpState, NodeHealth, Role};
+use crate::metrics::Metrics;
+use crate::raft::{
+    open_store, raft_config_with_timing, AddressBook, AppliedState, GrpcNetworkFactory, MemberNode,
+    MeridianRaft, NodeId, RaftGrpcService,
+};
+
+pub use dial::Dialer;
+pub use join::Identity;
+pub use observe::ObservationStore;
+
+/// Sub-directory of `state_dir` holding the Raft database.
+pub const RAFT_DIR: &str = "raft";
+
+/// Bound on stopping the servers and Raft at shutdown.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every part of the runtime shares.
+pub struct Shared {
+    pub config: Config,
+    pub id: NodeId,
+    pub raft: MeridianRaft,
+    pub applied: watch::Receiver<Arc<AppliedState>>,
+    pub book: AddressBook,
+    pub dialer: Dialer,
+    pub observations: ObservationStore,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    pub fn name(&self) -> &str {
+        &self.config.member.name
+    }
+
+    /// A copy of the Raft metrics (never hold the watch borrow).
+    pub fn raft_metrics(&self) -> RaftMetrics<NodeId, MemberNode> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    pub fn applied(&self) -> Arc<AppliedState> {
+        self.applied.borrow().clone()
+    }
+
+    /// The leader this member believes in: id and name (from the Raft membership).
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft_metrics();
+        let id = m.current_leader?;
+        let name = m
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.name.clone())?;
+        Some((id, name))
+    }
+
+    /// Whether this member believes it leads. Routing only: see the module invariant.
+    pub fn believes_leader(&self) -> bool {
+        let m = self.raft_metrics();
+        m.current_leader == Some(self.id) && m.state == ServerState::Leader
+    }
+}
+
+/// Builds the address book from `[peers]`, resolving `host:port` (first address wins).
+pub fn address_book(config: &Config) -> AddressBook {
+    let book = AddressBook::default();
+    for (name, peer) in &config.peers {
+        match peer.api.to_socket_addrs().map(|mut a| a.next()) {
+            Ok(Some(addr)) => book.set(name.clone(), addr),
+            Ok(None) | Err(_) => tracing::warn!(
+                peer = %name, api = %peer.api,
+                "cannot resolve the peer's api address; it stays unreachable until it resolves"
+            ),
+        }
+    }
+    book
+}
+
+/// The running agent.
+pub struct AgentHandle {
+    pub shared: Arc<Shared>,
+    /// Address the gRPC server listens on.
+    pub grpc_addr: SocketAddr,
+    /// Address the HTTP server listens on.
+    pub http_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    servers: Vec<JoinHandle<()>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+pub struct Agent;
+
+impl Agent {
+    /// Starts the member described by `config`. Fails (without leaving anything running)
+    /// when the identity cannot be established — e.g. a join refused by the cluster — or a
+    /// listener cannot bind.
+    pub async fn start(config: Config) -> anyhow::Result<AgentHandle> {
+        std::fs::create_dir_all(&config.state_dir)
+            .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
+        let book = address_book(&config);
+        let tls = match &config.tls {
+            Some(t) => Some(dial::TlsFiles::load(t).context("loading TLS files")?),
+            None => None,
+        };
+        let dialer = Dialer::new(book.clone(), tls.as_ref().map(|t| t.client.clone()));
+
+        let identity = join::establish_identity(&config, &dialer).await?;
+        tracing::info!(
+            member = %config.member.name, id = identity.id, cluster = %config.cluster,
+            "starting member"
+        );
+
+        let (log, sm) = open_store(&config.state_dir.join(RAFT_DIR))?;
+        let applied = sm.subscribe();
+        let raft_config = raft_config_with_timing(
+            &config.cluster,
+            millis(config.raft.heartbeat),
+            millis(config.raft.election_timeout_min),
+            millis(config.raft.election_timeout_max),
+        )?;
+        let mut network = GrpcNetworkFactory::new(identity.id, &config.cluster, book.clone());
+        if let Some(t) = &tls {
+            network = network.with_tls(t.client.clone());
+        }
+        let raft = MeridianRaft::new(identity.id, raft_config, network, log, sm)
+            .await
+            .context("starting raft")?;
+
+        let grpc_listener = TcpListener::bind(config.api.listen)
+            .await
+            .with_context(|| format!("binding api.listen {}", config.api.listen))?;
+        let http_listener = TcpListener::bind(config.api.http_listen)
+            .await
+            .with_context(|| format!("binding api.http_listen {}", config.api.http_listen))?;
+        let grpc_addr = grpc_listener.local_addr()?;
+        let http_addr = http_listener.local_addr()?;
+
+        let metrics = Arc::new(Metrics::new());
+        let shared = Arc::new(Shared {
+            id: identity.id,
+            raft: raft.clone(),
+            applied,
+            book,
+            dialer,
+            observations: ObservationStore::default(),
+            metrics: metrics.clone(),
+            config: config.clone(),
+        });
+        let (stop, _) = watch::channel(false);
+        let mut servers = Vec::new();
+
+        // gRPC: Raft transport, observations, admin API.
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(t) = &tls {
+            builder = builder
+                .tls_config(t.server.clone())
+                .context("configuring the gRPC server's TLS")?;
+        }
+        let router = builder
+            .add_service(RaftGrpcService::new(&config.cluster, raft.clone()).into_server())
+            .add_service(observe::AgentService::new(shared.clone()).into_server())
+            .add_service(admin::AdminService::new(shared.clone()).into_server());
+        let mut stopped = stop.subscribe();
+        servers.push(tokio::spawn(async move {
+            let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+            {
+                tracing::error!("gRPC server failed: {e}");
+            }
+        }));
+
+        // HTTP: health endpoints and metrics.
+        let (health_tx, health_rx) = watch::channel(NodeHealth {
+            cluster: config.cluster.clone(),
+            member: config.member.name.clone(),
+            region: config.member.region.clone(),
+            role: initial_role(&config),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..NodeHealth::default()
+        });
+        let app = http::router(HttpState {
+            health: health_rx,
+            metrics,
+        });
+        let mut stopped = stop.subscribe();
+        servers.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(http_listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+            {
+                tracing::error!("HTTP server failed: {e}");
+            }
+        }));
+
+        let mut tasks = Vec::new();
+        if config.raft.bootstrap {
+            tasks.push(tokio::spawn(join::bootstrap(shared.clone())));
+        }
+        if !identity.admitted {
+            tasks.push(tokio::spawn(join::seek_admission(shared.clone(), identity)));
+        }
+        let reporter = observe::Reporter::new(shared.clone()).await;
+        tasks.push(tokio::spawn(reporter.run(health_tx)));
+
+        tracing::info!(
+            grpc = %grpc_addr, http = %http_addr,
+            heartbeat_ms = millis(config.raft.heartbeat),
+            election_timeout_ms = %format!("{}-{}", millis(config.raft.election_timeout_min), millis(config.raft.election_timeout_max)),
+            tls = config.tls.is_some(),
+            "member is serving"
+        );
+        Ok(AgentHandle {
+            shared,
+            grpc_addr,
+            http_addr,
+            stop,
+            servers,
+            tasks,
+        })
+    }
+}
+
+fn initial_role(config: &Config) -> Role {
+    match config.member.kind {
+        MemberKind::Witness => Role::Witness,
+        MemberKind::Data => Role::Unknown,
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl AgentHandle {
+    /// Stops the background tasks, the servers and Raft, each bounded.
+    pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.stop.send_replace(true);
+        for s in self.servers {
+            if tokio::time::timeout(SHUTDOWN_TIMEOUT, s).await.is_err() {
+                tracing::warn!(
+                    "a server did not stop within {} ms",
+                    SHUTDOWN_TIMEOUT.as_millis()
+                );
+            }
+        }
+        match tokio::time::timeout(SHUTDOWN_TIMEOUT, self.shared.raft.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("raft shutdown: {e}"),
+            Err(_) => tracing::warn!(
+                "raft did not stop within {} ms",
+                SHUTDOWN_TIMEOUT.as_millis()
+            ),
+        }
+        tracing::info!("member stopped");
+    }
+}

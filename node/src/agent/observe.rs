@@ -1,0 +1,362 @@
+//! The observation channel: every agent probes its local Postgres (data members) and
+//! reports to the Raft leader every `timing.observe_interval` over gRPC `Agent.Report` —
+//! not through the Raft log, so the log does not grow with health chatter. The leader
+//! keeps the latest observation per member with its own monotonic receive time
+//! ([`ObservationStore`]); the sender's clock is for display only.
+//!
+//! The same loop publishes this member's [`NodeHealth`] for the HTTP endpoints and
+//! updates the Raft metrics.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use meridian_proto::agent_client::AgentClient;
+use meridian_proto::agent_server::{Agent as AgentRpc, AgentServer};
+use meridian_proto::{
+    Observation, ObservationAck, PostgresObservation, StandbyState, WalReceiverStatus,
+};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use super::join::unix_ms;
+use super::Shared;
+use crate::config::Config;
+use crate::http::{NodeHealth, Role};
+use crate::pg::{PgBinaries, PgInstance, PgStatus, PgTimeouts, RunAs};
+
+/// Latest observation per member, with the leader's monotonic receive time.
+#[derive(Clone, Default)]
+pub struct ObservationStore(Arc<Mutex<HashMap<String, (Observation, Instant)>>>);
+
+impl ObservationStore {
+    pub fn record(&self, obs: Observation) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(obs.member.clone(), (obs, Instant::now()));
+    }
+
+    pub fn snapshot(&self) -> HashMap<String, (Observation, Instant)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Drops members no longer in the cluster, so the map stays bounded by its size.
+    fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|name, _| keep(name));
+    }
+}
+
+/// Server side of `Agent.Report`.
+pub struct AgentService {
+    shared: Arc<Shared>,
+}
+
+impl AgentService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        AgentService { shared }
+    }
+
+    pub fn into_server(self) -> AgentServer<AgentService> {
+        AgentServer::new(self)
+    }
+}
+
+/// Whether `name` is a member (intent) or a Raft node; others' reports are not kept.
+fn known_member(shared: &Shared, name: &str) -> bool {
+    if shared.applied().intent.member(name).is_some() {
+        return true;
+    }
+    shared
+        .raft_metrics()
+        .membership_config
+        .membership()
+        .nodes()
+        .any(|(_, n)| n.name == name)
+}
+
+#[tonic::async_trait]
+impl AgentRpc for AgentService {
+    async fn report(
+        &self,
+        request: Request<Observation>,
+    ) -> Result<Response<ObservationAck>, Status> {
+        let obs = request.into_inner();
+        let ours = &self.shared.config.cluster;
+        if &obs.cluster != ours {
+            return Err(Status::failed_precondition(format!(
+                "cluster mismatch: this member belongs to cluster {ours:?}, the report names {:?}",
+                obs.cluster
+            )));
+        }
+        if !self.shared.believes_leader() {
+            let leader = self.shared.leader().map(|l| l.1).unwrap_or_default();
+            return Ok(Response::new(ObservationAck {
+                accepted: false,
+                leader,
+            }));
+        }
+        if !known_member(&self.shared, &obs.member) {
+            return Err(Status::failed_precondition(format!(
+                "{:?} is not a member of this cluster",
+                obs.member
+            )));
+        }
+        self.shared.observations.record(obs);
+        Ok(Response::new(ObservationAck {
+            accepted: true,
+            leader: self.shared.name().to_string(),
+        }))
+    }
+}
+
+/// The local Postgres as the reporter probes it.
+enum LocalPg {
+    Witness,
+    /// A data member whose instance could not be set up (e.g. no server binaries).
+    Broken(String),
+    Data(Box<PgInstance>),
+}
+
+async fn local_pg(config: &Config) -> LocalPg {
+    let Some(pg) = &config.postgres else {
+        return LocalPg::Witness;
+    };
+    let bin = match &pg.bin_dir {
+        Some(dir) => PgBinaries::at(dir.clone()),
+        None => PgBinaries::detect().await,
+    };
+    let bin = match bin {
+        Ok(b) => b,
+        Err(e) => return LocalPg::Broken(format!("locating Postgres binaries: {e}")),
+    };
+    let run_as = match RunAs::resolve(&pg.os_user) {
+        Ok(r) => r,
+        Err(e) => return LocalPg::Broken(format!("resolving OS user {}: {e}", pg.os_user)),
+    };
+    let probe = config.timing.pg_probe_timeout;
+    let mut instance = PgInstance::new(
+        bin,
+        pg.data_dir.clone(),
+        pg.port,
+        config.member.name.clone(),
+        run_as,
+    )
+    .with_superuser(pg.superuser.clone())
+    .with_timeouts(PgTimeouts {
+        connect: probe,
+        probe,
+        ..PgTimeouts::default()
+    });
+    if let Some(pw) = &pg.password {
+        instance = instance.with_password(pw.expose());
+    }
+    LocalPg::Data(Box::new(instance))
+}
+
+fn wal_receiver_status(s: &str) -> WalReceiverStatus {
+    match s {
+        "streaming" => WalReceiverStatus::Streaming,
+        "starting" | "restarting" => WalReceiverStatus::Starting,
+        "waiting" => WalReceiverStatus::Waiting,
+        "stopping" => WalReceiverStatus::Stopping,
+        _ => WalReceiverStatus::Unspecified,
+    }
+}
+
+/// The wire form of a probe result.
+pub fn postgres_observation(s: &PgStatus, fenced: bool) -> PostgresObservation {
+    PostgresObservation {
+        up: s.up,
+        in_recovery: s.in_recovery,
+        timeline: s.timeline.unwrap_or_default(),
+        current_lsn: s.current_lsn.map(|l| l.0).unwrap_or_default(),
+        received_lsn: s.received_lsn.map(|l| l.0).unwrap_or_default(),
+        replayed_lsn: s.replayed_lsn.map(|l| l.0).unwrap_or_default(),
+        wal_receiver: s
+            .wal_receiver
+            .as_ref()
+            .map(|w| wal_receiver_status(&w.status))
+            .unwrap_or(WalReceiverStatus::None) as i32,
+        standbys: s
+            .standbys
+            .iter()
+            .map(|sb| StandbyState {
+                application_name: sb.application_name.clone(),
+                state: sb.state.clone(),
+                sync_state: sb.sync_state.clone(),
+                sent_lsn: sb.sent_lsn.map(|l| l.0).unwrap_or_default(),
+                write_lsn: sb.write_lsn.map(|l| l.0).unwrap_or_default(),
+                flush_lsn: sb.flush_lsn.map(|l| l.0).unwrap_or_default(),
+                replay_lsn: sb.replay_lsn.map(|l| l.0).unwrap_or_default(),
+            })
+            .collect(),
+        fenced,
+        error: s.error.clone().unwrap_or_default(),
+    }
+}
+
+/// The loop that observes, reports and publishes.
+pub struct Reporter {
+    shared: Arc<Shared>,
+    pg: LocalPg,
+}
+
+impl Reporter {
+    pub async fn new(shared: Arc<Shared>) -> Reporter {
+        let pg = local_pg(&shared.config).await;
+        if let LocalPg::Broken(why) = &pg {
+            tracing::warn!("cannot observe the local Postgres: {why}");
+        }
+        Reporter { shared, pg }
+    }
+
+    async fn observe(&self) -> Option<PostgresObservation> {
+        match &self.pg {
+            LocalPg::Witness => None,
+            LocalPg::Broken(why) => Some(PostgresObservation {
+                up: false,
+                error: why.clone(),
+                ..PostgresObservation::default()
+            }),
+            LocalPg::Data(instance) => {
+                let status = instance.probe().await;
+                Some(postgres_observation(&status, instance.is_fenced()))
+            }
+        }
+    }
+
+    pub async fn run(self, health: watch::Sender<NodeHealth>) {
+        let interval = self.shared.config.timing.observe_interval;
+        // A report must not outlive the next one by much; cross-region needs some room.
+        let report_timeout =
+            (interval * 4).clamp(Duration::from_millis(200), Duration::from_secs(2));
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_error: Option<String> = None;
+        loop {
+            ticker.tick().await;
+            let pg = self.observe().await;
+            let applied = self.shared.applied();
+            let obs = Observation {
+                cluster: self.shared.config.cluster.clone(),
+                member: self.shared.name().to_string(),
+                sent_unix_ms: unix_ms(),
+                generation: applied.intent.generation.0,
+                postgres: pg.clone(),
+                rtt_us: HashMap::new(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            };
+            let result = self.report(obs, report_timeout).await;
+            match (&result, &last_error) {
+                (Err(e), Some(prev)) if e == prev => {}
+                (Err(e), _) => tracing::warn!("reporting observations to the leader: {e}"),
+                (Ok(()), Some(_)) => tracing::info!("reporting observations to the leader again"),
+                (Ok(()), None) => {}
+            }
+            last_error = result.err();
+            self.publish(&health, pg.as_ref(), &applied.intent);
+        }
+    }
+
+    async fn report(&self, obs: Observation, timeout: Duration) -> Result<(), String> {
+        if self.shared.believes_leader() {
+            let shared = &self.shared;
+            shared.observations.record(obs);
+            let intent = shared.applied().intent.clone();
+            let metrics = shared.raft_metrics();
+            let membership = metrics.membership_config.membership();
+            shared.observations.retain(|name| {
+                intent.member(name).is_some() || membership.nodes().any(|(_, n)| n.name == name)
+            });
+            return Ok(());
+        }
+        let Some((_, leader)) = self.shared.leader() else {
+            return Err("no leader is known".into());
+        };
+        let channel = self
+            .shared
+            .dialer
+            .channel(&leader)
+            .map_err(|e| format!("{e:#}"))?;
+        let mut request = Request::new(obs);
+        request.set_timeout(timeout);
+        let ack = tokio::time::timeout(timeout, AgentClient::new(channel).report(request))
+            .await
+            .map_err(|_| {
+                format!(
+                    "leader {leader} did not answer within {} ms",
+                    timeout.as_millis()
+                )
+            })?
+            .map_err(|s| format!("leader {leader}: {}", super::join::describe(&s)))?
+            .into_inner();
+        if !ack.accepted {
+            // Leadership moved; the next round follows the new leader.
+            return Err(format!("{leader} is no longer the leader"));
+        }
+        Ok(())
+    }
+
+    fn publish(
+        &self,
+        health: &watch::Sender<NodeHealth>,
+        pg: Option<&PostgresObservation>,
+        intent: &crate::raft::Intent,
+    ) {
+        let shared = &self.shared;
+        let metrics = shared.raft_metrics();
+        let m = &shared.metrics;
+        m.raft_term
+            .set(i64::try_from(metrics.current_term).unwrap_or(i64::MAX));
+        m.raft_is_leader
+            .set(i64::from(metrics.current_leader == Some(shared.id)));
+        m.raft_leader_id.set(
+            metrics
+                .current_leader
+                .and_then(|l| i64::try_from(l).ok())
+                .unwrap_or(-1),
+        );
+        m.generation
+            .set(i64::try_from(intent.generation.0).unwrap_or(i64::MAX));
+        let role = if pg.is_none() {
+            Role::Witness
+        } else {
+            // Postgres roles arrive with issue 4 (the agent acting on the intent).
+            Role::Unknown
+        };
+        m.set_role(match role {
+            Role::Witness => "witness",
+            _ => "unknown",
+        });
+        let cluster_json = serde_json::json!({
+            "cluster": shared.config.cluster,
+            "leader": shared.leader().map(|l| l.1),
+            "term": metrics.current_term,
+            "members": intent.members.values().map(|mm| serde_json::json!({
+                "name": mm.name,
+                "id": mm.id,
+                "region": mm.region,
+                "kind": mm.kind,
+            })).collect::<Vec<_>>(),
+            "primary": intent.primary,
+            "generation": intent.generation,
+        });
+        let history_json = serde_json::to_value(&intent.history).unwrap_or_default();
+        health.send_modify(|h| {
+            h.role = role;
+            h.running = pg.is_some_and(|p| p.up);
+            h.in_recovery = pg.is_some_and(|p| p.in_recovery);
+            h.fenced = pg.is_some_and(|p| p.fenced);
+            h.timeline = pg.map(|p| p.timeline).unwrap_or_default();
+            h.generation = intent.generation.0;
+            h.paused = intent.maintenance;
+            h.lease_valid = false;
+            h.cluster_json = cluster_json;
+            h.history_json = history_json;
+        });
+    }
+}

@@ -1,0 +1,514 @@
+//! Real agent processes for end-to-end tests: writes one config file per member into a
+//! temp dir (free 127.0.0.1 ports, short Raft timings), spawns the built `meridian-node`
+//! binary for each, captures each member's log to a file, and kills every process by PID
+//! on drop (also when the test panics). Optional mutual TLS with certificates generated
+//! at test time (rcgen). Admin helpers talk to the members over gRPC, every call bounded.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use meridian_node::raft::Command as IntentCommand;
+use meridian_proto::admin_client::AdminClient;
+use meridian_proto::{RemoveMemberRequest, StatusRequest, StatusResponse};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+use crate::free_ports;
+
+/// Bound on one admin call from the tests.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on a graceful stop (SIGTERM) before the fixture kills the process.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Data,
+    Witness,
+}
+
+/// One member to declare: every declared member is in every member's address book.
+#[derive(Clone, Debug)]
+pub struct MemberSpec {
+    pub name: String,
+    pub region: String,
+    pub kind: Kind,
+    pub bootstrap: bool,
+    pub join: Vec<String>,
+    /// Overrides the cluster name in this member's config (to test refusals).
+    pub cluster: Option<String>,
+    /// With TLS: present a certificate signed by another CA (to test refusals).
+    pub rogue_cert: bool,
+}
+
+impl MemberSpec {
+    pub fn data(name: &str, region: &str) -> Self {
+        MemberSpec {
+            name: name.into(),
+            region: region.into(),
+            kind: Kind::Data,
+            bootstrap: false,
+            join: Vec::new(),
+            cluster: None,
+            rogue_cert: false,
+        }
+    }
+
+    pub fn witness(name: &str, region: &str) -> Self {
+        MemberSpec {
+            kind: Kind::Witness,
+            ..MemberSpec::data(name, region)
+        }
+    }
+
+    pub fn bootstrap(mut self) -> Self {
+        self.bootstrap = true;
+        self
+    }
+
+    pub fn join(mut self, peer: &str) -> Self {
+        self.join = vec![peer.to_string()];
+        self
+    }
+
+    pub fn cluster(mut self, name: &str) -> Self {
+        self.cluster = Some(name.to_string());
+        self
+    }
+
+    pub fn rogue_cert(mut self) -> Self {
+        self.rogue_cert = true;
+        self
+    }
+}
+
+/// One declared member and its process, if running.
+pub struct AgentMember {
+    pub spec: MemberSpec,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+    pub state_dir: PathBuf,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    child: Option<Child>,
+}
+
+impl AgentMember {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+/// The test's certificates: a CA, one certificate per member and one for the test client.
+struct Pki {
+    dir: PathBuf,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    rogue_ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new(dir: &Path) -> anyhow::Result<Pki> {
+        std::fs::create_dir_all(dir)?;
+        let ca = new_ca("meridian test CA")?;
+        let rogue_ca = new_ca("rogue CA")?;
+        std::fs::write(dir.join("ca.pem"), ca.pem())?;
+        Ok(Pki {
+            dir: dir.to_path_buf(),
+            ca,
+            rogue_ca,
+        })
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// Writes `name`'s certificate and key; returns (cert, key) paths.
+    fn issue(&self, name: &str, rogue: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()])?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let issuer = if rogue { &self.rogue_ca } else { &self.ca };
+        let cert = params.signed_by(&key, issuer)?;
+        let cert_path = self.dir.join(format!("{name}.pem"));
+        let key_path = self.dir.join(format!("{name}.key"));
+        std::fs::write(&cert_path, cert.pem())?;
+        std::fs::write(&key_path, key.serialize_pem())?;
+        Ok((cert_path, key_path))
+    }
+}
+
+fn new_ca(cn: &str) -> anyhow::Result<rcgen::CertifiedIssuer<'static, rcgen::KeyPair>> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(rcgen::CertifiedIssuer::self_signed(
+        params,
+        rcgen::KeyPair::generate()?,
+    )?)
+}
+
+/// A set of declared members, some running.
+pub struct AgentCluster {
+    pub cluster: String,
+    pub members: BTreeMap<String, AgentMember>,
+    /// Client TLS for the admin helpers (certificate "admin-client"), when TLS is on.
+    client_tls: Option<ClientTlsConfig>,
+    dir: TempDir,
+}
+
+/// Path of the built `meridian-node`: next to the test executable's `deps/` directory.
+pub fn node_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the test executable")?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test executable has no target/<profile> directory")?;
+    let bin = profile_dir.join("meridian-node");
+    anyhow::ensure!(
+        bin.is_file(),
+        "{} not found: build the workspace first (cargo build --workspace)",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+impl AgentCluster {
+    /// Declares `specs` (writes their configs); starts nothing.
+    pub fn new(specs: Vec<MemberSpec>, tls: bool) -> anyhow::Result<AgentCluster> {
+        let dir = tempfile::Builder::new()
+            .prefix("meridian-agents-")
+            .tempdir()
+            .context("creating the cluster's temp dir")?;
+        let cluster = "test-cluster".to_string();
+        let ports = free_ports(specs.len() * 3)?;
+        let pki = if tls {
+            Some(Pki::new(&dir.path().join("pki"))?)
+        } else {
+            None
+        };
+        let mut members = BTreeMap::new();
+        for (i, spec) in specs.into_iter().enumerate() {
+            let home = dir.path().join(&spec.name);
+            std::fs::create_dir_all(&home)?;
+            members.insert(
+                spec.name.clone(),
+                AgentMember {
+                    config_path: home.join("meridian.toml"),
+                    log_path: home.join("agent.log"),
+                    state_dir: home.join("state"),
+                    grpc: SocketAddr::from(([127, 0, 0, 1], ports[3 * i])),
+                    http: SocketAddr::from(([127, 0, 0, 1], ports[3 * i + 1])),
+                    spec,
+                    child: None,
+                },
+            );
+        }
+        let mut book = String::new();
+        for (i, m) in members.values().enumerate() {
+            book.push_str(&format!("[peers.{}]\napi = \"{}\"\n", m.spec.name, m.grpc));
+            if m.spec.kind == Kind::Data {
+                book.push_str(&format!("postgres = \"127.0.0.1:{}\"\n", ports[3 * i + 2]));
+            }
+        }
+        for (i, m) in members.values().enumerate() {
+            let s = &m.spec;
+            let mut text = format!(
+                "cluster = \"{}\"\nstate_dir = \"{}\"\n\n[member]\nname = \"{}\"\nregion = \"{}\"\nkind = \"{}\"\n\n",
+                s.cluster.as_deref().unwrap_or(&cluster),
+                m.state_dir.display(),
+                s.name,
+                s.region,
+                if s.kind == Kind::Data { "data" } else { "witness" },
+            );
+            if s.kind == Kind::Data {
+                text.push_str(&format!(
+                    "[postgres]\ndata_dir = \"{}\"\nport = {}\n\n",
+                    m.state_dir.join("pgdata").display(),
+                    ports[3 * i + 2]
+                ));
+            }
+            text.push_str(&format!(
+                "[api]\nlisten = \"{}\"\nhttp_listen = \"{}\"\n\n",
+                m.grpc, m.http
+            ));
+            let join: Vec<String> = s.join.iter().map(|j| format!("\"{j}\"")).collect();
+            text.push_str(&format!(
+                "[raft]\nbootstrap = {}\njoin = [{}]\nheartbeat = \"100ms\"\nelection_timeout_min = \"500ms\"\nelection_timeout_max = \"1000ms\"\n\n",
+                s.bootstrap,
+                join.join(", ")
+            ));
+            text.push_str(
+                "[timing]\nobserve_interval = \"200ms\"\npg_probe_timeout = \"500ms\"\n\n",
+            );
+            if let Some(pki) = &pki {
+                let (cert, key) = pki.issue(&s.name, s.rogue_cert)?;
+                text.push_str(&format!(
+                    "[tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n",
+                    pki.ca_file().display(),
+                    cert.display(),
+                    key.display()
+                ));
+            }
+            text.push_str(&book);
+            std::fs::write(&m.config_path, text)
+                .with_context(|| format!("writing {}", m.config_path.display()))?;
+        }
+        let client_tls = match &pki {
+            Some(pki) => {
+                let (cert, key) = pki.issue("admin-client", false)?;
+                Some(
+                    ClientTlsConfig::new()
+                        .ca_certificate(Certificate::from_pem(std::fs::read(pki.ca_file())?))
+                        .identity(Identity::from_pem(
+                            std::fs::read(cert)?,
+                            std::fs::read(key)?,
+                        )),
+                )
+            }
+            None => None,
+        };
+        Ok(AgentCluster {
+            cluster,
+            members,
+            client_tls,
+            dir,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn member(&self, name: &str) -> &AgentMember {
+        self.members
+            .get(name)
+            .unwrap_or_else(|| panic!("no member {name} declared"))
+    }
+
+    fn member_mut(&mut self, name: &str) -> &mut AgentMember {
+        self.members
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("no member {name} declared"))
+    }
+
+    /// Names of the members whose process is running (as far as the fixture knows).
+    pub fn running(&self) -> Vec<String> {
+        self.members
+            .values()
+            .filter(|m| m.child.is_some())
+            .map(|m| m.spec.name.clone())
+            .collect()
+    }
+
+    /// Spawns `name`'s agent; its stdout and stderr are appended to its log file.
+    pub fn start(&mut self, name: &str) -> anyhow::Result<()> {
+        let bin = node_binary()?;
+        let m = self.member_mut(name);
+        anyhow::ensure!(m.child.is_none(), "{name} is already running");
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&m.log_path)
+            .with_context(|| format!("opening {}", m.log_path.display()))?;
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(&m.config_path)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawning the agent of {name}"))?;
+        m.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self, name: &str) -> anyhow::Result<()> {
+        if let Some(mut c) = self.member_mut(name).child.take() {
+            c.kill().with_context(|| format!("killing {name}"))?;
+            c.wait().with_context(|| format!("reaping {name}"))?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait (bounded); SIGKILL if it does not stop in time.
+    pub fn stop(&mut self, name: &str) -> anyhow::Result<ExitStatus> {
+        let Some(mut c) = self.member_mut(name).child.take() else {
+            anyhow::bail!("{name} is not running");
+        };
+        let pid = Pid::from_raw(i32::try_from(c.id())?);
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = c.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = c.kill();
+                c.wait()?;
+                anyhow::bail!(
+                    "{name} did not stop within {} s of SIGTERM",
+                    STOP_TIMEOUT.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (bounded) for `name`'s process to exit by itself; returns its status.
+    pub async fn wait_exit(&mut self, name: &str, within: Duration) -> anyhow::Result<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            let m = self.member_mut(name);
+            let c = m.child.as_mut().context("not running")?;
+            if let Some(status) = c.try_wait()? {
+                m.child = None;
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                anyhow::bail!("{name} still runs after {} ms", within.as_millis());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// An admin client for `name` (TLS when the cluster uses it), connected within bounds.
+    pub async fn admin(
+        &self,
+        name: &str,
+    ) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
+        let m = self.member(name);
+        let scheme = if self.client_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let mut ep = Endpoint::from_shared(format!("{scheme}://{}", m.grpc))?
+            .connect_timeout(CALL_TIMEOUT)
+            .timeout(CALL_TIMEOUT);
+        if let Some(tls) = &self.client_tls {
+            ep = ep.tls_config(tls.clone().domain_name(name))?;
+        }
+        let ch = tokio::time::timeout(CALL_TIMEOUT, ep.connect())
+            .await
+            .with_context(|| format!("connecting to {name}: timed out"))?
+            .with_context(|| format!("connecting to {name}"))?;
+        Ok(AdminClient::new(ch))
+    }
+
+    /// `Admin.Status` on `name` (forwarded to the leader unless `local`).
+    pub async fn status_of(&self, name: &str, local: bool) -> anyhow::Result<StatusResponse> {
+        let mut c = self.admin(name).await?;
+        let r = tokio::time::timeout(CALL_TIMEOUT, c.status(StatusRequest { local }))
+            .await
+            .with_context(|| format!("status of {name}: timed out"))?
+            .with_context(|| format!("status of {name}"))?;
+        Ok(r.into_inner())
+    }
+
+    /// The first status answered by the leader, asking the running members in turn.
+    pub async fn status(&self) -> anyhow::Result<StatusResponse> {
+        let mut last = None;
+        for name in self.running() {
+            match self.status_of(&name, false).await {
+                Ok(s) if s.from_leader => return Ok(s),
+                Ok(s) => last = Some(anyhow::anyhow!("{name} answered without a leader: {s:?}")),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no member is running")))
+    }
+
+    /// Proposes `cmd` through `name` (forwarded to the leader); returns the log index.
+    pub async fn command(&self, name: &str, cmd: &IntentCommand) -> anyhow::Result<u64> {
+        let mut c = self.admin(name).await?;
+        let r = tokio::time::timeout(
+            CALL_TIMEOUT,
+            c.command(meridian_proto::CommandRequest {
+                command_json: serde_json::to_string(cmd)?,
+                token: String::new(),
+            }),
+        )
+        .await
+        .with_context(|| format!("command via {name}: timed out"))?
+        .with_context(|| format!("command via {name}"))?;
+        let v: serde_json::Value = serde_json::from_str(&r.into_inner().result_json)?;
+        anyhow::ensure!(
+            v["response"]["response"] == "applied",
+            "command via {name} was not applied: {v}"
+        );
+        v["log_index"].as_u64().context("result has no log_index")
+    }
+
+    /// `Admin.RemoveMember` through `via`.
+    pub async fn remove(&self, via: &str, name: &str) -> anyhow::Result<()> {
+        let mut c = self.admin(via).await?;
+        tokio::time::timeout(
+            CALL_TIMEOUT * 3,
+            c.remove_member(RemoveMemberRequest {
+                name: name.into(),
+                token: String::new(),
+            }),
+        )
+        .await
+        .with_context(|| format!("removing {name} via {via}: timed out"))?
+        .with_context(|| format!("removing {name} via {via}"))?;
+        Ok(())
+    }
+
+    /// Every member's log, for a failing test's message.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for m in self.members.values() {
+            let log = m.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            out.push_str(&format!(
+                "----- {} (last {} lines)\n",
+                m.spec.name,
+                tail.len()
+            ));
+            for l in tail.into_iter().rev() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for AgentCluster {
+    fn drop(&mut self) {
+        for m in self.members.values_mut() {
+            if let Some(mut c) = m.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
