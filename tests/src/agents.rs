@@ -3,6 +3,7 @@
 //! binary for each, captures each member's log to a file, and kills every process by PID
 //! on drop (also when the test panics). Optional mutual TLS with certificates generated
 //! at test time (rcgen). Admin helpers talk to the members over gRPC, every call bounded.
+//! Members' logs are printed when a test panics (or always with `MERIDIAN_TEST_LOGS=1`).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -24,6 +25,8 @@ use crate::free_ports;
 
 /// Bound on one admin call from the tests.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`AgentCluster::command`] retries while the cluster has no leader.
+pub const RETRY_WINDOW: Duration = Duration::from_secs(10);
 /// Bound on a graceful stop (SIGTERM) before the fixture kills the process.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -443,19 +446,31 @@ impl AgentCluster {
     }
 
     /// Proposes `cmd` through `name` (forwarded to the leader); returns the log index.
+    /// Retries while the cluster answers `Unavailable` (no leader yet, leadership moving),
+    /// for at most [`RETRY_WINDOW`]: a retried command may apply twice, so use commands
+    /// whose repetition is harmless.
     pub async fn command(&self, name: &str, cmd: &IntentCommand) -> anyhow::Result<u64> {
-        let mut c = self.admin(name).await?;
-        let r = tokio::time::timeout(
-            CALL_TIMEOUT,
-            c.command(meridian_proto::CommandRequest {
-                command_json: serde_json::to_string(cmd)?,
-                token: String::new(),
-            }),
-        )
-        .await
-        .with_context(|| format!("command via {name}: timed out"))?
-        .with_context(|| format!("command via {name}"))?;
-        let v: serde_json::Value = serde_json::from_str(&r.into_inner().result_json)?;
+        let json = serde_json::to_string(cmd)?;
+        let deadline = Instant::now() + RETRY_WINDOW;
+        let result = loop {
+            let mut c = self.admin(name).await?;
+            let r = tokio::time::timeout(
+                CALL_TIMEOUT,
+                c.command(meridian_proto::CommandRequest {
+                    command_json: json.clone(),
+                    token: String::new(),
+                }),
+            )
+            .await
+            .with_context(|| format!("command via {name}: timed out"))?;
+            match r {
+                Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => break other.with_context(|| format!("command via {name}"))?,
+            }
+        };
+        let v: serde_json::Value = serde_json::from_str(&result.into_inner().result_json)?;
         anyhow::ensure!(
             v["response"]["response"] == "applied",
             "command via {name} was not applied: {v}"
@@ -507,7 +522,7 @@ impl Drop for AgentCluster {
                 let _ = c.wait();
             }
         }
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("MERIDIAN_TEST_LOGS").is_some() {
             eprintln!("{}", self.logs());
         }
     }

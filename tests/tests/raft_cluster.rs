@@ -78,6 +78,22 @@ async fn wait_new_leader(c: &AgentCluster, not: &str) -> String {
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()))
 }
 
+/// One bounded HTTP/1.1 GET; returns the whole response.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .expect("HTTP answer in time")
+}
+
 async fn write_notes(c: &AgentCluster, via: &str, prefix: &str, n: usize) -> Vec<String> {
     let mut acked = Vec::new();
     for i in 0..n {
@@ -156,6 +172,18 @@ async fn three_data_members_and_a_witness_survive_losing_the_leader() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+
+    // HTTP: the health endpoints and metrics are served; the leader says it leads.
+    let metrics = http_get(c.member(&leader).http, "/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(metrics.contains("meridian_raft_is_leader 1"), "{metrics}");
+    let health = http_get(c.member("w1").http, "/health").await;
+    assert!(
+        health.starts_with("HTTP/1.1 503"),
+        "a witness runs no Postgres: {health}"
+    );
+    let s = c.status().await.unwrap();
+    assert!((0..1_000).contains(&s.quorum_ack_age_ms), "{s:?}");
 
     // Writes through a follower are forwarded to the leader.
     let follower = ["a1", "a2", "b1", "w1"]
@@ -260,6 +288,7 @@ async fn a_member_joins_under_writes_one_leaves_and_the_cluster_restarts_intact(
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     c.start("b2").unwrap();
+    let written_before_join = acked.lock().unwrap().len();
     {
         let s = wait_voters(&c, &["a1", "a2", "b1", "w1", "b2"], FORM).await;
         assert_eq!(
@@ -272,8 +301,8 @@ async fn a_member_joins_under_writes_one_leaves_and_the_cluster_restarts_intact(
     stop.store(true, Ordering::Relaxed);
     let failures = writer.await.unwrap();
     assert!(
-        written_while_joining > 0,
-        "no write went through while b2 joined"
+        written_while_joining > written_before_join,
+        "no write went through while b2 joined ({written_before_join} before)"
     );
 
     // Remove a follower (not the one we write through, not the leader).

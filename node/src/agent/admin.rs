@@ -42,11 +42,23 @@ const MEMBERSHIP_RETRY_EVERY: Duration = Duration::from_millis(200);
 
 pub struct AdminService {
     shared: Arc<Shared>,
+    /// Serializes this leader's membership changes: concurrent joiners would otherwise
+    /// collide on openraft's one-change-at-a-time rule and spin on `InProgress`.
+    membership_lock: tokio::sync::Mutex<()>,
 }
 
 impl AdminService {
     pub fn new(shared: Arc<Shared>) -> Self {
-        AdminService { shared }
+        AdminService {
+            shared,
+            membership_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    async fn lock_membership(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, Status> {
+        tokio::time::timeout(ADMIT_CALL_TIMEOUT, self.membership_lock.lock())
+            .await
+            .map_err(|_| Status::unavailable("another membership change is still running"))
     }
 
     pub fn into_server(self) -> AdminServer<AdminService> {
@@ -236,6 +248,19 @@ impl AdminService {
                 "the cluster is still bootstrapping; try again shortly",
             ));
         }
+        let still_in_raft = self
+            .shared
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .nodes()
+            .any(|(_, n)| n.name == req.name);
+        if still_in_raft && intent.member(&req.name).is_none() {
+            return Err(Status::already_exists(format!(
+                "member {:?} is being removed; finish the removal before it joins again",
+                req.name
+            )));
+        }
         if let Some(m) = intent.member(&req.name) {
             let in_raft = self
                 .shared
@@ -289,6 +314,7 @@ impl AdminService {
             )));
         }
         let id = req.id;
+        let _guard = self.lock_membership().await?;
         let metrics = self.shared.raft_metrics();
         let membership = metrics.membership_config.membership();
         if membership.voter_ids().any(|v| v == id) {
@@ -305,7 +331,6 @@ impl AdminService {
         .await
         {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) if is_in_progress(&e) => return Err(write_error(e)),
             Ok(Err(e)) => return Err(write_error(e)),
             Err(_) => {
                 return Err(Status::deadline_exceeded(format!(
@@ -321,35 +346,57 @@ impl AdminService {
         Ok(())
     }
 
+    /// Removes `name` from the intent first, then from the Raft membership. In that order
+    /// "recorded in the intent but not in Raft" only ever means "registered, never admitted",
+    /// which is what lets [`Self::add_member_here`] hand such a member its id back without
+    /// ever reusing the id of a member that had Raft state. A retry after a crash between
+    /// the two steps finds the name only in Raft and finishes the job.
     async fn remove_member_here(&self, name: &str) -> Result<(), Status> {
+        let _guard = self.lock_membership().await?;
         let intent = self.shared.applied().intent.clone();
-        let cmd = Command::RemoveMember {
-            name: name.to_string(),
-            at_unix_ms: unix_ms(),
+        let in_raft = |name: &str| -> Option<NodeId> {
+            let metrics = self.shared.raft_metrics();
+            let membership = metrics.membership_config.membership();
+            let found = membership
+                .nodes()
+                .find(|(_, n)| n.name == name)
+                .map(|(id, _)| *id);
+            found
         };
-        intent
-            .validate(&cmd)
-            .map_err(|r| Status::failed_precondition(r.to_string()))?;
-        let id = intent.member(name).map(|m| m.id.0).unwrap_or_default();
-        let metrics = self.shared.raft_metrics();
-        let membership = metrics.membership_config.membership();
-        if membership.voter_ids().any(|v| v == id) {
-            self.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])))
-                .await?;
-        } else if membership.get_node(&id).is_some() {
-            self.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])))
-                .await?;
-        }
-        let w = within(self.shared.raft.client_write(cmd))
-            .await?
-            .map_err(write_error)?;
-        match w.data {
-            Response::Refused(r) => Err(Status::failed_precondition(r.to_string())),
-            _ => {
-                tracing::info!(member = %name, id, "member removed");
-                Ok(())
+        if intent.member(name).is_some() {
+            let cmd = Command::RemoveMember {
+                name: name.to_string(),
+                at_unix_ms: unix_ms(),
+            };
+            intent
+                .validate(&cmd)
+                .map_err(|r| Status::failed_precondition(r.to_string()))?;
+            let w = within(self.shared.raft.client_write(cmd))
+                .await?
+                .map_err(write_error)?;
+            if let Response::Refused(r) = w.data {
+                return Err(Status::failed_precondition(r.to_string()));
             }
+        } else if in_raft(name).is_none() {
+            return Err(Status::not_found(format!("no member named {name:?}")));
         }
+        if let Some(id) = in_raft(name) {
+            let is_voter = self
+                .shared
+                .raft_metrics()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == id);
+            let change = if is_voter {
+                ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+            } else {
+                ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+            };
+            self.change_membership(change).await?;
+            tracing::info!(member = %name, id, "member removed");
+        }
+        Ok(())
     }
 
     /// This member's view of the cluster.
@@ -437,6 +484,10 @@ impl AdminService {
             answered_role: role_name(metrics.state).to_string(),
             from_leader: is_leader && metrics.state == ServerState::Leader,
             last_log_index: metrics.last_log_index.unwrap_or_default(),
+            quorum_ack_age_ms: metrics
+                .millis_since_quorum_ack
+                .and_then(|ms| i64::try_from(ms).ok())
+                .unwrap_or(-1),
         }
     }
 }
