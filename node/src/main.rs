@@ -65,10 +65,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// One line per event on stderr; `RUST_LOG` overrides the default (info, openraft quieter).
+/// The default log filter: info; openraft's own chatter only from warn; and tonic's
+/// refused TLS handshakes (a peer with a bad certificate), which tonic logs at debug.
+pub const DEFAULT_LOG_FILTER: &str = "info,openraft=warn,tonic::transport::server::io_stream=debug";
+
+/// One line per event on stderr; `RUST_LOG` overrides the default.
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -339,7 +339,7 @@ impl AgentCluster {
         let child = Command::new(bin)
             .arg("--config")
             .arg(&m.config_path)
-            .env("RUST_LOG", "info,openraft=warn")
+            .env_remove("RUST_LOG")
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()

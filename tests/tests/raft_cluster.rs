@@ -400,9 +400,14 @@ async fn a_member_of_another_cluster_or_with_a_bad_certificate_is_refused() {
     assert_eq!(after.leader, before.leader);
     assert_eq!(after.term, before.term);
     write_notes(&c, "a2", "still-fine", 2).await;
+    // The members that were asked say why they refused.
     let a1_log = c.member("a1").log();
     assert!(
         a1_log.contains("refused registration of member \"x1\""),
-        "a1 does not log the refusal:\n{a1_log}"
+        "a1 does not log the refusal of x1:\n{a1_log}"
+    );
+    assert!(
+        a1_log.contains("tls accept error") && a1_log.contains("certificate"),
+        "a1 does not log the refused handshake of y1:\n{a1_log}"
     );
 }

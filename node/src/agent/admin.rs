@@ -642,3 +642,41 @@ impl Admin for AdminService {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_and_kinds_parse_strictly() {
+        let tags = HashMap::from([
+            ("priority".to_string(), "5".to_string()),
+            ("nofailover".to_string(), "true".to_string()),
+        ]);
+        assert_eq!(
+            parse_tags(&tags).unwrap(),
+            MemberTags {
+                priority: 5,
+                nofailover: true
+            }
+        );
+        let bad = HashMap::from([("colour".to_string(), "red".to_string())]);
+        assert_eq!(
+            parse_tags(&bad).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        let bad = HashMap::from([("priority".to_string(), "high".to_string())]);
+        assert!(parse_tags(&bad).is_err());
+        assert_eq!(parse_kind("data").unwrap(), MemberKind::Data);
+        assert_eq!(parse_kind("witness").unwrap(), MemberKind::Witness);
+        assert!(parse_kind("arbiter").is_err());
+    }
+
+    #[test]
+    fn not_leader_names_the_leader_when_known() {
+        let s = not_leader(Some("a1".into()));
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(s.message().contains("a1"));
+        assert!(not_leader(None).message().contains("no leader"));
+    }
+}

@@ -414,3 +414,101 @@ pub fn unix_ms() -> i64 {
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::AddressBook;
+
+    fn config(dir: &Path, raft: &str) -> Config {
+        let text = format!(
+            r#"
+cluster = "c1"
+state_dir = "{}"
+[member]
+name = "w1"
+region = "eu"
+kind = "witness"
+[api]
+listen = "127.0.0.1:7101"
+http_listen = "127.0.0.1:8101"
+[raft]
+{raft}
+[peers.a1]
+api = "127.0.0.1:7102"
+"#,
+            dir.display()
+        );
+        Config::from_toml(&dir.join("m.toml"), &text).unwrap()
+    }
+
+    fn dialer() -> Dialer {
+        Dialer::new(AddressBook::default(), None)
+    }
+
+    #[test]
+    fn identity_round_trips_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load_identity(dir.path()).unwrap(), None);
+        let id = Identity {
+            cluster: "c1".into(),
+            name: "w1".into(),
+            id: 7,
+            admitted: false,
+        };
+        save_identity(dir.path(), &id).unwrap();
+        assert_eq!(load_identity(dir.path()).unwrap(), Some(id));
+        assert!(!dir.path().join(format!("{IDENTITY_FILE}.tmp")).exists());
+    }
+
+    #[tokio::test]
+    async fn bootstrap_takes_id_1_and_a_restart_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(dir.path(), "bootstrap = true");
+        let first = establish_identity(&c, &dialer()).await.unwrap();
+        assert_eq!(first.id, BOOTSTRAP_ID);
+        assert!(first.admitted);
+        let again = establish_identity(&c, &dialer()).await.unwrap();
+        assert_eq!(again, first);
+    }
+
+    #[tokio::test]
+    async fn neither_bootstrap_nor_join_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = establish_identity(&config(dir.path(), ""), &dialer())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("neither bootstraps"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_state_dir_of_another_cluster_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        save_identity(
+            dir.path(),
+            &Identity {
+                cluster: "other".into(),
+                name: "w1".into(),
+                id: 3,
+                admitted: true,
+            },
+        )
+        .unwrap();
+        let e = establish_identity(&config(dir.path(), "bootstrap = true"), &dialer())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("cluster \"other\""), "{e}");
+    }
+
+    #[test]
+    fn tls_failures_are_not_retried() {
+        assert!(transient(&tonic::Status::unavailable("no leader is known")));
+        assert!(!transient(&tonic::Status::unavailable(
+            "transport error: received fatal alert: UnknownCA"
+        )));
+        assert!(!transient(&tonic::Status::failed_precondition(
+            "cluster mismatch"
+        )));
+        assert!(!transient(&tonic::Status::already_exists("member exists")));
+    }
+}

@@ -360,3 +360,77 @@ impl Reporter {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::{StandbyInfo, WalReceiverInfo};
+    use crate::types::Lsn;
+
+    #[test]
+    fn probe_results_map_to_the_wire_form() {
+        let standby = PgStatus {
+            up: true,
+            in_recovery: true,
+            timeline: Some(3),
+            received_lsn: Some(Lsn(0x10)),
+            replayed_lsn: Some(Lsn(0x08)),
+            wal_receiver: Some(WalReceiverInfo {
+                status: "streaming".into(),
+                ..WalReceiverInfo::default()
+            }),
+            ..PgStatus::default()
+        };
+        let o = postgres_observation(&standby, false);
+        assert!(o.up && o.in_recovery && !o.fenced);
+        assert_eq!(
+            (o.timeline, o.received_lsn, o.replayed_lsn),
+            (3, 0x10, 0x08)
+        );
+        assert_eq!(o.wal_receiver, WalReceiverStatus::Streaming as i32);
+
+        let primary = PgStatus {
+            up: true,
+            current_lsn: Some(Lsn(0x20)),
+            standbys: vec![StandbyInfo {
+                application_name: "b1".into(),
+                sync_state: "quorum".into(),
+                replay_lsn: Some(Lsn(0x18)),
+                ..StandbyInfo::default()
+            }],
+            ..PgStatus::default()
+        };
+        let o = postgres_observation(&primary, true);
+        assert_eq!(o.current_lsn, 0x20);
+        assert_eq!(o.wal_receiver, WalReceiverStatus::None as i32);
+        assert_eq!(o.standbys.len(), 1);
+        assert_eq!(o.standbys[0].replay_lsn, 0x18);
+        assert!(o.fenced);
+
+        let down = PgStatus {
+            up: false,
+            error: Some("connection refused".into()),
+            ..PgStatus::default()
+        };
+        let o = postgres_observation(&down, false);
+        assert!(!o.up);
+        assert_eq!(o.error, "connection refused");
+    }
+
+    #[test]
+    fn the_store_keeps_the_latest_per_member_and_forgets_non_members() {
+        let store = ObservationStore::default();
+        for (m, g) in [("a1", 1), ("a1", 2), ("b1", 1)] {
+            store.record(Observation {
+                member: m.into(),
+                generation: g,
+                ..Observation::default()
+            });
+        }
+        let snap = store.snapshot();
+        assert_eq!(snap.len(), 2);
+        assert_eq!(snap["a1"].0.generation, 2);
+        store.retain(|n| n == "a1");
+        assert_eq!(store.snapshot().len(), 1);
+    }
+}
