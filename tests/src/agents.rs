@@ -179,6 +179,8 @@ pub struct AgentCluster {
     pub members: BTreeMap<String, AgentMember>,
     /// Client TLS for the admin helpers (certificate "admin-client"), when TLS is on.
     client_tls: Option<ClientTlsConfig>,
+    /// Admin token the helpers send (empty when the cluster has none).
+    pub token: String,
     dir: TempDir,
 }
 
@@ -201,6 +203,16 @@ pub fn node_binary() -> anyhow::Result<PathBuf> {
 impl AgentCluster {
     /// Declares `specs` (writes their configs); starts nothing.
     pub fn new(specs: Vec<MemberSpec>, tls: bool) -> anyhow::Result<AgentCluster> {
+        Self::with_options(specs, tls, None)
+    }
+
+    /// Like [`AgentCluster::new`]; with `token`, every member requires it for admin writes
+    /// (read from a `token_file`) and the fixture's helpers send it.
+    pub fn with_options(
+        specs: Vec<MemberSpec>,
+        tls: bool,
+        token: Option<&str>,
+    ) -> anyhow::Result<AgentCluster> {
         let dir = tempfile::Builder::new()
             .prefix("meridian-agents-")
             .tempdir()
@@ -211,6 +223,14 @@ impl AgentCluster {
             Some(Pki::new(&dir.path().join("pki"))?)
         } else {
             None
+        };
+        let token_line = match token {
+            Some(t) => {
+                let path = dir.path().join("admin-token");
+                std::fs::write(&path, t)?;
+                format!("token_file = \"{}\"\n", path.display())
+            }
+            None => String::new(),
         };
         let mut members = BTreeMap::new();
         for (i, spec) in specs.into_iter().enumerate() {
@@ -254,7 +274,7 @@ impl AgentCluster {
                 ));
             }
             text.push_str(&format!(
-                "[api]\nlisten = \"{}\"\nhttp_listen = \"{}\"\n\n",
+                "[api]\nlisten = \"{}\"\nhttp_listen = \"{}\"\n{token_line}\n",
                 m.grpc, m.http
             ));
             let join: Vec<String> = s.join.iter().map(|j| format!("\"{j}\"")).collect();
@@ -297,6 +317,7 @@ impl AgentCluster {
             cluster,
             members,
             client_tls,
+            token: token.unwrap_or_default().to_string(),
             dir,
         })
     }
@@ -458,7 +479,7 @@ impl AgentCluster {
                 CALL_TIMEOUT,
                 c.command(meridian_proto::CommandRequest {
                     command_json: json.clone(),
-                    token: String::new(),
+                    token: self.token.clone(),
                 }),
             )
             .await
@@ -485,7 +506,7 @@ impl AgentCluster {
             CALL_TIMEOUT * 3,
             c.remove_member(RemoveMemberRequest {
                 name: name.into(),
-                token: String::new(),
+                token: self.token.clone(),
             }),
         )
         .await

@@ -353,7 +353,7 @@ async fn a_member_joins_under_writes_one_leaves_and_the_cluster_restarts_intact(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_of_another_cluster_or_with_a_bad_certificate_is_refused() {
-    let mut c = AgentCluster::new(
+    let mut c = AgentCluster::with_options(
         vec![
             MemberSpec::data("a1", "east").bootstrap(),
             MemberSpec::data("a2", "east").join("a1"),
@@ -364,6 +364,7 @@ async fn a_member_of_another_cluster_or_with_a_bad_certificate_is_refused() {
             MemberSpec::data("y1", "west").join("a1").rogue_cert(),
         ],
         true,
+        Some("s3cret"),
     )
     .unwrap();
     for m in ["a1", "a2", "w1"] {
@@ -400,6 +401,16 @@ async fn a_member_of_another_cluster_or_with_a_bad_certificate_is_refused() {
     assert_eq!(after.leader, before.leader);
     assert_eq!(after.term, before.term);
     write_notes(&c, "a2", "still-fine", 2).await;
+    // Admin writes need the token (the joiners above sent theirs from their config).
+    let mut admin = c.admin("a2").await.unwrap();
+    let denied = admin
+        .remove_member(meridian_proto::RemoveMemberRequest {
+            name: "w1".into(),
+            token: "wrong".into(),
+        })
+        .await
+        .expect_err("a wrong token must be refused");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
     // The members that were asked say why they refused.
     let a1_log = c.member("a1").log();
     assert!(

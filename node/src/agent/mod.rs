@@ -125,6 +125,15 @@ impl Agent {
     pub async fn start(config: Config) -> anyhow::Result<AgentHandle> {
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
+        // Bind first: a port in use fails the start before anything else has begun.
+        let grpc_listener = TcpListener::bind(config.api.listen)
+            .await
+            .with_context(|| format!("binding api.listen {}", config.api.listen))?;
+        let http_listener = TcpListener::bind(config.api.http_listen)
+            .await
+            .with_context(|| format!("binding api.http_listen {}", config.api.http_listen))?;
+        let grpc_addr = grpc_listener.local_addr()?;
+        let http_addr = http_listener.local_addr()?;
         let book = address_book(&config);
         let tls = match &config.tls {
             Some(t) => Some(dial::TlsFiles::load(t).context("loading TLS files")?),
@@ -153,15 +162,6 @@ impl Agent {
         let raft = MeridianRaft::new(identity.id, raft_config, network, log, sm)
             .await
             .context("starting raft")?;
-
-        let grpc_listener = TcpListener::bind(config.api.listen)
-            .await
-            .with_context(|| format!("binding api.listen {}", config.api.listen))?;
-        let http_listener = TcpListener::bind(config.api.http_listen)
-            .await
-            .with_context(|| format!("binding api.http_listen {}", config.api.http_listen))?;
-        let grpc_addr = grpc_listener.local_addr()?;
-        let http_addr = http_listener.local_addr()?;
 
         let metrics = Arc::new(Metrics::new());
         let shared = Arc::new(Shared {
