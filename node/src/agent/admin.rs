@@ -241,6 +241,9 @@ impl AdminService {
     async fn add_member_here(&self, req: AddMemberRequest) -> Result<AddMemberResponse, Status> {
         let kind = parse_kind(&req.kind)?;
         let tags = parse_tags(&req.tags)?;
+        // Serialized with admissions and removals, so a retried registration sees the
+        // outcome of the first one instead of racing it into a MemberExists refusal.
+        let _guard = self.lock_membership().await?;
         let intent = self.shared.applied().intent.clone();
         if intent.members.is_empty() {
             // Id 1 belongs to the bootstrap member, which has not recorded itself yet.
