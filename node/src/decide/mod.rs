@@ -160,8 +160,10 @@ pub enum NoCandidateReason {
     NoQualifiedMember,
 }
 
-/// Why one member cannot be promoted.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Why one member cannot be promoted. Serde because a switchover abandoned for it is
+/// recorded in the Raft intent.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Rejection {
     NotAMember,
     Witness,
