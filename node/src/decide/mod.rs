@@ -20,6 +20,7 @@
 //!   reason ([`Wait::NoCandidate`]), never a guess.
 
 mod failover;
+pub mod from_intent;
 mod switchover;
 mod sync;
 mod view;
@@ -29,6 +30,7 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+pub use from_intent::{cluster_view, observation_from_proto, LeaderBookkeeping};
 pub use view::{
     ClusterView, Limits, MemberView, Observation, PeerProbe, PrimaryView, SwitchoverAbort,
     SwitchoverPhase, SwitchoverView, SyncSet,
