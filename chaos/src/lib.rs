@@ -3,8 +3,10 @@
 
 pub mod check;
 pub mod mesh;
+pub mod pg_cluster;
 pub mod proxy;
 pub mod schedule;
 pub mod scorecard;
 pub mod seeded;
+pub mod wait;
 pub mod workload;

@@ -196,7 +196,20 @@ pub fn postgres_observation(s: &PgStatus, fenced: bool) -> PostgresObservation {
             .collect(),
         fenced,
         error: s.error.clone().unwrap_or_default(),
+        // Filled by the caller, which knows the address book.
+        upstream: String::new(),
+        sync_standby_names: None,
     }
+}
+
+/// The member whose Postgres address (in this agent's address book) is `host:port`.
+fn member_at(config: &Config, host: &str, port: u16) -> Option<String> {
+    let wanted = format!("{host}:{port}");
+    config
+        .peers
+        .iter()
+        .find(|(_, p)| p.postgres.as_deref() == Some(wanted.as_str()))
+        .map(|(name, _)| name.clone())
 }
 
 /// The loop that observes, reports and publishes.
@@ -224,7 +237,13 @@ impl Reporter {
             }),
             LocalPg::Data(instance) => {
                 let status = instance.probe().await;
-                Some(postgres_observation(&status, instance.is_fenced()))
+                let mut o = postgres_observation(&status, instance.is_fenced());
+                if let Some(w) = &status.wal_receiver {
+                    if let (Some(host), Some(port)) = (&w.sender_host, w.sender_port) {
+                        o.upstream = member_at(&self.shared.config, host, port).unwrap_or_default();
+                    }
+                }
+                Some(o)
             }
         }
     }
@@ -247,8 +266,9 @@ impl Reporter {
                 sent_unix_ms: unix_ms(),
                 generation: applied.intent.generation.0,
                 postgres: pg.clone(),
-                rtt_us: HashMap::new(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
+                // Round trips and peer probes come with the failure detector (issue 4).
+                ..Observation::default()
             };
             let result = self.report(obs, report_timeout).await;
             match (&result, &last_error) {

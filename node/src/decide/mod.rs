@@ -20,6 +20,7 @@
 //!   reason ([`Wait::NoCandidate`]), never a guess.
 
 mod failover;
+pub mod from_intent;
 mod switchover;
 mod sync;
 mod view;
@@ -29,6 +30,7 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+pub use from_intent::{cluster_view, observation_from_proto, LeaderBookkeeping};
 pub use view::{
     ClusterView, Limits, MemberView, Observation, PeerProbe, PrimaryView, SwitchoverAbort,
     SwitchoverPhase, SwitchoverView, SyncSet,
@@ -160,8 +162,10 @@ pub enum NoCandidateReason {
     NoQualifiedMember,
 }
 
-/// Why one member cannot be promoted.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Why one member cannot be promoted. Serde because a switchover abandoned for it is
+/// recorded in the Raft intent.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Rejection {
     NotAMember,
     Witness,

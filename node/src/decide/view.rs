@@ -5,6 +5,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::MemberKind;
 use crate::policy::Policy;
 use crate::types::{Generation, Lsn};
@@ -59,7 +61,8 @@ pub struct PrimaryView {
 }
 
 /// `synchronous_standby_names = 'ANY k (names)'`; empty names (k = 0) means async.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+/// Also the sync set the Raft intent records (hence serde).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct SyncSet {
     pub names: BTreeSet<String>,
     pub k: u32,
@@ -147,10 +150,12 @@ pub struct SwitchoverView {
     pub phase_since_ms: u64,
 }
 
-/// The switchover state machine's recorded phases.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The switchover state machine's phases, recorded in the Raft intent (hence serde).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SwitchoverPhase {
     /// Checking that the target is healthy and caught up.
+    #[default]
     Requested,
     /// The primary is told to stop writes; waiting for its final LSN to reach the target.
     StoppingWrites,
@@ -159,7 +164,8 @@ pub enum SwitchoverPhase {
 }
 
 /// Why a switchover was given up.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SwitchoverAbort {
     NoPrimary,
     PrimaryNotHealthy,

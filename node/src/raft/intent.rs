@@ -2,16 +2,25 @@
 //! replication policy, sync set, maintenance, pending switchover, history), the typed
 //! commands that change it, and their validation.
 //!
+//! The policy type is [`crate::policy::Policy`] and the recorded sync set and switchover
+//! phase are the decision core's own types ([`SyncSet`], [`SwitchoverPhase`]), so the
+//! runtime hands the intent to the core without translating (see `decide::from_intent`).
+//!
 //! Validation is one pure function, [`Intent::validate`], run twice: by the proposer before
 //! it proposes (so a refusal costs no log entry) and again by every member at apply time,
 //! because the intent may have moved between proposal and commit. An entry refused at apply
 //! time changes nothing; the refusal travels back to the proposer in the [`Response`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::decide::{SwitchoverAbort, SwitchoverPhase, SyncSet};
+use crate::policy::{Durability, FailoverMode, Policy};
 use crate::types::{Generation, Lsn, MemberId};
+
+/// The same kind as in the agent config (one type, so the intent and the config agree).
+pub use crate::config::MemberKind;
 
 /// History entries kept in the intent; older ones are dropped so snapshots stay small.
 pub const MAX_HISTORY_ENTRIES: usize = 1000;
@@ -20,20 +29,8 @@ pub const MAX_HISTORY_ENTRIES: usize = 1000;
 /// member name into `synchronous_standby_names`) at NAMEDATALEN - 1 = 63 bytes.
 pub const MAX_NAME_LEN: usize = 63;
 
-/// Upper bound on `commit_latency_budget_ms`: beyond a minute "auto" means nothing useful.
-pub const MAX_COMMIT_LATENCY_BUDGET_MS: u64 = 60_000;
-
 /// Longest free-text reason kept in a command or history entry.
 pub const MAX_REASON_LEN: usize = 1024;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MemberKind {
-    /// Manages one local Postgres.
-    Data,
-    /// Votes only; manages no Postgres and can never be primary.
-    Witness,
-}
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -54,121 +51,31 @@ pub struct Member {
     pub tags: MemberTags,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReplicationMode {
-    Sync,
-    Async,
-    /// Sync only while the measured round trip from the primary fits the commit latency budget.
-    Auto,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Durability {
-    /// Commits wait while fewer than `sync_quorum` sync standbys are healthy: zero loss.
-    Required,
-    /// The sync set shrinks to the healthy standbys, and history records that it did.
-    Preferred,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailoverMode {
-    Auto,
-    /// Only an operator promotes a member of this region.
-    Manual,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RegionPolicy {
-    pub mode: ReplicationMode,
-    pub failover: FailoverMode,
-}
-
-impl Default for RegionPolicy {
-    fn default() -> Self {
-        RegionPolicy {
-            mode: ReplicationMode::Auto,
-            failover: FailoverMode::Auto,
-        }
-    }
-}
-
-/// How the primary replicates and when a standby may replace it.
-///
-/// Defaults: `auto` everywhere with a 10 ms budget, so sync follows the primary's region and
-/// cross-region standbys are async; `preferred` durability; async failover allowed within
-/// 1 MiB of lag (the same bound Patroni uses by default), recorded in history as possible loss.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct ReplicationPolicy {
-    /// Applies to every region not listed in `regions`.
-    pub default_region: RegionPolicy,
-    pub regions: BTreeMap<String, RegionPolicy>,
-    /// k in `ANY k (sync set)`.
-    pub sync_quorum: u32,
-    pub durability: Durability,
-    /// Whether an async standby may be promoted automatically.
-    pub async_failover: bool,
-    pub max_lag_on_failover_bytes: u64,
-    pub commit_latency_budget_ms: u64,
-}
-
-impl Default for ReplicationPolicy {
-    fn default() -> Self {
-        ReplicationPolicy {
-            default_region: RegionPolicy::default(),
-            regions: BTreeMap::new(),
-            sync_quorum: 1,
-            durability: Durability::Preferred,
-            async_failover: true,
-            max_lag_on_failover_bytes: 1 << 20,
-            commit_latency_budget_ms: 10,
-        }
-    }
-}
-
-impl ReplicationPolicy {
-    pub fn region(&self, region: &str) -> RegionPolicy {
-        self.regions
-            .get(region)
-            .copied()
-            .unwrap_or(self.default_region)
-    }
-
-    pub fn mode_for(&self, region: &str) -> ReplicationMode {
-        self.region(region).mode
-    }
-
-    pub fn failover_for(&self, region: &str) -> FailoverMode {
-        self.region(region).failover
-    }
-
-    fn validate(&self) -> Result<(), Refused> {
-        if self.sync_quorum == 0 {
-            return Err(Refused::InvalidPolicy(
-                "sync_quorum must be at least 1".into(),
-            ));
-        }
-        if self.commit_latency_budget_ms > MAX_COMMIT_LATENCY_BUDGET_MS {
-            return Err(Refused::InvalidPolicy(format!(
-                "commit_latency_budget_ms {} is above the limit of {MAX_COMMIT_LATENCY_BUDGET_MS}",
-                self.commit_latency_budget_ms
-            )));
-        }
-        for region in self.regions.keys() {
-            check_name("region", region)?;
-        }
-        Ok(())
-    }
-}
-
+/// A planned switchover in progress. The decision core moves it through its phases
+/// ([`Command::SetSwitchoverPhase`]) and ends it with a promotion of `to` or
+/// [`Command::AbandonSwitchover`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingSwitchover {
     pub from: String,
     pub to: String,
     pub started_at_unix_ms: i64,
+    /// Always `requested` when it begins.
+    #[serde(default)]
+    pub phase: SwitchoverPhase,
+}
+
+/// The phase changes the decision core emits: forward only, and `aborting` only once
+/// writes were asked to stop (before that, giving up needs no un-fencing and the core
+/// abandons directly).
+fn switchover_step_allowed(from: &SwitchoverPhase, to: &SwitchoverPhase) -> bool {
+    matches!(
+        (from, to),
+        (SwitchoverPhase::Requested, SwitchoverPhase::StoppingWrites)
+            | (
+                SwitchoverPhase::StoppingWrites,
+                SwitchoverPhase::Aborting(_)
+            )
+    )
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,7 +116,9 @@ pub enum PromotionKind {
     Bootstrap,
     /// Automatic replacement of a failed primary: refused in maintenance mode.
     Failover,
-    /// Completes the pending switchover, whose target must be this member.
+    /// Completes the pending switchover, whose target must be this member and whose
+    /// phase must be `stopping_writes` (never once it is aborting: the old primary may be
+    /// taking writes again).
     Switchover,
     /// Operator-requested (`meridianctl failover --candidate`).
     Manual,
@@ -257,19 +166,37 @@ pub enum Command {
     },
     Promote(Promote),
     SetPolicy {
-        policy: ReplicationPolicy,
+        policy: Policy,
         reason: String,
         at_unix_ms: i64,
     },
-    /// The sync set as Postgres may wait on it, recorded for the current generation's primary.
+    /// The sync set Postgres may wait on (`ANY k (names)`), recorded for the current
+    /// generation's primary. Keeping the record a superset of what Postgres waits on is
+    /// the runtime's job (grow the record first, shrink Postgres first).
     RecordSyncSet {
         generation: Generation,
-        members: Vec<String>,
+        set: SyncSet,
     },
     SetMaintenance {
         on: bool,
     },
+    /// Starts a switchover; its phase must be `requested`.
     BeginSwitchover(PendingSwitchover),
+    /// Moves the pending switchover to `to` to its next phase.
+    SetSwitchoverPhase {
+        /// The pending switchover's target: a step decided for an earlier switchover is
+        /// refused.
+        to: String,
+        phase: SwitchoverPhase,
+    },
+    /// The decision core gives up the pending switchover to `to` (from any phase) and
+    /// records why in the history.
+    AbandonSwitchover {
+        to: String,
+        reason: SwitchoverAbort,
+        at_unix_ms: i64,
+    },
+    /// An operator cancels the pending switchover, whatever its phase.
     ClearSwitchover,
     AppendHistory(HistoryEntry),
 }
@@ -318,10 +245,18 @@ pub enum Refused {
         got: String,
         primary: Option<String>,
     },
+    #[error("switchover phase cannot go from {from:?} to {to:?}")]
+    InvalidSwitchoverPhase {
+        /// `None` when a switchover would begin in `to`.
+        from: Option<SwitchoverPhase>,
+        to: SwitchoverPhase,
+    },
+    #[error("switchover promotion needs phase stopping_writes, the switchover is {phase:?}")]
+    SwitchoverWritesNotStopping { phase: SwitchoverPhase },
     #[error("invalid policy: {0}")]
     InvalidPolicy(String),
-    #[error("sync set lists {0:?} twice")]
-    DuplicateSyncMember(String),
+    #[error("sync set of {size} names cannot have k = {k} (1 <= k <= size, 0 when empty)")]
+    InvalidSyncQuorum { k: u32, size: usize },
     #[error("sync set of {size} is below sync_quorum {quorum} under required durability")]
     SyncSetBelowQuorum { size: usize, quorum: u32 },
     #[error("reason is longer than {MAX_REASON_LEN} bytes")]
@@ -355,8 +290,9 @@ pub struct Intent {
     pub next_member_id: MemberId,
     pub primary: Option<String>,
     pub generation: Generation,
-    pub policy: ReplicationPolicy,
-    pub sync_set: Vec<String>,
+    pub policy: Policy,
+    /// The recorded sync set: a superset of what the primary's Postgres may wait on.
+    pub sync_set: SyncSet,
     pub maintenance: bool,
     pub pending_switchover: Option<PendingSwitchover>,
     pub history: Vec<HistoryEntry>,
@@ -370,8 +306,8 @@ impl Default for Intent {
             next_member_id: MemberId(1),
             primary: None,
             generation: Generation(0),
-            policy: ReplicationPolicy::default(),
-            sync_set: Vec::new(),
+            policy: Policy::default(),
+            sync_set: SyncSet::default(),
             maintenance: false,
             pending_switchover: None,
             history: Vec::new(),
@@ -395,12 +331,39 @@ fn check_name(what: &str, name: &str) -> Result<(), Refused> {
     }
 }
 
+/// Regions also key the policy, whose rule is stricter (lowercase, no dots): a member in
+/// a region the policy cannot name would be beyond its reach.
+fn check_region(region: &str) -> Result<(), Refused> {
+    check_name("region", region)?;
+    if region.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(Refused::InvalidName {
+            what: "region (lowercase)".to_string(),
+            name: region.to_string(),
+        });
+    }
+    Ok(())
+}
+
 fn check_reason(reason: &str) -> Result<(), Refused> {
     if reason.len() > MAX_REASON_LEN {
         Err(Refused::ReasonTooLong)
     } else {
         Ok(())
     }
+}
+
+/// Under `required` durability a recorded set, unless empty (no sync standby at all),
+/// names at least `sync_quorum` members: fewer could never acknowledge a commit, and
+/// shrinking below the quorum is what `preferred` is for.
+fn check_sync_set_size(policy: &Policy, set: &SyncSet) -> Result<(), Refused> {
+    let size = set.names.len();
+    if policy.durability == Durability::Required && size > 0 && size < policy.sync_quorum as usize {
+        return Err(Refused::SyncSetBelowQuorum {
+            size,
+            quorum: policy.sync_quorum,
+        });
+    }
+    Ok(())
 }
 
 impl Intent {
@@ -426,13 +389,28 @@ impl Intent {
         Ok(m)
     }
 
+    /// The pending switchover, if its target is `to`.
+    fn pending_switchover_to(&self, to: &str) -> Result<&PendingSwitchover, Refused> {
+        let sw = self
+            .pending_switchover
+            .as_ref()
+            .ok_or(Refused::NoSwitchoverPending)?;
+        if sw.to != to {
+            return Err(Refused::SwitchoverTargetMismatch {
+                expected: sw.to.clone(),
+                got: to.to_string(),
+            });
+        }
+        Ok(sw)
+    }
+
     /// Whether `command` may be applied to this intent. Pure: the same intent and command
     /// always give the same answer, on the proposer and on every member at apply time.
     pub fn validate(&self, command: &Command) -> Result<(), Refused> {
         match command {
             Command::AddMember { name, region, .. } => {
                 check_name("member", name)?;
-                check_name("region", region)?;
+                check_region(region)?;
                 if self.members.contains_key(name) {
                     return Err(Refused::MemberExists(name.clone()));
                 }
@@ -446,7 +424,7 @@ impl Intent {
                 if self.primary.as_deref() == Some(name) {
                     return Err(Refused::MemberIsPrimary(name.clone()));
                 }
-                if self.sync_set.iter().any(|s| s == name) {
+                if self.sync_set.names.contains(name) {
                     return Err(Refused::MemberInSyncSet(name.clone()));
                 }
                 if let Some(sw) = &self.pending_switchover {
@@ -460,47 +438,34 @@ impl Intent {
             Command::Promote(p) => self.validate_promote(p),
             Command::SetPolicy { policy, reason, .. } => {
                 check_reason(reason)?;
-                policy.validate()?;
-                if policy.durability == Durability::Required
-                    && !self.sync_set.is_empty()
-                    && self.sync_set.len() < policy.sync_quorum as usize
-                {
-                    return Err(Refused::SyncSetBelowQuorum {
-                        size: self.sync_set.len(),
-                        quorum: policy.sync_quorum,
-                    });
-                }
-                Ok(())
+                policy
+                    .validate()
+                    .map_err(|e| Refused::InvalidPolicy(e.to_string()))?;
+                check_sync_set_size(policy, &self.sync_set)
             }
-            Command::RecordSyncSet {
-                generation,
-                members,
-            } => {
+            Command::RecordSyncSet { generation, set } => {
                 if *generation != self.generation {
                     return Err(Refused::StaleGeneration {
                         expected: self.generation,
                         got: *generation,
                     });
                 }
-                let mut seen = BTreeSet::new();
-                for name in members {
+                for name in &set.names {
                     self.data_member(name)?;
                     if self.primary.as_deref() == Some(name.as_str()) {
                         return Err(Refused::MemberIsPrimary(name.clone()));
                     }
-                    if !seen.insert(name.as_str()) {
-                        return Err(Refused::DuplicateSyncMember(name.clone()));
-                    }
                 }
-                if self.policy.durability == Durability::Required
-                    && members.len() < self.policy.sync_quorum as usize
-                {
-                    return Err(Refused::SyncSetBelowQuorum {
-                        size: members.len(),
-                        quorum: self.policy.sync_quorum,
-                    });
+                let size = set.names.len();
+                let k_ok = if size == 0 {
+                    set.k == 0
+                } else {
+                    set.k >= 1 && set.k as usize <= size
+                };
+                if !k_ok {
+                    return Err(Refused::InvalidSyncQuorum { k: set.k, size });
                 }
-                Ok(())
+                check_sync_set_size(&self.policy, set)
             }
             Command::SetMaintenance { .. } => Ok(()),
             Command::BeginSwitchover(sw) => {
@@ -523,8 +488,25 @@ impl Intent {
                 if to.tags.nofailover {
                     return Err(Refused::NoFailover(sw.to.clone()));
                 }
+                if sw.phase != SwitchoverPhase::Requested {
+                    return Err(Refused::InvalidSwitchoverPhase {
+                        from: None,
+                        to: sw.phase.clone(),
+                    });
+                }
                 Ok(())
             }
+            Command::SetSwitchoverPhase { to, phase } => {
+                let sw = self.pending_switchover_to(to)?;
+                if !switchover_step_allowed(&sw.phase, phase) {
+                    return Err(Refused::InvalidSwitchoverPhase {
+                        from: Some(sw.phase.clone()),
+                        to: phase.clone(),
+                    });
+                }
+                Ok(())
+            }
+            Command::AbandonSwitchover { to, .. } => self.pending_switchover_to(to).map(|_| ()),
             Command::ClearSwitchover => {
                 if self.pending_switchover.is_none() {
                     return Err(Refused::NoSwitchoverPending);
@@ -559,16 +541,14 @@ impl Intent {
                     return Err(Refused::Maintenance);
                 }
             }
-            PromotionKind::Switchover => match &self.pending_switchover {
-                None => return Err(Refused::NoSwitchoverPending),
-                Some(sw) if sw.to != p.member => {
-                    return Err(Refused::SwitchoverTargetMismatch {
-                        expected: sw.to.clone(),
-                        got: p.member.clone(),
-                    })
+            PromotionKind::Switchover => {
+                let sw = self.pending_switchover_to(&p.member)?;
+                if sw.phase != SwitchoverPhase::StoppingWrites {
+                    return Err(Refused::SwitchoverWritesNotStopping {
+                        phase: sw.phase.clone(),
+                    });
                 }
-                Some(_) => {}
-            },
+            }
             PromotionKind::Manual => {}
         }
         if !p.force {
@@ -577,7 +557,7 @@ impl Intent {
             }
             // A switchover target was chosen by an operator, so a manual region does not block it.
             if p.kind == PromotionKind::Failover
-                && self.policy.failover_for(&member.region) == FailoverMode::Manual
+                && self.policy.region(&member.region).failover == FailoverMode::Manual
             {
                 return Err(Refused::ManualFailoverRegion {
                     member: p.member.clone(),
@@ -651,7 +631,7 @@ impl Intent {
                 self.generation = p.generation;
                 // The sync set belonged to the old primary's topology; the new primary's agent
                 // records a fresh one (grow the record first, then Postgres).
-                self.sync_set.clear();
+                self.sync_set = SyncSet::default();
                 self.pending_switchover = None;
                 let kind = match p.kind {
                     PromotionKind::Bootstrap => HistoryKind::Bootstrap,
@@ -688,9 +668,35 @@ impl Intent {
                     possible_loss_bytes: None,
                 });
             }
-            Command::RecordSyncSet { members, .. } => self.sync_set = members.clone(),
+            Command::RecordSyncSet { set, .. } => self.sync_set = set.clone(),
             Command::SetMaintenance { on } => self.maintenance = *on,
             Command::BeginSwitchover(sw) => self.pending_switchover = Some(sw.clone()),
+            Command::SetSwitchoverPhase { phase, .. } => {
+                if let Some(sw) = &mut self.pending_switchover {
+                    sw.phase = phase.clone();
+                }
+            }
+            Command::AbandonSwitchover {
+                to,
+                reason,
+                at_unix_ms,
+            } => {
+                let from = self.pending_switchover.take().map(|sw| sw.from);
+                self.push_history(HistoryEntry {
+                    at_unix_ms: *at_unix_ms,
+                    kind: HistoryKind::Switchover,
+                    reason: format!(
+                        "switchover from {} to {to} abandoned: {reason:?}",
+                        from.as_deref().unwrap_or("?")
+                    ),
+                    old_primary: self.primary.clone(),
+                    new_primary: self.primary.clone(),
+                    generation: self.generation,
+                    old_primary_lsn: None,
+                    new_primary_lsn: None,
+                    possible_loss_bytes: None,
+                });
+            }
             Command::ClearSwitchover => self.pending_switchover = None,
             Command::AppendHistory(entry) => self.push_history(entry.clone()),
         }
@@ -709,6 +715,8 @@ impl Intent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decide::Rejection;
+    use crate::policy::{RegionPolicy, SyncMode};
 
     fn add(intent: &mut Intent, name: &str, region: &str, kind: MemberKind) -> MemberId {
         match intent.apply(&Command::AddMember {
@@ -810,6 +818,21 @@ mod tests {
             refused(&mut i, bad_region),
             Refused::InvalidName { .. }
         ));
+        // The policy keys regions in lowercase only, so members may not use other regions.
+        let upper_region = Command::AddMember {
+            name: "z1".into(),
+            region: "West".into(),
+            kind: MemberKind::Data,
+            tags: MemberTags::default(),
+            at_unix_ms: 1,
+        };
+        assert_eq!(
+            refused(&mut i, upper_region),
+            Refused::InvalidName {
+                what: "region (lowercase)".into(),
+                name: "West".into()
+            }
+        );
     }
 
     #[test]
@@ -829,7 +852,7 @@ mod tests {
         );
         i.apply(&Command::RecordSyncSet {
             generation: Generation(1),
-            members: vec!["a2".into()],
+            set: SyncSet::new(["a2"], 1),
         });
         assert_eq!(
             refused(&mut i, rm("a2")),
@@ -839,6 +862,7 @@ mod tests {
             from: "a1".into(),
             to: "b1".into(),
             started_at_unix_ms: 6,
+            phase: SwitchoverPhase::Requested,
         }));
         assert_eq!(
             refused(&mut i, rm("b1")),
@@ -919,12 +943,13 @@ mod tests {
             Refused::Maintenance
         );
         i.apply(&Command::SetMaintenance { on: false });
-        let mut policy = ReplicationPolicy::default();
+        let mut policy = Policy::default();
         policy.regions.insert(
             "b".into(),
             RegionPolicy {
-                mode: ReplicationMode::Async,
+                mode: SyncMode::Async,
                 failover: FailoverMode::Manual,
+                priority: 0,
             },
         );
         assert_eq!(
@@ -942,6 +967,9 @@ mod tests {
                 region: "b".into()
             }
         );
+        // Region a has no entry: the default (auto) applies.
+        i.validate(&promote("a2", 2, PromotionKind::Failover))
+            .unwrap();
         // An operator's manual promotion is not blocked by the region's automatic mode.
         assert_eq!(
             i.apply(&promote("b1", 2, PromotionKind::Manual)),
@@ -958,16 +986,29 @@ mod tests {
         );
     }
 
+    fn begin(from: &str, to: &str) -> Command {
+        Command::BeginSwitchover(PendingSwitchover {
+            from: from.into(),
+            to: to.into(),
+            started_at_unix_ms: 9,
+            phase: SwitchoverPhase::Requested,
+        })
+    }
+
+    fn phase(to: &str, phase: SwitchoverPhase) -> Command {
+        Command::SetSwitchoverPhase {
+            to: to.into(),
+            phase,
+        }
+    }
+
+    fn aborting() -> SwitchoverPhase {
+        SwitchoverPhase::Aborting(SwitchoverAbort::WritesNotStopped)
+    }
+
     #[test]
     fn switchover_lifecycle_and_guards() {
         let mut i = cluster();
-        let begin = |from: &str, to: &str| {
-            Command::BeginSwitchover(PendingSwitchover {
-                from: from.into(),
-                to: to.into(),
-                started_at_unix_ms: 9,
-            })
-        };
         assert_eq!(
             refused(&mut i, promote("a2", 2, PromotionKind::Switchover)),
             Refused::NoSwitchoverPending
@@ -988,11 +1029,69 @@ mod tests {
             refused(&mut i, Command::ClearSwitchover),
             Refused::NoSwitchoverPending
         );
+        assert_eq!(
+            refused(&mut i, phase("b1", SwitchoverPhase::StoppingWrites)),
+            Refused::NoSwitchoverPending
+        );
+        let Command::BeginSwitchover(mut late) = begin("a1", "b1") else {
+            unreachable!()
+        };
+        late.phase = SwitchoverPhase::StoppingWrites;
+        assert_eq!(
+            refused(&mut i, Command::BeginSwitchover(late)),
+            Refused::InvalidSwitchoverPhase {
+                from: None,
+                to: SwitchoverPhase::StoppingWrites
+            }
+        );
+
         assert_eq!(i.apply(&begin("a1", "b1")), Response::Applied);
+        assert_eq!(
+            i.pending_switchover.as_ref().map(|sw| &sw.phase),
+            Some(&SwitchoverPhase::Requested)
+        );
         assert!(matches!(
             refused(&mut i, begin("a1", "a2")),
             Refused::SwitchoverPending { .. }
         ));
+        // Writes have not been asked to stop: no promotion yet.
+        assert_eq!(
+            refused(&mut i, promote("b1", 2, PromotionKind::Switchover)),
+            Refused::SwitchoverWritesNotStopping {
+                phase: SwitchoverPhase::Requested
+            }
+        );
+        // A step decided for another switchover is refused.
+        assert_eq!(
+            refused(&mut i, phase("a2", SwitchoverPhase::StoppingWrites)),
+            Refused::SwitchoverTargetMismatch {
+                expected: "b1".into(),
+                got: "a2".into()
+            }
+        );
+        // Only the forward steps the decision core emits.
+        for bad in [SwitchoverPhase::Requested, aborting()] {
+            assert_eq!(
+                refused(&mut i, phase("b1", bad.clone())),
+                Refused::InvalidSwitchoverPhase {
+                    from: Some(SwitchoverPhase::Requested),
+                    to: bad
+                }
+            );
+        }
+        assert_eq!(
+            i.apply(&phase("b1", SwitchoverPhase::StoppingWrites)),
+            Response::Applied
+        );
+        for bad in [SwitchoverPhase::Requested, SwitchoverPhase::StoppingWrites] {
+            assert_eq!(
+                refused(&mut i, phase("b1", bad.clone())),
+                Refused::InvalidSwitchoverPhase {
+                    from: Some(SwitchoverPhase::StoppingWrites),
+                    to: bad
+                }
+            );
+        }
         assert_eq!(
             refused(&mut i, promote("a2", 2, PromotionKind::Switchover)),
             Refused::SwitchoverTargetMismatch {
@@ -1013,6 +1112,69 @@ mod tests {
     }
 
     #[test]
+    fn switchover_abort_and_abandon() {
+        let mut i = cluster();
+        let abandon = |to: &str| Command::AbandonSwitchover {
+            to: to.into(),
+            reason: SwitchoverAbort::TargetNotReady(Rejection::LagTooHigh {
+                lag_bytes: 10,
+                max_bytes: 5,
+            }),
+            at_unix_ms: 11,
+        };
+        assert_eq!(refused(&mut i, abandon("b1")), Refused::NoSwitchoverPending);
+        // Abandon straight from `requested`.
+        i.apply(&begin("a1", "b1"));
+        assert_eq!(
+            refused(&mut i, abandon("a2")),
+            Refused::SwitchoverTargetMismatch {
+                expected: "b1".into(),
+                got: "a2".into()
+            }
+        );
+        assert_eq!(i.apply(&abandon("b1")), Response::Applied);
+        assert_eq!(i.pending_switchover, None);
+        let last = i.history.last().unwrap();
+        assert_eq!(last.kind, HistoryKind::Switchover);
+        assert_eq!(
+            last.reason,
+            "switchover from a1 to b1 abandoned: TargetNotReady(LagTooHigh { lag_bytes: 10, \
+             max_bytes: 5 })"
+        );
+        assert_eq!(last.at_unix_ms, 11);
+        assert_eq!(i.primary.as_deref(), Some("a1"));
+        assert_eq!(i.generation, Generation(1));
+
+        // Through `stopping_writes` and `aborting`, then abandon.
+        i.apply(&begin("a1", "b1"));
+        assert_eq!(
+            i.apply(&phase("b1", SwitchoverPhase::StoppingWrites)),
+            Response::Applied
+        );
+        assert_eq!(i.apply(&phase("b1", aborting())), Response::Applied);
+        for bad in [
+            SwitchoverPhase::Requested,
+            SwitchoverPhase::StoppingWrites,
+            aborting(),
+        ] {
+            assert_eq!(
+                refused(&mut i, phase("b1", bad.clone())),
+                Refused::InvalidSwitchoverPhase {
+                    from: Some(aborting()),
+                    to: bad
+                }
+            );
+        }
+        // Once aborting, the old primary may take writes again: never promote for it.
+        assert_eq!(
+            refused(&mut i, promote("b1", 2, PromotionKind::Switchover)),
+            Refused::SwitchoverWritesNotStopping { phase: aborting() }
+        );
+        assert_eq!(i.apply(&abandon("b1")), Response::Applied);
+        assert_eq!(i.pending_switchover, None);
+    }
+
+    #[test]
     fn switchover_refuses_nofailover_target() {
         let mut i = cluster();
         i.apply(&Command::SetMemberTags {
@@ -1023,53 +1185,58 @@ mod tests {
             },
         });
         assert_eq!(
-            refused(
-                &mut i,
-                Command::BeginSwitchover(PendingSwitchover {
-                    from: "a1".into(),
-                    to: "b1".into(),
-                    started_at_unix_ms: 1
-                })
-            ),
+            refused(&mut i, begin("a1", "b1")),
             Refused::NoFailover("b1".into())
         );
+    }
+
+    fn rec(g: u64, names: &[&str], k: u32) -> Command {
+        Command::RecordSyncSet {
+            generation: Generation(g),
+            set: SyncSet {
+                names: names.iter().map(|s| s.to_string()).collect(),
+                k,
+            },
+        }
     }
 
     #[test]
     fn sync_set_rules() {
         let mut i = cluster();
-        let rec = |g: u64, m: &[&str]| Command::RecordSyncSet {
-            generation: Generation(g),
-            members: m.iter().map(|s| s.to_string()).collect(),
-        };
         assert!(matches!(
-            refused(&mut i, rec(0, &["a2"])),
+            refused(&mut i, rec(0, &["a2"], 1)),
             Refused::StaleGeneration { .. }
         ));
         assert_eq!(
-            refused(&mut i, rec(1, &["a1"])),
+            refused(&mut i, rec(1, &["a1"], 1)),
             Refused::MemberIsPrimary("a1".into())
         );
         assert_eq!(
-            refused(&mut i, rec(1, &["w1"])),
+            refused(&mut i, rec(1, &["w1"], 1)),
             Refused::NotDataMember("w1".into())
         );
         assert_eq!(
-            refused(&mut i, rec(1, &["nope"])),
+            refused(&mut i, rec(1, &["nope"], 1)),
             Refused::UnknownMember("nope".into())
         );
-        assert_eq!(
-            refused(&mut i, rec(1, &["a2", "a2"])),
-            Refused::DuplicateSyncMember("a2".into())
-        );
-        assert_eq!(i.apply(&rec(1, &["a2", "b1"])), Response::Applied);
-        assert_eq!(i.sync_set, vec!["a2".to_string(), "b1".to_string()]);
+        // k must fit the names: 1..=n, and 0 only for the empty (async) set.
+        for (names, k) in [(&["a2", "b1"][..], 0), (&["a2", "b1"][..], 3), (&[][..], 1)] {
+            assert_eq!(
+                refused(&mut i, rec(1, names, k)),
+                Refused::InvalidSyncQuorum {
+                    k,
+                    size: names.len()
+                }
+            );
+        }
+        assert_eq!(i.apply(&rec(1, &["a2", "b1"], 2)), Response::Applied);
+        assert_eq!(i.sync_set, SyncSet::new(["a2", "b1"], 2));
 
         // Under required durability the record may not drop below the quorum...
-        let policy = ReplicationPolicy {
+        let policy = Policy {
             durability: Durability::Required,
             sync_quorum: 2,
-            ..ReplicationPolicy::default()
+            ..Policy::default()
         };
         assert_eq!(
             i.apply(&Command::SetPolicy {
@@ -1080,11 +1247,14 @@ mod tests {
             Response::Applied
         );
         assert_eq!(
-            refused(&mut i, rec(1, &["a2"])),
+            refused(&mut i, rec(1, &["a2"], 1)),
             Refused::SyncSetBelowQuorum { size: 1, quorum: 2 }
         );
+        // ...except to empty (no sync standby at all, e.g. every region went async)...
+        assert_eq!(i.apply(&rec(1, &[], 0)), Response::Applied);
+        assert_eq!(i.apply(&rec(1, &["a2", "b1"], 1)), Response::Applied);
         // ...and a policy that the recorded set cannot satisfy is refused.
-        let policy3 = ReplicationPolicy {
+        let policy3 = Policy {
             sync_quorum: 3,
             ..policy
         };
@@ -1092,99 +1262,104 @@ mod tests {
             refused(
                 &mut i,
                 Command::SetPolicy {
-                    policy: policy3,
+                    policy: policy3.clone(),
                     reason: "".into(),
                     at_unix_ms: 5
                 }
             ),
             Refused::SyncSetBelowQuorum { size: 2, quorum: 3 }
         );
+        // Preferred durability may shrink below the quorum.
+        let preferred = Policy {
+            durability: Durability::Preferred,
+            ..policy3
+        };
+        assert_eq!(
+            i.apply(&Command::SetPolicy {
+                policy: preferred,
+                reason: "availability first".into(),
+                at_unix_ms: 6
+            }),
+            Response::Applied
+        );
+        assert_eq!(i.apply(&rec(1, &["a2"], 1)), Response::Applied);
 
         // A promotion resets the record: it described the old primary's standbys.
-        i.apply(&Command::SetPolicy {
-            policy: ReplicationPolicy::default(),
-            reason: "back to default".into(),
-            at_unix_ms: 6,
-        });
         assert_eq!(
             i.apply(&promote("b1", 2, PromotionKind::Manual)),
             Response::Applied
         );
-        assert!(i.sync_set.is_empty());
+        assert_eq!(i.sync_set, SyncSet::default());
     }
 
     #[test]
     fn policy_validation() {
         let mut i = cluster();
-        let set = |p: ReplicationPolicy| Command::SetPolicy {
+        let set = |p: Policy| Command::SetPolicy {
             policy: p,
             reason: "r".into(),
             at_unix_ms: 1,
         };
-        assert!(matches!(
+        assert_eq!(
             refused(
                 &mut i,
-                set(ReplicationPolicy {
+                set(Policy {
                     sync_quorum: 0,
                     ..Default::default()
                 })
             ),
-            Refused::InvalidPolicy(_)
-        ));
+            Refused::InvalidPolicy(
+                "policy sync_quorum = \"0\": must be at least 1 (ANY 0 would wait for nobody; \
+                 use mode = async instead)"
+                    .into()
+            )
+        );
         assert!(matches!(
             refused(
                 &mut i,
-                set(ReplicationPolicy {
-                    commit_latency_budget_ms: MAX_COMMIT_LATENCY_BUDGET_MS + 1,
+                set(Policy {
+                    commit_latency_budget_ms: crate::policy::MAX_COMMIT_LATENCY_BUDGET_MS + 1,
                     ..Default::default()
                 })
             ),
             Refused::InvalidPolicy(_)
         ));
-        let mut bad_region = ReplicationPolicy::default();
+        let mut bad_region = Policy::default();
         bad_region
             .regions
             .insert("bad region".into(), RegionPolicy::default());
         assert!(matches!(
             refused(&mut i, set(bad_region)),
-            Refused::InvalidName { .. }
+            Refused::InvalidPolicy(_)
         ));
         assert_eq!(
             refused(
                 &mut i,
                 Command::SetPolicy {
-                    policy: ReplicationPolicy::default(),
+                    policy: Policy::default(),
                     reason: "x".repeat(MAX_REASON_LEN + 1),
                     at_unix_ms: 1
                 }
             ),
             Refused::ReasonTooLong
         );
-        assert_eq!(
-            i.apply(&set(ReplicationPolicy::default())),
-            Response::Applied
-        );
+        assert_eq!(i.apply(&set(Policy::default())), Response::Applied);
         assert_eq!(i.history.last().unwrap().kind, HistoryKind::Policy);
     }
 
     #[test]
-    fn policy_defaults_and_region_lookup() {
-        let mut p = ReplicationPolicy::default();
-        assert_eq!(p.mode_for("anywhere"), ReplicationMode::Auto);
-        assert_eq!(p.failover_for("anywhere"), FailoverMode::Auto);
-        p.regions.insert(
-            "b".into(),
-            RegionPolicy {
-                mode: ReplicationMode::Sync,
-                failover: FailoverMode::Manual,
-            },
+    fn intent_uses_the_policy_defaults() {
+        assert_eq!(Intent::default().policy, Policy::default());
+        // A partial policy in an intent's JSON fills the rest from the policy defaults.
+        let parsed: Intent = serde_json::from_str(r#"{"policy": {"sync_quorum": 2}}"#).unwrap();
+        assert_eq!(
+            parsed.policy,
+            Policy {
+                sync_quorum: 2,
+                ..Policy::default()
+            }
         );
-        assert_eq!(p.mode_for("b"), ReplicationMode::Sync);
-        assert_eq!(p.failover_for("b"), FailoverMode::Manual);
-        // A partial policy in JSON fills the rest from the defaults.
-        let parsed: ReplicationPolicy = serde_json::from_str(r#"{"sync_quorum": 2}"#).unwrap();
-        assert_eq!(parsed.sync_quorum, 2);
-        assert_eq!(parsed.commit_latency_budget_ms, 10);
+        assert_eq!(parsed.sync_set, SyncSet::default());
     }
 
     #[test]
@@ -1224,6 +1399,22 @@ mod tests {
             promote("a2", 2, PromotionKind::Failover),
             Command::ClearSwitchover,
             Command::SetMaintenance { on: true },
+            rec(1, &["a2", "b1"], 1),
+            begin("a1", "b1"),
+            phase(
+                "b1",
+                SwitchoverPhase::Aborting(SwitchoverAbort::TargetDidNotCatchUp {
+                    received_lsn: None,
+                    final_lsn: Lsn(7),
+                }),
+            ),
+            Command::AbandonSwitchover {
+                to: "b1".into(),
+                reason: SwitchoverAbort::TargetNotEligible(Rejection::RegionFailoverManual {
+                    region: "b".into(),
+                }),
+                at_unix_ms: 3,
+            },
         ];
         for c in cmds {
             let s = serde_json::to_string(&c).unwrap();
@@ -1235,6 +1426,26 @@ mod tests {
         });
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<Response>(&s).unwrap(), r);
+        let r = Response::Refused(Refused::InvalidSwitchoverPhase {
+            from: Some(SwitchoverPhase::Requested),
+            to: aborting(),
+        });
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<Response>(&s).unwrap(), r);
+        // An operator's JSON need not name the phase of a switchover it begins.
+        let c: Command = serde_json::from_str(
+            r#"{"type":"begin_switchover","from":"a1","to":"b1","started_at_unix_ms":1}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Command::BeginSwitchover(PendingSwitchover {
+                from: "a1".into(),
+                to: "b1".into(),
+                started_at_unix_ms: 1,
+                phase: SwitchoverPhase::Requested,
+            })
+        );
         let i = cluster();
         let s = serde_json::to_string(&i).unwrap();
         assert_eq!(serde_json::from_str::<Intent>(&s).unwrap(), i);

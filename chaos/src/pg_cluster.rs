@@ -177,7 +177,7 @@ impl PgCluster {
         within: Duration,
     ) -> anyhow::Result<()> {
         let up = &self.nodes[upstream];
-        crate::wait_until(
+        crate::wait::wait_until(
             &format!(
                 "{application_name} to stream from {}",
                 up.application_name()

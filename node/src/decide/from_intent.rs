@@ -1,0 +1,649 @@
+//! Builds the decision core's input from what the Raft leader holds: the committed
+//! [`Intent`], its own bookkeeping on its monotonic clock ([`LeaderBookkeeping`]) and the
+//! observations agents reported ([`observation_from_proto`] converts one off the wire).
+//!
+//! Pure like the rest of the core: no I/O, no clock reads; every instant is an argument.
+
+use std::collections::BTreeMap;
+
+use super::view::{
+    ClusterView, Limits, MemberView, Observation, PeerProbe, PrimaryView, SwitchoverView, SyncSet,
+};
+use crate::raft::intent::Intent;
+use crate::types::{Generation, Lsn};
+
+/// What only the leader's runtime knows, all on its monotonic clock (the clock of the
+/// `now_ms` given to [`decide`](super::decide)). The runtime resets the fields when what
+/// they time changes (a new primary, generation or switchover phase).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaderBookkeeping {
+    /// When this member became leader.
+    pub elected_at_ms: u64,
+    /// When this leader received the current primary's last lease renewal, if it has.
+    pub last_lease_renewal_received_at_ms: Option<u64>,
+    pub lease_ttl_ms: u64,
+    /// When this leader saw the current generation committed.
+    pub generation_seen_at_ms: u64,
+    /// When this leader saw the pending switchover's phase committed.
+    pub switchover_phase_since_ms: u64,
+}
+
+impl LeaderBookkeeping {
+    /// DESIGN §3: the leader counts expiry from when it *received* the last renewal, and
+    /// a newly elected leader treats the lease as renewed at its own election.
+    pub fn lease_expires_at_ms(&self) -> u64 {
+        let renewed_at_ms = self
+            .last_lease_renewal_received_at_ms
+            .map_or(self.elected_at_ms, |r| r.max(self.elected_at_ms));
+        renewed_at_ms.saturating_add(self.lease_ttl_ms)
+    }
+}
+
+/// The decision core's view of the cluster. Observations of names that are not members
+/// of the intent (a removed member still reporting) are left out.
+pub fn cluster_view(
+    intent: &Intent,
+    leader: &LeaderBookkeeping,
+    observations: &BTreeMap<String, Observation>,
+    rtt_from_primary_ms: BTreeMap<String, u64>,
+    limits: Limits,
+) -> ClusterView {
+    let members = intent
+        .members
+        .iter()
+        .map(|(name, m)| {
+            let view = MemberView {
+                region: m.region.clone(),
+                kind: m.kind,
+                priority: m.tags.priority,
+                nofailover: m.tags.nofailover,
+            };
+            (name.clone(), view)
+        })
+        .collect();
+    // A bound that started before this leader's election counts from the election:
+    // the leader cannot know what happened on the clock of a predecessor.
+    let since_election = |at_ms: u64| at_ms.max(leader.elected_at_ms);
+    let primary = intent.primary.as_ref().map(|name| PrimaryView {
+        name: name.clone(),
+        lease_expires_at_ms: leader.lease_expires_at_ms(),
+        generation_since_ms: since_election(leader.generation_seen_at_ms),
+    });
+    let switchover = intent.pending_switchover.as_ref().map(|sw| SwitchoverView {
+        target: sw.to.clone(),
+        phase: sw.phase.clone(),
+        phase_since_ms: since_election(leader.switchover_phase_since_ms),
+    });
+    let observations = observations
+        .iter()
+        .filter(|(name, _)| intent.members.contains_key(name.as_str()))
+        .map(|(name, obs)| (name.clone(), obs.clone()))
+        .collect();
+    ClusterView {
+        members,
+        primary,
+        generation: intent.generation,
+        policy: intent.policy.clone(),
+        recorded_sync_set: intent.sync_set.clone(),
+        maintenance: intent.maintenance,
+        switchover,
+        observations,
+        rtt_from_primary_ms,
+        limits,
+    }
+}
+
+/// One agent's report as the decision core reads it, stamped with when the leader
+/// received it (its monotonic clock). On the wire an LSN of 0 and an empty upstream
+/// mean "none"; a report without its Postgres part reads as Postgres down.
+pub fn observation_from_proto(o: &meridian_proto::Observation, received_at_ms: u64) -> Observation {
+    let lsn = |v: u64| (v != 0).then_some(Lsn(v));
+    let probes = o
+        .probes
+        .iter()
+        .map(|(name, p)| {
+            let probe = PeerProbe {
+                agent_reachable: p.agent_reachable,
+                postgres_writable: p.postgres_writable,
+            };
+            (name.clone(), probe)
+        })
+        .collect();
+    let mut obs = Observation {
+        received_at_ms,
+        seen_generation: Generation(o.generation),
+        probes,
+        ..Observation::default()
+    };
+    if let Some(pg) = &o.postgres {
+        obs.postgres_up = pg.up;
+        obs.in_recovery = pg.in_recovery;
+        obs.fenced = pg.fenced;
+        obs.timeline = pg.timeline;
+        obs.wal_lsn = lsn(pg.current_lsn);
+        obs.received_lsn = lsn(pg.received_lsn);
+        obs.replayed_lsn = lsn(pg.replayed_lsn);
+        obs.wal_receiver_streaming =
+            pg.wal_receiver() == meridian_proto::WalReceiverStatus::Streaming;
+        obs.upstream = (!pg.upstream.is_empty()).then(|| pg.upstream.clone());
+        obs.sync_standby_names = pg
+            .sync_standby_names
+            .as_ref()
+            .map(|s| SyncSet::new(s.names.iter().cloned(), s.k));
+    }
+    obs
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::config::MemberKind;
+    use crate::decide::{SwitchoverAbort, SwitchoverPhase};
+    use crate::policy::{Durability, Policy};
+    use crate::raft::intent::{Command, MemberTags, PendingSwitchover, Promote, PromotionKind};
+
+    fn add(i: &mut Intent, name: &str, region: &str, kind: MemberKind, tags: MemberTags) {
+        i.apply(&Command::AddMember {
+            name: name.into(),
+            region: region.into(),
+            kind,
+            tags,
+            at_unix_ms: 1,
+        });
+    }
+
+    /// e1 (primary, generation 1), e2 and w1 (priority 3, nofailover) data members,
+    /// x1 witness; sync set ANY 1 (e2, w1) recorded; preferred durability.
+    fn intent() -> Intent {
+        let mut i = Intent::default();
+        add(
+            &mut i,
+            "e1",
+            "east",
+            MemberKind::Data,
+            MemberTags::default(),
+        );
+        add(
+            &mut i,
+            "e2",
+            "east",
+            MemberKind::Data,
+            MemberTags::default(),
+        );
+        let w1_tags = MemberTags {
+            priority: 3,
+            nofailover: true,
+        };
+        add(&mut i, "w1", "west", MemberKind::Data, w1_tags);
+        add(
+            &mut i,
+            "x1",
+            "central",
+            MemberKind::Witness,
+            MemberTags::default(),
+        );
+        let steps = [
+            Command::Promote(Promote {
+                member: "e1".into(),
+                generation: Generation(1),
+                kind: PromotionKind::Bootstrap,
+                force: false,
+                reason: "bootstrap".into(),
+                at_unix_ms: 2,
+                old_primary_lsn: None,
+                new_primary_lsn: None,
+                possible_loss_bytes: None,
+            }),
+            Command::SetPolicy {
+                policy: Policy {
+                    durability: Durability::Preferred,
+                    ..Policy::default()
+                },
+                reason: "test".into(),
+                at_unix_ms: 3,
+            },
+            Command::RecordSyncSet {
+                generation: Generation(1),
+                set: SyncSet::new(["e2", "w1"], 1),
+            },
+        ];
+        for cmd in steps {
+            assert_eq!(i.validate(&cmd), Ok(()), "{cmd:?}");
+            i.apply(&cmd);
+        }
+        i
+    }
+
+    fn member(region: &str, kind: MemberKind, priority: i32, nofailover: bool) -> MemberView {
+        MemberView {
+            region: region.into(),
+            kind,
+            priority,
+            nofailover,
+        }
+    }
+
+    fn obs(received_at_ms: u64) -> Observation {
+        Observation {
+            received_at_ms,
+            postgres_up: true,
+            ..Observation::default()
+        }
+    }
+
+    fn bookkeeping() -> LeaderBookkeeping {
+        LeaderBookkeeping {
+            elected_at_ms: 1_000,
+            last_lease_renewal_received_at_ms: None,
+            lease_ttl_ms: 2_000,
+            generation_seen_at_ms: 1_200,
+            switchover_phase_since_ms: 0,
+        }
+    }
+
+    #[test]
+    fn view_carries_the_intent_and_counts_the_lease_from_the_election() {
+        let i = intent();
+        let observations = BTreeMap::from([
+            ("e1".to_string(), obs(900)),
+            ("e2".to_string(), obs(950)),
+            // Not a member (any more): left out.
+            ("gone".to_string(), obs(990)),
+        ]);
+        let rtt = BTreeMap::from([("e2".to_string(), 1), ("w1".to_string(), 40)]);
+        let limits = Limits {
+            stale_after_ms: 7,
+            ..Limits::default()
+        };
+        let view = cluster_view(
+            &i,
+            &bookkeeping(),
+            &observations,
+            rtt.clone(),
+            limits.clone(),
+        );
+        let expected = ClusterView {
+            members: BTreeMap::from([
+                ("e1".to_string(), member("east", MemberKind::Data, 0, false)),
+                ("e2".to_string(), member("east", MemberKind::Data, 0, false)),
+                ("w1".to_string(), member("west", MemberKind::Data, 3, true)),
+                (
+                    "x1".to_string(),
+                    member("central", MemberKind::Witness, 0, false),
+                ),
+            ]),
+            primary: Some(PrimaryView {
+                name: "e1".into(),
+                // No renewal received yet: renewed at the election (1_000) + ttl.
+                lease_expires_at_ms: 3_000,
+                generation_since_ms: 1_200,
+            }),
+            generation: Generation(1),
+            policy: Policy {
+                durability: Durability::Preferred,
+                ..Policy::default()
+            },
+            recorded_sync_set: SyncSet {
+                names: BTreeSet::from(["e2".to_string(), "w1".to_string()]),
+                k: 1,
+            },
+            maintenance: false,
+            switchover: None,
+            observations: BTreeMap::from([
+                ("e1".to_string(), obs(900)),
+                ("e2".to_string(), obs(950)),
+            ]),
+            rtt_from_primary_ms: rtt,
+            limits,
+        };
+        assert_eq!(view, expected);
+    }
+
+    #[test]
+    fn lease_counts_from_the_later_of_renewal_and_election() {
+        let mut b = bookkeeping();
+        b.last_lease_renewal_received_at_ms = Some(5_000);
+        assert_eq!(b.lease_expires_at_ms(), 7_000);
+        // A renewal received before this leader's election (a predecessor's clock is
+        // unknown to it): the election counts.
+        b.last_lease_renewal_received_at_ms = Some(400);
+        assert_eq!(b.lease_expires_at_ms(), 3_000);
+        b.last_lease_renewal_received_at_ms = Some(u64::MAX - 10);
+        assert_eq!(b.lease_expires_at_ms(), u64::MAX);
+
+        let mut b = bookkeeping();
+        b.last_lease_renewal_received_at_ms = Some(5_000);
+        let view = cluster_view(
+            &intent(),
+            &b,
+            &BTreeMap::new(),
+            BTreeMap::new(),
+            Limits::default(),
+        );
+        assert_eq!(
+            view.primary,
+            Some(PrimaryView {
+                name: "e1".into(),
+                lease_expires_at_ms: 7_000,
+                generation_since_ms: 1_200,
+            })
+        );
+    }
+
+    #[test]
+    fn switchover_phase_and_bounds_start_no_earlier_than_the_election() {
+        let mut i = intent();
+        let cmds = [
+            Command::BeginSwitchover(PendingSwitchover {
+                from: "e1".into(),
+                to: "e2".into(),
+                started_at_unix_ms: 4,
+                phase: SwitchoverPhase::Requested,
+            }),
+            Command::SetSwitchoverPhase {
+                to: "e2".into(),
+                phase: SwitchoverPhase::StoppingWrites,
+            },
+        ];
+        for cmd in cmds {
+            assert_eq!(i.validate(&cmd), Ok(()), "{cmd:?}");
+            i.apply(&cmd);
+        }
+        let mut b = bookkeeping();
+        b.switchover_phase_since_ms = 1_500;
+        let view = cluster_view(&i, &b, &BTreeMap::new(), BTreeMap::new(), Limits::default());
+        assert_eq!(
+            view.switchover,
+            Some(SwitchoverView {
+                target: "e2".into(),
+                phase: SwitchoverPhase::StoppingWrites,
+                phase_since_ms: 1_500,
+            })
+        );
+        // Committed before this leader was elected: its bounds count from the election.
+        b.switchover_phase_since_ms = 10;
+        b.generation_seen_at_ms = 20;
+        let view = cluster_view(&i, &b, &BTreeMap::new(), BTreeMap::new(), Limits::default());
+        assert_eq!(view.switchover.map(|s| s.phase_since_ms), Some(1_000));
+        assert_eq!(view.primary.map(|p| p.generation_since_ms), Some(1_000));
+
+        let abort = SwitchoverPhase::Aborting(SwitchoverAbort::WritesNotStopped);
+        i.apply(&Command::SetSwitchoverPhase {
+            to: "e2".into(),
+            phase: abort.clone(),
+        });
+        let view = cluster_view(&i, &b, &BTreeMap::new(), BTreeMap::new(), Limits::default());
+        assert_eq!(view.switchover.map(|s| s.phase), Some(abort));
+    }
+
+    #[test]
+    fn no_primary_no_switchover() {
+        let view = cluster_view(
+            &Intent::default(),
+            &bookkeeping(),
+            &BTreeMap::new(),
+            BTreeMap::new(),
+            Limits::default(),
+        );
+        let expected = ClusterView {
+            members: BTreeMap::new(),
+            primary: None,
+            generation: Generation(0),
+            policy: Policy::default(),
+            recorded_sync_set: SyncSet::default(),
+            maintenance: false,
+            switchover: None,
+            observations: BTreeMap::new(),
+            rtt_from_primary_ms: BTreeMap::new(),
+            limits: Limits::default(),
+        };
+        assert_eq!(view, expected);
+    }
+
+    /// The raft writes the core decides on a view built from the intent are commands
+    /// the intent accepts: the two halves fit.
+    #[test]
+    fn decisions_on_the_view_are_accepted_by_the_intent() {
+        use crate::decide::{decide, Action, PromoteReason};
+        let mut i = intent();
+        i.apply(&Command::BeginSwitchover(PendingSwitchover {
+            from: "e1".into(),
+            to: "e2".into(),
+            started_at_unix_ms: 4,
+            phase: SwitchoverPhase::Requested,
+        }));
+        let now_ms = 2_000;
+        let standby = |lsn: u64| Observation {
+            received_at_ms: now_ms,
+            postgres_up: true,
+            in_recovery: true,
+            timeline: 1,
+            received_lsn: Some(Lsn(lsn)),
+            replayed_lsn: Some(Lsn(lsn)),
+            wal_receiver_streaming: true,
+            upstream: Some("e1".into()),
+            seen_generation: Generation(1),
+            ..Observation::default()
+        };
+        let mut primary = Observation {
+            received_at_ms: now_ms,
+            postgres_up: true,
+            timeline: 1,
+            wal_lsn: Some(Lsn(500)),
+            seen_generation: Generation(1),
+            sync_standby_names: Some(SyncSet::new(["e2", "w1"], 1)),
+            ..Observation::default()
+        };
+        let mut observations = BTreeMap::from([
+            ("e1".to_string(), primary.clone()),
+            ("e2".to_string(), standby(500)),
+            ("w1".to_string(), standby(400)),
+        ]);
+        let b = bookkeeping();
+        let view = cluster_view(&i, &b, &observations, BTreeMap::new(), Limits::default());
+        let d = decide(&view, now_ms);
+        let Some(Action::SetSwitchoverPhase { phase }) = d.actions.first() else {
+            panic!("expected a phase step: {d:?}");
+        };
+        assert_eq!(*phase, SwitchoverPhase::StoppingWrites);
+        let step = Command::SetSwitchoverPhase {
+            to: "e2".into(),
+            phase: phase.clone(),
+        };
+        assert_eq!(i.validate(&step), Ok(()));
+        i.apply(&step);
+
+        // Writes stopped and the target caught up: the promotion is accepted.
+        primary.fenced = true;
+        primary.in_recovery = true;
+        observations.insert("e1".into(), primary);
+        let view = cluster_view(&i, &b, &observations, BTreeMap::new(), Limits::default());
+        let d = decide(&view, now_ms);
+        let Some(Action::Promote {
+            member,
+            generation,
+            reason: PromoteReason::Switchover,
+            ..
+        }) = d.actions.first()
+        else {
+            panic!("expected a switchover promotion: {d:?}");
+        };
+        let promote = Command::Promote(Promote {
+            member: member.clone(),
+            generation: *generation,
+            kind: PromotionKind::Switchover,
+            force: false,
+            reason: "switchover".into(),
+            at_unix_ms: 5,
+            old_primary_lsn: Some(Lsn(500)),
+            new_primary_lsn: Some(Lsn(500)),
+            possible_loss_bytes: None,
+        });
+        assert_eq!(i.validate(&promote), Ok(()));
+        i.apply(&promote);
+        assert_eq!(i.primary.as_deref(), Some("e2"));
+
+        // The new primary's sync set: the core records it before Postgres waits on it.
+        let new_primary = Observation {
+            received_at_ms: now_ms,
+            postgres_up: true,
+            timeline: 2,
+            wal_lsn: Some(Lsn(600)),
+            seen_generation: Generation(2),
+            sync_standby_names: Some(SyncSet::default()),
+            ..Observation::default()
+        };
+        let mut w1 = standby(600);
+        w1.upstream = Some("e2".into());
+        let mut e1 = standby(600);
+        e1.upstream = Some("e2".into());
+        let observations = BTreeMap::from([
+            ("e1".to_string(), e1),
+            ("e2".to_string(), new_primary),
+            ("w1".to_string(), w1),
+        ]);
+        let rtt = BTreeMap::from([("e1".to_string(), 1)]);
+        let view = cluster_view(&i, &b, &observations, rtt, Limits::default());
+        let d = decide(&view, now_ms);
+        let Some(Action::RecordSyncSet { set, .. }) = d.actions.first() else {
+            panic!("expected a sync set record: {d:?}");
+        };
+        assert_eq!(*set, SyncSet::new(["e1"], 1));
+        let record = Command::RecordSyncSet {
+            generation: i.generation,
+            set: set.clone(),
+        };
+        assert_eq!(i.validate(&record), Ok(()));
+    }
+
+    #[test]
+    fn observation_from_a_full_report() {
+        use meridian_proto as pb;
+        let report = pb::Observation {
+            cluster: "c".into(),
+            member: "e1".into(),
+            sent_unix_ms: 123,
+            generation: 4,
+            postgres: Some(pb::PostgresObservation {
+                up: true,
+                in_recovery: true,
+                timeline: 3,
+                current_lsn: 0,
+                received_lsn: 0x3_0000_0100,
+                replayed_lsn: 0x3_0000_0080,
+                wal_receiver: pb::WalReceiverStatus::Streaming as i32,
+                fenced: false,
+                upstream: "e2".into(),
+                sync_standby_names: Some(pb::SyncStandbyNames {
+                    names: vec!["w1".into(), "e2".into()],
+                    k: 2,
+                }),
+                ..Default::default()
+            }),
+            probes: [
+                (
+                    "e2".to_string(),
+                    pb::PeerProbe {
+                        agent_reachable: true,
+                        postgres_writable: true,
+                    },
+                ),
+                (
+                    "w1".to_string(),
+                    pb::PeerProbe {
+                        agent_reachable: false,
+                        postgres_writable: false,
+                    },
+                ),
+            ]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        };
+        let expected = Observation {
+            received_at_ms: 77,
+            postgres_up: true,
+            in_recovery: true,
+            fenced: false,
+            timeline: 3,
+            wal_lsn: None,
+            received_lsn: Some(Lsn(0x3_0000_0100)),
+            replayed_lsn: Some(Lsn(0x3_0000_0080)),
+            wal_receiver_streaming: true,
+            upstream: Some("e2".into()),
+            seen_generation: Generation(4),
+            sync_standby_names: Some(SyncSet::new(["e2", "w1"], 2)),
+            probes: BTreeMap::from([
+                (
+                    "e2".to_string(),
+                    PeerProbe {
+                        agent_reachable: true,
+                        postgres_writable: true,
+                    },
+                ),
+                ("w1".to_string(), PeerProbe::default()),
+            ]),
+        };
+        assert_eq!(observation_from_proto(&report, 77), expected);
+    }
+
+    #[test]
+    fn observation_with_missing_optional_fields() {
+        use meridian_proto as pb;
+        // No Postgres part at all: reads as down, nothing known.
+        let bare = pb::Observation {
+            member: "e1".into(),
+            generation: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            observation_from_proto(&bare, 5),
+            Observation {
+                received_at_ms: 5,
+                seen_generation: Generation(2),
+                ..Observation::default()
+            }
+        );
+        // A fenced primary: zero LSNs, empty upstream and a non-streaming receiver read
+        // as none; async sync names (present, empty) differ from unknown (absent).
+        let mut pg = pb::PostgresObservation {
+            up: false,
+            fenced: true,
+            timeline: 1,
+            current_lsn: 0x100,
+            wal_receiver: pb::WalReceiverStatus::Waiting as i32,
+            sync_standby_names: Some(pb::SyncStandbyNames::default()),
+            ..Default::default()
+        };
+        let report = pb::Observation {
+            generation: 2,
+            postgres: Some(pg.clone()),
+            ..Default::default()
+        };
+        let expected = Observation {
+            received_at_ms: 9,
+            fenced: true,
+            timeline: 1,
+            wal_lsn: Some(Lsn(0x100)),
+            seen_generation: Generation(2),
+            sync_standby_names: Some(SyncSet::default()),
+            ..Observation::default()
+        };
+        assert_eq!(observation_from_proto(&report, 9), expected);
+        pg.sync_standby_names = None;
+        let report = pb::Observation {
+            generation: 2,
+            postgres: Some(pg),
+            ..Default::default()
+        };
+        assert_eq!(
+            observation_from_proto(&report, 9),
+            Observation {
+                sync_standby_names: None,
+                ..expected
+            }
+        );
+    }
+}
