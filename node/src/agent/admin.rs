@@ -366,6 +366,20 @@ impl AdminService {
                 .map(|(id, _)| *id);
             found
         };
+        if let Some(id) = in_raft(name) {
+            let voters: BTreeSet<NodeId> = self
+                .shared
+                .raft_metrics()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .collect();
+            if voters.len() == 1 && voters.contains(&id) {
+                return Err(Status::failed_precondition(format!(
+                    "member {name:?} is the last voter; the cluster cannot be left without one"
+                )));
+            }
+        }
         if intent.member(name).is_some() {
             let cmd = Command::RemoveMember {
                 name: name.to_string(),

@@ -23,7 +23,7 @@ use tonic::Code;
 
 use super::{Dialer, Shared};
 use crate::config::{Config, MemberKind};
-use crate::raft::intent::{Command, MemberKind as IntentKind, MemberTags, Response};
+use crate::raft::intent::{Command, MemberKind as IntentKind, MemberTags, Refused, Response};
 use crate::raft::{MemberNode, NodeId};
 
 /// File in `state_dir` holding the member's identity.
@@ -361,10 +361,17 @@ async fn bootstrap_inner(shared: &Shared) -> anyhow::Result<()> {
     }
     let started = Instant::now();
     loop {
-        let intent = shared.applied().intent.clone();
-        // Registration of the bootstrap member is the very first allocation: once anything
-        // was allocated, there is nothing left to do here.
-        if intent.member(shared.name()).is_some() || intent.next_member_id.0 > BOOTSTRAP_ID {
+        // Others were admitted only after this member was recorded (registration is
+        // refused while the intent is empty): nothing left to do.
+        let alone = shared
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .nodes()
+            .all(|(id, _)| *id == shared.id);
+        // The applied intent may still be replaying after a restart; a stale "missing"
+        // only costs a write that the state machine then refuses as MemberExists.
+        if !alone || shared.applied().intent.member(shared.name()).is_some() {
             return Ok(());
         }
         if started.elapsed() > BOOTSTRAP_DEADLINE {
@@ -384,17 +391,20 @@ async fn bootstrap_inner(shared: &Shared) -> anyhow::Result<()> {
                 },
                 at_unix_ms: unix_ms(),
             };
-            match shared.raft.client_write(cmd).await {
-                Ok(w) => match w.data {
+            let write = tokio::time::timeout(BOOTSTRAP_DEADLINE, shared.raft.client_write(cmd));
+            match write.await {
+                Ok(Ok(w)) => match w.data {
                     Response::MemberAdded(id) if id.0 == BOOTSTRAP_ID => {
                         tracing::info!(id = id.0, "recorded the bootstrap member in the intent");
                         return Ok(());
                     }
+                    Response::Refused(Refused::MemberExists(_)) => return Ok(()),
                     other => anyhow::bail!(
                         "recording the bootstrap member gave {other:?}, expected id {BOOTSTRAP_ID}"
                     ),
                 },
-                Err(e) => tracing::info!("recording the bootstrap member: {e}; retrying"),
+                Ok(Err(e)) => tracing::info!("recording the bootstrap member: {e}; retrying"),
+                Err(_) => tracing::info!("recording the bootstrap member: no commit yet; retrying"),
             }
         }
         tokio::time::sleep(RETRY_EVERY).await;
