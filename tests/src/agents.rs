@@ -250,9 +250,13 @@ impl AgentCluster {
         Self::build(specs, tls, token, false)
     }
 
-    /// Data members' agents create and run real Postgres servers; short lease timings.
-    pub fn with_postgres(specs: Vec<MemberSpec>) -> anyhow::Result<AgentCluster> {
-        Self::build(specs, false, None, true)
+    /// Data members' agents create and run real Postgres servers; short lease timings;
+    /// with `token`, admin writes (gRPC and HTTP) need it.
+    pub fn with_postgres(
+        specs: Vec<MemberSpec>,
+        token: Option<&str>,
+    ) -> anyhow::Result<AgentCluster> {
+        Self::build(specs, false, token, true)
     }
 
     fn build(

@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use meridian_node::raft::intent::{Intent, PendingSwitchover};
-use meridian_node::raft::Command;
+use meridian_node::raft::intent::Intent;
 use meridian_proto::{StatusResponse, WalReceiverStatus};
 use meridian_tests::agents::{AgentCluster, MemberSpec};
 use meridian_tests::wait_for;
@@ -28,6 +27,43 @@ const SQL: Duration = Duration::from_secs(5);
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const DATA: [&str; 3] = ["a1", "a2", "b1"];
+const TOKEN: &str = "failover-test-token";
+
+/// One bounded HTTP/1.1 request; returns the status code and the body.
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    let out = tokio::time::timeout(Duration::from_secs(15), fut)
+        .await
+        .expect("HTTP answer in time");
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    (code, body)
+}
 
 fn intent(s: &StatusResponse) -> Intent {
     serde_json::from_str(&s.intent_json).expect("intent_json decodes")
@@ -35,12 +71,15 @@ fn intent(s: &StatusResponse) -> Intent {
 
 /// Starts the four members and waits until a1 is the primary and a2, b1 stream from it.
 async fn form() -> AgentCluster {
-    let mut c = AgentCluster::with_postgres(vec![
-        MemberSpec::data("a1", "a").bootstrap(),
-        MemberSpec::data("a2", "a").join("a1"),
-        MemberSpec::data("b1", "b").join("a1"),
-        MemberSpec::witness("w1", "c").join("a1"),
-    ])
+    let mut c = AgentCluster::with_postgres(
+        vec![
+            MemberSpec::data("a1", "a").bootstrap(),
+            MemberSpec::data("a2", "a").join("a1"),
+            MemberSpec::data("b1", "b").join("a1"),
+            MemberSpec::witness("w1", "c").join("a1"),
+        ],
+        Some(TOKEN),
+    )
     .unwrap();
     let started = Instant::now();
     c.start("a1").unwrap();
@@ -380,16 +419,36 @@ async fn a_switchover_under_writes_loses_nothing() {
         })
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let begin = Command::BeginSwitchover(PendingSwitchover {
-        from: "a1".into(),
-        to: "a2".into(),
-        started_at_unix_ms: 0,
-        phase: Default::default(),
-    });
+    let w1 = c.member("w1").http;
+    // A wrong token is refused; an unsafe operator failover (healthy primary) too.
+    let (code, _) = http(
+        w1,
+        "POST",
+        "/switchover",
+        Some("wrong"),
+        r#"{"candidate":"a2"}"#,
+    )
+    .await;
+    assert_eq!(code, 401);
+    let (code, body) = http(
+        w1,
+        "POST",
+        "/failover",
+        Some(TOKEN),
+        r#"{"candidate":"b1"}"#,
+    )
+    .await;
+    assert_eq!(code, 409, "{body}");
     let asked_at = Instant::now();
-    c.command("w1", &begin)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    let (code, body) = http(
+        w1,
+        "POST",
+        "/switchover",
+        Some(TOKEN),
+        r#"{"leader":"a1","candidate":"a2"}"#,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}\n{}", c.logs());
     wait_for("a2 primary of generation 2", FAILOVER, || async {
         let s = c.status().await.ok()?;
         (s.primary == "a2" && s.generation == 2).then_some(())
@@ -438,4 +497,15 @@ async fn a_switchover_under_writes_loses_nothing() {
         meridian_node::raft::intent::HistoryKind::Switchover
     );
     assert!(last.new_primary_lsn.is_some(), "{last:?}");
+    // /primary moved with the primary.
+    wait_for("/primary 200 on a2 only", FAILOVER, || async {
+        let mut ok = true;
+        for n in DATA {
+            let (code, _) = http(c.member(n).http, "GET", "/primary", None, "").await;
+            ok &= (code == 200) == (n == "a2");
+        }
+        ok.then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
 }

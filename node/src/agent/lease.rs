@@ -55,6 +55,11 @@ impl LeaseBook {
             Some((member.to_string(), generation, received_at));
     }
 
+    /// The last accepted renewal: holder, generation, receive time.
+    pub fn last(&self) -> Option<(String, Generation, Instant)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// When the last renewal of `member` in `generation` was received, if any.
     pub fn received_at(&self, member: &str, generation: Generation) -> Option<Instant> {
         let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -94,6 +99,9 @@ pub async fn handle_renew(shared: &Shared, req: RenewLeaseRequest) -> RenewLease
             req.member, generation, intent.primary, intent.generation
         ));
     }
+    if let Some(why) = previous_lease_holds(shared, &req.member, generation) {
+        return refuse(why);
+    }
     match tokio::time::timeout(confirm_timeout(shared), shared.raft.ensure_linearizable()).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => return refuse(format!("leadership not confirmed: {e}")),
@@ -107,6 +115,40 @@ pub async fn handle_renew(shared: &Shared, req: RenewLeaseRequest) -> RenewLease
         leader: shared.name().to_string(),
         reason: String::new(),
     }
+}
+
+/// A new primary's first renewal waits until the previous holder's lease (as this leader
+/// granted it) has run out, unless that member's agent confirmed its writes stopped: one
+/// writer even for an operator's forced promotion.
+fn previous_lease_holds(shared: &Shared, member: &str, generation: Generation) -> Option<String> {
+    let (holder, held_gen, received_at) = shared.lease_book.last()?;
+    if holder == member && held_gen == generation {
+        return None;
+    }
+    let ttl = shared.config.timing.lease_ttl;
+    let age = received_at.elapsed();
+    if age >= ttl {
+        return None;
+    }
+    let stale_after = (shared.config.timing.observe_interval * 4).max(Duration::from_secs(1));
+    let stopped = shared
+        .observations
+        .snapshot()
+        .get(&holder)
+        .filter(|(_, at)| at.elapsed() <= stale_after && *at > received_at)
+        .and_then(|(o, _)| {
+            o.postgres
+                .as_ref()
+                .map(|p| p.fenced && (!p.up || p.in_recovery))
+        })
+        .unwrap_or(false);
+    if stopped {
+        return None;
+    }
+    Some(format!(
+        "the lease of the previous primary {holder} (generation {held_gen}) is valid for {} ms more",
+        (ttl - age).as_millis()
+    ))
 }
 
 /// One renewal: sent to the leader (or answered here when this member leads). On success

@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod dial;
+pub mod http_write;
 pub mod join;
 pub mod leader;
 pub mod lease;
@@ -258,6 +259,8 @@ impl Agent {
         let app = http::router(HttpState {
             health: health_rx,
             metrics,
+            writes: Some(http_write::write_fn(shared.clone())),
+            token: config.api.token.as_ref().map(|t| t.expose().to_string()),
         });
         let mut stopped = stop.subscribe();
         servers.push(tokio::spawn(async move {
