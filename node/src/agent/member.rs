@@ -146,9 +146,19 @@ pub async fn run(shared: Arc<Shared>, pg: PgInstance) {
     };
     let mut ticker = tokio::time::interval(m.shared.config.timing.observe_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut applied = m.shared.applied.clone();
     loop {
-        ticker.tick().await;
+        // A committed change (promotion, switchover phase) is acted on at once.
+        tokio::select! {
+            _ = ticker.tick() => {}
+            r = applied.changed() => if r.is_err() { ticker.tick().await; },
+        }
+        let before = (m.pg.is_running(), m.pg.is_fenced(), m.shared.activity());
         let result = m.tick().await;
+        if before != (m.pg.is_running(), m.pg.is_fenced(), m.shared.activity()) {
+            // Tell the leader what changed without waiting for the next report.
+            m.shared.wake_reporter.notify_one();
+        }
         match (&result, &m.last_error) {
             (Err(e), Some(prev)) if format!("{e:#}") == *prev => {}
             (Err(e), _) => tracing::warn!("reconciling the local Postgres: {e:#}"),
