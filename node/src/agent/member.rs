@@ -291,6 +291,7 @@ impl Member {
     }
 
     async fn clone_from(&mut self, primary: &str) -> anyhow::Result<()> {
+        self.primary_ready(primary).await?;
         let (host, port) = pg_addr(&self.shared, primary)?;
         self.shared.set_activity(&format!("cloning from {primary}"));
         let slot = slot_name(self.name());
@@ -367,6 +368,7 @@ impl Member {
 
     /// `pg_rewind` onto `primary`, then start as its standby; re-clone if rewind fails.
     async fn rejoin(&mut self, primary: &str) -> anyhow::Result<()> {
+        self.primary_ready(primary).await?;
         let (host, port) = pg_addr(&self.shared, primary)?;
         let slot = slot_name(self.name());
         self.shared
@@ -396,6 +398,31 @@ impl Member {
                 self.clone_from(primary).await
             }
         }
+    }
+
+    /// Fails unless `primary`'s Postgres answers and is out of recovery: cloning or
+    /// rewinding from anything else would fail and (for a rewind) fall back to a re-clone
+    /// for nothing.
+    async fn primary_ready(&self, primary: &str) -> anyhow::Result<()> {
+        let (host, port) = pg_addr(&self.shared, primary)?;
+        let config = self.pg.client_config_for(&host, port);
+        let timeout = self.shared.config.timing.pg_probe_timeout;
+        let (client, conn) = tokio::time::timeout(timeout, config.connect(tokio_postgres::NoTls))
+            .await
+            .with_context(|| format!("{primary}'s Postgres did not answer in time"))?
+            .with_context(|| format!("connecting to {primary}'s Postgres"))?;
+        let conn = tokio::spawn(conn);
+        let row =
+            tokio::time::timeout(timeout, client.query_one("SELECT pg_is_in_recovery()", &[]))
+                .await
+                .with_context(|| format!("{primary}'s Postgres did not answer in time"))??;
+        drop(client);
+        conn.abort();
+        anyhow::ensure!(
+            !row.get::<_, bool>(0),
+            "{primary}'s Postgres is still in recovery (promoting?)"
+        );
+        Ok(())
     }
 
     fn move_data_aside(&self, why: &str) -> anyhow::Result<std::path::PathBuf> {
@@ -621,7 +648,10 @@ impl Member {
         if since.elapsed() < REJOIN_AFTER {
             return Ok(());
         }
-        // Not streaming for long: most likely a diverged timeline. Rewind.
+        // Not streaming for long: most likely a diverged timeline (if the primary is up).
+        if let Err(e) = self.primary_ready(&primary).await {
+            return Err(e.context("standby not streaming"));
+        }
         tracing::warn!(%primary, "the standby has not streamed for {} s: rewinding", REJOIN_AFTER.as_secs());
         self.not_streaming_since = None;
         self.pg
@@ -635,6 +665,7 @@ impl Member {
         let Some(primary) = intent.primary.clone() else {
             return Ok(());
         };
+        self.primary_ready(&primary).await?;
         self.shared.set_activity("reinit: re-cloning");
         if self.pg.is_running() {
             self.pg

@@ -196,9 +196,15 @@ impl PgInstance {
 
     /// tokio-postgres settings for a superuser session (password included).
     pub fn client_config(&self) -> tokio_postgres::Config {
+        self.client_config_for(&self.host, self.port)
+    }
+
+    /// The same session settings for another server (e.g. the primary this instance
+    /// streams from). Note `Config::host` appends: never add a host to `client_config()`.
+    pub fn client_config_for(&self, host: &str, port: u16) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
-        c.host(&self.host)
-            .port(self.port)
+        c.host(host)
+            .port(port)
             .user(&self.superuser)
             .dbname("postgres")
             .application_name("meridian")
@@ -364,6 +370,24 @@ impl PgInstance {
         self.postmaster_pid().is_some_and(pid_alive)
     }
 
+    /// Removes a `postmaster.pid` whose process is gone or a zombie (an unreaped killed
+    /// postmaster): Postgres itself refuses to start, and pg_rewind's single-user recovery
+    /// fails, while the pid still exists as a zombie.
+    fn remove_stale_pid_file(&self, step: &'static str) -> Result<(), PgError> {
+        if self.is_running() {
+            return Ok(());
+        }
+        let p = self.path("postmaster.pid");
+        match std::fs::remove_file(&p) {
+            Ok(()) => {
+                tracing::info!(path = %p.display(), "removed a stale postmaster.pid");
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(PgError::io(step, p, e)),
+        }
+    }
+
     /// True when `standby.signal` is present: the next start enters standby mode.
     pub fn has_standby_signal(&self) -> bool {
         self.path("standby.signal").exists()
@@ -429,6 +453,7 @@ impl PgInstance {
         if self.is_running() {
             return Ok(());
         }
+        self.remove_stale_pid_file(STEP)?;
         self.ensure_log_file(STEP)?;
         let secs = timeout.as_secs().max(1).to_string();
         let args = [
@@ -813,6 +838,7 @@ impl PgInstance {
                 "target server is running; stop it first",
             ));
         }
+        self.remove_stale_pid_file(STEP)?;
         let was_fenced = self.is_fenced();
         for f in ["standby.signal", "recovery.signal"] {
             let p = self.path(f);
@@ -858,8 +884,7 @@ impl PgInstance {
 
     async fn checkpoint_source(&self, host: &str, port: u16) -> Result<(), PgError> {
         const STEP: &str = "rewind: CHECKPOINT on the source";
-        let mut config = self.client_config();
-        config.host(host).port(port);
+        let config = self.client_config_for(host, port);
         let timeout = self.timeouts.connect;
         let (client, connection) = tokio::time::timeout(timeout, config.connect(NoTls))
             .await
