@@ -341,9 +341,32 @@ async fn killing_the_primary_promotes_a_standby_without_losing_acknowledged_comm
     };
     assert_eq!(timeline("a1"), timeline("a2"), "{s:?}");
     assert!(timeline("a2").unwrap() >= 2);
+    assert_eq!(writable(&c, "a1").await, Some(false));
+
+    // A frozen primary Postgres (SIGSTOP of the postmaster): its agent fences it (kills
+    // the frozen group) and another member takes over.
+    let frozen_pid = c
+        .member("a2")
+        .postmaster_pid()
+        .expect("a2's postmaster pid");
+    let frozen_at = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(frozen_pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    insert_until_ok(&rw, 2000, FAILOVER)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    eprintln!(
+        "FAILOVER (SIGSTOP of the primary's postmaster): writes accepted again after {} ms",
+        frozen_at.elapsed().as_millis()
+    );
+    let s = c.status().await.unwrap();
+    assert_eq!(s.generation, 3, "{s:?}");
+    assert_ne!(s.primary, "a2");
     let (max, worst) = probe.finish().await;
     assert!(max <= 1, "two writable primaries at once: {worst:?}");
-    assert_eq!(writable(&c, "a1").await, Some(false));
 }
 
 /// (b): only the primary's Postgres crashes: its agent fences it and the leader promotes

@@ -141,6 +141,7 @@ pub async fn run(shared: Arc<Shared>, pg: PgInstance) {
         upstream: None,
         disconnected: false,
         not_streaming_since: None,
+        unresponsive_since: None,
         slots: None,
         last_error: None,
     };
@@ -179,6 +180,8 @@ struct Member {
     /// An isolated standby disconnected its WAL receiver.
     disconnected: bool,
     not_streaming_since: Option<Instant>,
+    /// Since when the running local Postgres has not answered probes.
+    unresponsive_since: Option<Instant>,
     /// The slots this primary made sure of, for which generation.
     slots: Option<(Generation, std::collections::BTreeSet<String>)>,
     last_error: Option<String>,
@@ -214,9 +217,29 @@ impl Member {
         }
         let status = self.pg.probe().await;
         if !status.up {
-            // Starting up, or frozen: the reporter says so; nothing safe to do yet.
+            // Starting up, or frozen. A primary whose server stays unresponsive is fenced
+            // (a frozen postmaster is killed with its group), so the leader can promote at
+            // once instead of waiting on a server that may wake up and take writes.
+            let t = &self.shared.config.timing;
+            let since = *self.unresponsive_since.get_or_insert_with(Instant::now);
+            if i_am_primary && since.elapsed() >= t.fence_after {
+                self.unresponsive_since = None;
+                self.seen_primary_up = false;
+                self.shared
+                    .set_activity("fenced: the primary's Postgres stopped answering");
+                tracing::error!(
+                    "the local primary's Postgres has not answered for {} ms: fencing it",
+                    since.elapsed().as_millis()
+                );
+                return self
+                    .pg
+                    .fence(t.pg_probe_timeout * 2)
+                    .await
+                    .context("fencing an unresponsive primary");
+            }
             return Ok(());
         }
+        self.unresponsive_since = None;
         if i_am_primary {
             if status.in_recovery {
                 self.promote(&intent).await

@@ -465,6 +465,22 @@ impl Reporter {
             Role::AsyncStandby => "async_standby",
             Role::Unknown => "unknown",
         });
+        m.replication_lag_bytes.clear();
+        if let Some(p) = pg.filter(|p| p.up && !p.in_recovery) {
+            for sb in &p.standbys {
+                let lag = p.current_lsn.saturating_sub(sb.replay_lsn);
+                m.replication_lag_bytes
+                    .get_or_create(&vec![("standby".to_string(), sb.application_name.clone())])
+                    .set(i64::try_from(lag).unwrap_or(i64::MAX));
+            }
+        }
+        // A standby's own view of its lag: what it received and has not replayed yet
+        // (unknown when its WAL receiver is not streaming).
+        let lag_bytes = pg
+            .filter(|p| {
+                p.up && p.in_recovery && p.wal_receiver == WalReceiverStatus::Streaming as i32
+            })
+            .map(|p| p.received_lsn.saturating_sub(p.replayed_lsn));
         m.lease_remaining_seconds.set(
             shared
                 .lease
@@ -503,6 +519,7 @@ impl Reporter {
             h.generation = intent.generation.0;
             h.paused = intent.maintenance;
             h.lease_valid = lease_valid;
+            h.lag_bytes = lag_bytes;
             h.cluster_json = cluster_json;
             h.history_json = history_json;
         });
