@@ -22,6 +22,9 @@ struct Args {
     /// Only load and validate the configuration, print a summary, and exit.
     #[arg(long)]
     check: bool,
+    /// Internal: run as the fencing watchdog of the agent with this pid.
+    #[arg(long, hide = true, value_name = "PID")]
+    watchdog_of: Option<i32>,
 }
 
 fn main() -> ExitCode {
@@ -45,6 +48,25 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging();
+    if let Some(agent_pid) = args.watchdog_of {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("meridian-node watchdog: cannot start the async runtime: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        return match runtime.block_on(meridian_node::agent::watchdog::run(config, agent_pid)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("watchdog: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("meridian")

@@ -3,7 +3,8 @@
 //! binary for each, captures each member's log to a file, and kills every process by PID
 //! on drop (also when the test panics). Optional mutual TLS with certificates generated
 //! at test time (rcgen). Admin helpers talk to the members over gRPC, every call bounded.
-//! Members' logs are printed when a test panics (or always with `MERIDIAN_TEST_LOGS=1`).
+//! Members' logs are printed when a test panics (or always with `MERIDIAN_TEST_LOGS=1`),
+//! the last 40 lines of each (`MERIDIAN_TEST_LOG_LINES=N` for more).
 //!
 //! With [`AgentCluster::with_postgres`] every data member's agent creates and manages a real
 //! Postgres (free port, data dir under the member's state dir); the fixture kills those
@@ -590,7 +591,11 @@ impl AgentCluster {
         let mut out = String::new();
         for m in self.members.values() {
             let log = m.log();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let lines = std::env::var("MERIDIAN_TEST_LOG_LINES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(40);
+            let tail: Vec<&str> = log.lines().rev().take(lines).collect();
             out.push_str(&format!(
                 "----- {} (last {} lines)\n",
                 m.spec.name,

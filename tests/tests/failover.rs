@@ -131,6 +131,31 @@ async fn wait_streaming(
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()))
 }
 
+/// Waits until some data member is the primary and the other two stream from it; returns
+/// the primary.
+async fn settle(c: &AgentCluster, within: Duration) -> String {
+    wait_for("one primary and two streaming standbys", within, || async {
+        let s = c.status().await.ok()?;
+        let primary = s.primary.clone();
+        let ok = DATA.iter().filter(|n| **n != primary).all(|n| {
+            s.members
+                .iter()
+                .find(|m| m.name == *n)
+                .and_then(|m| m.observation.as_ref())
+                .and_then(|o| o.postgres.as_ref())
+                .is_some_and(|p| {
+                    p.up && p.in_recovery
+                        && !p.fenced
+                        && p.wal_receiver() == WalReceiverStatus::Streaming
+                        && p.upstream == primary
+                })
+        });
+        (ok && DATA.contains(&primary.as_str())).then_some(primary)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()))
+}
+
 async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, String> {
     let (client, conn) = tokio::time::timeout(SQL, tokio_postgres::connect(conninfo, NoTls))
         .await
@@ -574,4 +599,35 @@ async fn a_switchover_under_writes_loses_nothing() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+
+    // A frozen agent (SIGSTOP) cannot fence its primary: its watchdog process does, at
+    // the same deadline, before the leader's lease runs out; another member takes over and
+    // no two servers take writes at once. Thawed, the agent rejoins as a standby.
+    let probe = SplitBrainProbe::start(&c);
+    let agent = nix::unistd::Pid::from_raw(c.member("a2").pid().unwrap() as i32);
+    let frozen_at = Instant::now();
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let result = async {
+        wait_for("a promotion after the agent froze", FAILOVER, || async {
+            let s = c.status().await.ok()?;
+            (s.generation == 3).then_some(())
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        insert_until_ok(&rw, 1_000_000, FAILOVER).await
+    }
+    .await;
+    let took = frozen_at.elapsed();
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGCONT).unwrap();
+    result.unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    eprintln!(
+        "FAILOVER (SIGSTOP of the primary's agent): writes accepted again after {} ms",
+        took.as_millis()
+    );
+    // The thawed agent may disrupt the Raft group (a new election); whatever happens
+    // next, the cluster settles with one primary and two streaming standbys.
+    let settled = settle(&c, REJOIN).await;
+    eprintln!("settled with {settled} as the primary");
+    let (max, worst) = probe.finish().await;
+    assert!(max <= 1, "two writable primaries at once: {worst:?}");
 }

@@ -155,6 +155,7 @@ fn previous_lease_holds(shared: &Shared, member: &str, generation: Generation) -
 /// the member's [`LeaseState`] moves to the send time.
 pub async fn renew_once(shared: &Shared, generation: Generation) -> Result<(), String> {
     let sent_at = Instant::now();
+    let sent_mono_ms = super::watchdog::monotonic_ms();
     let req = RenewLeaseRequest {
         cluster: shared.config.cluster.clone(),
         member: shared.name().to_string(),
@@ -183,6 +184,13 @@ pub async fn renew_once(shared: &Shared, generation: Generation) -> Result<(), S
         return Err(resp.reason);
     }
     shared.lease.renewed(sent_at, generation);
+    if shared.config.postgres.is_some() {
+        let fence_after_ms = shared.config.timing.fence_after.as_millis() as u64;
+        let deadline = sent_mono_ms + fence_after_ms;
+        if let Err(e) = super::watchdog::write(&shared.config.state_dir, Some(deadline)) {
+            tracing::warn!("arming the watchdog: {e}");
+        }
+    }
     Ok(())
 }
 
@@ -199,7 +207,12 @@ pub async fn run(shared: Arc<Shared>, pg: Option<crate::pg::PgInstance>) {
         let intent = shared.applied().intent.clone();
         if intent.primary.as_deref() != Some(shared.name()) {
             last_error = None;
-            named_since = None;
+            if named_since.take().is_some() && pg.is_some() {
+                // Not the primary any more: nothing for the watchdog to enforce.
+                if let Err(e) = super::watchdog::write(&shared.config.state_dir, None) {
+                    tracing::warn!("disarming the watchdog: {e}");
+                }
+            }
             continue;
         }
         let generation = intent.generation;

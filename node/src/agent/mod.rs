@@ -18,6 +18,7 @@ pub mod leader;
 pub mod lease;
 pub mod member;
 pub mod observe;
+pub mod watchdog;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
@@ -293,6 +294,15 @@ impl Agent {
         tasks.push(tokio::spawn(lease::run(shared.clone(), local.clone())));
         if let Some(pg) = local {
             tasks.push(tokio::spawn(member::run(shared.clone(), pg)));
+            // The watchdog enforces the fence deadline even if this process freezes.
+            match watchdog::spawn(&config) {
+                Ok(mut child) => {
+                    std::thread::spawn(move || {
+                        let _ = child.wait();
+                    });
+                }
+                Err(e) => tracing::warn!("no fencing watchdog: {e:#}"),
+            }
         }
         tasks.push(tokio::spawn(leader::run(shared.clone())));
 

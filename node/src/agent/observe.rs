@@ -132,6 +132,15 @@ enum LocalPg {
     Data(Box<PgInstance>),
 }
 
+/// This member's Postgres instance as its config describes it (None on a witness or when
+/// it cannot be set up).
+pub async fn local_instance(config: &Config) -> Option<PgInstance> {
+    match local_pg(config).await {
+        LocalPg::Data(i) => Some(*i),
+        _ => None,
+    }
+}
+
 async fn local_pg(config: &Config) -> LocalPg {
     let Some(pg) = &config.postgres else {
         return LocalPg::Witness;
@@ -268,6 +277,8 @@ fn member_at(config: &Config, host: &str, port: u16) -> Option<String> {
 pub struct Reporter {
     shared: Arc<Shared>,
     pg: LocalPg,
+    /// (postmaster pid, highest timeline its WAL receiver streamed).
+    streamed_tli: Mutex<Option<(i32, u32)>>,
 }
 
 impl Reporter {
@@ -284,7 +295,11 @@ impl Reporter {
         if let LocalPg::Broken(why) = &pg {
             tracing::warn!("cannot observe the local Postgres: {why}");
         }
-        Reporter { shared, pg }
+        Reporter {
+            shared,
+            pg,
+            streamed_tli: Mutex::new(None),
+        }
     }
 
     async fn observe(&self) -> Option<PostgresObservation> {
@@ -298,6 +313,24 @@ impl Reporter {
             LocalPg::Data(instance) => {
                 let status = instance.probe().await;
                 let mut o = postgres_observation(&status, instance.is_fenced());
+                if status.up && status.in_recovery {
+                    // A standby whose WAL receiver is down falls back to its last
+                    // checkpoint's timeline, which lags a timeline switch until the next
+                    // restartpoint: remember what it streamed since this postmaster started.
+                    let pid = instance.postmaster_pid().unwrap_or_default();
+                    let rx = status
+                        .wal_receiver
+                        .as_ref()
+                        .and_then(|w| w.received_tli)
+                        .unwrap_or_default();
+                    let mut seen = self.streamed_tli.lock().unwrap_or_else(|e| e.into_inner());
+                    let tli = match *seen {
+                        Some((p, t)) if p == pid => t.max(rx),
+                        _ => rx,
+                    };
+                    *seen = Some((pid, tli));
+                    o.timeline = o.timeline.max(tli);
+                }
                 if let Some(w) = &status.wal_receiver {
                     if let (Some(host), Some(port)) = (&w.sender_host, w.sender_port) {
                         o.upstream = member_at(&self.shared.config, host, port).unwrap_or_default();
