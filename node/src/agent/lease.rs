@@ -14,6 +14,7 @@ use meridian_proto::{RenewLeaseRequest, RenewLeaseResponse};
 use tonic::Request;
 
 use super::Shared;
+use crate::decide::SwitchoverPhase;
 use crate::types::Generation;
 
 /// Member side: the send time of the last renewal the leader accepted, and for which
@@ -98,6 +99,15 @@ pub async fn handle_renew(shared: &Shared, req: RenewLeaseRequest) -> RenewLease
             "{} is not the primary of generation {} (the intent has {:?} at {})",
             req.member, generation, intent.primary, intent.generation
         ));
+    }
+    if intent
+        .pending_switchover
+        .as_ref()
+        .is_some_and(|sw| sw.from == req.member && sw.phase != SwitchoverPhase::Requested)
+    {
+        // It is stopping writes: a renewal now would only delay its successor (which
+        // waits for this lease unless the stop was observed after the last renewal).
+        return refuse("a switchover away from this member is stopping its writes".into());
     }
     if let Some(why) = previous_lease_holds(shared, &req.member, generation) {
         return refuse(why);
@@ -220,6 +230,13 @@ pub async fn run(shared: Arc<Shared>, pg: Option<crate::pg::PgInstance>) {
             named_since = Some((generation, Instant::now()));
         }
         let started = named_since.map_or_else(Instant::now, |(_, at)| at);
+        if pg
+            .as_ref()
+            .is_some_and(|p| p.is_fenced() && !p.is_running())
+        {
+            // Fenced and stopped: nothing takes writes here, nothing to renew for.
+            continue;
+        }
         // The deadline counts from the send time of the last accepted renewal (or when this
         // agent saw itself named primary, when it has none yet: one grace period).
         // The renewal may not run past it: the fence must not wait for a slow leader.

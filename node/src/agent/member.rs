@@ -471,6 +471,13 @@ impl Member {
             .await
             .map_err(|e| anyhow::anyhow!("lease before promotion: {e}"))?;
         let started = Instant::now();
+        // Slots first (a standby can create physical slots), so the standbys re-pointing
+        // here stream through them as soon as this server takes writes: under a sync
+        // policy the first commits wait for them.
+        if let Err(e) = self.ensure_slots(intent).await {
+            tracing::debug!("creating slots before promotion: {e:#}");
+            self.slots = None;
+        }
         // The old primary's setting may name this member: start with this generation's
         // target instead (the intent carries the old set minus this member, so commits
         // keep waiting on the same standbys; empty means async until the leader grows it).
@@ -490,9 +497,8 @@ impl Member {
             .context("promoting")?;
         self.seen_primary_up = true;
         self.upstream = None;
-        self.slots = None;
         shared.set_activity("");
-        // Slots at once, so the standbys re-pointing here find theirs.
+        // Slots at once if they could not be made before, so the standbys find theirs.
         if let Err(e) = self.ensure_slots(intent).await {
             tracing::warn!("creating slots after promotion: {e:#}");
         }
