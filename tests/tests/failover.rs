@@ -631,3 +631,53 @@ async fn a_switchover_under_writes_loses_nothing() {
     let (max, worst) = probe.finish().await;
     assert!(max <= 1, "two writable primaries at once: {worst:?}");
 }
+
+/// Only the primary's Postgres crashes while no member may replace it (both data regions
+/// fail over manually): instead of staying without a primary, the leader resumes the same
+/// primary in place, in a new generation, and writes come back on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_primary_without_a_candidate_is_resumed_in_place() {
+    use meridian_node::policy::{FailoverMode, Policy, RegionPolicy};
+    let _serial = SERIAL.lock().await;
+    let c = form().await;
+    let rw = read_write_conninfo(&c);
+    exec(&rw, "CREATE TABLE t (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    let manual = RegionPolicy {
+        failover: FailoverMode::Manual,
+        ..RegionPolicy::default()
+    };
+    let policy = Policy {
+        regions: [("a".to_string(), manual.clone()), ("b".to_string(), manual)].into(),
+        ..Policy::default()
+    };
+    c.command(
+        "w1",
+        &Command::SetPolicy {
+            policy,
+            reason: "test: manual failover everywhere".into(),
+            at_unix_ms: 1,
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    exec(&rw, "INSERT INTO t VALUES (1)").await.unwrap();
+    let probe = SplitBrainProbe::start(&c);
+    let killed_at = Instant::now();
+    c.member("a1").kill_postgres();
+    insert_until_ok(&rw, 2, FAILOVER)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    eprintln!(
+        "RESUME (primary postgres crash, no candidate): writes accepted again after {} ms",
+        killed_at.elapsed().as_millis()
+    );
+    let s = c.status().await.unwrap();
+    assert_eq!((s.primary.as_str(), s.generation), ("a1", 2), "{s:?}");
+    assert_eq!(intent(&s).resumed.map(|g| g.0), Some(2));
+    assert_eq!(ids_on(&c, "a1").await, BTreeSet::from([1, 2]));
+    wait_streaming(&c, &["a2", "b1"], "a1", REJOIN).await;
+    let (max, worst) = probe.finish().await;
+    assert!(max <= 1, "two writable primaries at once: {worst:?}");
+}

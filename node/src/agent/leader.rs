@@ -156,11 +156,16 @@ async fn round(shared: &Shared, tr: &mut Tracker) -> anyhow::Result<()> {
         }
         tr.last_wait = wait_key;
     }
+    let mut commands: Vec<Command> = decision
+        .actions
+        .iter()
+        .filter_map(|a| command_for(a, &intent, &observations))
+        .collect();
+    if let Some(cmd) = resume_in_place(&decision, &intent, &observations, &view.limits, now_ms) {
+        commands.push(cmd);
+    }
     let mut wrote = false;
-    for action in &decision.actions {
-        let Some(cmd) = command_for(action, &intent, &observations) else {
-            continue;
-        };
+    for cmd in commands {
         if !wrote {
             tokio::time::timeout(CONFIRM_TIMEOUT, shared.raft.ensure_linearizable())
                 .await
@@ -193,6 +198,42 @@ async fn round(shared: &Shared, tr: &mut Tracker) -> anyhow::Result<()> {
         .decision_latency_seconds
         .observe(started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// No member may replace a primary whose own agent reports its Postgres stopped and
+/// fenced: rather than staying without a primary, resume it in place in a new generation
+/// (its Postgres holds every commit it acknowledged; the bump refuses any promotion
+/// decided on the old generation).
+fn resume_in_place(
+    decision: &crate::decide::Decision,
+    intent: &Intent,
+    observations: &BTreeMap<String, crate::decide::Observation>,
+    limits: &Limits,
+    now_ms: u64,
+) -> Option<Command> {
+    let Some(crate::decide::Wait::NoCandidate(nc)) = &decision.wait else {
+        return None;
+    };
+    // Once per generation: the resumed member needs its lease, then starts.
+    if intent.primary.as_deref() != Some(nc.failed_primary.as_str())
+        || intent.resumed == Some(intent.generation)
+    {
+        return None;
+    }
+    let o = observations.get(&nc.failed_primary)?;
+    let fresh = now_ms.saturating_sub(o.received_at_ms) <= limits.stale_after_ms;
+    if !(fresh && o.fenced && !o.postgres_up) {
+        return None;
+    }
+    Some(Command::Resume {
+        member: nc.failed_primary.clone(),
+        generation: intent.generation.next(),
+        reason: format!(
+            "{} stopped and no member may replace it ({:?}): resumed in place",
+            nc.failed_primary, nc.reason
+        ),
+        at_unix_ms: unix_ms(),
+    })
 }
 
 /// The Raft command for a core action; None for actions members derive from the intent.

@@ -230,11 +230,13 @@ pub async fn run(shared: Arc<Shared>, pg: Option<crate::pg::PgInstance>) {
             named_since = Some((generation, Instant::now()));
         }
         let started = named_since.map_or_else(Instant::now, |(_, at)| at);
-        if pg
-            .as_ref()
-            .is_some_and(|p| p.is_fenced() && !p.is_running())
+        if intent.resumed != Some(generation)
+            && pg
+                .as_ref()
+                .is_some_and(|p| p.is_fenced() && !p.is_running())
         {
-            // Fenced and stopped: nothing takes writes here, nothing to renew for.
+            // Fenced and stopped: nothing takes writes here, nothing to renew for (unless
+            // resumed in place, which starts with a renewal).
             continue;
         }
         // The deadline counts from the send time of the last accepted renewal (or when this

@@ -341,7 +341,18 @@ impl Member {
                 if switchover_phase_from(intent, self.name())
                     .is_some_and(|p| matches!(p, crate::decide::SwitchoverPhase::Aborting(_)))
                 {
-                    return self.resume_as_primary().await;
+                    return self
+                        .resume_as_primary("switchover aborted: resuming writes")
+                        .await;
+                }
+                // Resumed in place (no other member could take over): with this
+                // generation's lease, take writes again.
+                let t = &self.shared.config.timing;
+                if intent.resumed == Some(intent.generation)
+                    && self.shared.lease.valid(intent.generation, t.fence_after)
+                {
+                    tracing::info!(generation = %intent.generation, "resumed in place as the primary");
+                    return self.resume_as_primary("resumed in place").await;
                 }
                 // Stays down: the leader promotes another member.
                 return Ok(());
@@ -607,9 +618,8 @@ impl Member {
     }
 
     /// A switchover was given up after writes stopped: take writes again.
-    async fn resume_as_primary(&mut self) -> anyhow::Result<()> {
-        self.shared
-            .set_activity("switchover aborted: resuming writes");
+    async fn resume_as_primary(&mut self, why: &str) -> anyhow::Result<()> {
+        self.shared.set_activity(why);
         let signal = self.pg.data_dir().join("standby.signal");
         let _ = std::fs::remove_file(signal);
         self.pg.clear_fence()?;

@@ -214,6 +214,16 @@ pub enum Command {
     ReinitDone {
         name: String,
     },
+    /// The leader found no member to replace a primary that stopped (fenced, down): the
+    /// same primary takes writes again, in a new generation (so a promotion decided on the
+    /// old one is refused). Its Postgres kept every commit it ever acknowledged.
+    Resume {
+        member: String,
+        /// Must be exactly the current generation + 1.
+        generation: Generation,
+        reason: String,
+        at_unix_ms: i64,
+    },
 }
 
 /// Why a command was refused. Serializable so it crosses the Raft log and the admin API.
@@ -282,6 +292,8 @@ pub enum Refused {
     SyncTargetNotRecorded { names: Vec<String>, k: u32 },
     #[error("member {0:?} has no re-clone pending")]
     NoReinitPending(String),
+    #[error("member {0:?} is not the primary")]
+    NotPrimary(String),
 }
 
 /// What the state machine answers for each applied log entry.
@@ -320,6 +332,8 @@ pub struct Intent {
     pub sync_target: Option<SyncTarget>,
     /// Members asked to re-clone their Postgres from the primary.
     pub reinit: std::collections::BTreeSet<String>,
+    /// The generation in which the primary was resumed in place ([`Command::Resume`]).
+    pub resumed: Option<Generation>,
 }
 
 /// `synchronous_standby_names` for one generation's primary.
@@ -344,6 +358,7 @@ impl Default for Intent {
             history: Vec::new(),
             sync_target: None,
             reinit: std::collections::BTreeSet::new(),
+            resumed: None,
         }
     }
 }
@@ -579,6 +594,25 @@ impl Intent {
                 }
                 Ok(())
             }
+            Command::Resume {
+                member,
+                generation,
+                reason,
+                ..
+            } => {
+                check_reason(reason)?;
+                let expected = self.generation.next();
+                if *generation != expected {
+                    return Err(Refused::StaleGeneration {
+                        expected,
+                        got: *generation,
+                    });
+                }
+                if self.primary.as_deref() != Some(member.as_str()) {
+                    return Err(Refused::NotPrimary(member.clone()));
+                }
+                Ok(())
+            }
         }
     }
 
@@ -710,6 +744,7 @@ impl Intent {
                     generation: p.generation,
                     set: carried,
                 });
+                self.resumed = None;
                 self.pending_switchover = None;
                 self.reinit.remove(&p.member);
                 let kind = match p.kind {
@@ -789,6 +824,30 @@ impl Intent {
             }
             Command::ReinitDone { name } => {
                 self.reinit.remove(name);
+            }
+            Command::Resume {
+                member,
+                generation,
+                reason,
+                at_unix_ms,
+            } => {
+                self.generation = *generation;
+                self.resumed = Some(*generation);
+                // The sync set stays: the same Postgres waits on the same standbys.
+                if let Some(t) = &mut self.sync_target {
+                    t.generation = *generation;
+                }
+                self.push_history(HistoryEntry {
+                    at_unix_ms: *at_unix_ms,
+                    kind: HistoryKind::Failover,
+                    reason: reason.clone(),
+                    old_primary: Some(member.clone()),
+                    new_primary: Some(member.clone()),
+                    generation: *generation,
+                    old_primary_lsn: None,
+                    new_primary_lsn: None,
+                    possible_loss_bytes: Some(0),
+                });
             }
         }
         Response::Applied
@@ -1435,6 +1494,40 @@ mod tests {
             }),
             Response::Refused(Refused::StaleGeneration { .. })
         ));
+    }
+
+    #[test]
+    fn resume_bumps_the_generation_for_the_same_primary_only() {
+        let mut i = cluster();
+        let resume = |m: &str, g: u64| Command::Resume {
+            member: m.into(),
+            generation: Generation(g),
+            reason: "no candidate".into(),
+            at_unix_ms: 9,
+        };
+        assert_eq!(
+            refused(&mut i, resume("a2", 2)),
+            Refused::NotPrimary("a2".into())
+        );
+        assert!(matches!(
+            refused(&mut i, resume("a1", 3)),
+            Refused::StaleGeneration { .. }
+        ));
+        assert_eq!(i.apply(&resume("a1", 2)), Response::Applied);
+        assert_eq!(
+            (i.primary.as_deref(), i.generation, i.resumed),
+            (Some("a1"), Generation(2), Some(Generation(2)))
+        );
+        // A promotion decided on generation 1 is now stale.
+        assert!(matches!(
+            refused(&mut i, promote("a2", 2, PromotionKind::Failover)),
+            Refused::StaleGeneration { .. }
+        ));
+        assert_eq!(
+            i.apply(&promote("a2", 3, PromotionKind::Failover)),
+            Response::Applied
+        );
+        assert_eq!(i.resumed, None);
     }
 
     #[test]
