@@ -72,7 +72,25 @@ fn validate_locally(snap: &Snapshot, cmd: &IntentCommand) -> Result<(), Failure>
         .map_err(|r| failed(format!("refused: {r}")))
 }
 
+/// A command that would ask for confirmation cannot run unattended without `--force`:
+/// said before anything is read or written.
+fn require_force_without_terminal(force: bool, what: &str) -> Result<(), Failure> {
+    if force || std::io::stdin().is_terminal() {
+        return Ok(());
+    }
+    Err(Failure::Usage(format!(
+        "stdin is not a terminal: pass --force to {what} without confirmation"
+    )))
+}
+
 pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Failure> {
+    match &command {
+        Command::Switchover { force, .. } => require_force_without_terminal(*force, "switch over")?,
+        Command::Failover { force, .. } => require_force_without_terminal(*force, "fail over")?,
+        Command::Remove { force, .. } => require_force_without_terminal(*force, "remove a member")?,
+        Command::Reinit { force, .. } => require_force_without_terminal(*force, "reinit a member")?,
+        _ => {}
+    }
     match command {
         Command::List { watch } => watch_loop(client, watch, json, false).await,
         Command::Topology { watch } => watch_loop(client, watch, json, true).await,

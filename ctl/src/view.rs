@@ -165,8 +165,9 @@ pub fn placement_warning<'a>(voter_regions: impl IntoIterator<Item = &'a str>) -
     }
     Some(format!(
         "voter placement cannot survive the loss of region {}: a majority needs {majority} of {total} voters; \
-         place voters so no region holds {majority} or more (e.g. 2 + 2 data members and a witness in a third region)",
-        fatal.join(", ")
+         place voters so no region holds {limit} or more (e.g. 2 + 2 data members and a witness in a third region)",
+        fatal.join(", "),
+        limit = total - majority + 1,
     ))
 }
 
@@ -682,6 +683,7 @@ mod tests {
             w.contains("region a (2 of 3)") && w.contains("needs 2 of 3"),
             "{w}"
         );
+        assert!(w.contains("no region holds 2 or more"), "{w}");
         let w = placement_warning(["a"]).unwrap();
         assert!(w.contains("a (1 of 1)"), "{w}");
         let w = placement_warning(["a", "a", "b", "b"]).unwrap();
