@@ -2,6 +2,7 @@
 //! shared with the end-to-end tests.
 
 pub mod check;
+pub mod cluster;
 pub mod mesh;
 pub mod pg_cluster;
 pub mod proxy;
