@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod mesh;
 pub mod pg_cluster;
 pub mod proxy;
+pub mod runner;
 pub mod schedule;
 pub mod scorecard;
 pub mod seeded;
