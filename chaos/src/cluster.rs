@@ -30,7 +30,6 @@ use tempfile::TempDir;
 use tonic::transport::Endpoint;
 
 use crate::mesh::{LatencyMatrix, MemberSpec as MeshMember, Mesh, Service};
-use crate::pg_cluster::free_ports;
 
 /// Bound on one admin call (connect + answer).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -375,7 +374,17 @@ impl Cluster {
             .tempdir()
             .context("create the run dir")?;
         let declared = options.topology.members();
-        let ports = free_ports(declared.len() * 3)?;
+        // Held (bound) until the mesh's own ~100 listeners are up, so the kernel cannot hand
+        // one of them a port meant for an agent or a Postgres.
+        let reserved = (0..declared.len() * 3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<Result<Vec<_>, _>>()
+            .context("reserve free ports")?;
+        let ports = reserved
+            .iter()
+            .map(|l| Ok(l.local_addr()?.port()))
+            .collect::<std::io::Result<Vec<u16>>>()
+            .context("read the reserved ports")?;
         let mut members = BTreeMap::new();
         let mut specs = Vec::new();
         for (i, (name, region, kind)) in declared.iter().enumerate() {
@@ -417,6 +426,7 @@ impl Cluster {
         let mesh = Mesh::start(specs, options.matrix.clone(), options.seed)
             .await
             .context("start the proxy mesh")?;
+        drop(reserved);
         let cluster = Cluster {
             options,
             mesh,
@@ -500,19 +510,12 @@ impl Cluster {
                 m.grpc, m.http
             ));
             let bootstrap = m.name == first;
+            // Only the bootstrap member: the others do not serve before they registered,
+            // and a joiner rotating through them waits out a timeout on each.
             let join: Vec<String> = if bootstrap {
                 Vec::new()
             } else {
-                // The bootstrap member first; any other member forwards to the leader too.
-                std::iter::once(first.clone())
-                    .chain(
-                        self.members
-                            .keys()
-                            .filter(|n| **n != first && **n != m.name)
-                            .cloned(),
-                    )
-                    .map(|n| format!("\"{n}\""))
-                    .collect()
+                vec![format!("\"{first}\"")]
             };
             text.push_str(&format!(
                 "[raft]\nbootstrap = {bootstrap}\njoin = [{}]\n",

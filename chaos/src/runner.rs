@@ -443,10 +443,16 @@ pub async fn run_scenario(opts: &RunOptions) -> anyhow::Result<Scorecard> {
         .await
         .context("start the cluster")?;
     eprintln!("[{sc}] run dir {}", c.dir().display());
-    let s0 = c
-        .wait_converged(opts.initial_converge_timeout)
-        .await
-        .with_context(|| format!("initial convergence\n{}", c.log_tails(15)))?;
+    let s0 = match c.wait_converged(opts.initial_converge_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "[{sc}] no initial convergence; agent logs:\n{}",
+                c.log_tails(15)
+            );
+            return Err(e.context("initial convergence"));
+        }
+    };
     eprintln!(
         "[{sc}] converged: primary {}, leader {}",
         s0.primary().unwrap_or("-"),
