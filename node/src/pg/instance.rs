@@ -362,6 +362,24 @@ impl PgInstance {
         self.postmaster_pid().is_some_and(pid_alive)
     }
 
+    /// Removes a `postmaster.pid` whose process is gone. A SIGKILLed postmaster whose
+    /// parent does not reap it stays a zombie, and Postgres takes a zombie's pid for a
+    /// live postmaster and refuses to start ("lock file already exists").
+    fn remove_stale_lock(&self, step: &'static str) -> Result<(), PgError> {
+        let lock = self.path("postmaster.pid");
+        match self.postmaster_pid() {
+            Some(pid) if !pid_alive(pid) => {
+                tracing::info!(pid, data_dir = %self.data_dir.display(), "removing stale postmaster.pid of a dead postmaster");
+                match std::fs::remove_file(&lock) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(PgError::io(step, lock, e)),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// True when `standby.signal` is present: the next start enters standby mode.
     pub fn has_standby_signal(&self) -> bool {
         self.path("standby.signal").exists()
@@ -427,6 +445,7 @@ impl PgInstance {
         if self.is_running() {
             return Ok(());
         }
+        self.remove_stale_lock(STEP)?;
         self.ensure_log_file(STEP)?;
         let secs = timeout.as_secs().max(1).to_string();
         let args = [
