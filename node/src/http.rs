@@ -12,6 +12,11 @@
 //! running primary or standby. `/health`: 200 when Postgres is running. `/sync` and
 //! `/async`: 200 on a synchronous / asynchronous standby. Health checks answer `GET`,
 //! `HEAD` and `OPTIONS` (HAProxy's `option httpchk` sends `OPTIONS` by default).
+//!
+//! Write endpoints (`POST /switchover`, `/failover`, `/pause`, `/resume`) need
+//! `Authorization: Bearer <api token>` and are thin wrappers over the admin commands
+//! ([`WriteRequest`], carried out by the runtime's [`WriteFn`]); without a configured
+//! token they are refused.
 
 use std::sync::Arc;
 
@@ -69,7 +74,37 @@ pub struct NodeHealth {
 pub struct HttpState {
     pub health: watch::Receiver<NodeHealth>,
     pub metrics: Arc<Metrics>,
+    /// Carries out write requests; None refuses them.
+    pub writes: Option<WriteFn>,
+    /// The API token write requests must present.
+    pub token: Option<String>,
 }
+
+/// A write the HTTP API accepts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteRequest {
+    /// Planned switchover from the primary (`from`, if given, must be it) to `to`.
+    Switchover { from: Option<String>, to: String },
+    /// Operator failover to `candidate`; `allow_data_loss` skips the safety check.
+    Failover {
+        candidate: String,
+        allow_data_loss: bool,
+    },
+    /// Maintenance mode on (true) or off.
+    Pause(bool),
+}
+
+/// The error of a write: HTTP status and message.
+pub type WriteError = (StatusCode, String);
+
+/// Carries out a [`WriteRequest`] (the runtime routes it to the Raft leader).
+pub type WriteFn = Arc<
+    dyn Fn(
+            WriteRequest,
+        ) -> futures::future::BoxFuture<'static, Result<serde_json::Value, WriteError>>
+        + Send
+        + Sync,
+>;
 
 /// The router with every endpoint; the caller binds and serves it.
 pub fn router(state: HttpState) -> Router {
@@ -109,6 +144,10 @@ pub fn router(state: HttpState) -> Router {
         .route("/cluster", get(cluster))
         .route("/history", get(history))
         .route("/metrics", get(metrics))
+        .route("/switchover", axum::routing::post(switchover))
+        .route("/failover", axum::routing::post(failover))
+        .route("/pause", axum::routing::post(pause))
+        .route("/resume", axum::routing::post(resume))
         .with_state(state)
 }
 
@@ -201,6 +240,114 @@ fn patroni_body(h: &NodeHealth) -> serde_json::Value {
             "lease_valid": h.lease_valid,
         },
     })
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct WriteBody {
+    /// Patroni's name for the current primary.
+    leader: Option<String>,
+    candidate: Option<String>,
+    allow_data_loss: bool,
+}
+
+fn authorized(s: &HttpState, headers: &axum::http::HeaderMap) -> Result<(), WriteError> {
+    let Some(token) = &s.token else {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "no api token is configured: write endpoints are disabled".into(),
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given != Some(token.as_str()) {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
+        ));
+    }
+    Ok(())
+}
+
+async fn write(
+    s: HttpState,
+    headers: axum::http::HeaderMap,
+    body: &str,
+    make: fn(WriteBody) -> Result<WriteRequest, WriteError>,
+) -> Response {
+    let result = async {
+        authorized(&s, &headers)?;
+        let parsed: WriteBody = if body.trim().is_empty() {
+            WriteBody::default()
+        } else {
+            serde_json::from_str(body)
+                .map_err(|e| (StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))?
+        };
+        let req = make(parsed)?;
+        let writes = s.writes.as_ref().ok_or((
+            StatusCode::SERVICE_UNAVAILABLE,
+            "writes are not available on this member".to_string(),
+        ))?;
+        writes(req).await
+    }
+    .await;
+    match result {
+        Ok(v) => (StatusCode::OK, Json(v)).into_response(),
+        Err((code, msg)) => (code, Json(serde_json::json!({ "error": msg }))).into_response(),
+    }
+}
+
+fn need_candidate(b: &WriteBody) -> Result<String, WriteError> {
+    b.candidate
+        .clone()
+        .filter(|c| !c.is_empty())
+        .ok_or((StatusCode::BAD_REQUEST, "candidate is required".into()))
+}
+
+async fn switchover(
+    State(s): State<HttpState>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> Response {
+    write(s, headers, &body, |b| {
+        Ok(WriteRequest::Switchover {
+            to: need_candidate(&b)?,
+            from: b.leader,
+        })
+    })
+    .await
+}
+
+async fn failover(
+    State(s): State<HttpState>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> Response {
+    write(s, headers, &body, |b| {
+        Ok(WriteRequest::Failover {
+            candidate: need_candidate(&b)?,
+            allow_data_loss: b.allow_data_loss,
+        })
+    })
+    .await
+}
+
+async fn pause(
+    State(s): State<HttpState>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> Response {
+    write(s, headers, &body, |_| Ok(WriteRequest::Pause(true))).await
+}
+
+async fn resume(
+    State(s): State<HttpState>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> Response {
+    write(s, headers, &body, |_| Ok(WriteRequest::Pause(false))).await
 }
 
 async fn cluster(State(s): State<HttpState>) -> Response {
@@ -302,6 +449,8 @@ mod tests {
         let state = HttpState {
             health: rx,
             metrics: Arc::new(Metrics::new()),
+            writes: None,
+            token: None,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -4,6 +4,11 @@
 //! on drop (also when the test panics). Optional mutual TLS with certificates generated
 //! at test time (rcgen). Admin helpers talk to the members over gRPC, every call bounded.
 //! Members' logs are printed when a test panics (or always with `MERIDIAN_TEST_LOGS=1`).
+//!
+//! With [`AgentCluster::with_postgres`] every data member's agent creates and manages a real
+//! Postgres (free port, data dir under the member's state dir); the fixture kills those
+//! servers by the PID in `postmaster.pid` on drop. The other constructors point the agents
+//! at an empty `bin_dir` so they manage no Postgres (Raft-only tests stay light).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -99,10 +104,39 @@ pub struct AgentMember {
     pub state_dir: PathBuf,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// Port of this data member's Postgres (0 on a witness).
+    pub pg_port: u16,
     child: Option<Child>,
 }
 
 impl AgentMember {
+    /// The data dir the agent creates its Postgres in.
+    pub fn pg_data_dir(&self) -> PathBuf {
+        self.state_dir.join("pgdata")
+    }
+
+    /// The postmaster's pid from `postmaster.pid`, if the file is there.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.pg_data_dir().join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
+    /// SIGKILL to the postmaster and its process group (the `kill -9` of a crash).
+    pub fn kill_postgres(&self) {
+        if let Some(pid) = self.postmaster_pid().filter(|p| *p > 0) {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+
+    /// A libpq connection string to this member's Postgres.
+    pub fn pg_conninfo(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=2",
+            self.pg_port
+        )
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
@@ -213,10 +247,35 @@ impl AgentCluster {
         tls: bool,
         token: Option<&str>,
     ) -> anyhow::Result<AgentCluster> {
+        Self::build(specs, tls, token, false)
+    }
+
+    /// Data members' agents create and run real Postgres servers; short lease timings;
+    /// with `token`, admin writes (gRPC and HTTP) need it.
+    pub fn with_postgres(
+        specs: Vec<MemberSpec>,
+        token: Option<&str>,
+    ) -> anyhow::Result<AgentCluster> {
+        Self::build(specs, false, token, true)
+    }
+
+    fn build(
+        specs: Vec<MemberSpec>,
+        tls: bool,
+        token: Option<&str>,
+        postgres: bool,
+    ) -> anyhow::Result<AgentCluster> {
         let dir = tempfile::Builder::new()
             .prefix("meridian-agents-")
             .tempdir()
             .context("creating the cluster's temp dir")?;
+        // The Postgres OS user must reach the data dirs below it.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        }
+        let no_pg_bin = dir.path().join("no-postgres-bin");
+        std::fs::create_dir_all(&no_pg_bin)?;
         let cluster = "test-cluster".to_string();
         let ports = free_ports(specs.len() * 3)?;
         let pki = if tls {
@@ -244,6 +303,11 @@ impl AgentCluster {
                     state_dir: home.join("state"),
                     grpc: SocketAddr::from(([127, 0, 0, 1], ports[3 * i])),
                     http: SocketAddr::from(([127, 0, 0, 1], ports[3 * i + 1])),
+                    pg_port: if spec.kind == Kind::Data {
+                        ports[3 * i + 2]
+                    } else {
+                        0
+                    },
                     spec,
                     child: None,
                 },
@@ -268,10 +332,14 @@ impl AgentCluster {
             );
             if s.kind == Kind::Data {
                 text.push_str(&format!(
-                    "[postgres]\ndata_dir = \"{}\"\nport = {}\n\n",
-                    m.state_dir.join("pgdata").display(),
+                    "[postgres]\ndata_dir = \"{}\"\nport = {}\n",
+                    m.pg_data_dir().display(),
                     ports[3 * i + 2]
                 ));
+                if !postgres {
+                    text.push_str(&format!("bin_dir = \"{}\"\n", no_pg_bin.display()));
+                }
+                text.push('\n');
             }
             text.push_str(&format!(
                 "[api]\nlisten = \"{}\"\nhttp_listen = \"{}\"\n{token_line}\n",
@@ -284,7 +352,9 @@ impl AgentCluster {
                 join.join(", ")
             ));
             text.push_str(
-                "[timing]\nobserve_interval = \"200ms\"\npg_probe_timeout = \"500ms\"\n\n",
+                "[timing]\nobserve_interval = \"200ms\"\npg_probe_timeout = \"500ms\"\n\
+                 lease_ttl = \"2000ms\"\nlease_renew_interval = \"250ms\"\nfence_after = \"1500ms\"\n\
+                 promote_timeout = \"20s\"\n\n",
             );
             if let Some(pki) = &pki {
                 let (cert, key) = pki.issue(&s.name, s.rogue_cert)?;
@@ -542,6 +612,7 @@ impl Drop for AgentCluster {
                 let _ = c.kill();
                 let _ = c.wait();
             }
+            m.kill_postgres();
         }
         if std::thread::panicking() || std::env::var_os("MERIDIAN_TEST_LOGS").is_some() {
             eprintln!("{}", self.logs());

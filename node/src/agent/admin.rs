@@ -27,7 +27,7 @@ use tonic::{Request, Response as GrpcResponse, Status};
 
 use super::join::{unix_ms, ADMIT_CALL_TIMEOUT};
 use super::Shared;
-use crate::raft::intent::{Command, MemberKind, MemberTags, Response};
+use crate::raft::intent::{Command, MemberKind, MemberTags, Promote, PromotionKind, Response};
 use crate::raft::{MemberNode, NodeId};
 
 /// Marks a request a member forwarded to its leader; it is never forwarded again.
@@ -645,6 +645,12 @@ impl Admin for AdminService {
                 .await
             }
             None => {
+                let mut cmd = cmd;
+                if let Command::Promote(p) = &mut cmd {
+                    if p.kind == PromotionKind::Manual {
+                        check_manual_promotion(&self.shared, p)?;
+                    }
+                }
                 let w = within(self.shared.raft.client_write(cmd))
                     .await?
                     .map_err(write_error)?;
@@ -658,6 +664,69 @@ impl Admin for AdminService {
             }
         }
     }
+}
+
+/// The safety check of an operator's failover (`Promote{Manual}`), on the leader: the
+/// candidate must be a healthy standby (fresh observation, Postgres up, in recovery, not
+/// fenced); without `force` (= allow data loss) the primary must not be taking writes (a
+/// switchover is the way then) and the candidate must hold every byte of WAL any member is
+/// known to hold. Fills the history's LSNs and possible loss.
+fn check_manual_promotion(shared: &Shared, p: &mut Promote) -> Result<(), Status> {
+    let intent = shared.applied().intent.clone();
+    let stale_after = (shared.config.timing.observe_interval * 4).max(Duration::from_secs(1));
+    let now = Instant::now();
+    let obs: HashMap<String, crate::decide::Observation> = shared
+        .observations
+        .snapshot()
+        .into_iter()
+        .filter(|(_, (_, at))| now.duration_since(*at) <= stale_after)
+        .map(|(n, (o, _))| (n, crate::decide::observation_from_proto(&o, 0)))
+        .collect();
+    let refuse = |why: String| Err(Status::failed_precondition(why));
+    let Some(c) = obs.get(&p.member) else {
+        return refuse(format!(
+            "no recent observation of {}: its agent is unreachable",
+            p.member
+        ));
+    };
+    if !(c.postgres_up && c.in_recovery && !c.fenced) {
+        return refuse(format!(
+            "{} is not a healthy standby (up {}, in recovery {}, fenced {})",
+            p.member, c.postgres_up, c.in_recovery, c.fenced
+        ));
+    }
+    let best_known = obs
+        .values()
+        .filter_map(crate::decide::Observation::best_lsn)
+        .max()
+        .unwrap_or(crate::types::Lsn::ZERO);
+    let candidate_lsn = c.received_lsn.max(c.replayed_lsn);
+    let loss = best_known.bytes_after(candidate_lsn.unwrap_or(crate::types::Lsn::ZERO));
+    let old = intent.primary.clone();
+    p.old_primary_lsn = old
+        .as_deref()
+        .and_then(|o| obs.get(o))
+        .and_then(crate::decide::Observation::best_lsn);
+    p.new_primary_lsn = candidate_lsn;
+    p.possible_loss_bytes = Some(loss);
+    if p.force {
+        return Ok(());
+    }
+    if let Some(o) = old.as_deref().and_then(|o| obs.get(o)) {
+        if o.writable() {
+            return refuse(format!(
+                "the primary {} is healthy and taking writes: use a switchover",
+                old.as_deref().unwrap_or_default()
+            ));
+        }
+    }
+    if loss > 0 {
+        return refuse(format!(
+            "{} is {loss} bytes behind the most WAL any member holds; promoting it may lose data (allow_data_loss / force to override)",
+            p.member
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -12,12 +12,16 @@
 
 pub mod admin;
 pub mod dial;
+pub mod http_write;
 pub mod join;
+pub mod leader;
+pub mod lease;
+pub mod member;
 pub mod observe;
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use openraft::{RaftMetrics, ServerState};
@@ -54,6 +58,20 @@ pub struct Shared {
     pub dialer: Dialer,
     pub observations: ObservationStore,
     pub metrics: Arc<Metrics>,
+    /// This member's lease as primary (send time of the last accepted renewal).
+    pub lease: lease::LeaseState,
+    /// On the leader: the last lease renewal it accepted.
+    pub lease_book: lease::LeaseBook,
+    /// The base of the leader's millisecond clock (`now_ms` of the decision core).
+    pub epoch: Instant,
+    /// When this member last got an observation report accepted by a leader that had a
+    /// quorum: an isolated standby stops acknowledging sync replication.
+    pub last_report_ok: Mutex<Instant>,
+    /// What the agent is doing to its Postgres (reported in observations).
+    pub activity: Mutex<String>,
+    /// The last WAL position of this member's Postgres after it stopped writes for a
+    /// switchover (reported while it is down).
+    pub final_lsn: Mutex<Option<crate::types::Lsn>>,
 }
 
 impl Shared {
@@ -80,6 +98,28 @@ impl Shared {
             .get_node(&id)
             .map(|n| n.name.clone())?;
         Some((id, name))
+    }
+
+    pub fn set_activity(&self, what: &str) {
+        let mut a = self.activity.lock().unwrap_or_else(|e| e.into_inner());
+        if *a != what {
+            if !what.is_empty() {
+                tracing::info!(activity = what, "postgres");
+            }
+            *a = what.to_string();
+        }
+    }
+
+    pub fn activity(&self) -> String {
+        self.activity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Milliseconds on this agent's monotonic clock (the leader's `now_ms`).
+    pub fn ms_since_epoch(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Whether this member believes it leads. Routing only: see the module invariant.
@@ -173,6 +213,12 @@ impl Agent {
             observations: ObservationStore::default(),
             metrics: metrics.clone(),
             config: config.clone(),
+            lease: lease::LeaseState::default(),
+            lease_book: lease::LeaseBook::default(),
+            epoch: Instant::now(),
+            last_report_ok: Mutex::new(Instant::now()),
+            activity: Mutex::new(String::new()),
+            final_lsn: Mutex::new(None),
         });
         let (stop, _) = watch::channel(false);
         let mut servers = Vec::new();
@@ -213,6 +259,8 @@ impl Agent {
         let app = http::router(HttpState {
             health: health_rx,
             metrics,
+            writes: Some(http_write::write_fn(shared.clone())),
+            token: config.api.token.as_ref().map(|t| t.expose().to_string()),
         });
         let mut stopped = stop.subscribe();
         servers.push(tokio::spawn(async move {
@@ -234,7 +282,13 @@ impl Agent {
             tasks.push(tokio::spawn(join::seek_admission(shared.clone(), identity)));
         }
         let reporter = observe::Reporter::new(shared.clone()).await;
+        let local = reporter.instance();
         tasks.push(tokio::spawn(reporter.run(health_tx)));
+        tasks.push(tokio::spawn(lease::run(shared.clone(), local.clone())));
+        if let Some(pg) = local {
+            tasks.push(tokio::spawn(member::run(shared.clone(), pg)));
+        }
+        tasks.push(tokio::spawn(leader::run(shared.clone())));
 
         tracing::info!(
             grpc = %grpc_addr, http = %http_addr,

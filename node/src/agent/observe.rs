@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use meridian_proto::agent_client::AgentClient;
 use meridian_proto::agent_server::{Agent as AgentRpc, AgentServer};
 use meridian_proto::{
-    Observation, ObservationAck, PostgresObservation, StandbyState, WalReceiverStatus,
+    Observation, ObservationAck, PostgresObservation, RenewLeaseRequest, RenewLeaseResponse,
+    StandbyState, WalReceiverStatus,
 };
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
@@ -111,6 +112,15 @@ impl AgentRpc for AgentService {
             leader: self.shared.name().to_string(),
         }))
     }
+
+    async fn renew_lease(
+        &self,
+        request: Request<RenewLeaseRequest>,
+    ) -> Result<Response<RenewLeaseResponse>, Status> {
+        Ok(Response::new(
+            super::lease::handle_renew(&self.shared, request.into_inner()).await,
+        ))
+    }
 }
 
 /// The local Postgres as the reporter probes it.
@@ -199,7 +209,48 @@ pub fn postgres_observation(s: &PgStatus, fenced: bool) -> PostgresObservation {
         // Filled by the caller, which knows the address book.
         upstream: String::new(),
         sync_standby_names: None,
+        activity: String::new(),
     }
+}
+
+/// What the primary's Postgres has in `synchronous_standby_names`, parsed; None when it
+/// cannot be read.
+async fn sync_standby_names(instance: &PgInstance) -> Option<meridian_proto::SyncStandbyNames> {
+    let client = instance.connect().await.ok()?;
+    let row = tokio::time::timeout(
+        instance.timeouts().probe,
+        client.query_one("SHOW synchronous_standby_names", &[]),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let set = super::member::parse_sync_standby_names(&row.get::<_, String>(0));
+    Some(meridian_proto::SyncStandbyNames {
+        names: set.names.into_iter().collect(),
+        k: set.k,
+    })
+}
+
+/// Round trips to each peer's agent (a TCP connect), in microseconds; peers that do not
+/// answer within the bound are left out.
+async fn measure_rtts(config: &Config) -> std::collections::HashMap<String, u64> {
+    const BOUND: Duration = Duration::from_millis(300);
+    let mut out = std::collections::HashMap::new();
+    for (name, peer) in &config.peers {
+        if *name == config.member.name {
+            continue;
+        }
+        let started = Instant::now();
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(BOUND, tokio::net::TcpStream::connect(peer.api.as_str())).await
+        {
+            out.insert(
+                name.clone(),
+                u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            );
+        }
+    }
+    out
 }
 
 /// The member whose Postgres address (in this agent's address book) is `host:port`.
@@ -219,6 +270,14 @@ pub struct Reporter {
 }
 
 impl Reporter {
+    /// The local Postgres, for the member loop and the lease (None on a witness).
+    pub fn instance(&self) -> Option<PgInstance> {
+        match &self.pg {
+            LocalPg::Data(i) => Some((**i).clone()),
+            _ => None,
+        }
+    }
+
     pub async fn new(shared: Arc<Shared>) -> Reporter {
         let pg = local_pg(&shared.config).await;
         if let LocalPg::Broken(why) = &pg {
@@ -243,6 +302,19 @@ impl Reporter {
                         o.upstream = member_at(&self.shared.config, host, port).unwrap_or_default();
                     }
                 }
+                if status.up && !status.in_recovery {
+                    o.sync_standby_names = sync_standby_names(instance).await;
+                }
+                if o.fenced && !o.up {
+                    // After a switchover's stop: where its WAL ends.
+                    let last = *self
+                        .shared
+                        .final_lsn
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    o.current_lsn = last.map(|l| l.0).unwrap_or_default();
+                }
+                o.activity = self.shared.activity();
                 Some(o)
             }
         }
@@ -256,8 +328,15 @@ impl Reporter {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_error: Option<String> = None;
+        let mut rtt_us = std::collections::HashMap::new();
+        let mut round: u64 = 0;
         loop {
             ticker.tick().await;
+            // Round trips change slowly; measuring every few rounds keeps the cost small.
+            if round.is_multiple_of(8) {
+                rtt_us = measure_rtts(&self.shared.config).await;
+            }
+            round += 1;
             let pg = self.observe().await;
             let applied = self.shared.applied();
             let obs = Observation {
@@ -267,10 +346,17 @@ impl Reporter {
                 generation: applied.intent.generation.0,
                 postgres: pg.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
-                // Round trips and peer probes come with the failure detector (issue 4).
+                rtt_us: rtt_us.clone(),
                 ..Observation::default()
             };
             let result = self.report(obs, report_timeout).await;
+            if result.is_ok() {
+                *self
+                    .shared
+                    .last_report_ok
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            }
             match (&result, &last_error) {
                 (Err(e), Some(prev)) if e == prev => {}
                 (Err(e), _) => tracing::warn!("reporting observations to the leader: {e}"),
@@ -285,6 +371,13 @@ impl Reporter {
     async fn report(&self, obs: Observation, timeout: Duration) -> Result<(), String> {
         if self.shared.believes_leader() {
             let shared = &self.shared;
+            // A leader cut off from its quorum does not step down by itself.
+            let quorum_ms = shared.raft_metrics().millis_since_quorum_ack;
+            let bound = shared.config.timing.fence_after.as_millis() as u64;
+            if quorum_ms.is_some_and(|ms| ms > bound) {
+                shared.observations.record(obs);
+                return Err("this leader has no recent quorum acknowledgement".into());
+            }
             shared.observations.record(obs);
             let intent = shared.applied().intent.clone();
             let metrics = shared.raft_metrics();
@@ -342,16 +435,46 @@ impl Reporter {
         );
         m.generation
             .set(i64::try_from(intent.generation.0).unwrap_or(i64::MAX));
-        let role = if pg.is_none() {
-            Role::Witness
-        } else {
-            // Postgres roles arrive with issue 4 (the agent acting on the intent).
-            Role::Unknown
+        let me = shared.name();
+        let lease_valid = intent.primary.as_deref() == Some(me)
+            && shared
+                .lease
+                .valid(intent.generation, shared.config.timing.fence_after);
+        let role = match pg {
+            None => Role::Witness,
+            Some(p) if !p.up => Role::Unknown,
+            Some(p) if !p.in_recovery => {
+                if intent.primary.as_deref() == Some(me) {
+                    Role::Primary
+                } else {
+                    Role::Unknown
+                }
+            }
+            Some(_) if intent.sync_set.names.contains(me) => Role::SyncStandby,
+            Some(_) => Role::AsyncStandby,
         };
         m.set_role(match role {
             Role::Witness => "witness",
-            _ => "unknown",
+            Role::Primary => "primary",
+            Role::SyncStandby => "sync_standby",
+            Role::AsyncStandby => "async_standby",
+            Role::Unknown => "unknown",
         });
+        m.lease_remaining_seconds.set(
+            shared
+                .lease
+                .last_ok(intent.generation)
+                .filter(|_| intent.primary.as_deref() == Some(me))
+                .map(|at| {
+                    shared
+                        .config
+                        .timing
+                        .fence_after
+                        .saturating_sub(at.elapsed())
+                        .as_secs_f64()
+                })
+                .unwrap_or(0.0),
+        );
         let cluster_json = serde_json::json!({
             "cluster": shared.config.cluster,
             "leader": shared.leader().map(|l| l.1),
@@ -374,7 +497,7 @@ impl Reporter {
             h.timeline = pg.map(|p| p.timeline).unwrap_or_default();
             h.generation = intent.generation.0;
             h.paused = intent.maintenance;
-            h.lease_valid = false;
+            h.lease_valid = lease_valid;
             h.cluster_json = cluster_json;
             h.history_json = history_json;
         });

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio_postgres::{Client, NoTls};
 
+use crate::types::Lsn;
+
 use super::binaries::PgBinaries;
 use super::conninfo::{conninfo, quote_conf_value, quote_literal};
 use super::error::{tail, PgError};
@@ -963,6 +965,57 @@ impl PgInstance {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Ok(())
+    }
+
+    /// Clears `primary_conninfo` on a running standby and reloads: its WAL receiver stops,
+    /// so it no longer acknowledges synchronous commits (an isolated standby). A no-op
+    /// when the server is not running.
+    pub async fn disconnect_upstream(&self) -> Result<(), PgError> {
+        if !self.is_running() {
+            return Ok(());
+        }
+        let client = self
+            .connect_within("disconnect upstream: connect", self.timeouts.connect)
+            .await?;
+        self.run_each(
+            "disconnect upstream",
+            &client,
+            &[
+                "ALTER SYSTEM SET primary_conninfo = ''",
+                "SELECT pg_reload_conf()",
+            ],
+        )
+        .await
+    }
+
+    /// Stops writes for a planned switchover: fence marker first, then a fast shutdown
+    /// (the walsenders send everything, up to the shutdown checkpoint, to the connected
+    /// standbys before the server exits). Returns the shutdown checkpoint's location from
+    /// `pg_controldata`: every commit lies before it.
+    pub async fn stop_writes(&self, timeout: Duration) -> Result<Lsn, PgError> {
+        const STEP: &str = "stop writes";
+        self.write_fence_marker(STEP)?;
+        self.stop(StopMode::Fast, timeout).await?;
+        self.checkpoint_lsn().await
+    }
+
+    /// "Latest checkpoint location" of a stopped server, from `pg_controldata`.
+    pub async fn checkpoint_lsn(&self) -> Result<Lsn, PgError> {
+        const STEP: &str = "pg_controldata";
+        let out = run_tool(
+            STEP,
+            &self.tool("pg_controldata"),
+            &["-D".to_string(), self.data_dir.display().to_string()],
+            &self.run_as,
+            &[],
+            self.timeouts.sql,
+        )
+        .await?;
+        out.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("Latest checkpoint location:"))
+            .and_then(|v| v.trim().parse::<Lsn>().ok())
+            .ok_or_else(|| PgError::state(STEP, "no \"Latest checkpoint location\" in its output"))
     }
 
     /// Stops the server if it runs (fast), puts `standby.signal` in place and starts it: it

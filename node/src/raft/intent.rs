@@ -199,6 +199,21 @@ pub enum Command {
     /// An operator cancels the pending switchover, whatever its phase.
     ClearSwitchover,
     AppendHistory(HistoryEntry),
+    /// What the current generation's primary sets `synchronous_standby_names` to (the
+    /// decision core's `ApplySyncStandbyNames`, carried to the primary's agent through the
+    /// intent). Must stay within the recorded sync set (ordering rule).
+    SetSyncTarget {
+        generation: Generation,
+        set: SyncSet,
+    },
+    /// `meridianctl reinit NAME`: the member re-clones its Postgres from the primary.
+    Reinit {
+        name: String,
+    },
+    /// The member finished its re-clone.
+    ReinitDone {
+        name: String,
+    },
 }
 
 /// Why a command was refused. Serializable so it crosses the Raft log and the admin API.
@@ -263,6 +278,10 @@ pub enum Refused {
     ReasonTooLong,
     #[error("member ids are exhausted")]
     MemberIdsExhausted,
+    #[error("sync target {names:?} (k = {k}) is not covered by the recorded sync set")]
+    SyncTargetNotRecorded { names: Vec<String>, k: u32 },
+    #[error("member {0:?} has no re-clone pending")]
+    NoReinitPending(String),
 }
 
 /// What the state machine answers for each applied log entry.
@@ -296,6 +315,18 @@ pub struct Intent {
     pub maintenance: bool,
     pub pending_switchover: Option<PendingSwitchover>,
     pub history: Vec<HistoryEntry>,
+    /// What the primary's Postgres should have in `synchronous_standby_names`, for the
+    /// generation it was decided in (ignored in any other).
+    pub sync_target: Option<SyncTarget>,
+    /// Members asked to re-clone their Postgres from the primary.
+    pub reinit: std::collections::BTreeSet<String>,
+}
+
+/// `synchronous_standby_names` for one generation's primary.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncTarget {
+    pub generation: Generation,
+    pub set: SyncSet,
 }
 
 impl Default for Intent {
@@ -311,6 +342,8 @@ impl Default for Intent {
             maintenance: false,
             pending_switchover: None,
             history: Vec::new(),
+            sync_target: None,
+            reinit: std::collections::BTreeSet::new(),
         }
     }
 }
@@ -514,6 +547,38 @@ impl Intent {
                 Ok(())
             }
             Command::AppendHistory(entry) => check_reason(&entry.reason),
+            Command::SetSyncTarget { generation, set } => {
+                if *generation != self.generation {
+                    return Err(Refused::StaleGeneration {
+                        expected: self.generation,
+                        got: *generation,
+                    });
+                }
+                // Ordering rule: Postgres may only wait on members the record names, with
+                // a k no smaller than the record's.
+                let covered = set.names.is_subset(&self.sync_set.names)
+                    && (set.names.is_empty() || set.k >= self.sync_set.k);
+                if !covered {
+                    return Err(Refused::SyncTargetNotRecorded {
+                        names: set.names.iter().cloned().collect(),
+                        k: set.k,
+                    });
+                }
+                Ok(())
+            }
+            Command::Reinit { name } => {
+                self.data_member(name)?;
+                if self.primary.as_deref() == Some(name.as_str()) {
+                    return Err(Refused::MemberIsPrimary(name.clone()));
+                }
+                Ok(())
+            }
+            Command::ReinitDone { name } => {
+                if !self.reinit.contains(name) {
+                    return Err(Refused::NoReinitPending(name.clone()));
+                }
+                Ok(())
+            }
         }
     }
 
@@ -608,6 +673,7 @@ impl Intent {
             }
             Command::RemoveMember { name, at_unix_ms } => {
                 let removed = self.members.remove(name);
+                self.reinit.remove(name);
                 let id = removed.map(|m| m.id).unwrap_or_default();
                 self.push_history(HistoryEntry {
                     at_unix_ms: *at_unix_ms,
@@ -632,7 +698,9 @@ impl Intent {
                 // The sync set belonged to the old primary's topology; the new primary's agent
                 // records a fresh one (grow the record first, then Postgres).
                 self.sync_set = SyncSet::default();
+                self.sync_target = None;
                 self.pending_switchover = None;
+                self.reinit.remove(&p.member);
                 let kind = match p.kind {
                     PromotionKind::Bootstrap => HistoryKind::Bootstrap,
                     PromotionKind::Switchover => HistoryKind::Switchover,
@@ -699,6 +767,18 @@ impl Intent {
             }
             Command::ClearSwitchover => self.pending_switchover = None,
             Command::AppendHistory(entry) => self.push_history(entry.clone()),
+            Command::SetSyncTarget { generation, set } => {
+                self.sync_target = Some(SyncTarget {
+                    generation: *generation,
+                    set: set.clone(),
+                })
+            }
+            Command::Reinit { name } => {
+                self.reinit.insert(name.clone());
+            }
+            Command::ReinitDone { name } => {
+                self.reinit.remove(name);
+            }
         }
         Response::Applied
     }

@@ -1,0 +1,264 @@
+//! The leader loop: on the Raft leader, every `timing.observe_interval`, keep the
+//! [`LeaderBookkeeping`] on this agent's monotonic clock, build the [`ClusterView`] from
+//! the intent and the observations, run the pure decision core and carry out its Raft
+//! actions with `client_write` — after confirming leadership with a bounded
+//! `ensure_linearizable` (DESIGN invariant 3), one write at a time, stopping at the first
+//! failure. Actions for agents (fence, re-point, rejoin) need no message: each member
+//! derives them from the intent it reconciles toward (see `member.rs`);
+//! `ApplySyncStandbyNames` becomes the intent's sync target for the current generation.
+//!
+//! Waits and refusals are logged when they change, not every round.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use super::join::unix_ms;
+use super::Shared;
+use crate::decide::{
+    cluster_view, decide, observation_from_proto, Action, LeaderBookkeeping, Limits, PromoteReason,
+    SwitchoverPhase,
+};
+use crate::raft::intent::{Command, Intent, Promote, PromotionKind, Response};
+use crate::types::Generation;
+
+/// Bound on one Raft write of the leader loop.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on confirming leadership before a write.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the leader tracks between rounds.
+#[derive(Default)]
+struct Tracker {
+    /// (term) this member last led in.
+    led_term: Option<u64>,
+    elected_at: Option<Instant>,
+    generation: Option<(Generation, Instant)>,
+    switchover: Option<((String, SwitchoverPhase), Instant)>,
+    last_wait: Option<String>,
+    last_refusal: Option<String>,
+}
+
+pub async fn run(shared: Arc<Shared>) {
+    let mut ticker = tokio::time::interval(shared.config.timing.observe_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tr = Tracker::default();
+    loop {
+        ticker.tick().await;
+        if !shared.believes_leader() {
+            tr.led_term = None;
+            continue;
+        }
+        if let Err(e) = round(&shared, &mut tr).await {
+            let msg = format!("{e:#}");
+            if tr.last_refusal.as_deref() != Some(msg.as_str()) {
+                tracing::warn!("leader: {msg}");
+                tr.last_refusal = Some(msg);
+            }
+        }
+    }
+}
+
+fn limits(shared: &Shared) -> Limits {
+    let t = &shared.config.timing;
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    Limits {
+        stale_after_ms: ms((t.observe_interval * 4).max(Duration::from_millis(1000))),
+        promote_timeout_ms: ms(t.promote_timeout),
+        ..Limits::default()
+    }
+}
+
+async fn round(shared: &Shared, tr: &mut Tracker) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let term = shared.raft_metrics().current_term;
+    if tr.led_term != Some(term) {
+        tr.led_term = Some(term);
+        tr.elected_at = Some(started);
+        tracing::info!(term, "leading: running the decision core");
+    }
+    let intent = shared.applied().intent.clone();
+    if intent.generation == Generation(0) {
+        // Bootstrap is the bootstrap member's job.
+        return Ok(());
+    }
+    let elected_at = tr.elected_at.unwrap_or(started);
+    if tr.generation.as_ref().map(|g| g.0) != Some(intent.generation) {
+        tr.generation = Some((intent.generation, started));
+    }
+    let generation_seen_at = tr.generation.as_ref().map_or(started, |g| g.1);
+    let sw_key = intent
+        .pending_switchover
+        .as_ref()
+        .map(|sw| (sw.to.clone(), sw.phase.clone()));
+    match (&sw_key, &tr.switchover) {
+        (Some(k), Some((prev, _))) if k == prev => {}
+        (Some(k), _) => tr.switchover = Some((k.clone(), started)),
+        (None, _) => tr.switchover = None,
+    }
+    let ms = |at: Instant| shared.ms_since_epoch(at);
+    // A new generation counts as renewed when this leader saw it committed.
+    let renewal = intent
+        .primary
+        .as_deref()
+        .and_then(|p| shared.lease_book.received_at(p, intent.generation))
+        .map_or(generation_seen_at, |r| r.max(generation_seen_at));
+    let book = LeaderBookkeeping {
+        elected_at_ms: ms(elected_at),
+        last_lease_renewal_received_at_ms: Some(ms(renewal)),
+        lease_ttl_ms: u64::try_from(shared.config.timing.lease_ttl.as_millis()).unwrap_or(0),
+        generation_seen_at_ms: ms(generation_seen_at),
+        switchover_phase_since_ms: tr.switchover.as_ref().map_or(0, |s| ms(s.1)),
+    };
+    let snapshot = shared.observations.snapshot();
+    let observations: BTreeMap<_, _> = snapshot
+        .iter()
+        .map(|(name, (o, at))| (name.clone(), observation_from_proto(o, ms(*at))))
+        .collect();
+    // Round trips measured by the current primary's agent (µs on the wire).
+    let rtt = intent
+        .primary
+        .as_deref()
+        .and_then(|p| snapshot.get(p))
+        .map(|(o, _)| {
+            o.rtt_us
+                .iter()
+                .map(|(n, us)| (n.clone(), us.div_ceil(1000)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let view = cluster_view(&intent, &book, &observations, rtt, limits(shared));
+    let now_ms = ms(Instant::now());
+    let decision = decide(&view, now_ms);
+    let wait = decision.wait.as_ref().map(|w| format!("{w:?}"));
+    if wait != tr.last_wait {
+        match &wait {
+            Some(w) => tracing::info!("leader waits: {w}"),
+            None => tracing::info!("leader: nothing to wait for"),
+        }
+        tr.last_wait = wait;
+    }
+    let mut wrote = false;
+    for action in &decision.actions {
+        let Some(cmd) = command_for(action, &intent, &observations) else {
+            continue;
+        };
+        if !wrote {
+            tokio::time::timeout(CONFIRM_TIMEOUT, shared.raft.ensure_linearizable())
+                .await
+                .context("leadership not confirmed in time")?
+                .context("confirming leadership")?;
+            wrote = true;
+        }
+        let what = format!("{cmd:?}");
+        let w = tokio::time::timeout(WRITE_TIMEOUT, shared.raft.client_write(cmd.clone()))
+            .await
+            .context("the write was not committed in time")?
+            .context("raft write")?;
+        match w.data {
+            Response::Applied => {
+                tracing::info!(command = %what, "leader committed");
+                if let Command::Promote(p) = &cmd {
+                    match p.kind {
+                        PromotionKind::Switchover => shared.metrics.switchovers.inc(),
+                        _ => shared.metrics.failovers.inc(),
+                    };
+                }
+            }
+            Response::Refused(r) => anyhow::bail!("{what} refused: {r}"),
+            other => anyhow::bail!("{what}: unexpected {other:?}"),
+        };
+    }
+    tr.last_refusal = None;
+    shared
+        .metrics
+        .decision_latency_seconds
+        .observe(started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The Raft command for a core action; None for actions members derive from the intent.
+fn command_for(
+    action: &Action,
+    intent: &Intent,
+    observations: &BTreeMap<String, crate::decide::Observation>,
+) -> Option<Command> {
+    match action {
+        Action::Promote {
+            member,
+            generation,
+            reason,
+            expected_loss_bytes,
+        } => {
+            let old = intent.primary.as_deref();
+            let old_lsn = old
+                .and_then(|o| observations.get(o))
+                .and_then(|o| o.best_lsn());
+            let new_lsn = observations.get(member).and_then(|o| o.best_lsn());
+            let (kind, why) = match reason {
+                PromoteReason::PrimaryFenced => (
+                    PromotionKind::Failover,
+                    format!("{} is down and fenced", old.unwrap_or("?")),
+                ),
+                PromoteReason::LeaseExpired => (
+                    PromotionKind::Failover,
+                    format!("{} unreachable and its lease expired", old.unwrap_or("?")),
+                ),
+                PromoteReason::Switchover => (
+                    PromotionKind::Switchover,
+                    format!("planned switchover from {}", old.unwrap_or("?")),
+                ),
+            };
+            Some(Command::Promote(Promote {
+                member: member.clone(),
+                generation: *generation,
+                kind,
+                force: false,
+                reason: why,
+                at_unix_ms: unix_ms(),
+                old_primary_lsn: old_lsn,
+                new_primary_lsn: new_lsn,
+                possible_loss_bytes: Some(*expected_loss_bytes),
+            }))
+        }
+        Action::RecordSyncSet { set, .. } => Some(Command::RecordSyncSet {
+            generation: intent.generation,
+            set: set.clone(),
+        }),
+        Action::ApplySyncStandbyNames { set, .. } => {
+            let current = intent
+                .sync_target
+                .as_ref()
+                .filter(|t| t.generation == intent.generation);
+            if current.is_some_and(|t| t.set == *set) {
+                // Already asked; the primary's agent is applying it.
+                return None;
+            }
+            Some(Command::SetSyncTarget {
+                generation: intent.generation,
+                set: set.clone(),
+            })
+        }
+        Action::SetSwitchoverPhase { phase } => {
+            let to = intent.pending_switchover.as_ref()?.to.clone();
+            Some(Command::SetSwitchoverPhase {
+                to,
+                phase: phase.clone(),
+            })
+        }
+        Action::AbandonSwitchover { reason } => {
+            let to = intent.pending_switchover.as_ref()?.to.clone();
+            Some(Command::AbandonSwitchover {
+                to,
+                reason: reason.clone(),
+                at_unix_ms: unix_ms(),
+            })
+        }
+        Action::Fence { .. }
+        | Action::Unfence { .. }
+        | Action::Repoint { .. }
+        | Action::Rejoin { .. } => None,
+    }
+}

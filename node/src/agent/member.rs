@@ -1,0 +1,655 @@
+//! The member side of the runtime: every data member's agent reconciles its local
+//! Postgres toward the Raft intent, once per `timing.observe_interval` (Neon-style: the
+//! intent says what should be, the member makes it so; the leader never touches another
+//! member's Postgres).
+//!
+//! Owns the Postgres lifecycle: bootstrap (`init`, start, `Promote{Bootstrap}`), clone of a
+//! joining member through its slot, start on boot, restart of a crashed standby, fencing of
+//! a crashed primary (so the leader promotes at once), promotion of the member the newest
+//! generation names, re-pointing standbys, slots and `synchronous_standby_names` on the
+//! primary, the switchover's stop-writes / resume steps, rejoin of an old primary (fence,
+//! `pg_rewind`, re-clone when rewind fails) and `meridianctl reinit`.
+//!
+//! Invariants: a Postgres this agent did not see running as the primary is only started as
+//! a primary after a lease renewal for the current generation was accepted (a restarted
+//! agent's intent may be stale); a Postgres that accepts writes while the intent names
+//! another primary is fenced before anything else.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use meridian_proto::admin_client::AdminClient;
+use meridian_proto::CommandRequest;
+use tonic::Request;
+
+use super::join::unix_ms;
+use super::Shared;
+use crate::decide::SyncSet;
+use crate::pg::{PgInstance, StopMode};
+use crate::raft::intent::{Command, Intent, MemberKind, Promote, PromotionKind, Response};
+use crate::types::Generation;
+
+/// A standby whose WAL receiver does not stream for this long is rewound (it may have
+/// diverged from the primary's timeline).
+const REJOIN_AFTER: Duration = Duration::from_secs(8);
+/// Bound on a command this member proposes (bootstrap promotion, reinit done).
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on starting or stopping the local Postgres.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The replication slot a member streams through (slot names allow `[a-z0-9_]` only).
+pub fn slot_name(member: &str) -> String {
+    member
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// `synchronous_standby_names` for a sync set: `ANY k ("a", "b")`, empty when async.
+pub fn render_sync_standby_names(set: &SyncSet) -> String {
+    if set.names.is_empty() || set.k == 0 {
+        return String::new();
+    }
+    let names: Vec<String> = set.names.iter().map(|n| format!("\"{n}\"")).collect();
+    format!("ANY {} ({})", set.k, names.join(", "))
+}
+
+/// Parses what Postgres shows for `synchronous_standby_names`: `ANY k (...)`,
+/// `FIRST k (...)`, `k (...)` or a bare list (k = 1). `*` stays a name.
+pub fn parse_sync_standby_names(s: &str) -> SyncSet {
+    let s = s.trim();
+    if s.is_empty() {
+        return SyncSet::default();
+    }
+    let (k, list) = match s.find('(') {
+        Some(open) => {
+            let head = s[..open].trim();
+            let num = head
+                .trim_start_matches(|c: char| c.is_ascii_alphabetic())
+                .trim();
+            let k = num.parse::<u32>().unwrap_or(1);
+            let inner = s[open + 1..].trim_end().trim_end_matches(')');
+            (k, inner)
+        }
+        None => (1, s),
+    };
+    let names = list
+        .split(',')
+        .map(|n| n.trim().trim_matches('"').to_string())
+        .filter(|n| !n.is_empty());
+    SyncSet::new(names, k)
+}
+
+/// `host:port` of `member`'s Postgres in this agent's address book.
+pub fn pg_addr(shared: &Shared, member: &str) -> anyhow::Result<(String, u16)> {
+    let addr = shared
+        .config
+        .peers
+        .get(member)
+        .and_then(|p| p.postgres.clone())
+        .with_context(|| format!("no peers.{member}.postgres in this agent's address book"))?;
+    let (host, port) = addr
+        .rsplit_once(':')
+        .with_context(|| format!("peers.{member}.postgres {addr:?} is not host:port"))?;
+    Ok((host.to_string(), port.parse().context("parsing the port")?))
+}
+
+/// Proposes `cmd` to the leader: committed here when this member leads, else sent as
+/// `Admin.Command` to the leader it knows. Bounded.
+pub async fn propose(shared: &Shared, cmd: Command) -> anyhow::Result<Response> {
+    if shared.believes_leader() {
+        let w = tokio::time::timeout(PROPOSE_TIMEOUT, shared.raft.client_write(cmd))
+            .await
+            .context("the write was not committed in time")?
+            .context("raft write")?;
+        return Ok(w.data);
+    }
+    let (_, leader) = shared.leader().context("no leader is known")?;
+    let channel = shared.dialer.channel(&leader)?;
+    let mut req = Request::new(CommandRequest {
+        command_json: serde_json::to_string(&cmd)?,
+        token: shared
+            .config
+            .api
+            .token
+            .as_ref()
+            .map(|t| t.expose().to_string())
+            .unwrap_or_default(),
+    });
+    req.set_timeout(PROPOSE_TIMEOUT);
+    let r = tokio::time::timeout(PROPOSE_TIMEOUT, AdminClient::new(channel).command(req))
+        .await
+        .context("the leader did not answer in time")?
+        .map_err(|s| anyhow::anyhow!("leader {leader}: {}", s.message()))?;
+    let v: serde_json::Value = serde_json::from_str(&r.into_inner().result_json)?;
+    Ok(serde_json::from_value(v["response"].clone())?)
+}
+
+/// The reconcile loop of a data member.
+pub async fn run(shared: Arc<Shared>, pg: PgInstance) {
+    let mut m = Member {
+        shared,
+        pg,
+        seen_primary_up: false,
+        upstream: None,
+        disconnected: false,
+        not_streaming_since: None,
+        slots: Default::default(),
+        last_error: None,
+    };
+    let mut ticker = tokio::time::interval(m.shared.config.timing.observe_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let result = m.tick().await;
+        match (&result, &m.last_error) {
+            (Err(e), Some(prev)) if format!("{e:#}") == *prev => {}
+            (Err(e), _) => tracing::warn!("reconciling the local Postgres: {e:#}"),
+            (Ok(()), Some(_)) => tracing::info!("reconciling the local Postgres works again"),
+            (Ok(()), None) => {}
+        }
+        m.last_error = result.err().map(|e| format!("{e:#}"));
+    }
+}
+
+struct Member {
+    shared: Arc<Shared>,
+    pg: PgInstance,
+    /// This agent saw its Postgres run as the primary (a later crash is then fenced).
+    seen_primary_up: bool,
+    /// The member this standby's `primary_conninfo` was last pointed at by this agent.
+    upstream: Option<String>,
+    /// An isolated standby disconnected its WAL receiver.
+    disconnected: bool,
+    not_streaming_since: Option<Instant>,
+    /// Slots created on this primary, per generation.
+    slots: std::collections::BTreeSet<(Generation, String)>,
+    last_error: Option<String>,
+}
+
+impl Member {
+    fn name(&self) -> &str {
+        self.shared.name()
+    }
+
+    fn has_data(&self) -> bool {
+        self.pg.data_dir().join("PG_VERSION").exists()
+    }
+
+    async fn tick(&mut self) -> anyhow::Result<()> {
+        let intent = self.shared.applied().intent.clone();
+        let me = self.name().to_string();
+        if intent.member(&me).is_none() {
+            return Ok(());
+        }
+        if intent.generation == Generation(0) && intent.primary.is_none() {
+            return self.bootstrap(&intent).await;
+        }
+        let i_am_primary = intent.primary.as_deref() == Some(me.as_str());
+        if intent.reinit.contains(&me) && !i_am_primary {
+            return self.reinit(&intent).await;
+        }
+        if !self.has_data() {
+            return self.clone_fresh(&intent).await;
+        }
+        if !self.pg.is_running() {
+            return self.not_running(&intent, i_am_primary).await;
+        }
+        let status = self.pg.probe().await;
+        if !status.up {
+            // Starting up, or frozen: the reporter says so; nothing safe to do yet.
+            return Ok(());
+        }
+        if i_am_primary {
+            if status.in_recovery {
+                self.promote(&intent).await
+            } else {
+                self.seen_primary_up = true;
+                self.as_primary(&intent).await
+            }
+        } else if !status.in_recovery {
+            // A second writer: fence before anything else (DESIGN invariant 4).
+            self.shared
+                .set_activity("fenced: not the primary of the newest generation");
+            tracing::error!(
+                generation = %intent.generation, primary = ?intent.primary,
+                "the local Postgres accepts writes but is not the primary: fencing it"
+            );
+            self.seen_primary_up = false;
+            self.pg
+                .fence(self.shared.config.timing.pg_probe_timeout * 2)
+                .await
+                .context("fencing an old primary")
+        } else {
+            let streaming = status.is_streaming();
+            self.as_standby(&intent, streaming).await
+        }
+    }
+
+    async fn bootstrap(&mut self, intent: &Intent) -> anyhow::Result<()> {
+        let shared = self.shared.clone();
+        if !shared.config.raft.bootstrap || shared.id != 1 {
+            return Ok(());
+        }
+        if !self.has_data() {
+            shared.set_activity("initializing a new cluster");
+            self.pg.init().await.context("initdb")?;
+        }
+        if !self.pg.is_running() {
+            self.pg.start(START_TIMEOUT).await.context("starting")?;
+        }
+        if !shared.believes_leader() {
+            return Ok(());
+        }
+        let cmd = Command::Promote(Promote {
+            member: self.name().to_string(),
+            generation: intent.generation.next(),
+            kind: PromotionKind::Bootstrap,
+            force: false,
+            reason: "bootstrap: first primary of the cluster".into(),
+            at_unix_ms: unix_ms(),
+            old_primary_lsn: None,
+            new_primary_lsn: None,
+            possible_loss_bytes: None,
+        });
+        match propose(&shared, cmd).await? {
+            Response::Applied => {
+                tracing::info!("bootstrap: this member is the primary of generation 1");
+                shared.set_activity("");
+                Ok(())
+            }
+            other => anyhow::bail!("bootstrap promotion: {other:?}"),
+        }
+    }
+
+    /// A data member without data: clone from the primary through its own slot.
+    async fn clone_fresh(&mut self, intent: &Intent) -> anyhow::Result<()> {
+        let Some(primary) = intent.primary.clone() else {
+            return Ok(());
+        };
+        if primary == self.name() {
+            anyhow::bail!("this member is the primary but has no data directory");
+        }
+        self.clone_from(&primary).await
+    }
+
+    async fn clone_from(&mut self, primary: &str) -> anyhow::Result<()> {
+        let (host, port) = pg_addr(&self.shared, primary)?;
+        self.shared.set_activity(&format!("cloning from {primary}"));
+        let slot = slot_name(self.name());
+        if let Err(e) = self.pg.clone_from(&host, port, Some(&slot)).await {
+            // Only what this attempt wrote is there (there was no data before).
+            let _ = std::fs::remove_dir_all(self.pg.data_dir());
+            return Err(e).context(format!("cloning from {primary}"));
+        }
+        self.pg
+            .start(START_TIMEOUT)
+            .await
+            .context("starting the clone")?;
+        self.upstream = Some(primary.to_string());
+        self.not_streaming_since = None;
+        self.shared.set_activity("");
+        tracing::info!(%primary, "cloned and streaming");
+        Ok(())
+    }
+
+    async fn not_running(&mut self, intent: &Intent, i_am_primary: bool) -> anyhow::Result<()> {
+        let fenced = self.pg.is_fenced();
+        if i_am_primary {
+            if fenced {
+                if switchover_phase_from(intent, self.name())
+                    .is_some_and(|p| matches!(p, crate::decide::SwitchoverPhase::Aborting(_)))
+                {
+                    return self.resume_as_primary().await;
+                }
+                // Stays down: the leader promotes another member.
+                return Ok(());
+            }
+            if self.seen_primary_up {
+                // The primary's Postgres crashed under this agent: fence so the leader
+                // promotes at once, no lease wait.
+                self.seen_primary_up = false;
+                self.shared
+                    .set_activity("fenced: the primary's Postgres crashed");
+                tracing::error!("the local primary's Postgres is down: fencing it");
+                return self
+                    .pg
+                    .fence(self.shared.config.timing.pg_probe_timeout * 2)
+                    .await
+                    .context("fencing the crashed primary");
+            }
+            if self.pg.has_standby_signal() {
+                // Named primary while down as a standby: start, then promote.
+                return self.pg.start(START_TIMEOUT).await.context("starting");
+            }
+            // Boot: start as the primary only with the current generation's lease.
+            let t = &self.shared.config.timing;
+            if !self.shared.lease.valid(intent.generation, t.fence_after) {
+                self.shared
+                    .set_activity("waiting for the lease before starting as primary");
+                return Ok(());
+            }
+            self.shared.set_activity("starting as primary");
+            self.pg.start(START_TIMEOUT).await.context("starting")?;
+            self.shared.set_activity("");
+            return Ok(());
+        }
+        let Some(primary) = intent.primary.clone() else {
+            return Ok(());
+        };
+        if self.pg.has_standby_signal() && !fenced {
+            // A crashed or stopped standby: restart it where it was.
+            self.shared.set_activity("starting as standby");
+            self.pg.start(START_TIMEOUT).await.context("starting")?;
+            self.shared.set_activity("");
+            return Ok(());
+        }
+        // An old primary (or a fenced member): rejoin the current primary.
+        self.rejoin(&primary).await
+    }
+
+    /// `pg_rewind` onto `primary`, then start as its standby; re-clone if rewind fails.
+    async fn rejoin(&mut self, primary: &str) -> anyhow::Result<()> {
+        let (host, port) = pg_addr(&self.shared, primary)?;
+        let slot = slot_name(self.name());
+        self.shared
+            .set_activity(&format!("rewinding from {primary}"));
+        match self.pg.rewind(&host, port, Some(&slot)).await {
+            Ok(()) => {
+                self.pg
+                    .start(START_TIMEOUT)
+                    .await
+                    .context("starting after rewind")?;
+                self.pg.clear_fence()?;
+                *self
+                    .shared
+                    .final_lsn
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = None;
+                self.upstream = Some(primary.to_string());
+                self.not_streaming_since = None;
+                self.shared.set_activity("");
+                tracing::info!(%primary, "rewound and rejoined as a standby");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(%primary, "pg_rewind failed ({e}); re-cloning instead");
+                let kept = self.move_data_aside("rewind-failed")?;
+                tracing::warn!("the old data directory is kept at {}", kept.display());
+                self.clone_from(primary).await
+            }
+        }
+    }
+
+    fn move_data_aside(&self, why: &str) -> anyhow::Result<std::path::PathBuf> {
+        let dir = self.pg.data_dir().to_path_buf();
+        let mut aside = dir.clone().into_os_string();
+        aside.push(format!(".{why}-{}", unix_ms()));
+        let aside = std::path::PathBuf::from(aside);
+        std::fs::rename(&dir, &aside).with_context(|| format!("moving {} aside", dir.display()))?;
+        Ok(aside)
+    }
+
+    /// The member the newest generation names: replay what it received, promote, check
+    /// it is writable. Needs an accepted lease renewal for this generation first.
+    async fn promote(&mut self, intent: &Intent) -> anyhow::Result<()> {
+        let shared = self.shared.clone();
+        if self.pg.is_fenced() {
+            // Fenced for a switchover that is being undone, or after a crash: not promotable.
+            return Ok(());
+        }
+        let generation = intent.generation;
+        shared.set_activity(&format!("promoting (generation {generation})"));
+        super::lease::renew_once(&shared, generation)
+            .await
+            .map_err(|e| anyhow::anyhow!("lease before promotion: {e}"))?;
+        let started = Instant::now();
+        // The old primary's sync set may name this member: a new primary starts async and
+        // the leader grows its sync set again (record first, then Postgres).
+        self.pg
+            .set_synchronous_standby_names("")
+            .await
+            .context("clearing synchronous_standby_names before promotion")?;
+        self.pg
+            .promote(shared.config.timing.promote_timeout)
+            .await
+            .context("promoting")?;
+        self.seen_primary_up = true;
+        self.upstream = None;
+        self.slots.clear();
+        shared.set_activity("");
+        tracing::info!(
+            %generation,
+            promote_ms = started.elapsed().as_millis() as u64,
+            "promoted: this member is the primary"
+        );
+        Ok(())
+    }
+
+    async fn as_primary(&mut self, intent: &Intent) -> anyhow::Result<()> {
+        use crate::decide::SwitchoverPhase;
+        let generation = intent.generation;
+        if switchover_phase_from(intent, self.name()) == Some(SwitchoverPhase::StoppingWrites) {
+            return self.stop_writes().await;
+        }
+        // A slot for every data member, so each can clone and stream from here.
+        for m in intent.members.values() {
+            if m.kind != MemberKind::Data || m.name == self.name() {
+                continue;
+            }
+            let key = (generation, m.name.clone());
+            if self.slots.contains(&key) {
+                continue;
+            }
+            self.pg
+                .create_slot(&slot_name(&m.name))
+                .await
+                .with_context(|| format!("creating the slot of {}", m.name))?;
+            self.slots.insert(key);
+        }
+        if let Some(target) = intent
+            .sync_target
+            .as_ref()
+            .filter(|t| t.generation == generation)
+        {
+            let want = render_sync_standby_names(&target.set);
+            let client = self.pg.connect().await?;
+            let shown: String = tokio::time::timeout(
+                Duration::from_secs(2),
+                client.query_one("SHOW synchronous_standby_names", &[]),
+            )
+            .await
+            .context("SHOW synchronous_standby_names timed out")??
+            .get(0);
+            if parse_sync_standby_names(&shown) != target.set {
+                tracing::info!(from = %shown, to = %want, "setting synchronous_standby_names");
+                self.pg.set_synchronous_standby_names(&want).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Switchover: stop writes for real (fast shutdown sends all WAL to the standbys),
+    /// then serve read-only as a standby until the promotion lands.
+    async fn stop_writes(&mut self) -> anyhow::Result<()> {
+        self.shared.set_activity("switchover: stopping writes");
+        let started = Instant::now();
+        let lsn = self
+            .pg
+            .stop_writes(START_TIMEOUT)
+            .await
+            .context("stopping writes for the switchover")?;
+        *self
+            .shared
+            .final_lsn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(lsn);
+        self.seen_primary_up = false;
+        tracing::info!(
+            final_lsn = %lsn,
+            stop_ms = started.elapsed().as_millis() as u64,
+            "switchover: writes stopped"
+        );
+        self.shared.set_activity("switchover: writes stopped");
+        Ok(())
+    }
+
+    /// A switchover was given up after writes stopped: take writes again.
+    async fn resume_as_primary(&mut self) -> anyhow::Result<()> {
+        self.shared
+            .set_activity("switchover aborted: resuming writes");
+        let signal = self.pg.data_dir().join("standby.signal");
+        let _ = std::fs::remove_file(signal);
+        self.pg.clear_fence()?;
+        *self
+            .shared
+            .final_lsn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+        self.pg
+            .start(START_TIMEOUT)
+            .await
+            .context("restarting as primary")?;
+        self.shared.set_activity("");
+        Ok(())
+    }
+
+    async fn as_standby(&mut self, intent: &Intent, streaming: bool) -> anyhow::Result<()> {
+        let Some(primary) = intent.primary.clone() else {
+            return Ok(());
+        };
+        let t = &self.shared.config.timing;
+        let since_ok = self
+            .shared
+            .last_report_ok
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed();
+        if since_ok > t.fence_after {
+            if !self.disconnected {
+                tracing::warn!(
+                    "no leader accepted a report for {} ms: disconnecting the WAL receiver",
+                    since_ok.as_millis()
+                );
+                self.shared
+                    .set_activity("isolated: WAL receiver disconnected");
+                self.pg.disconnect_upstream().await?;
+                self.disconnected = true;
+                self.upstream = None;
+            }
+            return Ok(());
+        }
+        if self.upstream.as_deref() != Some(primary.as_str()) || self.disconnected {
+            let (host, port) = pg_addr(&self.shared, &primary)?;
+            self.pg
+                .configure_standby(&host, port, Some(&slot_name(self.name())))
+                .await
+                .with_context(|| format!("pointing at {primary}"))?;
+            tracing::info!(%primary, "standby follows the primary");
+            self.upstream = Some(primary.clone());
+            self.disconnected = false;
+            self.not_streaming_since = None;
+            self.shared.set_activity("");
+            return Ok(());
+        }
+        if streaming {
+            self.not_streaming_since = None;
+            if self.pg.is_fenced() {
+                // A former primary that now streams from the new one (switchover).
+                self.pg.clear_fence()?;
+                self.shared.set_activity("");
+            }
+            return Ok(());
+        }
+        let since = *self.not_streaming_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < REJOIN_AFTER {
+            return Ok(());
+        }
+        // Not streaming for long: most likely a diverged timeline. Rewind.
+        tracing::warn!(%primary, "the standby has not streamed for {} s: rewinding", REJOIN_AFTER.as_secs());
+        self.not_streaming_since = None;
+        self.pg
+            .stop(StopMode::Fast, START_TIMEOUT)
+            .await
+            .context("stopping for a rewind")?;
+        self.rejoin(&primary).await
+    }
+
+    async fn reinit(&mut self, intent: &Intent) -> anyhow::Result<()> {
+        let Some(primary) = intent.primary.clone() else {
+            return Ok(());
+        };
+        self.shared.set_activity("reinit: re-cloning");
+        if self.pg.is_running() {
+            self.pg
+                .stop(StopMode::Fast, START_TIMEOUT)
+                .await
+                .context("stopping before reinit")?;
+        }
+        if self.pg.data_dir().exists() {
+            let old = self.move_data_aside("reinit")?;
+            self.clone_from(&primary).await?;
+            let _ = std::fs::remove_dir_all(&old);
+        } else {
+            self.clone_from(&primary).await?;
+        }
+        let cmd = Command::ReinitDone {
+            name: self.name().to_string(),
+        };
+        match propose(&self.shared, cmd).await? {
+            Response::Applied => {
+                tracing::info!(%primary, "reinit done");
+                Ok(())
+            }
+            other => anyhow::bail!("recording reinit done: {other:?}"),
+        }
+    }
+}
+
+/// The pending switchover's phase, when this member is its source.
+fn switchover_phase_from(intent: &Intent, me: &str) -> Option<crate::decide::SwitchoverPhase> {
+    intent
+        .pending_switchover
+        .as_ref()
+        .filter(|sw| sw.from == me)
+        .map(|sw| sw.phase.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_standby_names_round_trip() {
+        let set = SyncSet::new(["a2", "b-1"], 1);
+        let s = render_sync_standby_names(&set);
+        assert_eq!(s, "ANY 1 (\"a2\", \"b-1\")");
+        assert_eq!(parse_sync_standby_names(&s), set);
+        assert_eq!(parse_sync_standby_names(""), SyncSet::default());
+        assert_eq!(render_sync_standby_names(&SyncSet::default()), "");
+        assert_eq!(
+            parse_sync_standby_names("FIRST 2 (x, y, z)"),
+            SyncSet::new(["x", "y", "z"], 2)
+        );
+        assert_eq!(
+            parse_sync_standby_names("x, y"),
+            SyncSet::new(["x", "y"], 1)
+        );
+        assert_eq!(
+            parse_sync_standby_names("2 (x, y)"),
+            SyncSet::new(["x", "y"], 2)
+        );
+    }
+
+    #[test]
+    fn slot_names_are_valid_postgres_identifiers() {
+        assert_eq!(slot_name("A-2_x"), "a_2_x");
+    }
+}

@@ -1,0 +1,511 @@
+//! End-to-end failover with real agents and real Postgres on 127.0.0.1: the agents create
+//! their servers (bootstrap + clones), and the tests kill processes and check what
+//! clients see. Data members a1, a2 in region a, b1 in region b, witness w1 in region c.
+//! The tests run one at a time (a shared lock): each runs three Postgres servers and four
+//! agents on a 2-core machine. Needs `cargo build -p meridian-node` first.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use meridian_node::raft::intent::Intent;
+use meridian_proto::{StatusResponse, WalReceiverStatus};
+use meridian_tests::agents::{AgentCluster, MemberSpec};
+use meridian_tests::wait_for;
+use tokio_postgres::NoTls;
+
+/// Bound on bringing up the cluster (initdb, two clones, streaming).
+const FORM: Duration = Duration::from_secs(90);
+/// Bound on a failover or switchover, including the client reconnecting.
+const FAILOVER: Duration = Duration::from_secs(45);
+/// Bound on an old primary rejoining as a standby.
+const REJOIN: Duration = Duration::from_secs(60);
+/// Bound on one SQL step from the tests.
+const SQL: Duration = Duration::from_secs(5);
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const DATA: [&str; 3] = ["a1", "a2", "b1"];
+const TOKEN: &str = "failover-test-token";
+
+/// One bounded HTTP/1.1 request; returns the status code and the body.
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    let out = tokio::time::timeout(Duration::from_secs(15), fut)
+        .await
+        .expect("HTTP answer in time");
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    (code, body)
+}
+
+fn intent(s: &StatusResponse) -> Intent {
+    serde_json::from_str(&s.intent_json).expect("intent_json decodes")
+}
+
+/// Starts the four members and waits until a1 is the primary and a2, b1 stream from it.
+async fn form() -> AgentCluster {
+    let mut c = AgentCluster::with_postgres(
+        vec![
+            MemberSpec::data("a1", "a").bootstrap(),
+            MemberSpec::data("a2", "a").join("a1"),
+            MemberSpec::data("b1", "b").join("a1"),
+            MemberSpec::witness("w1", "c").join("a1"),
+        ],
+        Some(TOKEN),
+    )
+    .unwrap();
+    let started = Instant::now();
+    c.start("a1").unwrap();
+    wait_for("a1 primary of generation 1", FORM, || async {
+        let s = c.status().await.ok()?;
+        (s.primary == "a1" && s.generation == 1).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    for m in ["a2", "b1", "w1"] {
+        c.start(m).unwrap();
+    }
+    wait_streaming(&c, &["a2", "b1"], "a1", FORM).await;
+    eprintln!("cluster formed in {} ms", started.elapsed().as_millis());
+    c
+}
+
+/// Waits until every one of `names` is a standby streaming from `primary` (as the leader
+/// sees it), not fenced.
+async fn wait_streaming(
+    c: &AgentCluster,
+    names: &[&str],
+    primary: &str,
+    within: Duration,
+) -> StatusResponse {
+    let what = format!("{names:?} streaming from {primary}");
+    wait_for(&what, within, || async {
+        let s = c.status().await.ok()?;
+        if s.primary != primary {
+            return None;
+        }
+        let ok = names.iter().all(|n| {
+            s.members
+                .iter()
+                .find(|m| m.name == *n)
+                .and_then(|m| m.observation.as_ref())
+                .and_then(|o| o.postgres.as_ref())
+                .is_some_and(|p| {
+                    p.up && p.in_recovery
+                        && !p.fenced
+                        && p.wal_receiver() == WalReceiverStatus::Streaming
+                        && p.upstream == primary
+                })
+        });
+        ok.then_some(s)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()))
+}
+
+async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, String> {
+    let (client, conn) = tokio::time::timeout(SQL, tokio_postgres::connect(conninfo, NoTls))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// A libpq string over every data member that only accepts a writable server.
+fn read_write_conninfo(c: &AgentCluster) -> String {
+    let ports: Vec<String> = DATA
+        .iter()
+        .map(|n| c.member(n).pg_port.to_string())
+        .collect();
+    format!(
+        "host=127.0.0.1,127.0.0.1,127.0.0.1 port={} user=postgres dbname=postgres \
+         connect_timeout=2 target_session_attrs=read-write",
+        ports.join(",")
+    )
+}
+
+async fn exec(conninfo: &str, sql: &str) -> Result<(), String> {
+    let client = connect(conninfo).await?;
+    tokio::time::timeout(SQL, client.batch_execute(sql))
+        .await
+        .map_err(|_| "statement timed out".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// Every id in `t` on `member`'s Postgres.
+async fn ids_on(c: &AgentCluster, member: &str) -> BTreeSet<i64> {
+    let client = connect(&c.member(member).pg_conninfo())
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {member}: {e}"));
+    let rows = tokio::time::timeout(SQL, client.query("SELECT id FROM t", &[]))
+        .await
+        .expect("select in time")
+        .expect("select");
+    rows.iter().map(|r| r.get::<_, i64>(0)).collect()
+}
+
+/// Whether `member`'s Postgres answers and is out of recovery (None: it does not answer).
+async fn writable(c: &AgentCluster, member: &str) -> Option<bool> {
+    let mut info = c.member(member).pg_conninfo();
+    info = info.replace("connect_timeout=2", "connect_timeout=1");
+    let client = connect(&info).await.ok()?;
+    let row = tokio::time::timeout(
+        Duration::from_secs(1),
+        client.query_one("SELECT NOT pg_is_in_recovery()", &[]),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    Some(row.get(0))
+}
+
+/// Polls every data member until stopped; records the most writable servers seen in one
+/// round and which they were.
+struct SplitBrainProbe {
+    stop: Arc<AtomicBool>,
+    max_writable: Arc<AtomicUsize>,
+    worst: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SplitBrainProbe {
+    fn start(c: &AgentCluster) -> SplitBrainProbe {
+        let stop = Arc::new(AtomicBool::new(false));
+        let max_writable = Arc::new(AtomicUsize::new(0));
+        let worst = Arc::new(Mutex::new(Vec::new()));
+        let infos: Vec<(String, String)> = DATA
+            .iter()
+            .map(|n| (n.to_string(), c.member(n).pg_conninfo()))
+            .collect();
+        let (s, m, w) = (stop.clone(), max_writable.clone(), worst.clone());
+        let task = tokio::spawn(async move {
+            // Bounded: at most ~10 minutes of rounds.
+            for _ in 0..6000 {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                let mut now_writable = Vec::new();
+                for (name, info) in &infos {
+                    let info = info.replace("connect_timeout=2", "connect_timeout=1");
+                    let Ok(client) = connect(&info).await else {
+                        continue;
+                    };
+                    let r = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        client.query_one("SELECT NOT pg_is_in_recovery()", &[]),
+                    )
+                    .await;
+                    if let Ok(Ok(row)) = r {
+                        if row.get::<_, bool>(0) {
+                            now_writable.push(name.clone());
+                        }
+                    }
+                }
+                if now_writable.len() > m.load(Ordering::SeqCst) {
+                    m.store(now_writable.len(), Ordering::SeqCst);
+                    *w.lock().unwrap() = now_writable;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        SplitBrainProbe {
+            stop,
+            max_writable,
+            worst,
+            task,
+        }
+    }
+
+    async fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        let worst = self.worst.lock().unwrap().clone();
+        (self.max_writable.load(Ordering::SeqCst), worst)
+    }
+}
+
+/// Inserts `ids` one by one through the read-write connection string; returns the ids
+/// whose commit was acknowledged. Gives up on an id after `within`.
+async fn insert_until_ok(conninfo: &str, id: i64, within: Duration) -> Result<Duration, String> {
+    let started = Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < within {
+        match exec(conninfo, &format!("INSERT INTO t VALUES ({id})")).await {
+            Ok(()) => return Ok(started.elapsed()),
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!(
+        "insert {id} not acknowledged within {within:?}: {last}"
+    ))
+}
+
+/// (a) + (d): kill -9 of the primary's agent and Postgres; with the in-region standby in
+/// the sync set every acknowledged commit survives; a client with
+/// `target_session_attrs=read-write` writes again; the killed member rejoins as a standby
+/// on the new timeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_primary_promotes_a_standby_without_losing_acknowledged_commits() {
+    let _serial = SERIAL.lock().await;
+    let mut c = form().await;
+    let rw = read_write_conninfo(&c);
+    exec(&rw, "CREATE TABLE t (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    // Default policy: auto regions with a 10 ms budget; on 127.0.0.1 every standby fits,
+    // so the sync set grows to ANY 1 (a2, b1).
+    wait_for("a2 in the recorded sync set", FORM, || async {
+        let s = c.status().await.ok()?;
+        let i = intent(&s);
+        let applied = i
+            .sync_target
+            .as_ref()
+            .is_some_and(|t| t.set.names.contains("a2"));
+        (i.sync_set.names.contains("a2") && applied).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    // Every acknowledged commit waited for a sync standby.
+    let mut acked = BTreeSet::new();
+    for id in 0..200 {
+        exec(&rw, &format!("INSERT INTO t VALUES ({id})"))
+            .await
+            .unwrap_or_else(|e| panic!("insert {id}: {e}"));
+        acked.insert(id);
+    }
+    let probe = SplitBrainProbe::start(&c);
+    let killed_at = Instant::now();
+    c.member("a1").kill_postgres();
+    c.kill("a1").unwrap();
+    let took = insert_until_ok(&rw, 1000, FAILOVER)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    eprintln!(
+        "FAILOVER (kill -9 of primary agent + postgres): writes accepted again after {} ms",
+        killed_at.elapsed().as_millis()
+    );
+    let _ = took;
+    let s = c.status().await.unwrap();
+    assert_eq!(s.generation, 2, "{s:?}");
+    assert_eq!(s.primary, "a2", "same-region standby preferred: {s:?}");
+    let i = intent(&s);
+    let last = i.history.last().unwrap();
+    assert_eq!(last.old_primary.as_deref(), Some("a1"));
+    assert_eq!(last.new_primary.as_deref(), Some("a2"));
+    let on_new = ids_on(&c, "a2").await;
+    let lost: Vec<_> = acked.difference(&on_new).collect();
+    assert!(lost.is_empty(), "acknowledged commits lost: {lost:?}");
+
+    // The old primary comes back and rejoins the new timeline as a standby.
+    c.start("a1").unwrap();
+    let s = wait_streaming(&c, &["a1", "b1"], "a2", REJOIN).await;
+    let timeline = |n: &str| {
+        s.members
+            .iter()
+            .find(|m| m.name == n)
+            .and_then(|m| m.observation.as_ref())
+            .and_then(|o| o.postgres.as_ref())
+            .map(|p| p.timeline)
+    };
+    assert_eq!(timeline("a1"), timeline("a2"), "{s:?}");
+    assert!(timeline("a2").unwrap() >= 2);
+    let (max, worst) = probe.finish().await;
+    assert!(max <= 1, "two writable primaries at once: {worst:?}");
+    assert_eq!(writable(&c, "a1").await, Some(false));
+}
+
+/// (b): only the primary's Postgres crashes: its agent fences it and the leader promotes
+/// at once; never two writable servers; the crashed member rejoins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_primary_postgres_fails_over_with_one_writer_at_a_time() {
+    let _serial = SERIAL.lock().await;
+    let c = form().await;
+    let rw = read_write_conninfo(&c);
+    exec(&rw, "CREATE TABLE t (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    let probe = SplitBrainProbe::start(&c);
+    let killed_at = Instant::now();
+    c.member("a1").kill_postgres();
+    insert_until_ok(&rw, 1, FAILOVER)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    eprintln!(
+        "FAILOVER (primary postgres crash, agent alive): writes accepted again after {} ms",
+        killed_at.elapsed().as_millis()
+    );
+    let s = c.status().await.unwrap();
+    assert_eq!(s.generation, 2, "{s:?}");
+    assert_ne!(s.primary, "a1");
+    let new = s.primary.clone();
+    let others: Vec<&str> = DATA.iter().copied().filter(|n| *n != new).collect();
+    wait_streaming(&c, &others, &new, REJOIN).await;
+    let (max, worst) = probe.finish().await;
+    assert!(max <= 1, "two writable primaries at once: {worst:?}");
+}
+
+/// (c): a switchover while a client inserts continuously: every acknowledged row is there
+/// afterwards, and the old primary streams from the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_under_writes_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let c = form().await;
+    let rw = read_write_conninfo(&c);
+    exec(&rw, "CREATE TABLE t (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::<(i64, Instant)>::new()));
+    let writer = {
+        let (stop, acked, rw) = (stop.clone(), acked.clone(), rw.clone());
+        tokio::spawn(async move {
+            let mut id = 0i64;
+            let mut client = None;
+            // Bounded: at most 100k attempts.
+            for _ in 0..100_000 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                if client.is_none() {
+                    client = connect(&rw).await.ok();
+                    if client.is_none() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                }
+                let cl = client.as_ref().unwrap();
+                let r = tokio::time::timeout(
+                    SQL,
+                    cl.batch_execute(&format!("INSERT INTO t VALUES ({id})")),
+                )
+                .await;
+                match r {
+                    Ok(Ok(())) => acked.lock().unwrap().push((id, Instant::now())),
+                    _ => client = None,
+                }
+                id += 1;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let w1 = c.member("w1").http;
+    // A wrong token is refused; an unsafe operator failover (healthy primary) too.
+    let (code, _) = http(
+        w1,
+        "POST",
+        "/switchover",
+        Some("wrong"),
+        r#"{"candidate":"a2"}"#,
+    )
+    .await;
+    assert_eq!(code, 401);
+    let (code, body) = http(
+        w1,
+        "POST",
+        "/failover",
+        Some(TOKEN),
+        r#"{"candidate":"b1"}"#,
+    )
+    .await;
+    assert_eq!(code, 409, "{body}");
+    let asked_at = Instant::now();
+    let (code, body) = http(
+        w1,
+        "POST",
+        "/switchover",
+        Some(TOKEN),
+        r#"{"leader":"a1","candidate":"a2"}"#,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}\n{}", c.logs());
+    wait_for("a2 primary of generation 2", FAILOVER, || async {
+        let s = c.status().await.ok()?;
+        (s.primary == "a2" && s.generation == 2).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    eprintln!(
+        "SWITCHOVER committed {} ms after it was asked for",
+        asked_at.elapsed().as_millis()
+    );
+    // Writes resume on a2.
+    let n_before = acked.lock().unwrap().len();
+    wait_for("writes on the new primary", FAILOVER, || async {
+        (acked.lock().unwrap().len() > n_before + 20).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    stop.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(15), writer)
+        .await
+        .expect("writer stops")
+        .unwrap();
+    let acked = acked.lock().unwrap().clone();
+    let pause = acked
+        .windows(2)
+        .map(|w| w[1].1.duration_since(w[0].1))
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "SWITCHOVER longest pause between acknowledged writes: {} ms ({} rows)",
+        pause.as_millis(),
+        acked.len()
+    );
+    let present = ids_on(&c, "a2").await;
+    let lost: Vec<i64> = acked
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| !present.contains(id))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged rows lost: {lost:?}");
+    let s = wait_streaming(&c, &["a1", "b1"], "a2", REJOIN).await;
+    let i = intent(&s);
+    let last = i.history.last().unwrap();
+    assert_eq!(
+        last.kind,
+        meridian_node::raft::intent::HistoryKind::Switchover
+    );
+    assert!(last.new_primary_lsn.is_some(), "{last:?}");
+    // /primary moved with the primary.
+    wait_for("/primary 200 on a2 only", FAILOVER, || async {
+        let mut ok = true;
+        for n in DATA {
+            let (code, _) = http(c.member(n).http, "GET", "/primary", None, "").await;
+            ok &= (code == 200) == (n == "a2");
+        }
+        ok.then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+}
