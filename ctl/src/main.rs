@@ -167,6 +167,10 @@ pub enum Command {
         /// Do not ask for confirmation (required when stdin is not a terminal).
         #[arg(long)]
         force: bool,
+        /// How long to wait for the re-clone to finish and the standby to stream again
+        /// (0: only request it).
+        #[arg(long, value_name = "SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=86400))]
+        wait: u64,
     },
     /// meridianctl's version and every member's.
     Version,

@@ -123,7 +123,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Fa
         }
         Command::EditConfig { set, dry_run } => edit_config(client, &set, dry_run, json).await,
         Command::Remove { name, force } => remove(client, &name, force, json).await,
-        Command::Reinit { name, force } => reinit(client, &name, force, json).await,
+        Command::Reinit { name, force, wait } => reinit(client, &name, force, wait, json).await,
         Command::Version => unreachable!("handled before connecting"),
     }
 }
@@ -369,7 +369,13 @@ async fn remove(client: &Client, name: &str, force: bool, json: bool) -> Result<
     Ok(())
 }
 
-async fn reinit(client: &Client, name: &str, force: bool, json: bool) -> Result<(), Failure> {
+async fn reinit(
+    client: &Client,
+    name: &str,
+    force: bool,
+    wait_s: u64,
+    json: bool,
+) -> Result<(), Failure> {
     let snap = client.status().await?;
     let m = snap
         .intent
@@ -381,40 +387,116 @@ async fn reinit(client: &Client, name: &str, force: bool, json: bool) -> Result<
             m.kind
         )));
     }
-    if snap.intent.primary.as_deref() == Some(name) {
+    let Some(primary) = snap.intent.primary.clone() else {
+        return Err(failed(format!(
+            "no primary is recorded: there is nothing to re-clone {name} from"
+        )));
+    };
+    if primary == name {
         return Err(failed(format!(
             "{name} is the primary; switch over first, then reinit it"
         )));
     }
+    let cmd = IntentCommand::Reinit {
+        name: name.to_string(),
+    };
+    validate_locally(&snap, &cmd)?;
     confirm(
-        &format!("Re-clone {name}'s Postgres from the primary (its data dir is replaced)?"),
+        &format!(
+            "Re-clone {name}'s Postgres from the primary {primary} (its data dir is replaced)?"
+        ),
         force,
         "reinit a member",
     )?;
-    let cmd = json!({"type": "reinit", "name": name}).to_string();
-    let result = match client.command_json(&cmd, false).await {
-        Ok(r) => r,
-        Err(e) => {
-            let msg = format!("{e:#}");
-            if msg.contains("unknown variant") {
-                return Err(failed(format!(
-                    "this cluster does not support reinit: its members do not know the command ({msg})"
-                )));
-            }
-            return Err(Failure::Failed(e));
+    let started = Instant::now();
+    // Repeating a reinit request is harmless (the set of pending re-clones absorbs it).
+    let log_index = client.command(&cmd, true).await.map_err(|e| {
+        let msg = format!("{e:#}");
+        if msg.contains("unknown variant") {
+            failed(format!(
+                "this cluster does not support reinit: its members do not know the command ({msg})"
+            ))
+        } else {
+            Failure::Failed(e)
         }
-    };
-    if result["response"]["response"] == "refused" {
-        return Err(failed(format!(
-            "refused by the cluster: {}",
-            result["response"]["detail"]
-        )));
+    })?;
+    if wait_s == 0 {
+        if json {
+            return print_json(
+                &json!({"ok": true, "reinit": name, "done": false, "log_index": log_index}),
+            );
+        }
+        println!("Reinit of {name} requested; watch it with `meridianctl list`.");
+        return Ok(());
     }
-    if json {
-        return print_json(&json!({"ok": true, "reinit": name, "log_index": result["log_index"]}));
+    if !json {
+        println!("Reinit of {name} requested; waiting up to {wait_s} s for it to re-clone from {primary} and stream...");
     }
-    println!("Reinit of {name} requested; watch it with `meridianctl list`.");
-    Ok(())
+    let deadline = started + Duration::from_secs(wait_s);
+    let mut last: String;
+    loop {
+        tokio::time::sleep(POLL_EVERY).await;
+        match client.status().await {
+            Ok(s) if s.status.from_leader => {
+                let v = view::cluster_view(&s.status, &s.intent);
+                let row = v.members.iter().find(|r| r.name == name);
+                let now_primary = s.intent.primary.clone().unwrap_or_default();
+                if s.intent.member(name).is_none() {
+                    return Err(failed(format!(
+                        "{name} was removed from the cluster during its reinit"
+                    )));
+                }
+                if now_primary == name {
+                    return Err(failed(format!(
+                        "{name} became the primary during its reinit"
+                    )));
+                }
+                match row {
+                    Some(r)
+                        if !s.intent.reinit.contains(name)
+                            && r.state == "streaming"
+                            && r.upstream.as_deref() == Some(now_primary.as_str()) =>
+                    {
+                        let elapsed_ms = started.elapsed().as_millis() as u64;
+                        if json {
+                            return print_json(&json!({
+                                "ok": true, "reinit": name, "done": true, "upstream": now_primary,
+                                "elapsed_ms": elapsed_ms, "log_index": log_index,
+                            }));
+                        }
+                        println!(
+                            "Reinit of {name} done: re-cloned and streaming from {now_primary} ({:.1} s).",
+                            elapsed_ms as f64 / 1000.0
+                        );
+                        return Ok(());
+                    }
+                    Some(r) => {
+                        last = format!(
+                            "state {}{}{}",
+                            r.state,
+                            r.activity
+                                .as_ref()
+                                .map_or(String::new(), |a| format!(", {a}")),
+                            if s.intent.reinit.contains(name) {
+                                ", re-clone pending"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
+                    None => last = format!("the leader reports nothing about {name}"),
+                }
+            }
+            Ok(_) => last = "no leader answered".into(),
+            Err(e) => last = format!("status error: {e:#}"),
+        }
+        if Instant::now() >= deadline {
+            return Err(failed(format!(
+                "the reinit of {name} did not finish within {wait_s} s ({last}); \
+                 it goes on in the background, follow it with `meridianctl list`"
+            )));
+        }
+    }
 }
 
 pub async fn version(conn: &ConnArgs, json: bool) -> Result<(), Failure> {

@@ -21,7 +21,8 @@ pub struct MemberRow {
     pub kind: String,
     /// primary | sync standby | async standby | witness | unknown
     pub role: String,
-    /// running | streaming | catching up | in recovery | stopped | fenced | unreachable | unknown
+    /// running | streaming | catching up | in recovery | stopped | fenced | cloning |
+    /// rewinding | re-cloning | promoting | unreachable | unknown
     pub state: String,
     pub timeline: Option<u32>,
     /// Bytes of WAL the primary has that this standby has not received.
@@ -35,6 +36,10 @@ pub struct MemberRow {
     pub version: Option<String>,
     /// The last probe's error, when it failed.
     pub error: Option<String>,
+    /// What the member's agent is doing to its Postgres (e.g. "rewinding from a2").
+    pub activity: Option<String>,
+    /// `meridianctl reinit` asked for a re-clone that has not finished yet.
+    pub reinit_pending: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -101,12 +106,30 @@ pub fn member_row(m: &MemberStatus, intent: &Intent, status: &StatusResponse) ->
     let pg = obs.and_then(|o| o.postgres.as_ref());
     let fresh =
         obs.is_some() && m.observation_age_ms >= 0 && m.observation_age_ms <= STALE_AFTER_MS;
+    let activity = pg.and_then(|pg| non_empty(&pg.activity));
+    let reinit_pending = intent.reinit.contains(&m.name);
+    // A long operation on the data dir says more than the probe of a Postgres it stopped.
+    let busy = activity.as_deref().and_then(|a| {
+        if a.starts_with("reinit") {
+            Some("re-cloning")
+        } else if a.starts_with("cloning") {
+            Some("cloning")
+        } else if a.starts_with("rewinding") {
+            Some("rewinding")
+        } else if a.starts_with("promoting") {
+            Some("promoting")
+        } else {
+            None
+        }
+    });
     let state = if !status.from_leader {
         "unknown"
     } else if obs.is_none() || !fresh {
         "unreachable"
     } else if m.kind == "witness" {
         "running"
+    } else if let Some(busy) = busy {
+        busy
     } else {
         match pg {
             None => "unknown",
@@ -140,6 +163,8 @@ pub fn member_row(m: &MemberStatus, intent: &Intent, status: &StatusResponse) ->
         upstream: pg.and_then(|pg| non_empty(&pg.upstream)),
         version: obs.and_then(|o| non_empty(&o.version)),
         error: pg.and_then(|pg| non_empty(&pg.error)),
+        activity,
+        reinit_pending,
     }
 }
 
@@ -307,6 +332,17 @@ fn warnings(v: &ClusterView) -> String {
         .collect()
 }
 
+/// The state, with what the agent is doing (or a pending reinit) when that adds something.
+fn state_cell(m: &MemberRow) -> String {
+    let mut s = m.state.clone();
+    match &m.activity {
+        Some(a) if *a != m.state => s.push_str(&format!(" ({a})")),
+        None if m.reinit_pending => s.push_str(" (reinit pending)"),
+        _ => {}
+    }
+    s
+}
+
 pub fn render_list(v: &ClusterView) -> String {
     let rows: Vec<Vec<String>> = v
         .members
@@ -317,7 +353,7 @@ pub fn render_list(v: &ClusterView) -> String {
                 m.region.clone(),
                 m.kind.clone(),
                 m.role.clone(),
-                m.state.clone(),
+                state_cell(m),
                 dash(m.timeline),
                 dash(m.lag_bytes),
                 age(m.last_seen_ms),
@@ -373,7 +409,12 @@ pub fn render_topology(v: &ClusterView) -> String {
             } else {
                 "├──"
             };
-            let mut line = format!("{indent}{branch} {}  [{}] {}", m.name, m.role, m.state);
+            let mut line = format!(
+                "{indent}{branch} {}  [{}] {}",
+                m.name,
+                m.role,
+                state_cell(m)
+            );
             if let Some(up) = &m.upstream {
                 line.push_str(&format!("  <- {up}"));
             }
@@ -657,6 +698,42 @@ mod tests {
             "{tree}"
         );
         assert!(tree.contains("└── region west\n    └── b1"), "{tree}");
+    }
+
+    #[test]
+    fn long_operations_show_as_states() {
+        let mut s = status();
+        let mut i = intent();
+        let pg_of = |s: &mut StatusResponse, n: usize| {
+            s.members[n]
+                .observation
+                .as_mut()
+                .unwrap()
+                .postgres
+                .as_mut()
+                .unwrap()
+                .clone()
+        };
+        let mut a2 = pg_of(&mut s, 1);
+        a2.up = false;
+        a2.activity = "reinit: re-cloning".into();
+        s.members[1].observation.as_mut().unwrap().postgres = Some(a2);
+        i.reinit.insert("a2".into());
+        let v = cluster_view(&s, &i);
+        let a2 = v.members.iter().find(|m| m.name == "a2").unwrap();
+        assert_eq!(a2.state, "re-cloning");
+        assert!(a2.reinit_pending);
+        assert_eq!(a2.activity.as_deref(), Some("reinit: re-cloning"));
+        let t = render_list(&v);
+        assert!(t.contains("| re-cloning (reinit: re-cloning) |"), "{t}");
+        let mut a1 = pg_of(&mut s, 0);
+        a1.activity = "rewinding from a2".into();
+        s.members[0].observation.as_mut().unwrap().postgres = Some(a1);
+        let v = cluster_view(&s, &i);
+        let a1 = v.members.iter().find(|m| m.name == "a1").unwrap();
+        assert_eq!(a1.state, "rewinding");
+        assert!(!a1.reinit_pending);
+        assert!(render_topology(&v).contains("a1  [primary] rewinding (rewinding from a2)"));
     }
 
     #[test]

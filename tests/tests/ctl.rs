@@ -1,28 +1,34 @@
-//! `meridianctl` end to end: the real binary against real `meridian-node` processes.
+//! `meridianctl` end to end: the real binary against real `meridian-node` processes whose
+//! agents run real Postgres (the failover runtime): list / topology roles, pause and resume,
+//! edit-config reaching `synchronous_standby_names`, switchover, manual failover (an unsafe
+//! candidate refused, a safe one accepted), reinit, history and refusals of bad input.
+//! Data members a1, a2 (east), b1 (west), witness w1 (eu); each test forms one cluster and
+//! reuses it. The Postgres tests run one at a time (a shared lock): each runs three servers
+//! and four agents on a 2-core machine.
 //! Needs the binaries built first: `cargo build -p meridian-node -p meridianctl`.
-//!
-//! The switchover / pause-stops-failover / sync-policy tests need the failover runtime
-//! (agents that run Postgres, promote and fence); they are ignored until it is merged.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use meridian_node::raft::intent::{Promote, PromotionKind};
-use meridian_node::raft::{Command, Intent};
-use meridian_node::types::Generation;
+use meridian_node::raft::Intent;
 use meridian_tests::agents::{AgentCluster, MemberSpec};
 use meridian_tests::ctl::{run_ctl, run_ctl_env, CtlRun};
 use meridian_tests::{free_ports, wait_for, wait_until};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio_postgres::NoTls;
 
+/// Bound on forming a cluster without Postgres.
 const FORM: Duration = Duration::from_secs(40);
+/// Bound on forming a cluster with Postgres (initdb, two clones, streaming).
+const FORM_PG: Duration = Duration::from_secs(90);
+/// Bound on a failover, switchover, rejoin or re-clone becoming visible.
+const CHANGE: Duration = Duration::from_secs(60);
+/// Bound on one SQL step from the tests.
+const SQL: Duration = Duration::from_secs(5);
 const TOKEN: &str = "s3cret-admin-token";
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// `a1=127.0.0.1:P,...` for every running member.
 fn endpoints(c: &AgentCluster) -> String {
@@ -48,67 +54,100 @@ fn assert_one_line_error(r: &CtlRun, needle: &str, what: &str) {
     );
 }
 
-/// Forms a1, a2 (east), b1 (west), w1 (eu witness) with an admin token; waits until the
-/// leader reports all four as voters with fresh observations.
-async fn four_members() -> AgentCluster {
-    let mut c = AgentCluster::with_options(
+/// Forms a1, a2 (east), b1 (west), w1 (eu witness) with an admin token, every data
+/// member's agent running its Postgres; waits (through `meridianctl list --json`) until the
+/// runtime made a1 the primary of generation 1 and a2, b1 stream from it.
+async fn form_with_postgres() -> (AgentCluster, String) {
+    let started = Instant::now();
+    let mut c = AgentCluster::with_postgres(
         vec![
             MemberSpec::data("a1", "east").bootstrap(),
             MemberSpec::data("a2", "east").join("a1"),
             MemberSpec::data("b1", "west").join("a1"),
             MemberSpec::witness("w1", "eu").join("a1"),
         ],
-        false,
         Some(TOKEN),
     )
     .unwrap();
     for n in ["a1", "a2", "b1", "w1"] {
         c.start(n).unwrap();
     }
-    let r = wait_for("four voters reporting to the leader", FORM, || async {
-        let s = c.status().await.ok()?;
-        let ok = s.members.len() == 4
-            && s.members
-                .iter()
-                .all(|m| m.voter && m.observation.is_some() && m.observation_age_ms < 2_000);
-        ok.then_some(())
-    })
-    .await;
-    if let Err(e) = r {
-        panic!("{e}\n{}", c.logs());
-    }
-    c
+    let eps = endpoints(&c);
+    let list = wait_streaming(&c, &eps, "a1", &["a2", "b1"], FORM_PG).await;
+    assert_eq!(list["generation"], 1, "{list:#}");
+    eprintln!("cluster formed in {} ms", started.elapsed().as_millis());
+    (c, eps)
 }
 
-/// Makes sure a1 is the recorded primary. Without the failover runtime nobody bootstraps a
-/// primary, so the test commits the bootstrap promotion (and a sync set of a2) itself;
-/// returns whether it did (then the roles are exactly known).
-async fn ensure_primary(c: &AgentCluster) -> bool {
-    let promote = Command::Promote(Promote {
-        member: "a1".into(),
-        generation: Generation(1),
-        kind: PromotionKind::Bootstrap,
-        force: false,
-        reason: "bootstrap by the ctl test".into(),
-        at_unix_ms: now_ms(),
-        old_primary_lsn: None,
-        new_primary_lsn: None,
-        possible_loss_bytes: None,
-    });
-    if c.status().await.unwrap().primary.is_empty() && c.command("a2", &promote).await.is_ok() {
-        let sync = Command::RecordSyncSet {
-            generation: Generation(1),
-            set: meridian_node::decide::SyncSet::new(["a2"], 1),
-        };
-        c.command("a2", &sync).await.unwrap();
-        return true;
-    }
-    wait_until("a1 is the primary", FORM, || async {
-        c.status().await.is_ok_and(|s| s.primary == "a1")
+/// `meridianctl list --json`, when it answers with JSON.
+async fn try_list(eps: &str) -> Option<serde_json::Value> {
+    let r = run_ctl(&["--endpoint", eps, "list", "--json"]).await.ok()?;
+    serde_json::from_str(&r.stdout).ok()
+}
+
+/// `list --json`'s row of `name`.
+fn row<'a>(list: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    list["members"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["name"] == name))
+        .unwrap_or(&serde_json::Value::Null)
+}
+
+/// Waits until `meridianctl list --json` (through `eps`) shows `primary` as the running
+/// primary and every one of `standbys` streaming from it; returns that list.
+async fn wait_streaming(
+    c: &AgentCluster,
+    eps: &str,
+    primary: &str,
+    standbys: &[&str],
+    within: Duration,
+) -> serde_json::Value {
+    let what = format!("meridianctl list: {standbys:?} streaming from the primary {primary}");
+    wait_for(&what, within, || async {
+        let v = try_list(eps).await?;
+        let ok = v["primary"] == primary
+            && row(&v, primary)["state"] == "running"
+            && standbys.iter().all(|s| {
+                let r = row(&v, s);
+                r["state"] == "streaming" && r["upstream"] == primary
+            });
+        ok.then_some(v)
     })
     .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
-    false
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()))
+}
+
+/// A client of `member`'s Postgres.
+async fn pg(c: &AgentCluster, member: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio::time::timeout(
+        SQL,
+        tokio_postgres::connect(&c.member(member).pg_conninfo(), NoTls),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("connecting to {member}'s Postgres timed out"))
+    .unwrap_or_else(|e| panic!("connecting to {member}'s Postgres: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// The first column of the first row of `sql` on `member`, as text.
+async fn sql_text(c: &AgentCluster, member: &str, sql: &str) -> String {
+    let client = pg(c, member).await;
+    let row = tokio::time::timeout(SQL, client.query_one(sql, &[]))
+        .await
+        .unwrap_or_else(|_| panic!("{sql} on {member} timed out"))
+        .unwrap_or_else(|e| panic!("{sql} on {member}: {e}"));
+    row.get(0)
+}
+
+async fn sql_exec(c: &AgentCluster, member: &str, sql: &str) {
+    let client = pg(c, member).await;
+    tokio::time::timeout(SQL, client.batch_execute(sql))
+        .await
+        .unwrap_or_else(|_| panic!("{sql} on {member} timed out"))
+        .unwrap_or_else(|e| panic!("{sql} on {member}: {e}"));
 }
 
 fn roles(list: &serde_json::Value) -> BTreeMap<String, String> {
@@ -135,12 +174,24 @@ async fn policy_json(eps: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_lists_pauses_edits_and_refuses_bad_input_on_a_real_cluster() {
-    let c = four_members().await;
-    let exact_roles = ensure_primary(&c).await;
-    let eps = endpoints(&c);
+    let _serial = SERIAL.lock().await;
+    let started = Instant::now();
+    let (c, eps) = form_with_postgres().await;
 
-    // list --json: roles, generation, pause state and the placement warning (2 of 4
-    // voters in east: losing east leaves no majority).
+    // The default policy (auto everywhere, 10 ms budget) puts the same-region standby in
+    // the sync set on 127.0.0.1.
+    wait_until("a2 in the recorded sync set", CHANGE, || async {
+        try_list(&eps).await.is_some_and(|v| {
+            v["sync_standbys"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|n| n == "a2"))
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+
+    // list --json: roles, states, generation, pause state and the placement warning (2 of
+    // 4 voters in east: losing east leaves no majority).
     let r = run_ctl(&["--endpoint", &eps, "list", "--json"])
         .await
         .unwrap();
@@ -149,11 +200,15 @@ async fn ctl_lists_pauses_edits_and_refuses_bad_input_on_a_real_cluster() {
     let roles = roles(&list);
     assert_eq!(roles["a1"], "primary", "{list:#}");
     assert_eq!(roles["w1"], "witness", "{list:#}");
-    if exact_roles {
-        assert_eq!(roles["a2"], "sync standby", "{list:#}");
-        assert_eq!(roles["b1"], "async standby", "{list:#}");
-    } else {
-        assert!(roles["a2"].ends_with("standby") && roles["b1"].ends_with("standby"));
+    assert_eq!(roles["a2"], "sync standby", "{list:#}");
+    assert!(roles["b1"].ends_with(" standby"), "{list:#}");
+    assert_eq!(row(&list, "a1")["state"], "running", "{list:#}");
+    assert_eq!(row(&list, "a1")["timeline"], 1, "{list:#}");
+    assert_eq!(row(&list, "w1")["state"], "running", "{list:#}");
+    for s in ["a2", "b1"] {
+        assert_eq!(row(&list, s)["state"], "streaming", "{list:#}");
+        assert_eq!(row(&list, s)["upstream"], "a1", "{list:#}");
+        assert!(row(&list, s)["lag_bytes"].is_u64(), "{list:#}");
     }
     assert_eq!(list["generation"], 1, "{list:#}");
     assert_eq!(list["paused"], false);
@@ -190,7 +245,11 @@ async fn ctl_lists_pauses_edits_and_refuses_bad_input_on_a_real_cluster() {
     assert_code(&r, 0, "topology");
     assert!(r.stdout.contains("── region east\n"), "{r:#?}");
     assert!(r.stdout.contains("── region eu\n"), "{r:#?}");
-    assert!(r.stdout.contains("a1  [primary]"), "{r:#?}");
+    assert!(r.stdout.contains("a1  [primary] running"), "{r:#?}");
+    assert!(
+        r.stdout.contains("a2  [sync standby] streaming  <- a1"),
+        "{r:#?}"
+    );
     assert!(r.stdout.contains("w1  [witness]"), "{r:#?}");
 
     // --watch is bounded by --count.
@@ -298,7 +357,7 @@ async fn ctl_lists_pauses_edits_and_refuses_bad_input_on_a_real_cluster() {
         );
     }
 
-    // history: the bootstrap promotion.
+    // history: the bootstrap promotion the runtime committed.
     let r = run_ctl(&["--endpoint", &eps, "history", "--json"])
         .await
         .unwrap();
@@ -308,7 +367,13 @@ async fn ctl_lists_pauses_edits_and_refuses_bad_input_on_a_real_cluster() {
         h.as_array()
             .unwrap()
             .iter()
-            .any(|e| e["kind"] == "bootstrap" && e["new_primary"] == "a1" && e["generation"] == 1),
+            .any(|e| e["kind"] == "bootstrap"
+                && e["new_primary"] == "a1"
+                && e["generation"] == 1
+                && e["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("bootstrap")),
         "{h:#}"
     );
     let r = run_ctl(&["--endpoint", &eps, "history", "--all"])
@@ -380,24 +445,45 @@ async fn ctl_lists_pauses_edits_and_refuses_bad_input_on_a_real_cluster() {
     .unwrap();
     assert_code(&r, 1, "switchover to an unknown member");
     assert_one_line_error(&r, "no member named", "switchover to an unknown member");
-    if exact_roles {
-        // Without the runtime nobody runs Postgres: every standby is down, so a failover
-        // to one is refused as impossible, even with --allow-data-loss.
+    // A failover while the primary is healthy would be a second writer: refused as unsafe
+    // (a switchover is the tool), and not even attempted.
+    let r = run_ctl(&[
+        "--endpoint",
+        &eps,
+        "--token",
+        TOKEN,
+        "failover",
+        "--candidate",
+        "a2",
+        "--force",
+    ])
+    .await
+    .unwrap();
+    assert_code(&r, 1, "failover with a healthy primary");
+    assert_one_line_error(
+        &r,
+        "use `meridianctl switchover`",
+        "failover with a healthy primary",
+    );
+    // reinit: only a data standby can be re-cloned.
+    for (name, needle) in [
+        ("a1", "is the primary"),
+        ("w1", "no Postgres to re-clone"),
+        ("nosuch", "no member named \"nosuch\""),
+    ] {
         let r = run_ctl(&[
             "--endpoint",
             &eps,
             "--token",
             TOKEN,
-            "failover",
-            "--candidate",
-            "b1",
-            "--allow-data-loss",
+            "reinit",
+            name,
             "--force",
         ])
         .await
         .unwrap();
-        assert_code(&r, 1, "failover to a down standby");
-        assert_one_line_error(&r, "b1 cannot be promoted", "failover to a down standby");
+        assert_code(&r, 1, &format!("reinit {name}"));
+        assert_one_line_error(&r, needle, &format!("reinit {name}"));
     }
     let s = c.status().await.unwrap();
     assert_eq!(
@@ -407,23 +493,8 @@ async fn ctl_lists_pauses_edits_and_refuses_bad_input_on_a_real_cluster() {
     assert_eq!(s.members.len(), 4);
     let intent: Intent = serde_json::from_str(&s.intent_json).unwrap();
     assert!(intent.pending_switchover.is_none());
-
-    // reinit: sent as a command; a cluster that does not know it says so clearly.
-    let r = run_ctl(&[
-        "--endpoint",
-        &eps,
-        "--token",
-        TOKEN,
-        "reinit",
-        "b1",
-        "--force",
-    ])
-    .await
-    .unwrap();
-    if r.code != Some(0) {
-        assert_code(&r, 1, "reinit");
-        assert_one_line_error(&r, "does not support reinit", "reinit");
-    }
+    assert!(intent.reinit.is_empty());
+    assert_eq!(s.primary, "a1");
 
     // Usage errors exit 2: unknown command, missing --set, no --force without a terminal.
     let r = run_ctl(&["--endpoint", &eps, "frobnicate"]).await.unwrap();
@@ -441,6 +512,10 @@ async fn ctl_lists_pauses_edits_and_refuses_bad_input_on_a_real_cluster() {
     let r = run_ctl(&["--help"]).await.unwrap();
     assert_code(&r, 0, "--help");
     assert!(r.stdout.contains("Exit codes:"), "{r:#?}");
+    eprintln!(
+        "list/pause/edit/refusals test took {} ms",
+        started.elapsed().as_millis()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -518,93 +593,109 @@ async fn lists_over_mutual_tls() {
     assert_code(&r, 1, "plaintext against a TLS cluster");
 }
 
-// ------------------------------------------------------------ with the failover runtime
+// ------------------------------------------------------------ failover runtime scenarios
 
-/// Waits until the cluster has a primary and both east members stream (the runtime runs
-/// Postgres).
-async fn wait_streaming(eps: &str, standbys: &[&str]) {
-    wait_until("the standbys stream from the primary", FORM, || async {
-        let Ok(r) = run_ctl(&["--endpoint", eps, "list", "--json"]).await else {
-            return false;
-        };
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&r.stdout) else {
-            return false;
-        };
-        let states: BTreeMap<String, String> = v["members"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|m| {
-                (
-                    m["name"].as_str().unwrap_or_default().to_string(),
-                    m["state"].as_str().unwrap_or_default().to_string(),
-                )
-            })
-            .collect();
-        standbys
-            .iter()
-            .all(|s| states.get(*s).map(String::as_str) == Some("streaming"))
-    })
-    .await
-    .unwrap();
+/// The primary's `synchronous_standby_names`, read from its Postgres.
+async fn sync_standby_names(c: &AgentCluster, primary: &str) -> String {
+    sql_text(c, primary, "SHOW synchronous_standby_names").await
+}
+
+/// Sends SIGSTOP to `member`'s WAL receiver so it stops receiving (its Postgres still
+/// answers queries and its agent still reports); SIGCONT on drop.
+struct FrozenWalReceiver(Pid);
+
+impl FrozenWalReceiver {
+    async fn freeze(c: &AgentCluster, member: &str) -> FrozenWalReceiver {
+        let pid: i32 = sql_text(
+            c,
+            member,
+            "SELECT pid::text FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+        )
+        .await
+        .parse()
+        .expect("a WAL receiver pid");
+        let pid = Pid::from_raw(pid);
+        kill(pid, Signal::SIGSTOP).expect("SIGSTOP to the WAL receiver");
+        FrozenWalReceiver(pid)
+    }
+}
+
+impl Drop for FrozenWalReceiver {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGCONT);
+    }
+}
+
+async fn ctl_ok(args: &[&str], what: &str) -> CtlRun {
+    let r = run_ctl(args).await.unwrap();
+    assert_code(&r, 0, what);
+    r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the failover runtime (issue 4)"]
 async fn switchover_moves_the_primary_and_history_records_it() {
-    let c = four_members().await;
-    let eps = endpoints(&c);
-    wait_until("a primary", FORM, || async {
-        c.status().await.is_ok_and(|s| !s.primary.is_empty())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
-    let old = c.status().await.unwrap().primary;
-    let target = if old == "a1" { "a2" } else { "a1" };
-    let standbys: Vec<&str> = ["a1", "a2", "b1"]
-        .into_iter()
-        .filter(|n| *n != old)
-        .collect();
-    wait_streaming(&eps, &standbys).await;
-    let gen = c.status().await.unwrap().generation;
+    let _serial = SERIAL.lock().await;
+    let started = Instant::now();
+    let (mut c, eps) = form_with_postgres().await;
 
-    let r = run_ctl(&[
-        "--endpoint",
-        &eps,
-        "--token",
-        TOKEN,
+    // Switchover a1 -> a2 through the real runtime.
+    let r = ctl_ok(
+        &[
+            "--endpoint",
+            &eps,
+            "--token",
+            TOKEN,
+            "switchover",
+            "--candidate",
+            "a2",
+            "--force",
+        ],
         "switchover",
-        "--candidate",
-        target,
-        "--force",
-    ])
-    .await
-    .unwrap();
-    assert_code(&r, 0, "switchover");
-    assert!(r.stdout.contains("Switchover complete"), "{r:#?}");
-
-    let r = run_ctl(&["--endpoint", &eps, "list", "--json"])
+    )
+    .await;
+    assert!(
+        r.stdout
+            .contains("Switchover complete: a2 is the primary at generation 2"),
+        "{r:#?}"
+    );
+    eprintln!(
+        "switchover with meridianctl took {} ms end to end",
+        r.elapsed.as_millis()
+    );
+    let list = ctl_ok(&["--endpoint", &eps, "list", "--json"], "list")
         .await
-        .unwrap();
-    let list = r.json();
-    assert_eq!(roles(&list)[target], "primary", "{list:#}");
-    assert_eq!(list["generation"], gen + 1, "{list:#}");
-    let r = run_ctl(&["--endpoint", &eps, "history", "--json"])
+        .json();
+    assert_eq!(roles(&list)["a2"], "primary", "{list:#}");
+    assert_eq!(list["generation"], 2, "{list:#}");
+    assert!(list["pending_switchover"].is_null(), "{list:#}");
+    let h = ctl_ok(&["--endpoint", &eps, "history", "--json"], "history")
         .await
-        .unwrap();
-    let h = r.json();
+        .json();
     assert!(
         h.as_array()
             .unwrap()
             .iter()
             .any(|e| e["kind"] == "switchover"
-                && e["old_primary"] == old.as_str()
-                && e["new_primary"] == target
-                && e["generation"] == gen + 1),
+                && e["old_primary"] == "a1"
+                && e["new_primary"] == "a2"
+                && e["generation"] == 2
+                && e["new_primary_lsn"].is_string()),
         "{h:#}"
     );
-    // The old primary rejoins as a standby.
-    wait_streaming(&eps, &[old.as_str()]).await;
+    let r = ctl_ok(&["--endpoint", &eps, "history"], "history").await;
+    assert!(
+        r.stdout.lines().any(|l| l.contains("| switchover |")),
+        "{r:#?}"
+    );
+    // The old primary rejoins as a standby of the new one; list and topology show it.
+    wait_streaming(&c, &eps, "a2", &["a1", "b1"], CHANGE).await;
+    let r = ctl_ok(&["--endpoint", &eps, "topology"], "topology").await;
+    assert!(r.stdout.contains("a2  [primary] running"), "{r:#?}");
+    assert!(
+        r.stdout.contains("a1  [") && r.stdout.contains("standby] streaming  <- a2"),
+        "{r:#?}"
+    );
+    assert!(r.stdout.contains("TL 2"), "{r:#?}");
     // A failover to a healthy cluster's standby is refused as unsafe (use switchover).
     let r = run_ctl(&[
         "--endpoint",
@@ -613,7 +704,7 @@ async fn switchover_moves_the_primary_and_history_records_it() {
         TOKEN,
         "failover",
         "--candidate",
-        &old,
+        "a1",
         "--force",
     ])
     .await
@@ -624,157 +715,314 @@ async fn switchover_moves_the_primary_and_history_records_it() {
         "use `meridianctl switchover`",
         "failover on a healthy cluster",
     );
-}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the failover runtime (issue 4)"]
-async fn pause_stops_automatic_failover_and_resume_restores_it() {
-    let mut c = four_members().await;
-    let eps = endpoints(&c);
-    wait_until("a primary", FORM, || async {
-        c.status().await.is_ok_and(|s| !s.primary.is_empty())
+    // reinit b1: it re-clones from the primary (a marker left in its data dir is gone, its
+    // postmaster is a new one) and streams again.
+    let b1_data = c.member("b1").pg_data_dir();
+    let marker = b1_data.join("meridian-test-marker");
+    std::fs::write(&marker, "before reinit").unwrap();
+    let pid_before = c.member("b1").postmaster_pid();
+    let r = ctl_ok(
+        &[
+            "--endpoint",
+            &eps,
+            "--token",
+            TOKEN,
+            "reinit",
+            "b1",
+            "--force",
+        ],
+        "reinit b1",
+    )
+    .await;
+    // meridianctl waits until the re-clone is recorded as done and b1 streams again.
+    assert!(
+        r.stdout
+            .contains("Reinit of b1 done: re-cloned and streaming from a2"),
+        "{r:#?}"
+    );
+    eprintln!(
+        "reinit with meridianctl took {} ms end to end",
+        r.elapsed.as_millis()
+    );
+    assert!(!marker.exists(), "b1's data dir was not replaced");
+    assert_ne!(c.member("b1").postmaster_pid(), pid_before);
+    let s = c.status().await.unwrap();
+    let intent: Intent = serde_json::from_str(&s.intent_json).unwrap();
+    assert!(intent.reinit.is_empty(), "{intent:?}");
+    let list = wait_streaming(&c, &eps, "a2", &["a1", "b1"], CHANGE).await;
+    assert_eq!(row(&list, "b1")["reinit_pending"], false, "{list:#}");
+    assert_eq!(row(&list, "b1")["timeline"], 2, "{list:#}");
+    sql_exec(
+        &c,
+        "a2",
+        "CREATE TABLE after_reinit (id int); INSERT INTO after_reinit VALUES (7)",
+    )
+    .await;
+    wait_until(
+        "the row written on a2 replicated to the re-cloned b1",
+        CHANGE,
+        || async {
+            let client = pg(&c, "b1").await;
+            client
+                .query_one("SELECT count(*) FROM after_reinit WHERE id = 7", &[])
+                .await
+                .is_ok_and(|r| r.get::<_, i64>(0) == 1)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+
+    // Manual failover. a1 must be in the sync set (it holds every acknowledged commit).
+    wait_until("a1 in the recorded sync set", CHANGE, || async {
+        try_list(&eps).await.is_some_and(|v| {
+            v["sync_standbys"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|n| n == "a1"))
+        })
     })
     .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    // b1 stops receiving while a2 takes more writes: b1 falls behind, a1 does not.
+    let frozen = FrozenWalReceiver::freeze(&c, "b1").await;
+    sql_exec(
+        &c,
+        "a2",
+        "INSERT INTO after_reinit SELECT g FROM generate_series(1, 5000) g",
+    )
+    .await;
+    wait_until("a1 caught up and b1 behind", CHANGE, || async {
+        try_list(&eps).await.is_some_and(|v| {
+            row(&v, "a1")["lag_bytes"] == 0 && row(&v, "b1")["lag_bytes"].as_u64().unwrap_or(0) > 0
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    ctl_ok(&["--endpoint", &eps, "--token", TOKEN, "pause"], "pause").await;
+    c.member("a2").kill_postgres();
+    c.kill("a2").unwrap();
+    let eps = endpoints(&c);
+    wait_until("a2 unreachable in meridianctl list", CHANGE, || async {
+        try_list(&eps)
+            .await
+            .is_some_and(|v| row(&v, "a2")["state"] == "unreachable")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    // The lagging b1 is refused with the reason; nothing changes.
+    let r = run_ctl(&[
+        "--endpoint",
+        &eps,
+        "--token",
+        TOKEN,
+        "failover",
+        "--candidate",
+        "b1",
+        "--force",
+    ])
+    .await
     .unwrap();
-    let s = c.status().await.unwrap();
-    let (old, gen) = (s.primary.clone(), s.generation);
-    let standbys: Vec<&str> = ["a1", "a2", "b1"]
-        .into_iter()
-        .filter(|n| *n != old)
-        .collect();
-    wait_streaming(&eps, &standbys).await;
-
-    let r = run_ctl(&["--endpoint", &eps, "--token", TOKEN, "pause"])
-        .await
-        .unwrap();
-    assert_code(&r, 0, "pause");
-    // Kill the primary's agent and its Postgres.
-    let pgdata = c.member(&old).state_dir.join("pgdata");
-    c.kill(&old).unwrap();
-    // Postgres refuses to be driven by root: run pg_ctl as the postgres OS user then.
-    let pg_ctl = [
-        "pg_ctl",
-        "-D",
-        pgdata.to_str().unwrap(),
-        "stop",
-        "-m",
-        "immediate",
-    ];
-    let _ = if nix::unistd::geteuid().is_root() {
-        std::process::Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .args(pg_ctl)
-            .status()
-    } else {
-        std::process::Command::new(pg_ctl[0])
-            .args(&pg_ctl[1..])
-            .status()
-    };
-    let others: Vec<String> = c.running();
-    let eps_alive: String = others
-        .iter()
-        .map(|n| format!("{n}={}", c.member(n).grpc))
-        .collect::<Vec<_>>()
-        .join(",");
-    // Paused: nobody is promoted for well past the lease.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_code(&r, 1, "failover to a lagging standby");
+    assert_one_line_error(&r, "bytes behind", "failover to a lagging standby");
+    assert!(r.stderr.contains("--allow-data-loss"), "{r:#?}");
     let s = c.status().await.unwrap();
     assert_eq!(
         (s.primary.as_str(), s.generation),
-        (old.as_str(), gen),
-        "promoted while paused"
+        ("a2", 2),
+        "a refused failover changed the cluster"
     );
-
-    let r = run_ctl(&["--endpoint", &eps_alive, "--token", TOKEN, "resume"])
-        .await
-        .unwrap();
-    assert_code(&r, 0, "resume");
-    wait_until("a new primary after resume", FORM, || async {
-        c.status()
-            .await
-            .is_ok_and(|s| s.generation > gen && s.primary != old)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
-    let r = run_ctl(&["--endpoint", &eps_alive, "history", "--json"])
-        .await
-        .unwrap();
+    // The caught-up a1 is accepted and takes writes.
+    let r = ctl_ok(
+        &[
+            "--endpoint",
+            &eps,
+            "--token",
+            TOKEN,
+            "failover",
+            "--candidate",
+            "a1",
+            "--force",
+        ],
+        "failover to a1",
+    )
+    .await;
     assert!(
-        r.json()
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["kind"] == "failover" && e["old_primary"] == old.as_str()),
+        r.stdout
+            .contains("Failover complete: a1 accepts writes at generation 3"),
         "{r:#?}"
+    );
+    eprintln!(
+        "manual failover with meridianctl took {} ms end to end",
+        r.elapsed.as_millis()
+    );
+    assert_eq!(
+        sql_text(&c, "a1", "SELECT (NOT pg_is_in_recovery())::text").await,
+        "true"
+    );
+    assert_eq!(
+        sql_text(&c, "a1", "SELECT count(*)::text FROM after_reinit").await,
+        "5001",
+        "acknowledged rows missing on the promoted a1"
+    );
+    let h = ctl_ok(&["--endpoint", &eps, "history", "--json"], "history")
+        .await
+        .json();
+    assert!(
+        h.as_array().unwrap().iter().any(|e| e["kind"] == "failover"
+            && e["old_primary"] == "a2"
+            && e["new_primary"] == "a1"
+            && e["generation"] == 3
+            && e["possible_loss_bytes"] == 0),
+        "{h:#}"
+    );
+    // b1 catches up with the new primary once its WAL receiver runs again.
+    drop(frozen);
+    ctl_ok(&["--endpoint", &eps, "--token", TOKEN, "resume"], "resume").await;
+    wait_streaming(&c, &eps, "a1", &["b1"], CHANGE).await;
+    eprintln!(
+        "switchover/reinit/failover test took {} ms",
+        started.elapsed().as_millis()
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the failover runtime (issue 4)"]
-async fn edit_config_sync_policy_reaches_synchronous_standby_names() {
-    let c = four_members().await;
+async fn pause_stops_automatic_failover_and_resume_restores_it() {
+    let _serial = SERIAL.lock().await;
+    let started = Instant::now();
+    let (mut c, eps) = form_with_postgres().await;
+    ctl_ok(&["--endpoint", &eps, "--token", TOKEN, "pause"], "pause").await;
+    // Kill the primary's agent and its Postgres.
+    c.member("a1").kill_postgres();
+    c.kill("a1").unwrap();
     let eps = endpoints(&c);
-    wait_until("a primary", FORM, || async {
-        c.status().await.is_ok_and(|s| !s.primary.is_empty())
-    })
-    .await
-    .unwrap();
-    let primary = c.status().await.unwrap().primary;
-    let standbys: Vec<&str> = ["a1", "a2", "b1"]
-        .into_iter()
-        .filter(|n| *n != primary)
-        .collect();
-    wait_streaming(&eps, &standbys).await;
-    // Every region async: the primary waits on nobody.
-    let r = run_ctl(&[
-        "--endpoint",
-        &eps,
-        "--token",
-        TOKEN,
-        "edit-config",
-        "--set",
-        "regions.east.mode=async",
-        "--set",
-        "regions.west.mode=async",
-    ])
-    .await
-    .unwrap();
-    assert_code(&r, 0, "edit-config async");
-    let sync_names = |s: &meridian_proto::StatusResponse| {
-        s.members
-            .iter()
-            .find(|m| m.name == primary)
-            .and_then(|m| m.observation.as_ref())
-            .and_then(|o| o.postgres.as_ref())
-            .and_then(|p| p.sync_standby_names.clone())
-    };
-    wait_until("no synchronous standby on the primary", FORM, || async {
+    // Paused: nobody is promoted for three lease lengths (the lease is 2 s), although a
+    // new Raft leader is elected meanwhile (a1 led).
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let mut checks = 0;
+    while Instant::now() < deadline {
+        if let Ok(s) = c.status().await {
+            assert_eq!(
+                (s.primary.as_str(), s.generation),
+                ("a1", 1),
+                "promoted while paused\n{}",
+                c.logs()
+            );
+            checks += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(checks >= 3, "no leader answered while paused\n{}", c.logs());
+    let r = ctl_ok(&["--endpoint", &eps, "list"], "list").await;
+    assert!(r.stdout.contains("PAUSED"), "{r:#?}");
+    let list = ctl_ok(&["--endpoint", &eps, "list", "--json"], "list")
+        .await
+        .json();
+    assert_eq!(row(&list, "a1")["state"], "unreachable", "{list:#}");
+    assert_eq!(list["paused"], true, "{list:#}");
+
+    let resumed = Instant::now();
+    ctl_ok(&["--endpoint", &eps, "--token", TOKEN, "resume"], "resume").await;
+    wait_until("a new primary after resume", CHANGE, || async {
         c.status()
             .await
-            .is_ok_and(|s| sync_names(&s).is_some_and(|n| n.names.is_empty()))
+            .is_ok_and(|s| s.generation == 2 && s.primary == "a2")
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
-    // West sync: b1 (when it is not the primary) must appear in synchronous_standby_names.
-    let r = run_ctl(&[
-        "--endpoint",
-        &eps,
-        "--token",
-        TOKEN,
-        "edit-config",
-        "--set",
-        "regions.west.mode=sync",
-    ])
-    .await
-    .unwrap();
-    assert_code(&r, 0, "edit-config west sync");
-    if primary != "b1" {
-        wait_until("b1 in synchronous_standby_names", FORM, || async {
-            c.status().await.is_ok_and(|s| {
-                sync_names(&s).is_some_and(|n| n.names.contains(&"b1".to_string()) && n.k >= 1)
-            })
-        })
+    eprintln!(
+        "automatic failover {} ms after resume",
+        resumed.elapsed().as_millis()
+    );
+    let h = ctl_ok(&["--endpoint", &eps, "history", "--json"], "history")
         .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+        .json();
+    assert!(
+        h.as_array().unwrap().iter().any(|e| e["kind"] == "failover"
+            && e["old_primary"] == "a1"
+            && e["new_primary"] == "a2"
+            && e["generation"] == 2),
+        "{h:#}"
+    );
+    wait_streaming(&c, &eps, "a2", &["b1"], CHANGE).await;
+    eprintln!(
+        "pause/resume test took {} ms",
+        started.elapsed().as_millis()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_config_sync_policy_reaches_synchronous_standby_names() {
+    let _serial = SERIAL.lock().await;
+    let started = Instant::now();
+    let (c, eps) = form_with_postgres().await;
+    // Every region async: the primary waits on nobody.
+    ctl_ok(
+        &[
+            "--endpoint",
+            &eps,
+            "--token",
+            TOKEN,
+            "edit-config",
+            "--set",
+            "regions.east.mode=async",
+            "--set",
+            "regions.west.mode=async",
+        ],
+        "edit-config async",
+    )
+    .await;
+    wait_until("synchronous_standby_names empty on a1", CHANGE, || async {
+        sync_standby_names(&c, "a1").await.is_empty()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    // The record shrinks after Postgres did (ordering rule): then list shows it.
+    wait_until("meridianctl list: no sync standby", CHANGE, || async {
+        try_list(&eps).await.is_some_and(|v| {
+            let r = roles(&v);
+            r["a2"] == "async standby" && r["b1"] == "async standby"
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    // West sync: b1 alone in synchronous_standby_names, and list says so.
+    ctl_ok(
+        &[
+            "--endpoint",
+            &eps,
+            "--token",
+            TOKEN,
+            "edit-config",
+            "--set",
+            "regions.west.mode=sync",
+        ],
+        "edit-config west sync",
+    )
+    .await;
+    let r = wait_until(
+        "synchronous_standby_names = ANY 1 (b1) on a1",
+        CHANGE,
+        || async { sync_standby_names(&c, "a1").await == r#"ANY 1 ("b1")"# },
+    )
+    .await;
+    if let Err(e) = r {
+        let now = sync_standby_names(&c, "a1").await;
+        panic!("{e} (now {now:?})\n{}", c.logs());
     }
+    let list = ctl_ok(&["--endpoint", &eps, "list", "--json"], "list")
+        .await
+        .json();
+    assert_eq!(roles(&list)["b1"], "sync standby", "{list:#}");
+    assert_eq!(roles(&list)["a2"], "async standby", "{list:#}");
+    assert_eq!(list["sync_standbys"], serde_json::json!(["b1"]), "{list:#}");
+    // Postgres itself treats b1 as the quorum standby and a2 as async.
+    let states = sql_text(
+        &c,
+        "a1",
+        "SELECT string_agg(application_name || '=' || sync_state, ',' ORDER BY application_name) \
+         FROM pg_stat_replication",
+    )
+    .await;
+    assert_eq!(states, "a2=async,b1=quorum");
+    eprintln!("edit-config test took {} ms", started.elapsed().as_millis());
 }
