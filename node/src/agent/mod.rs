@@ -72,6 +72,10 @@ pub struct Shared {
     /// The last WAL position of this member's Postgres after it stopped writes for a
     /// switchover (reported while it is down).
     pub final_lsn: Mutex<Option<crate::types::Lsn>>,
+    /// Asks the reporter for an observation now (after the member changed its Postgres).
+    pub wake_reporter: tokio::sync::Notify,
+    /// Asks the leader loop for a round now (an observation arrived).
+    pub wake_leader: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -219,6 +223,8 @@ impl Agent {
             last_report_ok: Mutex::new(Instant::now()),
             activity: Mutex::new(String::new()),
             final_lsn: Mutex::new(None),
+            wake_reporter: tokio::sync::Notify::new(),
+            wake_leader: tokio::sync::Notify::new(),
         });
         let (stop, _) = watch::channel(false);
         let mut servers = Vec::new();

@@ -107,6 +107,7 @@ impl AgentRpc for AgentService {
             )));
         }
         self.shared.observations.record(obs);
+        self.shared.wake_leader.notify_one();
         Ok(Response::new(ObservationAck {
             accepted: true,
             leader: self.shared.name().to_string(),
@@ -331,7 +332,10 @@ impl Reporter {
         let mut rtt_us = std::collections::HashMap::new();
         let mut round: u64 = 0;
         loop {
-            ticker.tick().await;
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = self.shared.wake_reporter.notified() => {}
+            }
             // Round trips change slowly; measuring every few rounds keeps the cost small.
             if round.is_multiple_of(8) {
                 rtt_us = measure_rtts(&self.shared.config).await;
@@ -379,6 +383,7 @@ impl Reporter {
                 return Err("this leader has no recent quorum acknowledgement".into());
             }
             shared.observations.record(obs);
+            shared.wake_leader.notify_one();
             let intent = shared.applied().intent.clone();
             let metrics = shared.raft_metrics();
             let membership = metrics.membership_config.membership();
