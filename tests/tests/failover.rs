@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use meridian_node::raft::intent::Intent;
+use meridian_node::raft::Command;
 use meridian_proto::{StatusResponse, WalReceiverStatus};
 use meridian_tests::agents::{AgentCluster, MemberSpec};
 use meridian_tests::wait_for;
@@ -371,6 +372,48 @@ async fn a_crashed_primary_postgres_fails_over_with_one_writer_at_a_time() {
     let new = s.primary.clone();
     let others: Vec<&str> = DATA.iter().copied().filter(|n| *n != new).collect();
     wait_streaming(&c, &others, &new, REJOIN).await;
+
+    // `meridianctl reinit a1`: a1 re-clones from the primary and streams again.
+    c.command("w1", &Command::Reinit { name: "a1".into() })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    wait_for("a1 re-cloned", REJOIN, || async {
+        let s = c.status().await.ok()?;
+        intent(&s).reinit.is_empty().then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    wait_streaming(&c, &others, &new, REJOIN).await;
+
+    // Maintenance mode: a crash of the primary's Postgres is fenced but not failed over;
+    // an operator failover (HTTP) to the remaining standby brings writes back.
+    let w1 = c.member("w1").http;
+    let (code, body) = http(w1, "POST", "/pause", Some(TOKEN), "").await;
+    assert_eq!(code, 200, "{body}");
+    wait_for("maintenance on", FAILOVER, || async {
+        c.status().await.ok()?.paused.then_some(())
+    })
+    .await
+    .unwrap();
+    c.member(&new).kill_postgres();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = c.status().await.unwrap();
+    assert_eq!(
+        (s.primary.as_str(), s.generation),
+        (new.as_str(), 2),
+        "no automatic failover while paused"
+    );
+    let candidate = if new == "a2" { "a1" } else { "a2" };
+    let body = format!(r#"{{"candidate":"{candidate}"}}"#);
+    let (code, answer) = http(w1, "POST", "/failover", Some(TOKEN), &body).await;
+    assert_eq!(code, 200, "{answer}\n{}", c.logs());
+    insert_until_ok(&rw, 2, FAILOVER)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let s = c.status().await.unwrap();
+    assert_eq!((s.primary.as_str(), s.generation), (candidate, 3));
+    let (code, _) = http(w1, "POST", "/resume", Some(TOKEN), "").await;
+    assert_eq!(code, 200);
     let (max, worst) = probe.finish().await;
     assert!(max <= 1, "two writable primaries at once: {worst:?}");
 }

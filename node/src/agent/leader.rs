@@ -26,6 +26,8 @@ use crate::types::Generation;
 
 /// Bound on one Raft write of the leader loop.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Rounds are at least this far apart, however many observations arrive.
+const MIN_ROUND_SPACING: Duration = Duration::from_millis(20);
 /// Bound on confirming leadership before a write.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -45,8 +47,16 @@ pub async fn run(shared: Arc<Shared>) {
     let mut ticker = tokio::time::interval(shared.config.timing.observe_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tr = Tracker::default();
+    let mut applied = shared.applied.clone();
     loop {
-        ticker.tick().await;
+        // Each tick, and as soon as an observation or a commit arrives, at most one round
+        // per MIN_ROUND_SPACING.
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shared.wake_leader.notified() => {}
+            r = applied.changed() => if r.is_err() { ticker.tick().await; },
+        }
+        tokio::time::sleep(MIN_ROUND_SPACING).await;
         if !shared.believes_leader() {
             tr.led_term = None;
             continue;
@@ -133,12 +143,18 @@ async fn round(shared: &Shared, tr: &mut Tracker) -> anyhow::Result<()> {
     let now_ms = ms(Instant::now());
     let decision = decide(&view, now_ms);
     let wait = decision.wait.as_ref().map(|w| format!("{w:?}"));
-    if wait != tr.last_wait {
+    // Logged when the kind of wait changes, not when only its countdowns move.
+    let wait_key = wait.as_ref().map(|w| {
+        w.chars()
+            .filter(|c| !c.is_ascii_digit())
+            .collect::<String>()
+    });
+    if wait_key != tr.last_wait {
         match &wait {
             Some(w) => tracing::info!("leader waits: {w}"),
             None => tracing::info!("leader: nothing to wait for"),
         }
-        tr.last_wait = wait;
+        tr.last_wait = wait_key;
     }
     let mut wrote = false;
     for action in &decision.actions {

@@ -191,17 +191,32 @@ pub async fn run(shared: Arc<Shared>, pg: Option<crate::pg::PgInstance>) {
     let t = &shared.config.timing;
     let mut ticker = tokio::time::interval(t.lease_renew_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let started = Instant::now();
     let mut last_error: Option<String> = None;
+    // When this loop first saw this member named primary of a generation.
+    let mut named_since: Option<(Generation, Instant)> = None;
     loop {
         ticker.tick().await;
         let intent = shared.applied().intent.clone();
         if intent.primary.as_deref() != Some(shared.name()) {
             last_error = None;
+            named_since = None;
             continue;
         }
         let generation = intent.generation;
-        match renew_once(&shared, generation).await {
+        if named_since.is_none_or(|(g, _)| g != generation) {
+            named_since = Some((generation, Instant::now()));
+        }
+        let started = named_since.map_or_else(Instant::now, |(_, at)| at);
+        // The deadline counts from the send time of the last accepted renewal (or when this
+        // agent saw itself named primary, when it has none yet: one grace period).
+        // The renewal may not run past it: the fence must not wait for a slow leader.
+        let deadline = shared.lease.last_ok(generation).unwrap_or(started) + t.fence_after;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let result = match tokio::time::timeout(left, renew_once(&shared, generation)).await {
+            Ok(r) => r,
+            Err(_) => Err("no answer before the fence deadline".to_string()),
+        };
+        match result {
             Ok(()) => {
                 if last_error.take().is_some() {
                     tracing::info!(%generation, "lease renewed again");
@@ -214,8 +229,6 @@ pub async fn run(shared: Arc<Shared>, pg: Option<crate::pg::PgInstance>) {
                 last_error = Some(e);
             }
         }
-        // The deadline counts from the send time of the last accepted renewal (or this
-        // agent's start, when it has none yet: a restarted agent gets one grace period).
         let since = shared.lease.last_ok(generation).unwrap_or(started);
         if since.elapsed() < t.fence_after {
             continue;

@@ -141,14 +141,24 @@ pub async fn run(shared: Arc<Shared>, pg: PgInstance) {
         upstream: None,
         disconnected: false,
         not_streaming_since: None,
-        slots: Default::default(),
+        slots: None,
         last_error: None,
     };
     let mut ticker = tokio::time::interval(m.shared.config.timing.observe_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut applied = m.shared.applied.clone();
     loop {
-        ticker.tick().await;
+        // A committed change (promotion, switchover phase) is acted on at once.
+        tokio::select! {
+            _ = ticker.tick() => {}
+            r = applied.changed() => if r.is_err() { ticker.tick().await; },
+        }
+        let before = (m.pg.is_running(), m.pg.is_fenced(), m.shared.activity());
         let result = m.tick().await;
+        if before != (m.pg.is_running(), m.pg.is_fenced(), m.shared.activity()) {
+            // Tell the leader what changed without waiting for the next report.
+            m.shared.wake_reporter.notify_one();
+        }
         match (&result, &m.last_error) {
             (Err(e), Some(prev)) if format!("{e:#}") == *prev => {}
             (Err(e), _) => tracing::warn!("reconciling the local Postgres: {e:#}"),
@@ -169,8 +179,8 @@ struct Member {
     /// An isolated standby disconnected its WAL receiver.
     disconnected: bool,
     not_streaming_since: Option<Instant>,
-    /// Slots created on this primary, per generation.
-    slots: std::collections::BTreeSet<(Generation, String)>,
+    /// The slots this primary made sure of, for which generation.
+    slots: Option<(Generation, std::collections::BTreeSet<String>)>,
     last_error: Option<String>,
 }
 
@@ -411,20 +421,31 @@ impl Member {
             .await
             .map_err(|e| anyhow::anyhow!("lease before promotion: {e}"))?;
         let started = Instant::now();
-        // The old primary's sync set may name this member: a new primary starts async and
-        // the leader grows its sync set again (record first, then Postgres).
+        // The old primary's setting may name this member: start with this generation's
+        // target instead (the intent carries the old set minus this member, so commits
+        // keep waiting on the same standbys; empty means async until the leader grows it).
+        let target = intent
+            .sync_target
+            .as_ref()
+            .filter(|t| t.generation == generation)
+            .map(|t| render_sync_standby_names(&t.set))
+            .unwrap_or_default();
         self.pg
-            .set_synchronous_standby_names("")
+            .set_synchronous_standby_names(&target)
             .await
-            .context("clearing synchronous_standby_names before promotion")?;
+            .context("setting synchronous_standby_names before promotion")?;
         self.pg
             .promote(shared.config.timing.promote_timeout)
             .await
             .context("promoting")?;
         self.seen_primary_up = true;
         self.upstream = None;
-        self.slots.clear();
+        self.slots = None;
         shared.set_activity("");
+        // Slots at once, so the standbys re-pointing here find theirs.
+        if let Err(e) = self.ensure_slots(intent).await {
+            tracing::warn!("creating slots after promotion: {e:#}");
+        }
         tracing::info!(
             %generation,
             promote_ms = started.elapsed().as_millis() as u64,
@@ -439,21 +460,7 @@ impl Member {
         if switchover_phase_from(intent, self.name()) == Some(SwitchoverPhase::StoppingWrites) {
             return self.stop_writes().await;
         }
-        // A slot for every data member, so each can clone and stream from here.
-        for m in intent.members.values() {
-            if m.kind != MemberKind::Data || m.name == self.name() {
-                continue;
-            }
-            let key = (generation, m.name.clone());
-            if self.slots.contains(&key) {
-                continue;
-            }
-            self.pg
-                .create_slot(&slot_name(&m.name))
-                .await
-                .with_context(|| format!("creating the slot of {}", m.name))?;
-            self.slots.insert(key);
-        }
+        self.ensure_slots(intent).await?;
         if let Some(target) = intent
             .sync_target
             .as_ref()
@@ -473,6 +480,48 @@ impl Member {
                 self.pg.set_synchronous_standby_names(&want).await?;
             }
         }
+        Ok(())
+    }
+
+    /// A slot for every other data member, so each can clone and stream from here; the
+    /// inactive slots of members no longer in the intent are dropped (they would hold WAL
+    /// forever). Done again whenever the generation or the data members change.
+    async fn ensure_slots(&mut self, intent: &Intent) -> anyhow::Result<()> {
+        let wanted: std::collections::BTreeSet<String> = intent
+            .members
+            .values()
+            .filter(|m| m.kind == MemberKind::Data && m.name != self.name())
+            .map(|m| slot_name(&m.name))
+            .collect();
+        let key = (intent.generation, wanted);
+        if self.slots.as_ref() == Some(&key) {
+            return Ok(());
+        }
+        for slot in &key.1 {
+            self.pg
+                .create_slot(slot)
+                .await
+                .with_context(|| format!("creating slot {slot}"))?;
+        }
+        let client = self.pg.connect().await?;
+        let rows = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.query(
+                "SELECT slot_name::text FROM pg_replication_slots \
+                 WHERE slot_type = 'physical' AND NOT active",
+                &[],
+            ),
+        )
+        .await
+        .context("listing slots timed out")??;
+        for row in rows {
+            let slot: String = row.get(0);
+            if !key.1.contains(&slot) {
+                tracing::info!(%slot, "dropping the slot of a member that left");
+                self.pg.drop_slot(&slot).await?;
+            }
+        }
+        self.slots = Some(key);
         Ok(())
     }
 

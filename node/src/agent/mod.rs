@@ -18,6 +18,7 @@ pub mod leader;
 pub mod lease;
 pub mod member;
 pub mod observe;
+pub mod peers;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
@@ -72,6 +73,10 @@ pub struct Shared {
     /// The last WAL position of this member's Postgres after it stopped writes for a
     /// switchover (reported while it is down).
     pub final_lsn: Mutex<Option<crate::types::Lsn>>,
+    /// Asks the reporter for an observation now (after the member changed its Postgres).
+    pub wake_reporter: tokio::sync::Notify,
+    /// Asks the leader loop for a round now (an observation arrived).
+    pub wake_leader: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -219,6 +224,8 @@ impl Agent {
             last_report_ok: Mutex::new(Instant::now()),
             activity: Mutex::new(String::new()),
             final_lsn: Mutex::new(None),
+            wake_reporter: tokio::sync::Notify::new(),
+            wake_leader: tokio::sync::Notify::new(),
         });
         let (stop, _) = watch::channel(false);
         let mut servers = Vec::new();
@@ -281,7 +288,12 @@ impl Agent {
         if !identity.admitted {
             tasks.push(tokio::spawn(join::seek_admission(shared.clone(), identity)));
         }
-        let reporter = observe::Reporter::new(shared.clone()).await;
+        let peer_probes = peers::PeerProbes::default();
+        tasks.push(tokio::spawn(peers::run(
+            shared.clone(),
+            peer_probes.clone(),
+        )));
+        let reporter = observe::Reporter::new(shared.clone(), peer_probes).await;
         let local = reporter.instance();
         tasks.push(tokio::spawn(reporter.run(health_tx)));
         tasks.push(tokio::spawn(lease::run(shared.clone(), local.clone())));

@@ -866,6 +866,56 @@ fn durability_required_keeps_waiting_and_preferred_shrinks_and_says_so() {
     );
 }
 
+/// Right after a failover the intent carries the old sync set minus the new primary, and
+/// the new primary already waits on it. While that standby still follows the old primary,
+/// the core re-points it and keeps the set (required durability): no async window, no
+/// shrink before the standby had its chance to reconnect.
+#[test]
+fn a_carried_sync_set_is_kept_while_its_standby_repoints() {
+    let mut v = base();
+    v.policy.regions.insert(
+        "west".into(),
+        crate::policy::RegionPolicy {
+            mode: SyncMode::Sync,
+            ..Default::default()
+        },
+    );
+    v.generation = Generation(4);
+    v.primary = Some(PrimaryView {
+        name: "e2".into(),
+        lease_expires_at_ms: NOW + 1_500,
+        generation_since_ms: NOW - 500,
+    });
+    v.rtt_from_primary_ms.clear();
+    obs(&mut v, "e1").received_at_ms = STALE;
+    *obs(&mut v, "e2") = Observation {
+        received_at_ms: FRESH,
+        postgres_up: true,
+        timeline: 2,
+        wal_lsn: Some(Lsn(1_000_200)),
+        seen_generation: Generation(4),
+        sync_standby_names: Some(SyncSet::new(["w1"], 1)),
+        ..Observation::default()
+    };
+    v.recorded_sync_set = SyncSet::new(["w1"], 1);
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![
+                Action::Repoint {
+                    member: "w1".into(),
+                    to: "e2".into()
+                },
+                Action::Repoint {
+                    member: "w2".into(),
+                    to: "e2".into()
+                },
+            ],
+            wait: None,
+        }
+    );
+}
+
 // ------------------------------------------------------------------ housekeeping
 
 #[test]

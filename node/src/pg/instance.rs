@@ -1061,6 +1061,9 @@ fn render_meridian_conf(
         ("wal_keep_size", "'256MB'".into()),
         // Standbys report replay progress often, so lag readings are fresh.
         ("wal_receiver_status_interval", "'1s'".into()),
+        // A standby re-pointed at a new primary retries soon (default 5 s), e.g. while
+        // its slot is being created there.
+        ("wal_retrieve_retry_interval", "'500ms'".into()),
         ("password_encryption", "'scram-sha-256'".into()),
     ];
     for (k, v) in lines {

@@ -695,10 +695,21 @@ impl Intent {
             Command::Promote(p) => {
                 let old = self.primary.replace(p.member.clone());
                 self.generation = p.generation;
-                // The sync set belonged to the old primary's topology; the new primary's agent
-                // records a fresh one (grow the record first, then Postgres).
-                self.sync_set = SyncSet::default();
-                self.sync_target = None;
+                // The old record minus the new primary carries over when it still holds k
+                // names, and becomes the new primary's first target: it starts waiting on
+                // the same standbys at once (no async window under a sync policy), and the
+                // record is a superset of it. Otherwise the new primary starts async and
+                // the leader grows a fresh set (record first, then Postgres).
+                let mut carried = self.sync_set.clone();
+                carried.names.remove(&p.member);
+                if carried.k == 0 || carried.names.len() < carried.k as usize {
+                    carried = SyncSet::default();
+                }
+                self.sync_set = carried.clone();
+                self.sync_target = Some(SyncTarget {
+                    generation: p.generation,
+                    set: carried,
+                });
                 self.pending_switchover = None;
                 self.reinit.remove(&p.member);
                 let kind = match p.kind {
@@ -1364,12 +1375,90 @@ mod tests {
         );
         assert_eq!(i.apply(&rec(1, &["a2"], 1)), Response::Applied);
 
-        // A promotion resets the record: it described the old primary's standbys.
+        // A promotion of the only recorded name resets the record (nobody is left to
+        // wait on); the new primary's first target is the same.
         assert_eq!(
-            i.apply(&promote("b1", 2, PromotionKind::Manual)),
+            i.apply(&promote("a2", 2, PromotionKind::Manual)),
             Response::Applied
         );
         assert_eq!(i.sync_set, SyncSet::default());
+        assert_eq!(
+            i.sync_target,
+            Some(SyncTarget {
+                generation: Generation(2),
+                set: SyncSet::default()
+            })
+        );
+    }
+
+    #[test]
+    fn a_promotion_carries_the_sync_set_minus_the_new_primary() {
+        let mut i = cluster();
+        assert_eq!(
+            i.apply(&Command::RecordSyncSet {
+                generation: Generation(1),
+                set: SyncSet::new(["a2", "b1"], 1),
+            }),
+            Response::Applied
+        );
+        assert_eq!(
+            i.apply(&promote("a2", 2, PromotionKind::Manual)),
+            Response::Applied
+        );
+        assert_eq!(i.sync_set, SyncSet::new(["b1"], 1));
+        assert_eq!(
+            i.sync_target,
+            Some(SyncTarget {
+                generation: Generation(2),
+                set: SyncSet::new(["b1"], 1)
+            })
+        );
+        // The target may shrink within the record, never leave it.
+        assert_eq!(
+            i.apply(&Command::SetSyncTarget {
+                generation: Generation(2),
+                set: SyncSet::default(),
+            }),
+            Response::Applied
+        );
+        assert!(matches!(
+            i.apply(&Command::SetSyncTarget {
+                generation: Generation(2),
+                set: SyncSet::new(["a1"], 1),
+            }),
+            Response::Refused(Refused::SyncTargetNotRecorded { .. })
+        ));
+        assert!(matches!(
+            i.apply(&Command::SetSyncTarget {
+                generation: Generation(1),
+                set: SyncSet::default(),
+            }),
+            Response::Refused(Refused::StaleGeneration { .. })
+        ));
+    }
+
+    #[test]
+    fn reinit_is_recorded_and_cleared() {
+        let mut i = cluster();
+        let cmd = |n: &str| Command::Reinit { name: n.into() };
+        assert_eq!(i.apply(&cmd("a2")), Response::Applied);
+        assert!(i.reinit.contains("a2"));
+        assert_eq!(
+            refused(&mut i, cmd("a1")),
+            Refused::MemberIsPrimary("a1".into())
+        );
+        assert_eq!(
+            refused(&mut i, cmd("w1")),
+            Refused::NotDataMember("w1".into())
+        );
+        assert_eq!(
+            i.apply(&Command::ReinitDone { name: "a2".into() }),
+            Response::Applied
+        );
+        assert_eq!(
+            refused(&mut i, Command::ReinitDone { name: "a2".into() }),
+            Refused::NoReinitPending("a2".into())
+        );
     }
 
     #[test]
