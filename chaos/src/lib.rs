@@ -2,9 +2,11 @@
 //! shared with the end-to-end tests.
 
 pub mod check;
+pub mod cluster;
 pub mod mesh;
 pub mod pg_cluster;
 pub mod proxy;
+pub mod runner;
 pub mod schedule;
 pub mod scorecard;
 pub mod seeded;

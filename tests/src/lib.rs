@@ -5,6 +5,7 @@
 //! clusters for the demo and the scenarios); it is re-exported here.
 
 pub mod agents;
+pub mod ctl;
 
 pub use meridian_chaos::pg_cluster::{free_ports, PgCluster, PgClusterBuilder};
 pub use meridian_chaos::wait::{wait_for, wait_until};

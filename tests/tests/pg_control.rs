@@ -416,3 +416,44 @@ async fn running_standby_is_repointed_to_the_promoted_one() {
     // The error carries the server's own words, not just "db error".
     assert!(e.to_string().contains("is active"), "{e}");
 }
+
+#[tokio::test]
+async fn restarts_after_the_postmaster_was_sigkilled() {
+    // Orphaned postmasters are re-parented to this process, which never reaps them: the
+    // killed postmaster stays a zombie, as it does under an init that does not reap.
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+    let cluster = PgCluster::start(0).await.unwrap();
+    let p = cluster.primary();
+    let c = cluster.client(0).await.unwrap();
+    create_table(&c).await;
+    c.execute("INSERT INTO t VALUES (1, 'kept')", &[])
+        .await
+        .unwrap();
+    drop(c);
+    let pid = p
+        .postmaster_pid()
+        .expect("a running postmaster has a pid file");
+    // SIGKILL the postmaster alone, as a crash would: postmaster.pid stays behind and,
+    // when nobody reaps the process, names a zombie.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until("the postmaster to die", WAIT, || async { !p.is_running() })
+        .await
+        .unwrap();
+    assert_eq!(
+        p.postmaster_pid(),
+        Some(pid),
+        "the stale lock file is still there"
+    );
+    // Its orphaned backends notice within a moment and exit; start must then recover.
+    wait_for("a restart after the crash", WAIT, || async {
+        p.start(STOP).await.ok()
+    })
+    .await
+    .unwrap();
+    let c = cluster.client(0).await.unwrap();
+    assert!(has_row(&c, 1).await, "the committed row survived the crash");
+}

@@ -18,6 +18,7 @@ pub mod leader;
 pub mod lease;
 pub mod member;
 pub mod observe;
+pub mod peers;
 pub mod watchdog;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -288,7 +289,12 @@ impl Agent {
         if !identity.admitted {
             tasks.push(tokio::spawn(join::seek_admission(shared.clone(), identity)));
         }
-        let reporter = observe::Reporter::new(shared.clone()).await;
+        let peer_probes = peers::PeerProbes::default();
+        tasks.push(tokio::spawn(peers::run(
+            shared.clone(),
+            peer_probes.clone(),
+        )));
+        let reporter = observe::Reporter::new(shared.clone(), peer_probes).await;
         let local = reporter.instance();
         tasks.push(tokio::spawn(reporter.run(health_tx)));
         tasks.push(tokio::spawn(lease::run(shared.clone(), local.clone())));

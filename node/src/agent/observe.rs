@@ -241,28 +241,6 @@ async fn sync_standby_names(instance: &PgInstance) -> Option<meridian_proto::Syn
     })
 }
 
-/// Round trips to each peer's agent (a TCP connect), in microseconds; peers that do not
-/// answer within the bound are left out.
-async fn measure_rtts(config: &Config) -> std::collections::HashMap<String, u64> {
-    const BOUND: Duration = Duration::from_millis(300);
-    let mut out = std::collections::HashMap::new();
-    for (name, peer) in &config.peers {
-        if *name == config.member.name {
-            continue;
-        }
-        let started = Instant::now();
-        if let Ok(Ok(_)) =
-            tokio::time::timeout(BOUND, tokio::net::TcpStream::connect(peer.api.as_str())).await
-        {
-            out.insert(
-                name.clone(),
-                u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            );
-        }
-    }
-    out
-}
-
 /// The member whose Postgres address (in this agent's address book) is `host:port`.
 fn member_at(config: &Config, host: &str, port: u16) -> Option<String> {
     let wanted = format!("{host}:{port}");
@@ -279,6 +257,8 @@ pub struct Reporter {
     pg: LocalPg,
     /// (postmaster pid, highest timeline its WAL receiver streamed).
     streamed_tli: Mutex<Option<(i32, u32)>>,
+    /// What the peer prober last saw of the other members' Postgres.
+    peers: super::peers::PeerProbes,
 }
 
 impl Reporter {
@@ -290,7 +270,7 @@ impl Reporter {
         }
     }
 
-    pub async fn new(shared: Arc<Shared>) -> Reporter {
+    pub async fn new(shared: Arc<Shared>, peers: super::peers::PeerProbes) -> Reporter {
         let pg = local_pg(&shared.config).await;
         if let LocalPg::Broken(why) = &pg {
             tracing::warn!("cannot observe the local Postgres: {why}");
@@ -298,6 +278,7 @@ impl Reporter {
         Reporter {
             shared,
             pg,
+            peers,
             streamed_tli: Mutex::new(None),
         }
     }
@@ -362,18 +343,14 @@ impl Reporter {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_error: Option<String> = None;
-        let mut rtt_us = std::collections::HashMap::new();
-        let mut round: u64 = 0;
+        // A probe older than a few rounds says nothing about now.
+        let probe_max_age = interval * 4;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
                 _ = self.shared.wake_reporter.notified() => {}
             }
-            // Round trips change slowly; measuring every few rounds keeps the cost small.
-            if round.is_multiple_of(8) {
-                rtt_us = measure_rtts(&self.shared.config).await;
-            }
-            round += 1;
+            let (probes, rtt_us) = self.peers.to_proto(probe_max_age);
             let pg = self.observe().await;
             let applied = self.shared.applied();
             let obs = Observation {
@@ -383,8 +360,8 @@ impl Reporter {
                 generation: applied.intent.generation.0,
                 postgres: pg.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
-                rtt_us: rtt_us.clone(),
-                ..Observation::default()
+                rtt_us,
+                probes,
             };
             let result = self.report(obs, report_timeout).await;
             if result.is_ok() {

@@ -370,21 +370,21 @@ impl PgInstance {
         self.postmaster_pid().is_some_and(pid_alive)
     }
 
-    /// Removes a `postmaster.pid` whose process is gone or a zombie (an unreaped killed
-    /// postmaster): Postgres itself refuses to start, and pg_rewind's single-user recovery
-    /// fails, while the pid still exists as a zombie.
-    fn remove_stale_pid_file(&self, step: &'static str) -> Result<(), PgError> {
-        if self.is_running() {
-            return Ok(());
-        }
-        let p = self.path("postmaster.pid");
-        match std::fs::remove_file(&p) {
-            Ok(()) => {
-                tracing::info!(path = %p.display(), "removed a stale postmaster.pid");
-                Ok(())
+    /// Removes a `postmaster.pid` whose process is gone. A SIGKILLed postmaster whose
+    /// parent does not reap it stays a zombie, and Postgres takes a zombie's pid for a
+    /// live postmaster and refuses to start ("lock file already exists").
+    fn remove_stale_lock(&self, step: &'static str) -> Result<(), PgError> {
+        let lock = self.path("postmaster.pid");
+        match self.postmaster_pid() {
+            Some(pid) if !pid_alive(pid) => {
+                tracing::info!(pid, data_dir = %self.data_dir.display(), "removing stale postmaster.pid of a dead postmaster");
+                match std::fs::remove_file(&lock) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(PgError::io(step, lock, e)),
+                }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(PgError::io(step, p, e)),
+            _ => Ok(()),
         }
     }
 
@@ -453,7 +453,7 @@ impl PgInstance {
         if self.is_running() {
             return Ok(());
         }
-        self.remove_stale_pid_file(STEP)?;
+        self.remove_stale_lock(STEP)?;
         self.ensure_log_file(STEP)?;
         let secs = timeout.as_secs().max(1).to_string();
         let args = [
@@ -838,7 +838,7 @@ impl PgInstance {
                 "target server is running; stop it first",
             ));
         }
-        self.remove_stale_pid_file(STEP)?;
+        self.remove_stale_lock(STEP)?;
         let was_fenced = self.is_fenced();
         for f in ["standby.signal", "recovery.signal"] {
             let p = self.path(f);

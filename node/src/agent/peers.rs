@@ -1,0 +1,236 @@
+//! Probes of the other members' Postgres, as this agent reaches them (through its own
+//! address book, so a partition or a proxy between regions is seen as the clients in this
+//! region would see it).
+//!
+//! Two things come out of one probe, `SELECT pg_is_in_recovery()` on a kept-open session:
+//! whether that Postgres currently takes writes (the decision core never promotes while a
+//! fresh observer still sees the old primary writable: a primary whose agent froze or
+//! crashed keeps its Postgres, and promoting then would make two writers), and the
+//! application-level round trip to that member, which `auto` replication regions are
+//! judged by. A TCP connect time would not do: a local proxy accepts at once whatever the
+//! latency or partition behind it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls};
+
+use super::Shared;
+use crate::config::Config;
+
+/// The latest probe of one peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerResult {
+    pub at: Instant,
+    /// Reached and not in recovery: it would take a write.
+    pub writable: bool,
+    /// Round trip of the probe query, when it answered.
+    pub rtt_us: Option<u64>,
+}
+
+/// Shared between the prober task and the reporter.
+#[derive(Clone, Default)]
+pub struct PeerProbes(Arc<Mutex<BTreeMap<String, PeerResult>>>);
+
+impl PeerProbes {
+    fn set(&self, name: &str, r: PeerResult) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), r);
+    }
+
+    /// Results no older than `max_age`, by member name.
+    pub fn fresh(&self, max_age: Duration) -> BTreeMap<String, PeerResult> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, r)| r.at.elapsed() <= max_age)
+            .map(|(n, r)| (n.clone(), *r))
+            .collect()
+    }
+
+    /// The proto form for an observation: probe results and round trips.
+    pub fn to_proto(
+        &self,
+        max_age: Duration,
+    ) -> (
+        HashMap<String, meridian_proto::PeerProbe>,
+        HashMap<String, u64>,
+    ) {
+        let mut probes = HashMap::new();
+        let mut rtts = HashMap::new();
+        for (name, r) in self.fresh(max_age) {
+            probes.insert(
+                name.clone(),
+                meridian_proto::PeerProbe {
+                    // Only Postgres is probed here; the agent's reachability shows in
+                    // its own reports to the leader.
+                    agent_reachable: false,
+                    postgres_writable: r.writable,
+                },
+            );
+            if let Some(rtt) = r.rtt_us {
+                rtts.insert(name, rtt);
+            }
+        }
+        (probes, rtts)
+    }
+}
+
+/// Peers with a Postgres address in this agent's address book, other than itself.
+fn targets(config: &Config) -> Vec<(String, String, u16)> {
+    config
+        .peers
+        .iter()
+        .filter(|(name, _)| **name != config.member.name)
+        .filter_map(|(name, p)| {
+            let addr = p.postgres.as_deref()?;
+            let (host, port) = addr.rsplit_once(':')?;
+            Some((name.clone(), host.to_string(), port.parse().ok()?))
+        })
+        .collect()
+}
+
+fn client_config(
+    config: &Config,
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> tokio_postgres::Config {
+    let mut c = tokio_postgres::Config::new();
+    c.host(host)
+        .port(port)
+        .dbname("postgres")
+        .application_name("meridian-peer-probe")
+        .connect_timeout(timeout);
+    if let Some(pg) = &config.postgres {
+        c.user(&pg.superuser);
+        if let Some(p) = &pg.password {
+            c.password(p.expose());
+        }
+    } else {
+        // A witness has no [postgres] section; the cluster's superuser is the default.
+        c.user("postgres");
+    }
+    c
+}
+
+/// One probe, on the kept session if there is one. Bounded by `timeout` overall.
+async fn probe_one(
+    config: &Config,
+    host: &str,
+    port: u16,
+    session: &mut Option<(Client, tokio::task::JoinHandle<()>)>,
+    timeout: Duration,
+) -> PeerResult {
+    let attempt = async {
+        if session.is_none() {
+            let (client, conn) = client_config(config, host, port, timeout)
+                .connect(NoTls)
+                .await
+                .ok()?;
+            let task = tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            *session = Some((client, task));
+        }
+        let (client, _) = session.as_ref()?;
+        let started = Instant::now();
+        let row = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .ok()?;
+        let rtt = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Some((!row.get::<_, bool>(0), rtt))
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Some((writable, rtt))) => PeerResult {
+            at: Instant::now(),
+            writable,
+            rtt_us: Some(rtt),
+        },
+        _ => {
+            // A session that failed or hung is not trusted again: reconnect next round.
+            if let Some((_, task)) = session.take() {
+                task.abort();
+            }
+            PeerResult {
+                at: Instant::now(),
+                writable: false,
+                rtt_us: None,
+            }
+        }
+    }
+}
+
+/// Probes every peer each `timing.observe_interval`, all at once, each bounded so a
+/// partitioned peer cannot hold up the others. Runs until the agent stops.
+pub async fn run(shared: Arc<Shared>, probes: PeerProbes) {
+    let config = &shared.config;
+    let interval = config.timing.observe_interval;
+    // Room for a cross-region round trip under a latency spike, but below the lease.
+    let timeout = config
+        .timing
+        .pg_probe_timeout
+        .min(config.timing.lease_ttl / 2);
+    let targets = targets(config);
+    let mut sessions: Vec<Option<(Client, tokio::task::JoinHandle<()>)>> =
+        targets.iter().map(|_| None).collect();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let rounds = targets
+            .iter()
+            .zip(sessions.iter_mut())
+            .map(|((_, host, port), session)| probe_one(config, host, *port, session, timeout));
+        let results = futures::future::join_all(rounds).await;
+        for ((name, _, _), r) in targets.iter().zip(results) {
+            probes.set(name, r);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_results_are_left_out() {
+        let p = PeerProbes::default();
+        let old = Instant::now() - Duration::from_secs(10);
+        p.set(
+            "old",
+            PeerResult {
+                at: old,
+                writable: true,
+                rtt_us: Some(5),
+            },
+        );
+        p.set(
+            "new",
+            PeerResult {
+                at: Instant::now(),
+                writable: true,
+                rtt_us: Some(70_000),
+            },
+        );
+        p.set(
+            "down",
+            PeerResult {
+                at: Instant::now(),
+                writable: false,
+                rtt_us: None,
+            },
+        );
+        let (probes, rtts) = p.to_proto(Duration::from_secs(1));
+        assert_eq!(probes.len(), 2);
+        assert!(probes["new"].postgres_writable);
+        assert!(!probes["down"].postgres_writable);
+        assert!(!probes.contains_key("old"));
+        assert_eq!(rtts, HashMap::from([("new".to_string(), 70_000)]));
+    }
+}
