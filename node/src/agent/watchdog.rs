@@ -4,8 +4,12 @@
 //! writing the deadline (send time + `timing.fence_after`, on the system-wide
 //! `CLOCK_MONOTONIC`, the same clock in both processes) to `state_dir/watchdog`, and
 //! disarms it when it is not the primary. Past an armed deadline the watchdog fences the
-//! local Postgres (marker, then kill). It exits once its agent is gone and nothing is left
-//! to enforce, so it never outlives its agent by more than one deadline.
+//! local Postgres (marker, then kill) — unless other members' agents still probe it (their
+//! `meridian-peer-probe` sessions ran a query within two observe intervals): the leader
+//! never promotes while a fresh observer sees this Postgres take writes, so it may keep
+//! serving (an agent crash alone must not take the primary down). It exits once its agent
+//! is gone and nothing is left to enforce, so it never outlives its agent by more than one
+//! deadline.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -67,6 +71,27 @@ pub fn spawn(config: &Config) -> anyhow::Result<std::process::Child> {
         .context("spawning the watchdog")
 }
 
+/// How long ago another member's agent last probed this Postgres (the end of its last
+/// query on a `meridian-peer-probe` session); None when none does or the server does not
+/// answer in time (a frozen postmaster is then fenced).
+async fn last_peer_probe(pg: &PgInstance) -> Option<Duration> {
+    let bound = Duration::from_millis(300);
+    let client = tokio::time::timeout(bound, pg.connect()).await.ok()?.ok()?;
+    let row = tokio::time::timeout(
+        bound,
+        client.query_one(
+            "SELECT (extract(epoch FROM now() - max(state_change)) * 1000)::float8 \
+             FROM pg_stat_activity WHERE application_name = 'meridian-peer-probe'",
+            &[],
+        ),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let ms: Option<f64> = row.get(0);
+    ms.map(|m| Duration::from_millis(m.max(0.0) as u64))
+}
+
 /// The watchdog's loop (in its own process).
 pub async fn run(config: Config, agent_pid: i32) -> anyhow::Result<()> {
     let pg: PgInstance = super::observe::local_instance(&config)
@@ -80,7 +105,12 @@ pub async fn run(config: Config, agent_pid: i32) -> anyhow::Result<()> {
         let agent_alive = crate::pg::pid_alive(agent_pid);
         match deadline {
             Some(d) if monotonic_ms() >= d => {
-                if pg.is_running() && !pg.is_fenced() {
+                let watched = pg.is_running()
+                    && !pg.is_fenced()
+                    && last_peer_probe(&pg)
+                        .await
+                        .is_some_and(|age| age < config.timing.observe_interval * 2);
+                if !watched && pg.is_running() && !pg.is_fenced() {
                     tracing::error!(
                         "watchdog: the primary's lease deadline passed without a renewal; fencing the local Postgres"
                     );
