@@ -638,18 +638,24 @@ pub async fn run_scenario(opts: &RunOptions) -> anyhow::Result<Scorecard> {
         .collect();
     let allow_loss = opts.policy == PolicyChoice::Default
         && matches!(sc, Scenario::RegionLoss | Scenario::RegionPartition);
-    if let Some(final_ids) = final_ids {
-        let report = check(&CheckInput {
-            writes: writes.clone(),
-            final_ids,
-            surviving_writers: Some(surviving.clone()),
-            observe_from: Duration::ZERO,
-            observe_to,
-            probes: probes.clone(),
-            allow_acked_loss: allow_loss,
-        });
-        card.apply_check(&report);
+    let read_final = final_ids.is_some();
+    let mut report = check(&CheckInput {
+        writes: writes.clone(),
+        // Unread, the table counts as empty: only the fields that depend on it are wrong,
+        // and they are zeroed below; a violation already says the read failed.
+        final_ids: final_ids.unwrap_or_default(),
+        surviving_writers: Some(surviving.clone()),
+        observe_from: Duration::ZERO,
+        observe_to,
+        probes: probes.clone(),
+        allow_acked_loss: allow_loss || !read_final,
+    });
+    if !read_final {
+        report.acked_lost = 0;
+        report.lost_ids.clear();
+        report.indeterminate_recovered = 0;
     }
+    card.apply_check(&report);
     let history = final_status
         .as_ref()
         .map(|s| s.intent.history.clone())
