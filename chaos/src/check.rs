@@ -32,6 +32,10 @@ pub struct WriteRecord {
     pub outcome: Outcome,
     pub start: Duration,
     pub end: Duration,
+    /// The port the accepting Postgres listens on (`inet_server_port()`, the member's real
+    /// port, not the proxy's), for acknowledged writes: says which member took it.
+    #[serde(default)]
+    pub server_port: Option<u16>,
 }
 
 /// One split-brain probe round: the members whose Postgres accepted a probe commit.
@@ -284,6 +288,7 @@ mod tests {
             outcome,
             start: d(start),
             end: d(end),
+            server_port: None,
         }
     }
 

@@ -322,7 +322,7 @@ async fn demo(args: &ClusterArgs, seconds: Option<u64>) -> anyhow::Result<()> {
     println!("\ntry meridianctl:");
     println!("  export MERIDIAN_ENDPOINTS={}", endpoints.join(","));
     println!("  meridianctl list");
-    println!("  meridianctl switchover --to {a_standby}");
+    println!("  meridianctl switchover --candidate {a_standby}");
     println!("  meridianctl history");
     println!(
         "  curl -s http://{}/cluster",

@@ -208,57 +208,73 @@ impl Resolver {
     }
 }
 
-/// Plays one action; returns a line saying what it did.
-async fn play(c: &mut Cluster, r: &mut Resolver, action: &Action) -> anyhow::Result<String> {
-    Ok(match action {
+/// Plays one action; returns when its effect began (after the target was resolved, which
+/// asks the cluster and can take a while under load) and a line saying what it did.
+async fn play(
+    c: &mut Cluster,
+    r: &mut Resolver,
+    action: &Action,
+) -> anyhow::Result<(Instant, String)> {
+    let fired: Instant;
+    let what = match action {
         Action::KillAgent { target } => {
             let m = r.member(c, target).await?;
+            fired = Instant::now();
             c.kill_agent(&m)?;
             format!("SIGKILL agent of {m}")
         }
         Action::KillPostgres { target } => {
             let m = r.member(c, target).await?;
+            fired = Instant::now();
             anyhow::ensure!(c.kill_postgres(&m)?, "{m} has no running postmaster");
             format!("SIGKILL Postgres of {m}")
         }
         Action::KillMember { target } => {
             let m = r.member(c, target).await?;
+            fired = Instant::now();
             c.kill_member(&m)?;
             format!("SIGKILL agent and Postgres of {m}")
         }
         Action::RestartAgent { target } | Action::RestartMember { target } => {
             let m = r.member(c, target).await?;
+            fired = Instant::now();
             c.start_agent(&m)?;
             format!("restart {m}")
         }
         Action::StopAgent { target } => {
             let m = r.member(c, target).await?;
+            fired = Instant::now();
             c.stop_agent(&m)?;
             format!("SIGSTOP agent of {m}")
         }
         Action::ContAgent { target } => {
             let m = r.member(c, target).await?;
+            fired = Instant::now();
             c.cont_agent(&m)?;
             format!("SIGCONT agent of {m}")
         }
         Action::Isolate { target } => {
             let m = r.member(c, target).await?;
+            fired = Instant::now();
             let n = c.mesh.isolate_member(&m)?;
             format!("isolate {m} ({n} links)")
         }
         Action::Partition { a, b } => {
             let a = r.regions(c, a).await?;
             let b = r.regions(c, b).await?;
+            fired = Instant::now();
             let ar: Vec<&str> = a.iter().map(String::as_str).collect();
             let br: Vec<&str> = b.iter().map(String::as_str).collect();
             let n = c.mesh.partition(&ar, &br)?;
             format!("partition {a:?} from {b:?} ({n} links)")
         }
         Action::Heal => {
+            fired = Instant::now();
             c.mesh.heal_all();
             "heal every link".to_string()
         }
         Action::LatencySpike { factor, jitter_ms } => {
+            fired = Instant::now();
             c.mesh
                 .latency_spike(*factor, Duration::from_millis(*jitter_ms));
             format!("latency x{factor} with {jitter_ms} ms jitter")
@@ -277,6 +293,7 @@ async fn play(c: &mut Cluster, r: &mut Resolver, action: &Action) -> anyhow::Res
                     .next()
                     .context("no streaming standby to switch over to")?,
             };
+            fired = Instant::now();
             c.command(&IntentCommand::BeginSwitchover(PendingSwitchover {
                 from: from.clone(),
                 to: to.clone(),
@@ -288,6 +305,7 @@ async fn play(c: &mut Cluster, r: &mut Resolver, action: &Action) -> anyhow::Res
         }
         Action::KillRegion { regions } => {
             let regions = r.regions(c, regions).await?;
+            fired = Instant::now();
             let mut killed = Vec::new();
             for region in &regions {
                 killed.extend(c.kill_region(region)?);
@@ -304,6 +322,7 @@ async fn play(c: &mut Cluster, r: &mut Resolver, action: &Action) -> anyhow::Res
         }
         Action::RestartRegion { regions } => {
             let regions = r.regions(c, regions).await?;
+            fired = Instant::now();
             c.mesh.heal_all();
             let mut started = Vec::new();
             for region in &regions {
@@ -317,7 +336,8 @@ async fn play(c: &mut Cluster, r: &mut Resolver, action: &Action) -> anyhow::Res
                 started.join(", ")
             )
         }
-    })
+    };
+    Ok((fired, what))
 }
 
 /// Timing fields derived from the history and the workload.
@@ -341,7 +361,13 @@ pub fn is_promotion(e: &HistoryEntry) -> bool {
 
 impl Timings {
     /// `t0_unix_ms`: wall clock of offset zero. `fault`: offset of the first fault.
-    /// `surviving`: writers whose writes count for the RTO.
+    /// `surviving`: writers whose writes count for the RTO. `pg_ports`: each data member's
+    /// Postgres port, to tell which member took a write.
+    ///
+    /// The RTO ends with the first acknowledged write of a surviving writer that started
+    /// after the fault and, when the fault led to a promotion, landed on the new primary:
+    /// writes the old primary still took (a switchover's drain, an isolated primary before
+    /// it fenced) are not a recovery.
     pub fn compute(
         history: &[HistoryEntry],
         t0_unix_ms: i64,
@@ -349,6 +375,7 @@ impl Timings {
         writes: &[WriteRecord],
         probes: &[ProbeRound],
         surviving: &BTreeSet<String>,
+        pg_ports: &BTreeMap<String, u16>,
     ) -> Timings {
         let mut t = Timings {
             failovers: history
@@ -361,16 +388,23 @@ impl Timings {
             return t;
         };
         let fault_unix = t0_unix_ms + i64::try_from(fault.as_millis()).unwrap_or(i64::MAX);
+        let decision = history
+            .iter()
+            .find(|e| is_promotion(e) && e.at_unix_ms >= fault_unix);
+        let new_port = decision
+            .and_then(|d| d.new_primary.as_ref())
+            .map(|n| pg_ports.get(n).copied());
         t.rto_ms = writes
             .iter()
             .filter(|w| w.outcome == Outcome::Ok && surviving.contains(&w.writer))
             .filter(|w| w.start >= fault)
+            .filter(|w| match new_port {
+                None => true,
+                Some(port) => port.is_some() && w.server_port == port,
+            })
             .map(|w| w.end)
             .min()
             .map(|end| to_ms(end - fault));
-        let decision = history
-            .iter()
-            .find(|e| is_promotion(e) && e.at_unix_ms >= fault_unix);
         if let Some(d) = decision {
             t.detection_ms = u64::try_from(d.at_unix_ms - fault_unix).ok();
             let decided =
@@ -529,7 +563,8 @@ pub async fn run_scenario(opts: &RunOptions) -> anyhow::Result<Scorecard> {
         tokio::time::sleep_until((t0 + Duration::from_millis(step.at_ms)).into()).await;
         let at = t0.elapsed();
         match play(&mut c, &mut resolver, &step.action).await {
-            Ok(what) => {
+            Ok((fired, what)) => {
+                let at = fired.saturating_duration_since(t0);
                 fault_at.get_or_insert(at);
                 eprintln!("[{sc}] t={} ms: {what}", at.as_millis());
             }
@@ -603,23 +638,35 @@ pub async fn run_scenario(opts: &RunOptions) -> anyhow::Result<Scorecard> {
         .collect();
     let allow_loss = opts.policy == PolicyChoice::Default
         && matches!(sc, Scenario::RegionLoss | Scenario::RegionPartition);
-    if let Some(final_ids) = final_ids {
-        let report = check(&CheckInput {
-            writes: writes.clone(),
-            final_ids,
-            surviving_writers: Some(surviving.clone()),
-            observe_from: Duration::ZERO,
-            observe_to,
-            probes: probes.clone(),
-            allow_acked_loss: allow_loss,
-        });
-        card.apply_check(&report);
+    let read_final = final_ids.is_some();
+    let mut report = check(&CheckInput {
+        writes: writes.clone(),
+        // Unread, the table counts as empty: only the fields that depend on it are wrong,
+        // and they are zeroed below; a violation already says the read failed.
+        final_ids: final_ids.unwrap_or_default(),
+        surviving_writers: Some(surviving.clone()),
+        observe_from: Duration::ZERO,
+        observe_to,
+        probes: probes.clone(),
+        allow_acked_loss: allow_loss || !read_final,
+    });
+    if !read_final {
+        report.acked_lost = 0;
+        report.lost_ids.clear();
+        report.indeterminate_recovered = 0;
     }
+    card.apply_check(&report);
     let history = final_status
         .as_ref()
         .map(|s| s.intent.history.clone())
         .unwrap_or_default();
-    let t = Timings::compute(&history, t0_unix, fault_at, &writes, &probes, &surviving);
+    let pg_ports: BTreeMap<String, u16> = c
+        .members()
+        .filter_map(|m| Some((m.name.clone(), m.pg_port?)))
+        .collect();
+    let t = Timings::compute(
+        &history, t0_unix, fault_at, &writes, &probes, &surviving, &pg_ports,
+    );
     card.rto_ms = t.rto_ms;
     card.detection_ms = t.detection_ms;
     card.promote_ms = t.promote_ms;
@@ -734,7 +781,13 @@ mod tests {
             outcome,
             start: Duration::from_millis(start_ms),
             end: Duration::from_millis(end_ms),
+            server_port: None,
         }
+    }
+
+    fn on(mut w: WriteRecord, port: u16) -> WriteRecord {
+        w.server_port = Some(port);
+        w
     }
 
     fn round(at_ms: u64, accepted: &[&str]) -> ProbeRound {
@@ -761,8 +814,12 @@ mod tests {
             write("w-east", Outcome::Ok, 5_990, 8_000),
             write("w-west", Outcome::Ok, 6_100, 6_101),
             write("w-east", Outcome::Failed, 6_050, 6_060),
-            write("w-east", Outcome::Ok, 8_100, 8_110),
+            // Still taken by the old primary after the fault: not the recovery either.
+            on(write("w-east", Outcome::Ok, 6_200, 6_210), 5401),
+            on(write("w-east", Outcome::Ok, 8_100, 8_110), 5402),
         ];
+        let ports: BTreeMap<String, u16> =
+            [("m1".to_string(), 5401), ("m2".to_string(), 5402)].into();
         let probes = vec![
             round(7_400, &["m1"]),
             round(7_500, &[]),
@@ -776,6 +833,7 @@ mod tests {
             &writes,
             &probes,
             &surviving,
+            &ports,
         );
         assert_eq!(t.failovers, 2);
         assert_eq!(t.rto_ms, Some(2_110));
@@ -786,7 +844,15 @@ mod tests {
             Some("m2")
         );
 
-        let none = Timings::compute(&history[..2], t0, None, &writes, &probes, &surviving);
+        let none = Timings::compute(
+            &history[..2],
+            t0,
+            None,
+            &writes,
+            &probes,
+            &surviving,
+            &ports,
+        );
         assert_eq!(none, Timings::default());
         let quiet = Timings::compute(
             &history[..2],
@@ -795,9 +861,11 @@ mod tests {
             &writes,
             &probes,
             &surviving,
+            &ports,
         );
         assert_eq!((quiet.detection_ms, quiet.promote_ms), (None, None));
-        assert_eq!(quiet.rto_ms, Some(2_110));
+        // Without a promotion any acknowledged write after the fault ends the outage.
+        assert_eq!(quiet.rto_ms, Some(210));
     }
 
     #[test]

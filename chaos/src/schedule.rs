@@ -188,6 +188,9 @@ pub struct Step {
     pub action: Action,
 }
 
+/// How long `latency-spike` keeps every link ×10 (plus up to 2 s from the seed).
+pub const LATENCY_SPIKE_MS: u64 = 30_000;
+
 /// Timing knobs the generator varies around.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScheduleParams {
@@ -318,7 +321,12 @@ impl Schedule {
                         jitter_ms,
                     },
                 );
-                at(start + outage(&mut rng), Action::Heal);
+                // The spike lasts 30 s: long enough for many lease periods to
+                // renew over ~700 ms round trips.
+                at(
+                    start + LATENCY_SPIKE_MS + seeded::range_inclusive(&mut rng, 0, 2_000),
+                    Action::Heal,
+                );
             }
             Scenario::Flapping => {
                 let cycles = seeded::range_inclusive(&mut rng, 4, 6);
@@ -493,6 +501,11 @@ mod tests {
         assert_eq!(v["steps"][0]["action"]["action"], "latency-spike");
         assert_eq!(v["steps"][0]["action"]["factor"], 10.0);
         assert_eq!(v["steps"][1]["action"]["action"], "heal");
+        let spike_ms = s.steps[1].at_ms - s.steps[0].at_ms;
+        assert!(
+            (LATENCY_SPIKE_MS..=LATENCY_SPIKE_MS + 2_000).contains(&spike_ms),
+            "{spike_ms}"
+        );
         let back: Schedule = serde_json::from_value(v).unwrap();
         assert_eq!(back, s);
     }

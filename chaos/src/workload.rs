@@ -133,6 +133,7 @@ pub async fn run_writer(
                         outcome: Outcome::Failed,
                         start,
                         end: t0.elapsed(),
+                        server_port: None,
                     });
                     continue;
                 }
@@ -140,16 +141,25 @@ pub async fn run_writer(
         }
         let c = conn.as_ref().expect("connected above");
         c.warned.store(false, Ordering::SeqCst);
+        // RETURNING the server's own port says which member took the write.
         let res = tokio::time::timeout(
             spec.write_timeout,
-            c.client.execute(
-                "INSERT INTO chaos_writes (id, writer) VALUES ($1, $2)",
+            c.client.query_one(
+                "INSERT INTO chaos_writes (id, writer) VALUES ($1, $2) RETURNING inet_server_port()",
                 &[&(id as i64), &spec.name],
             ),
         )
         .await;
+        let mut server_port = None;
         let outcome = match res {
-            Ok(Ok(_)) if !c.warned.load(Ordering::SeqCst) => Outcome::Ok,
+            Ok(Ok(row)) if !c.warned.load(Ordering::SeqCst) => {
+                server_port = row
+                    .try_get::<_, Option<i32>>(0)
+                    .ok()
+                    .flatten()
+                    .and_then(|p| u16::try_from(p).ok());
+                Outcome::Ok
+            }
             Ok(Ok(_)) => {
                 conn = None;
                 Outcome::Indeterminate
@@ -171,6 +181,7 @@ pub async fn run_writer(
             outcome,
             start,
             end: t0.elapsed(),
+            server_port,
         });
     }
     records
