@@ -6,6 +6,8 @@ mod client;
 mod ops;
 mod precheck;
 mod settings;
+#[cfg(test)]
+mod test_support;
 mod view;
 
 use std::path::PathBuf;

@@ -542,33 +542,10 @@ pub fn is_data(intent: &Intent, name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meridian_node::raft::intent::{Member, MemberTags};
-    use meridian_node::types::MemberId;
     use meridian_proto::{Observation, PostgresObservation};
 
     fn intent() -> Intent {
-        let mut i = Intent::default();
-        for (n, (name, region, kind)) in [
-            ("a1", "east", MemberKind::Data),
-            ("a2", "east", MemberKind::Data),
-            ("b1", "west", MemberKind::Data),
-            ("w1", "eu", MemberKind::Witness),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            i.members.insert(
-                name.into(),
-                Member {
-                    name: name.into(),
-                    id: MemberId(n as u64 + 1),
-                    region: region.into(),
-                    kind,
-                    tags: MemberTags::default(),
-                },
-            );
-        }
-        i.primary = Some("a1".into());
+        let mut i = crate::test_support::four_member_intent();
         i.sync_set.names.insert("a2".into());
         i.sync_set.k = 1;
         i
