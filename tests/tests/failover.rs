@@ -557,6 +557,19 @@ async fn a_switchover_under_writes_loses_nothing() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    // The new primary keeps its generation for several lease periods: it must not fence
+    // itself while the old primary's lease runs out (that cascaded into more promotions).
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Ok(s) = c.status().await {
+            assert_eq!(
+                (s.primary.as_str(), s.generation),
+                ("a2", 2),
+                "the switchover's new primary was replaced\n{}",
+                c.logs()
+            );
+        }
+    }
     stop.store(true, Ordering::SeqCst);
     tokio::time::timeout(Duration::from_secs(15), writer)
         .await

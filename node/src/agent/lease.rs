@@ -117,6 +117,16 @@ pub async fn handle_renew(shared: &Shared, req: RenewLeaseRequest) -> RenewLease
         Ok(Err(e)) => return refuse(format!("leadership not confirmed: {e}")),
         Err(_) => return refuse("leadership not confirmed in time".into()),
     }
+    // Generation fencing: a Promote may have been committed while leadership was being
+    // confirmed (the read index covers it, so it is applied by now). A renewal checked
+    // against the older intent must not extend the old primary's lease past it.
+    let now = shared.applied().intent.clone();
+    if now.primary.as_deref() != Some(req.member.as_str()) || now.generation != generation {
+        return refuse(format!(
+            "{} is not the primary of generation {} any more (the intent has {:?} at {})",
+            req.member, generation, now.primary, now.generation
+        ));
+    }
     shared
         .lease_book
         .record(&req.member, generation, received_at);
@@ -267,6 +277,21 @@ pub async fn run(shared: Arc<Shared>, pg: Option<crate::pg::PgInstance>) {
         }
         let Some(pg) = &pg else { continue };
         if pg.is_running() && !pg.is_fenced() {
+            // A member named primary that has not promoted yet is still a standby: it
+            // takes no writes, so there is nothing to fence. Its promotion waits for its
+            // first accepted renewal (`member::promote`), which the leader withholds while
+            // the previous primary's lease may still hold (`previous_lease_holds`): that
+            // gate, not this deadline, keeps one writer. Fencing it here instead turned the
+            // wait into a self-fence (fenced + in recovery reads as "writes stopped") and a
+            // cascade of promotions. A probe that fails counts as writable: fence.
+            let status = pg.probe().await;
+            if !needs_fence(status.up.then_some(status.in_recovery)) {
+                continue;
+            }
+            // The member may have won its first renewal and promoted during the probe.
+            if shared.lease.valid(generation, t.fence_after) {
+                continue;
+            }
             tracing::error!(
                 %generation,
                 fence_after_ms = t.fence_after.as_millis() as u64,
@@ -280,9 +305,23 @@ pub async fn run(shared: Arc<Shared>, pg: Option<crate::pg::PgInstance>) {
     }
 }
 
+/// Whether a Postgres past its fence deadline must be fenced, given whether it is in
+/// recovery (`None`: unknown, it did not answer). Only a server that may take writes needs
+/// it; not knowing counts as writable.
+fn needs_fence(in_recovery: Option<bool>) -> bool {
+    in_recovery != Some(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_possibly_writable_postgres_is_fenced_at_the_deadline() {
+        assert!(!needs_fence(Some(true)));
+        assert!(needs_fence(Some(false)));
+        assert!(needs_fence(None));
+    }
 
     #[test]
     fn lease_state_keeps_the_newest_send_time_per_generation() {
