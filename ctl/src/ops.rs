@@ -22,6 +22,8 @@ use crate::{precheck, Command, ConnArgs, Failure, WatchArgs};
 
 /// How often switchover / failover progress is polled.
 const POLL_EVERY: Duration = Duration::from_millis(250);
+/// Finer during a switchover: the write pause it reports is measured by these polls.
+const SWITCHOVER_POLL: Duration = Duration::from_millis(50);
 /// `--watch` without `--count` still stops eventually (a week at one refresh a second).
 const MAX_WATCH_REFRESHES: u64 = 7 * 24 * 3600;
 
@@ -598,12 +600,20 @@ async fn switchover(
     let deadline = started + Duration::from_secs(wait_s);
     let mut last_phase = String::from("requested");
     let mut last_error = None;
+    // When this command first saw the old primary told to stop writes (the phase after
+    // `requested`), and when it first saw the new primary's Postgres out of recovery:
+    // the write pause as the admin API shows it.
+    let mut stop_seen: Option<Instant> = None;
     loop {
-        tokio::time::sleep(POLL_EVERY).await;
+        tokio::time::sleep(SWITCHOVER_POLL).await;
         match client.status().await {
             Ok(s) if s.status.from_leader => {
                 let i = &s.intent;
                 if i.generation > generation && i.primary.as_deref() == Some(to.as_str()) {
+                    if !new_primary_writable(&s.status, &to) && Instant::now() < deadline {
+                        continue;
+                    }
+                    let writable_seen = Instant::now();
                     let elapsed_ms = started.elapsed().as_millis() as u64;
                     let rows = history_rows(i, &s.intent_raw, false);
                     let entry = rows.iter().rev().find(|h| {
@@ -611,7 +621,13 @@ async fn switchover(
                             && h.new_primary.as_deref() == Some(to.as_str())
                             && h.generation == i.generation.0
                     });
-                    let pause_ms = entry.and_then(|h| h.write_pause_ms);
+                    // A pause the runtime recorded is exact; otherwise what was observed
+                    // here, from the stop (or, if the stop phase went by between two polls,
+                    // from the request) to the new primary taking writes.
+                    let observed_ms = writable_seen
+                        .duration_since(stop_seen.unwrap_or(started))
+                        .as_millis() as u64;
+                    let pause_ms = entry.and_then(|h| h.write_pause_ms).unwrap_or(observed_ms);
                     if json {
                         return print_json(&json!({
                             "ok": true, "from": from, "to": to, "generation": i.generation.0,
@@ -619,10 +635,10 @@ async fn switchover(
                         }));
                     }
                     println!(
-                        "Switchover complete: {to} is the primary at generation {} ({:.1} s end to end{}).",
+                        "Switchover complete: {to} is the primary at generation {} ({:.1} s end to end, \
+                         writes paused about {pause_ms} ms as seen through the admin API).",
                         i.generation,
                         elapsed_ms as f64 / 1000.0,
-                        pause_ms.map_or(String::new(), |p| format!(", writes paused {p} ms"))
                     );
                     return Ok(());
                 }
@@ -638,6 +654,9 @@ async fn switchover(
                         last_phase = serde_json::to_value(&sw.phase)
                             .map(|v| v.as_str().map_or(v.to_string(), str::to_string))
                             .unwrap_or_default();
+                        if last_phase != "requested" && stop_seen.is_none() {
+                            stop_seen = Some(Instant::now());
+                        }
                     }
                     _ => {
                         let why = i
@@ -780,6 +799,18 @@ impl FloorBoundary for String {
         }
         i
     }
+}
+
+/// Whether the leader's latest observation of `member` shows its Postgres up and out of
+/// recovery.
+fn new_primary_writable(status: &meridian_proto::StatusResponse, member: &str) -> bool {
+    status
+        .members
+        .iter()
+        .find(|m| m.name == member)
+        .and_then(|m| m.observation.as_ref())
+        .and_then(|o| o.postgres.as_ref())
+        .is_some_and(|p| p.up && !p.in_recovery && !p.fenced)
 }
 
 #[cfg(test)]

@@ -658,6 +658,10 @@ async fn switchover_moves_the_primary_and_history_records_it() {
             .contains("Switchover complete: a2 is the primary at generation 2"),
         "{r:#?}"
     );
+    assert!(
+        r.stdout.contains("writes paused about "),
+        "the switchover reports the write pause it measured: {r:#?}"
+    );
     eprintln!(
         "switchover with meridianctl took {} ms end to end",
         r.elapsed.as_millis()
@@ -763,7 +767,19 @@ async fn switchover_moves_the_primary_and_history_records_it() {
         "the row written on a2 replicated to the re-cloned b1",
         CHANGE,
         || async {
-            let client = pg(&c, "b1").await;
+            // b1 may still be restarting after its re-clone: a refused connection is a
+            // reason to poll again, not a failure.
+            let Ok(Ok((client, conn))) = tokio::time::timeout(
+                SQL,
+                tokio_postgres::connect(&c.member("b1").pg_conninfo(), NoTls),
+            )
+            .await
+            else {
+                return false;
+            };
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
             client
                 .query_one("SELECT count(*) FROM after_reinit WHERE id = 7", &[])
                 .await
