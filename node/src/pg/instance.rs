@@ -455,20 +455,29 @@ impl PgInstance {
         }
         self.remove_stale_lock(STEP)?;
         self.ensure_log_file(STEP)?;
+        let log = self.log_file.display().to_string();
+        self.pg_ctl(STEP, "start", &["-l", &log], timeout).await
+    }
+
+    /// Runs `pg_ctl <action> -D <data dir> <extra> -w -t <secs> -s`, bounded a little past
+    /// pg_ctl's own wait; a failure carries the server log's tail.
+    async fn pg_ctl(
+        &self,
+        step: &'static str,
+        action: &str,
+        extra: &[&str],
+        timeout: Duration,
+    ) -> Result<(), PgError> {
         let secs = timeout.as_secs().max(1).to_string();
-        let args = [
-            "start".to_string(),
+        let mut args = vec![
+            action.to_string(),
             "-D".into(),
             self.data_dir.display().to_string(),
-            "-l".into(),
-            self.log_file.display().to_string(),
-            "-w".into(),
-            "-t".into(),
-            secs,
-            "-s".into(),
         ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args.extend(["-w".into(), "-t".into(), secs, "-s".into()]);
         run_tool(
-            STEP,
+            step,
             &self.tool("pg_ctl"),
             &args,
             &self.run_as,
@@ -486,29 +495,8 @@ impl PgInstance {
         if !self.is_running() {
             return Ok(());
         }
-        let secs = timeout.as_secs().max(1).to_string();
-        let args = [
-            "stop".to_string(),
-            "-D".into(),
-            self.data_dir.display().to_string(),
-            "-m".into(),
-            mode.as_arg().into(),
-            "-w".into(),
-            "-t".into(),
-            secs,
-            "-s".into(),
-        ];
-        run_tool(
-            STEP,
-            &self.tool("pg_ctl"),
-            &args,
-            &self.run_as,
-            &[],
-            timeout + Duration::from_secs(2),
-        )
-        .await
-        .map_err(|e| self.with_log(e))?;
-        Ok(())
+        self.pg_ctl(STEP, "stop", &["-m", mode.as_arg()], timeout)
+            .await
     }
 
     /// Promotes a standby (`pg_promote(true, wait)`), then checks it really accepts writes:
