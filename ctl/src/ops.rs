@@ -721,6 +721,7 @@ async fn failover(
         old_primary_lsn: check.best_known_lsn.map(Lsn),
         new_primary_lsn: check.candidate_lsn.map(Lsn),
         possible_loss_bytes: check.possible_loss_bytes,
+        old_lease_released: false,
     });
     validate_locally(&snap, &cmd)?;
     if !json {

@@ -647,6 +647,8 @@ impl Admin for AdminService {
             None => {
                 let mut cmd = cmd;
                 if let Command::Promote(p) = &mut cmd {
+                    // Only the leader's own decisions may vouch for the old lease.
+                    p.old_lease_released = false;
                     if p.kind == PromotionKind::Manual {
                         check_manual_promotion(&self.shared, p)?;
                     }

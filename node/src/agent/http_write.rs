@@ -63,6 +63,7 @@ pub fn command_for(intent: &crate::raft::Intent, req: WriteRequest) -> Result<Co
             old_primary_lsn: None,
             new_primary_lsn: None,
             possible_loss_bytes: None,
+            old_lease_released: false,
         }),
         WriteRequest::Pause(on) => Command::SetMaintenance { on },
     })

@@ -6,11 +6,13 @@
 //! failure. Actions for agents (fence, re-point, rejoin) need no message: each member
 //! derives them from the intent it reconciles toward (see `member.rs`);
 //! `ApplySyncStandbyNames` becomes the intent's sync target for the current generation.
+//! `BreakLease` runs a bounded break round in the background (one at a time, spaced by
+//! what the voters said about their grants); its result feeds the next rounds' view.
 //!
 //! Waits and refusals are logged when they change, not every round.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -18,8 +20,8 @@ use anyhow::Context;
 use super::join::unix_ms;
 use super::Shared;
 use crate::decide::{
-    cluster_view, decide, observation_from_proto, Action, LeaderBookkeeping, Limits, PromoteReason,
-    SwitchoverPhase,
+    cluster_view, decide, observation_from_proto, Action, LeaderBookkeeping, LeaseView, Limits,
+    PromoteReason, SwitchoverPhase,
 };
 use crate::raft::intent::{Command, Intent, Promote, PromotionKind, Response};
 use crate::types::Generation;
@@ -41,7 +43,22 @@ struct Tracker {
     switchover: Option<((String, SwitchoverPhase), Instant)>,
     last_wait: Option<String>,
     last_refusal: Option<String>,
+    lease_break: Arc<Mutex<LeaseBreak>>,
 }
+
+/// Break rounds for one primary and generation.
+#[derive(Default)]
+struct LeaseBreak {
+    key: Option<(String, Generation)>,
+    in_flight: bool,
+    /// The last round's result and when it finished.
+    last: Option<(super::lease::BreakResult, Instant)>,
+    /// No new round before this.
+    next_at: Option<Instant>,
+}
+
+/// Spacing of break rounds when the voters' answers give no better hint.
+const BREAK_RETRY: Duration = Duration::from_millis(100);
 
 pub async fn run(shared: Arc<Shared>) {
     let mut ticker = tokio::time::interval(shared.config.timing.observe_interval);
@@ -81,7 +98,7 @@ fn limits(shared: &Shared) -> Limits {
     }
 }
 
-async fn round(shared: &Shared, tr: &mut Tracker) -> anyhow::Result<()> {
+async fn round(shared: &Arc<Shared>, tr: &mut Tracker) -> anyhow::Result<()> {
     let started = Instant::now();
     let term = shared.raft_metrics().current_term;
     if tr.led_term != Some(term) {
@@ -109,16 +126,10 @@ async fn round(shared: &Shared, tr: &mut Tracker) -> anyhow::Result<()> {
         (None, _) => tr.switchover = None,
     }
     let ms = |at: Instant| shared.ms_since_epoch(at);
-    // A new generation counts as renewed when this leader saw it committed.
-    let renewal = intent
-        .primary
-        .as_deref()
-        .and_then(|p| shared.lease_book.received_at(p, intent.generation))
-        .map_or(generation_seen_at, |r| r.max(generation_seen_at));
+    let lease = lease_view(tr, &intent, &ms);
     let book = LeaderBookkeeping {
         elected_at_ms: ms(elected_at),
-        last_lease_renewal_received_at_ms: Some(ms(renewal)),
-        lease_ttl_ms: u64::try_from(shared.config.timing.lease_ttl.as_millis()).unwrap_or(0),
+        lease,
         generation_seen_at_ms: ms(generation_seen_at),
         switchover_phase_since_ms: tr.switchover.as_ref().map_or(0, |s| ms(s.1)),
     };
@@ -155,6 +166,11 @@ async fn round(shared: &Shared, tr: &mut Tracker) -> anyhow::Result<()> {
             None => tracing::info!("leader: nothing to wait for"),
         }
         tr.last_wait = wait_key;
+    }
+    for a in &decision.actions {
+        if let Action::BreakLease { member, generation } = a {
+            start_break_round(shared, tr, member, *generation);
+        }
     }
     let mut commands: Vec<Command> = decision
         .actions
@@ -198,6 +214,67 @@ async fn round(shared: &Shared, tr: &mut Tracker) -> anyhow::Result<()> {
         .decision_latency_seconds
         .observe(started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The last break round's result for the intent's primary and generation (reset when
+/// they change).
+fn lease_view(tr: &Tracker, intent: &Intent, ms: &dyn Fn(Instant) -> u64) -> LeaseView {
+    let key = intent.primary.clone().map(|p| (p, intent.generation));
+    let mut lb = tr.lease_break.lock().unwrap_or_else(|e| e.into_inner());
+    if lb.key != key {
+        *lb = LeaseBreak {
+            key,
+            ..LeaseBreak::default()
+        };
+    }
+    match &lb.last {
+        Some((r, at)) => LeaseView {
+            broken: r.broken,
+            majority_runs_out_at_ms: r.majority_runs_out_in.map(|d| ms(*at + d)),
+        },
+        None => LeaseView::default(),
+    }
+}
+
+/// Starts a break round for `member`'s lease of `generation` unless one is running or
+/// the last one said to wait.
+fn start_break_round(shared: &Arc<Shared>, tr: &Tracker, member: &str, generation: Generation) {
+    let key = Some((member.to_string(), generation));
+    {
+        let mut lb = tr.lease_break.lock().unwrap_or_else(|e| e.into_inner());
+        if lb.key != key
+            || lb.in_flight
+            || lb.last.as_ref().is_some_and(|(r, _)| r.broken)
+            || lb.next_at.is_some_and(|at| Instant::now() < at)
+        {
+            return;
+        }
+        lb.in_flight = true;
+    }
+    let shared = shared.clone();
+    let state = tr.lease_break.clone();
+    let member = member.to_string();
+    let t = &shared.config.timing;
+    let timeout = t.fence_after.max(Duration::from_millis(500));
+    tokio::spawn(async move {
+        let r = super::lease::break_round(&shared, &member, generation, timeout).await;
+        let now = Instant::now();
+        if r.broken {
+            tracing::info!(primary = %member, %generation, by = ?r.broken_by, "a majority broke the primary's lease");
+        }
+        let mut lb = state.lock().unwrap_or_else(|e| e.into_inner());
+        lb.in_flight = false;
+        if lb.key == Some((member, generation)) {
+            let wait = r
+                .majority_runs_out_in
+                .unwrap_or(BREAK_RETRY)
+                .clamp(Duration::from_millis(20), timeout);
+            lb.next_at = Some(now + wait);
+            lb.last = Some((r, now));
+        }
+        drop(lb);
+        shared.wake_leader.notify_one();
+    });
 }
 
 /// No member may replace a primary whose own agent reports its Postgres stopped and
@@ -278,6 +355,9 @@ fn command_for(
                 old_primary_lsn: old_lsn,
                 new_primary_lsn: new_lsn,
                 possible_loss_bytes: Some(*expected_loss_bytes),
+                // Each reason means the old primary takes no more writes: its lease was
+                // broken by a majority, or its agent confirmed it stopped.
+                old_lease_released: true,
             }))
         }
         Action::RecordSyncSet { set, .. } => Some(Command::RecordSyncSet {
@@ -315,6 +395,7 @@ fn command_for(
         }
         Action::Fence { .. }
         | Action::Unfence { .. }
+        | Action::BreakLease { .. }
         | Action::Repoint { .. }
         | Action::Rejoin { .. } => None,
     }

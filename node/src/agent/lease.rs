@@ -1,23 +1,49 @@
-//! The primary's lease (DESIGN §3): the primary's agent renews it with the Raft leader
-//! every `timing.lease_renew_interval` (`Agent.RenewLease`); the leader answers ok only
-//! when it has confirmed its leadership with a quorum (`ensure_linearizable`, bounded) and
-//! the sender is the intent's primary in that generation, and records when it *received*
-//! the renewal ([`LeaseBook`]). The primary counts its fence deadline from when it *sent*
-//! its last successful renewal ([`LeaseState`]); after `timing.fence_after` without one it
-//! fences its Postgres for real. The two clocks are never compared.
+//! The primary's lease (DESIGN §3), held from a majority of the members rather than from
+//! the Raft leader, so a leader change never costs the primary its lease.
+//!
+//! - **Primary side** ([`LeaseState`], [`renew_once`], [`run`]): every
+//!   `timing.lease_renew_interval` the primary's agent sends `RenewLease` to every member
+//!   (itself included); a renewal counts when a majority granted it. The fence deadline is
+//!   the *send* time of the last counted renewal plus `timing.fence_after`; past it the
+//!   agent (or its watchdog) fences the local Postgres for real.
+//! - **Voter side** ([`Grants`]): every member grants a renewal when its applied intent
+//!   names the sender primary of that generation, and records when it *received* it. A
+//!   grant runs `timing.lease_ttl` on the voter's clock. A voter grants a newly promoted
+//!   primary only once the previous generation's grant ran out here, unless the promotion
+//!   says the old lease was released.
+//! - **Breaking** ([`break_round`]): before a failover the Raft leader asks every member to
+//!   break the primary's lease. A voter breaks it only when its own grant has run out, and
+//!   then never grants that generation again (recorded on disk before it answers). Once a
+//!   majority broke it, the old primary cannot renew (any majority it could reach contains
+//!   a breaker) and its last counted renewal was sent at least `lease_ttl` before the
+//!   break, so past its fence deadline (`fence_after` < `lease_ttl`): a new primary may
+//!   take writes at once.
+//!
+//! The clocks of different members are never compared: each counts its own intervals.
+//! Majorities are counted over the intent's members (all of them are Raft voters).
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use meridian_proto::agent_client::AgentClient;
-use meridian_proto::{RenewLeaseRequest, RenewLeaseResponse};
+use meridian_proto::{
+    BreakLeaseRequest, BreakLeaseResponse, RenewLeaseRequest, RenewLeaseResponse,
+};
+use tokio::task::JoinSet;
 use tonic::Request;
 
 use super::Shared;
-use crate::decide::SwitchoverPhase;
+use crate::raft::intent::Intent;
 use crate::types::Generation;
 
-/// Member side: the send time of the last renewal the leader accepted, and for which
+/// How long a break round waits for more answers once a majority answered.
+const BREAK_GRACE: Duration = Duration::from_millis(200);
+
+/// File under `state_dir` recording the newest generation whose lease this voter broke.
+pub const BROKEN_FILE: &str = "lease-broken";
+
+/// Member side: the send time of the last renewal a majority granted, and for which
 /// generation.
 #[derive(Default)]
 pub struct LeaseState(Mutex<Option<(Instant, Generation)>>);
@@ -33,54 +59,190 @@ impl LeaseState {
     }
 
     /// Whether this member holds the lease of `generation` now: a renewal sent less than
-    /// `fence_after` ago was accepted.
+    /// `fence_after` ago was granted by a majority.
     pub fn valid(&self, generation: Generation, fence_after: Duration) -> bool {
         self.last_ok(generation)
             .is_some_and(|at| at.elapsed() < fence_after)
     }
 
-    /// Send time of the last accepted renewal for `generation`.
+    /// Send time of the last counted renewal for `generation`.
     pub fn last_ok(&self, generation: Generation) -> Option<Instant> {
         let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
         g.filter(|(_, gen)| *gen == generation).map(|(at, _)| at)
     }
 }
 
-/// Leader side: the last renewal this leader accepted (member, generation, receive time).
-#[derive(Default, Clone)]
-pub struct LeaseBook(Arc<Mutex<Option<(String, Generation, Instant)>>>);
+/// What a voter's grants say about one primary and generation, given its applied intent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BreakOutcome {
+    /// Broken here (now or before): this voter never grants it again.
+    Broken,
+    /// This voter's grant still runs for that long.
+    Held { remaining: Duration },
+    /// The voter cannot answer (its intent names another primary for that generation,
+    /// or recording the break failed).
+    Refused(String),
+}
 
-impl LeaseBook {
-    pub fn record(&self, member: &str, generation: Generation, received_at: Instant) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((member.to_string(), generation, received_at));
+/// Voter side of the lease: the grants this member gave, on its own monotonic clock.
+pub struct Grants {
+    ttl: Duration,
+    file: Option<PathBuf>,
+    inner: Mutex<GrantInner>,
+}
+
+#[derive(Debug)]
+struct GrantInner {
+    /// The generation the fields below are about (0: none seen yet).
+    generation: Generation,
+    /// The last grant in `generation`, or when this voter started counting it (it learned
+    /// of the generation, or it started: a grant may have been given before a restart).
+    since: Instant,
+    /// Whether this voter granted anything in `generation` since it started counting.
+    granted: bool,
+    /// Until when a grant of an earlier generation may still run here.
+    previous_until: Instant,
+    /// Every generation up to this one is broken here.
+    broken_upto: Generation,
+}
+
+impl Grants {
+    /// Grants for a voter starting now. `state_dir` keeps the broken generation across
+    /// restarts (None: in memory only, for tests).
+    pub fn new(ttl: Duration, state_dir: Option<&std::path::Path>) -> Grants {
+        let file = state_dir.map(|d| d.join(BROKEN_FILE));
+        let broken_upto = file
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .map(Generation)
+            .unwrap_or(Generation(0));
+        let now = Instant::now();
+        Grants {
+            ttl,
+            file,
+            inner: Mutex::new(GrantInner {
+                generation: Generation(0),
+                since: now,
+                granted: false,
+                // A grant given before a restart may still run.
+                previous_until: now + ttl,
+                broken_upto,
+            }),
+        }
     }
 
-    /// The last accepted renewal: holder, generation, receive time.
-    pub fn last(&self) -> Option<(String, Generation, Instant)> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    fn lock(&self) -> std::sync::MutexGuard<'_, GrantInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// When the last renewal of `member` in `generation` was received, if any.
-    pub fn received_at(&self, member: &str, generation: Generation) -> Option<Instant> {
-        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        g.as_ref()
-            .filter(|(m, gen, _)| m == member && *gen == generation)
-            .map(|(_, _, at)| *at)
+    /// Follows the applied intent: a newer generation starts a new count, and whatever was
+    /// granted in the older one may run until its grant's end.
+    fn follow(&self, g: &mut GrantInner, intent: &Intent, now: Instant) {
+        if intent.generation > g.generation {
+            g.previous_until = g.previous_until.max(g.since + self.ttl);
+            g.generation = intent.generation;
+            g.since = now;
+            g.granted = false;
+        }
+    }
+
+    /// A renewal from `member` for `generation`, received at `now`.
+    pub fn renew(
+        &self,
+        member: &str,
+        generation: Generation,
+        intent: &Intent,
+        now: Instant,
+    ) -> Result<(), String> {
+        let mut g = self.lock();
+        self.follow(&mut g, intent, now);
+        if generation <= g.broken_upto {
+            return Err(format!(
+                "the lease of generation {generation} was broken here"
+            ));
+        }
+        if intent.generation != generation || intent.primary.as_deref() != Some(member) {
+            return Err(format!(
+                "{member} is not the primary of generation {generation} here (the intent has {:?} at {})",
+                intent.primary, intent.generation
+            ));
+        }
+        if !g.granted && !intent.lease_released && now < g.previous_until {
+            return Err(format!(
+                "the previous primary's lease may run {} ms more here",
+                (g.previous_until - now).as_millis()
+            ));
+        }
+        g.since = now;
+        g.granted = true;
+        Ok(())
+    }
+
+    /// The leader asks to break `member`'s lease of `generation`.
+    pub fn break_lease(
+        &self,
+        member: &str,
+        generation: Generation,
+        intent: &Intent,
+        now: Instant,
+    ) -> BreakOutcome {
+        let mut g = self.lock();
+        self.follow(&mut g, intent, now);
+        if generation <= g.broken_upto {
+            return BreakOutcome::Broken;
+        }
+        let runs_until = if intent.generation > generation {
+            // Over here; a grant given just before this voter applied the newer
+            // generation may still run.
+            g.previous_until
+        } else if intent.generation < generation {
+            // Not applied here yet, so never granted here: breaking it only means this
+            // voter will refuse it once it applies it.
+            now
+        } else if intent.primary.as_deref() != Some(member) {
+            return BreakOutcome::Refused(format!(
+                "{member} is not the primary of generation {generation} here (the intent has {:?})",
+                intent.primary
+            ));
+        } else {
+            g.since + self.ttl
+        };
+        if now < runs_until {
+            return BreakOutcome::Held {
+                remaining: runs_until - now,
+            };
+        }
+        if let Some(f) = &self.file {
+            // Durable before it counts: a restarted voter must not grant it again.
+            if let Err(e) = write_durably(f, generation) {
+                return BreakOutcome::Refused(format!("recording the break: {e}"));
+            }
+        }
+        g.broken_upto = generation;
+        BreakOutcome::Broken
     }
 }
 
-/// Bound on the leader's leadership check for one renewal.
-fn confirm_timeout(shared: &Shared) -> Duration {
-    (shared.config.timing.lease_renew_interval * 2).max(Duration::from_millis(300))
+fn write_durably(path: &std::path::Path, generation: Generation) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    writeln!(f, "{}", generation.0)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
-/// The leader's answer to a renewal.
-pub async fn handle_renew(shared: &Shared, req: RenewLeaseRequest) -> RenewLeaseResponse {
-    let received_at = Instant::now();
+/// A voter's answer to a renewal.
+pub fn handle_renew(shared: &Shared, req: RenewLeaseRequest) -> RenewLeaseResponse {
+    let now = Instant::now();
     let refuse = |reason: String| RenewLeaseResponse {
         ok: false,
-        leader: shared.leader().map(|l| l.1).unwrap_or_default(),
+        leader: String::new(),
         reason,
     };
     if req.cluster != shared.config.cluster {
@@ -89,119 +251,121 @@ pub async fn handle_renew(shared: &Shared, req: RenewLeaseRequest) -> RenewLease
             req.cluster, shared.config.cluster
         ));
     }
-    if !shared.believes_leader() {
-        return refuse("not the leader".into());
+    let intent = shared.applied().intent.clone();
+    match shared
+        .grants
+        .renew(&req.member, Generation(req.generation), &intent, now)
+    {
+        Ok(()) => RenewLeaseResponse {
+            ok: true,
+            leader: String::new(),
+            reason: String::new(),
+        },
+        Err(why) => refuse(why),
+    }
+}
+
+/// A voter's answer to the leader's request to break a lease.
+pub fn handle_break(shared: &Shared, req: BreakLeaseRequest) -> BreakLeaseResponse {
+    if req.cluster != shared.config.cluster {
+        return BreakLeaseResponse {
+            broken: false,
+            remaining_ms: 0,
+            reason: format!(
+                "cluster mismatch: {:?} vs {:?}",
+                req.cluster, shared.config.cluster
+            ),
+        };
     }
     let intent = shared.applied().intent.clone();
-    let generation = Generation(req.generation);
-    if intent.primary.as_deref() != Some(req.member.as_str()) || intent.generation != generation {
-        return refuse(format!(
-            "{} is not the primary of generation {} (the intent has {:?} at {})",
-            req.member, generation, intent.primary, intent.generation
-        ));
-    }
-    if intent
-        .pending_switchover
-        .as_ref()
-        .is_some_and(|sw| sw.from == req.member && sw.phase != SwitchoverPhase::Requested)
-    {
-        // It is stopping writes: a renewal now would only delay its successor (which
-        // waits for this lease unless the stop was observed after the last renewal).
-        return refuse("a switchover away from this member is stopping its writes".into());
-    }
-    if let Some(why) = previous_lease_holds(shared, &req.member, generation) {
-        return refuse(why);
-    }
-    match tokio::time::timeout(confirm_timeout(shared), shared.raft.ensure_linearizable()).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return refuse(format!("leadership not confirmed: {e}")),
-        Err(_) => return refuse("leadership not confirmed in time".into()),
-    }
-    // Generation fencing: a Promote may have been committed while leadership was being
-    // confirmed (the read index covers it, so it is applied by now). A renewal checked
-    // against the older intent must not extend the old primary's lease past it.
-    let now = shared.applied().intent.clone();
-    if now.primary.as_deref() != Some(req.member.as_str()) || now.generation != generation {
-        return refuse(format!(
-            "{} is not the primary of generation {} any more (the intent has {:?} at {})",
-            req.member, generation, now.primary, now.generation
-        ));
-    }
-    shared
-        .lease_book
-        .record(&req.member, generation, received_at);
-    RenewLeaseResponse {
-        ok: true,
-        leader: shared.name().to_string(),
-        reason: String::new(),
+    let outcome = shared.grants.break_lease(
+        &req.member,
+        Generation(req.generation),
+        &intent,
+        Instant::now(),
+    );
+    match outcome {
+        BreakOutcome::Broken => {
+            tracing::info!(primary = %req.member, generation = req.generation, "lease broken here");
+            BreakLeaseResponse {
+                broken: true,
+                remaining_ms: 0,
+                reason: String::new(),
+            }
+        }
+        BreakOutcome::Held { remaining } => BreakLeaseResponse {
+            broken: false,
+            remaining_ms: u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX),
+            reason: "the grant still runs here".into(),
+        },
+        BreakOutcome::Refused(reason) => BreakLeaseResponse {
+            broken: false,
+            remaining_ms: 0,
+            reason,
+        },
     }
 }
 
-/// A new primary's first renewal waits until the previous holder's lease (as this leader
-/// granted it) has run out, unless that member's agent confirmed its writes stopped: one
-/// writer even for an operator's forced promotion.
-fn previous_lease_holds(shared: &Shared, member: &str, generation: Generation) -> Option<String> {
-    let (holder, held_gen, received_at) = shared.lease_book.last()?;
-    if holder == member && held_gen == generation {
-        return None;
-    }
-    let ttl = shared.config.timing.lease_ttl;
-    let age = received_at.elapsed();
-    if age >= ttl {
-        return None;
-    }
-    let stale_after = (shared.config.timing.observe_interval * 4).max(Duration::from_secs(1));
-    let stopped = shared
-        .observations
-        .snapshot()
-        .get(&holder)
-        .filter(|(_, at)| at.elapsed() <= stale_after && *at > received_at)
-        .and_then(|(o, _)| {
-            o.postgres
-                .as_ref()
-                .map(|p| p.fenced && (!p.up || p.in_recovery))
-        })
-        .unwrap_or(false);
-    if stopped {
-        return None;
-    }
-    Some(format!(
-        "the lease of the previous primary {holder} (generation {held_gen}) is valid for {} ms more",
-        (ttl - age).as_millis()
-    ))
+/// Majority of `n` voters.
+pub fn majority(n: usize) -> usize {
+    n / 2 + 1
 }
 
-/// One renewal: sent to the leader (or answered here when this member leads). On success
-/// the member's [`LeaseState`] moves to the send time.
-pub async fn renew_once(shared: &Shared, generation: Generation) -> Result<(), String> {
+/// One renewal: sent to every member at once, counted when a majority granted it. On
+/// success the member's [`LeaseState`] moves to the send time. Bounded by `timeout`.
+pub async fn renew_once(
+    shared: &Arc<Shared>,
+    generation: Generation,
+    timeout: Duration,
+) -> Result<(), String> {
     let sent_at = Instant::now();
     let sent_mono_ms = super::watchdog::monotonic_ms();
+    let intent = shared.applied().intent.clone();
+    let voters: Vec<String> = intent.members.keys().cloned().collect();
+    let need = majority(voters.len());
     let req = RenewLeaseRequest {
         cluster: shared.config.cluster.clone(),
         member: shared.name().to_string(),
         generation: generation.0,
     };
-    let timeout = confirm_timeout(shared) + Duration::from_millis(200);
-    let resp = if shared.believes_leader() {
-        handle_renew(shared, req).await
-    } else {
-        let Some((_, leader)) = shared.leader() else {
-            return Err("no leader is known".into());
-        };
-        let channel = shared
-            .dialer
-            .channel(&leader)
-            .map_err(|e| format!("{e:#}"))?;
-        let mut request = Request::new(req);
-        request.set_timeout(timeout);
-        tokio::time::timeout(timeout, AgentClient::new(channel).renew_lease(request))
-            .await
-            .map_err(|_| format!("leader {leader} did not answer the renewal in time"))?
-            .map_err(|s| format!("leader {leader}: {}", super::join::describe(&s)))?
-            .into_inner()
-    };
-    if !resp.ok {
-        return Err(resp.reason);
+    let mut granted = 0usize;
+    let mut refusals: Vec<String> = Vec::new();
+    let mut calls = JoinSet::new();
+    for voter in voters {
+        if voter == shared.name() {
+            let r = handle_renew(shared, req.clone());
+            if r.ok {
+                granted += 1;
+            } else {
+                refusals.push(format!("{voter}: {}", r.reason));
+            }
+            continue;
+        }
+        let shared = shared.clone();
+        let req = req.clone();
+        calls.spawn(async move {
+            let r = call_renew(&shared, &voter, req, timeout).await;
+            (voter, r)
+        });
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    while granted < need {
+        match tokio::time::timeout_at(deadline, calls.join_next()).await {
+            Ok(Some(Ok((_, Ok(()))))) => granted += 1,
+            Ok(Some(Ok((voter, Err(e))))) => refusals.push(format!("{voter}: {e}")),
+            Ok(Some(Err(e))) => refusals.push(format!("renewal task: {e}")),
+            Ok(None) => break,
+            Err(_) => {
+                refusals.push("no more answers in time".into());
+                break;
+            }
+        }
+    }
+    if granted < need {
+        return Err(format!(
+            "granted by {granted} of {need} needed ({})",
+            refusals.join("; ")
+        ));
     }
     shared.lease.renewed(sent_at, generation);
     if shared.config.postgres.is_some() {
@@ -212,6 +376,133 @@ pub async fn renew_once(shared: &Shared, generation: Generation) -> Result<(), S
         }
     }
     Ok(())
+}
+
+async fn call_renew(
+    shared: &Shared,
+    voter: &str,
+    req: RenewLeaseRequest,
+    timeout: Duration,
+) -> Result<(), String> {
+    let channel = shared.dialer.channel(voter).map_err(|e| format!("{e:#}"))?;
+    let mut request = Request::new(req);
+    request.set_timeout(timeout);
+    let resp = tokio::time::timeout(timeout, AgentClient::new(channel).renew_lease(request))
+        .await
+        .map_err(|_| "no answer in time".to_string())?
+        .map_err(|s| super::join::describe(&s))?
+        .into_inner();
+    if resp.ok {
+        Ok(())
+    } else {
+        Err(resp.reason)
+    }
+}
+
+/// What one break round found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BreakResult {
+    /// Members that broke the lease (now or before).
+    pub broken_by: Vec<String>,
+    /// A majority broke it.
+    pub broken: bool,
+    /// When not broken: how long until enough of the answering voters' grants run out for
+    /// a majority (None: too few answered to tell).
+    pub majority_runs_out_in: Option<Duration>,
+}
+
+/// The leader asks every member to break `member`'s lease of `generation`; returns as soon
+/// as a majority broke it, or a majority answered, or after `timeout`.
+pub async fn break_round(
+    shared: &Arc<Shared>,
+    member: &str,
+    generation: Generation,
+    timeout: Duration,
+) -> BreakResult {
+    let intent = shared.applied().intent.clone();
+    let voters: Vec<String> = intent.members.keys().cloned().collect();
+    let need = majority(voters.len());
+    let req = BreakLeaseRequest {
+        cluster: shared.config.cluster.clone(),
+        member: member.to_string(),
+        generation: generation.0,
+    };
+    let mut broken_by = Vec::new();
+    let mut held: Vec<Duration> = Vec::new();
+    let mut calls = JoinSet::new();
+    for voter in voters {
+        if voter == shared.name() {
+            let r = handle_break(shared, req.clone());
+            tally(&voter, Ok(r), &mut broken_by, &mut held);
+            continue;
+        }
+        let shared = shared.clone();
+        let req = req.clone();
+        calls.spawn(async move {
+            let r = call_break(&shared, &voter, req, timeout).await;
+            (voter, r)
+        });
+    }
+    let mut deadline = tokio::time::Instant::now() + timeout;
+    let mut answered_by_majority = false;
+    while broken_by.len() < need {
+        if !answered_by_majority && broken_by.len() + held.len() >= need {
+            // Enough answers to tell when a majority runs out; the rest get a short grace
+            // (a partitioned voter must not hold the round until the timeout).
+            answered_by_majority = true;
+            deadline = deadline.min(tokio::time::Instant::now() + BREAK_GRACE);
+        }
+        match tokio::time::timeout_at(deadline, calls.join_next()).await {
+            Ok(Some(Ok((voter, r)))) => tally(&voter, r, &mut broken_by, &mut held),
+            Ok(Some(Err(_))) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let broken = broken_by.len() >= need;
+    held.sort();
+    let majority_runs_out_in = if broken {
+        None
+    } else {
+        need.checked_sub(broken_by.len() + 1)
+            .and_then(|i| held.get(i).copied())
+    };
+    BreakResult {
+        broken_by,
+        broken,
+        majority_runs_out_in,
+    }
+}
+
+fn tally(
+    voter: &str,
+    r: Result<BreakLeaseResponse, String>,
+    broken_by: &mut Vec<String>,
+    held: &mut Vec<Duration>,
+) {
+    match r {
+        Ok(r) if r.broken => broken_by.push(voter.to_string()),
+        Ok(r) if r.remaining_ms > 0 => held.push(Duration::from_millis(r.remaining_ms)),
+        Ok(r) => tracing::debug!(%voter, reason = %r.reason, "lease break refused"),
+        Err(e) => tracing::debug!(%voter, "lease break: {e}"),
+    }
+}
+
+async fn call_break(
+    shared: &Shared,
+    voter: &str,
+    req: BreakLeaseRequest,
+    timeout: Duration,
+) -> Result<BreakLeaseResponse, String> {
+    let channel = shared.dialer.channel(voter).map_err(|e| format!("{e:#}"))?;
+    let mut request = Request::new(req);
+    request.set_timeout(timeout);
+    Ok(
+        tokio::time::timeout(timeout, AgentClient::new(channel).break_lease(request))
+            .await
+            .map_err(|_| "no answer in time".to_string())?
+            .map_err(|s| super::join::describe(&s))?
+            .into_inner(),
+    )
 }
 
 /// The primary's renewal loop; also fences the local Postgres once the lease ran out.
@@ -249,15 +540,17 @@ pub async fn run(shared: Arc<Shared>, pg: Option<crate::pg::PgInstance>) {
             // resumed in place, which starts with a renewal).
             continue;
         }
-        // The deadline counts from the send time of the last accepted renewal (or when this
+        // The deadline counts from the send time of the last counted renewal (or when this
         // agent saw itself named primary, when it has none yet: one grace period).
-        // The renewal may not run past it: the fence must not wait for a slow leader.
+        // The renewal may not run past it: the fence must not wait for slow voters.
         let deadline = shared.lease.last_ok(generation).unwrap_or(started) + t.fence_after;
-        let left = deadline.saturating_duration_since(Instant::now());
-        let result = match tokio::time::timeout(left, renew_once(&shared, generation)).await {
-            Ok(r) => r,
-            Err(_) => Err("no answer before the fence deadline".to_string()),
-        };
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        // A renewal that started before the deadline may still count: keep trying past
+        // it for at most one fence period (a fenced standby-to-be waits for its first).
+        let budget = left.max(t.fence_after.min(t.lease_ttl / 2));
+        let result = renew_once(&shared, generation, budget.min(t.fence_after)).await;
         match result {
             Ok(()) => {
                 if last_error.take().is_some() {
@@ -279,11 +572,9 @@ pub async fn run(shared: Arc<Shared>, pg: Option<crate::pg::PgInstance>) {
         if pg.is_running() && !pg.is_fenced() {
             // A member named primary that has not promoted yet is still a standby: it
             // takes no writes, so there is nothing to fence. Its promotion waits for its
-            // first accepted renewal (`member::promote`), which the leader withholds while
-            // the previous primary's lease may still hold (`previous_lease_holds`): that
-            // gate, not this deadline, keeps one writer. Fencing it here instead turned the
-            // wait into a self-fence (fenced + in recovery reads as "writes stopped") and a
-            // cascade of promotions. A probe that fails counts as writable: fence.
+            // first counted renewal (`member::promote`), which voters withhold while the
+            // previous primary's lease may still run: that gate, not this deadline, keeps
+            // one writer. A probe that fails counts as writable: fence.
             let status = pg.probe().await;
             if !needs_fence(status.up.then_some(status.in_recovery)) {
                 continue;
@@ -295,7 +586,7 @@ pub async fn run(shared: Arc<Shared>, pg: Option<crate::pg::PgInstance>) {
             tracing::error!(
                 %generation,
                 fence_after_ms = t.fence_after.as_millis() as u64,
-                "no lease renewal accepted within fence_after: fencing the local Postgres"
+                "no lease renewal granted by a majority within fence_after: fencing the local Postgres"
             );
             shared.set_activity("fenced: lease lost");
             if let Err(e) = pg.fence(t.pg_probe_timeout * 2).await {
@@ -315,6 +606,26 @@ fn needs_fence(in_recovery: Option<bool>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::raft::intent::Intent;
+
+    const TTL: Duration = Duration::from_millis(2_000);
+
+    fn intent(primary: &str, generation: u64, released: bool) -> Intent {
+        Intent {
+            primary: Some(primary.into()),
+            generation: Generation(generation),
+            lease_released: released,
+            ..Intent::default()
+        }
+    }
+
+    /// Grants that have been running for a while (past the start-up wait).
+    fn settled(t0: Instant) -> Grants {
+        let g = Grants::new(TTL, None);
+        g.lock().previous_until = t0;
+        g.lock().since = t0 - TTL;
+        g
+    }
 
     #[test]
     fn only_a_possibly_writable_postgres_is_fenced_at_the_deadline() {
@@ -337,12 +648,160 @@ mod tests {
     }
 
     #[test]
-    fn lease_book_matches_member_and_generation() {
-        let b = LeaseBook::default();
-        let t = Instant::now();
-        b.record("a1", Generation(3), t);
-        assert_eq!(b.received_at("a1", Generation(3)), Some(t));
-        assert_eq!(b.received_at("a1", Generation(2)), None);
-        assert_eq!(b.received_at("a2", Generation(3)), None);
+    fn majorities() {
+        assert_eq!(majority(1), 1);
+        assert_eq!(majority(3), 2);
+        assert_eq!(majority(4), 3);
+        assert_eq!(majority(5), 3);
+    }
+
+    #[test]
+    fn a_voter_grants_only_the_intents_primary_of_that_generation() {
+        let t0 = Instant::now();
+        let g = settled(t0);
+        let i = intent("a1", 3, false);
+        assert!(g.renew("a1", Generation(3), &i, t0).is_ok());
+        let e = g.renew("a2", Generation(3), &i, t0).unwrap_err();
+        assert!(e.contains("not the primary"), "{e}");
+        let e = g.renew("a1", Generation(2), &i, t0).unwrap_err();
+        assert!(e.contains("not the primary"), "{e}");
+        // A voter that has not applied the promotion yet refuses too.
+        let e = g.renew("a1", Generation(4), &i, t0).unwrap_err();
+        assert!(e.contains("not the primary"), "{e}");
+    }
+
+    #[test]
+    fn a_held_lease_is_not_broken_and_a_run_out_one_is_broken_for_good() {
+        let t0 = Instant::now();
+        let g = settled(t0);
+        let i = intent("a1", 3, false);
+        g.renew("a1", Generation(3), &i, t0).unwrap();
+        let ms = Duration::from_millis;
+        assert_eq!(
+            g.break_lease("a1", Generation(3), &i, t0 + ms(500)),
+            BreakOutcome::Held {
+                remaining: ms(1_500)
+            }
+        );
+        // Renewed later: the grant runs from the last renewal.
+        g.renew("a1", Generation(3), &i, t0 + ms(1_000)).unwrap();
+        assert_eq!(
+            g.break_lease("a1", Generation(3), &i, t0 + ms(2_500)),
+            BreakOutcome::Held { remaining: ms(500) }
+        );
+        assert_eq!(
+            g.break_lease("a1", Generation(3), &i, t0 + ms(3_000)),
+            BreakOutcome::Broken
+        );
+        // Sticky: the primary cannot renew that generation here any more.
+        let e = g
+            .renew("a1", Generation(3), &i, t0 + ms(3_001))
+            .unwrap_err();
+        assert!(e.contains("broken"), "{e}");
+        assert_eq!(
+            g.break_lease("a1", Generation(3), &i, t0 + ms(3_002)),
+            BreakOutcome::Broken
+        );
+    }
+
+    #[test]
+    fn an_expired_but_unbroken_grant_may_be_renewed() {
+        let t0 = Instant::now();
+        let g = settled(t0);
+        let i = intent("a1", 3, false);
+        g.renew("a1", Generation(3), &i, t0).unwrap();
+        assert!(g
+            .renew("a1", Generation(3), &i, t0 + Duration::from_secs(10))
+            .is_ok());
+    }
+
+    #[test]
+    fn a_new_primary_waits_out_the_old_grant_unless_it_was_released() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let g = settled(t0);
+        let old = intent("a1", 3, false);
+        g.renew("a1", Generation(3), &old, t0).unwrap();
+        // A forced promotion: the old grant may run until t0 + TTL here.
+        let new = intent("a2", 4, false);
+        let e = g
+            .renew("a2", Generation(4), &new, t0 + ms(100))
+            .unwrap_err();
+        assert!(e.contains("previous primary"), "{e}");
+        // The old primary is refused at once in the new generation.
+        assert!(g.renew("a1", Generation(3), &new, t0 + ms(100)).is_err());
+        assert!(g.renew("a2", Generation(4), &new, t0 + TTL).is_ok());
+
+        // Released (a majority broke the old lease): granted at once.
+        let g = settled(t0);
+        g.renew("a1", Generation(3), &old, t0).unwrap();
+        let released = intent("a2", 4, true);
+        assert!(g
+            .renew("a2", Generation(4), &released, t0 + ms(100))
+            .is_ok());
+    }
+
+    #[test]
+    fn breaking_an_older_generation_waits_for_its_last_grant() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let g = settled(t0);
+        g.renew("a1", Generation(3), &intent("a1", 3, false), t0)
+            .unwrap();
+        let newer = intent("a2", 4, false);
+        assert_eq!(
+            g.break_lease("a1", Generation(3), &newer, t0 + ms(400)),
+            BreakOutcome::Held {
+                remaining: ms(1_600)
+            }
+        );
+        assert_eq!(
+            g.break_lease("a1", Generation(3), &newer, t0 + TTL),
+            BreakOutcome::Broken
+        );
+        // A generation this voter has not applied yet was never granted here.
+        let lagging = intent("a1", 3, false);
+        assert_eq!(
+            g.break_lease("a2", Generation(5), &lagging, t0 + TTL),
+            BreakOutcome::Broken
+        );
+        let e = g
+            .renew("a2", Generation(5), &intent("a2", 5, true), t0 + TTL)
+            .unwrap_err();
+        assert!(e.contains("broken"), "{e}");
+    }
+
+    #[test]
+    fn a_restarted_voter_counts_as_having_just_granted() {
+        let t0 = Instant::now();
+        let g = Grants::new(TTL, None);
+        let i = intent("a1", 3, false);
+        assert!(matches!(
+            g.break_lease("a1", Generation(3), &i, t0),
+            BreakOutcome::Held { .. }
+        ));
+        // Nor does it grant a primary whose predecessor it may have granted before.
+        assert!(g.renew("a1", Generation(3), &i, t0).is_err());
+        assert!(g.renew("a1", Generation(3), &i, t0 + TTL * 2).is_ok());
+    }
+
+    #[test]
+    fn a_break_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        let i = intent("a1", 3, false);
+        {
+            let g = Grants::new(TTL, Some(dir.path()));
+            g.lock().previous_until = t0;
+            g.lock().since = t0 - TTL;
+            g.lock().generation = Generation(3);
+            assert_eq!(
+                g.break_lease("a1", Generation(3), &i, t0),
+                BreakOutcome::Broken
+            );
+        }
+        let g = Grants::new(TTL, Some(dir.path()));
+        let e = g.renew("a1", Generation(3), &i, t0 + TTL * 3).unwrap_err();
+        assert!(e.contains("broken"), "{e}");
     }
 }

@@ -291,6 +291,7 @@ impl Member {
             old_primary_lsn: None,
             new_primary_lsn: None,
             possible_loss_bytes: None,
+            old_lease_released: false,
         });
         match propose(&shared, cmd).await? {
             Response::Applied => {
@@ -478,7 +479,8 @@ impl Member {
         }
         let generation = intent.generation;
         shared.set_activity(&format!("promoting (generation {generation})"));
-        super::lease::renew_once(&shared, generation)
+        let t = &shared.config.timing;
+        super::lease::renew_once(&shared, generation, t.fence_after)
             .await
             .map_err(|e| anyhow::anyhow!("lease before promotion: {e}"))?;
         let started = Instant::now();
@@ -647,7 +649,10 @@ impl Member {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .elapsed();
-        if since_ok > t.fence_after {
+        // Longer than a Raft election, so a leader change alone never stalls the
+        // primary's sync commits; an isolated primary fences itself sooner anyway.
+        let isolated_after = t.lease_ttl + self.shared.config.raft.election_timeout_max;
+        if since_ok > isolated_after {
             if !self.disconnected {
                 tracing::warn!(
                     "no leader accepted a report for {} ms: disconnecting the WAL receiver",

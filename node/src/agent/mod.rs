@@ -60,10 +60,10 @@ pub struct Shared {
     pub dialer: Dialer,
     pub observations: ObservationStore,
     pub metrics: Arc<Metrics>,
-    /// This member's lease as primary (send time of the last accepted renewal).
+    /// This member's lease as primary (send time of the last counted renewal).
     pub lease: lease::LeaseState,
-    /// On the leader: the last lease renewal it accepted.
-    pub lease_book: lease::LeaseBook,
+    /// The lease grants this member gave as a voter.
+    pub grants: lease::Grants,
     /// The base of the leader's millisecond clock (`now_ms` of the decision core).
     pub epoch: Instant,
     /// When this member last got an observation report accepted by a leader that had a
@@ -220,7 +220,7 @@ impl Agent {
             metrics: metrics.clone(),
             config: config.clone(),
             lease: lease::LeaseState::default(),
-            lease_book: lease::LeaseBook::default(),
+            grants: lease::Grants::new(config.timing.lease_ttl, Some(&config.state_dir)),
             epoch: Instant::now(),
             last_report_ok: Mutex::new(Instant::now()),
             activity: Mutex::new(String::new()),

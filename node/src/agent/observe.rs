@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use meridian_proto::agent_client::AgentClient;
 use meridian_proto::agent_server::{Agent as AgentRpc, AgentServer};
 use meridian_proto::{
-    Observation, ObservationAck, PostgresObservation, RenewLeaseRequest, RenewLeaseResponse,
-    StandbyState, WalReceiverStatus,
+    BreakLeaseRequest, BreakLeaseResponse, Observation, ObservationAck, PostgresObservation,
+    RenewLeaseRequest, RenewLeaseResponse, StandbyState, WalReceiverStatus,
 };
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
@@ -118,9 +118,20 @@ impl AgentRpc for AgentService {
         &self,
         request: Request<RenewLeaseRequest>,
     ) -> Result<Response<RenewLeaseResponse>, Status> {
-        Ok(Response::new(
-            super::lease::handle_renew(&self.shared, request.into_inner()).await,
-        ))
+        Ok(Response::new(super::lease::handle_renew(
+            &self.shared,
+            request.into_inner(),
+        )))
+    }
+
+    async fn break_lease(
+        &self,
+        request: Request<BreakLeaseRequest>,
+    ) -> Result<Response<BreakLeaseResponse>, Status> {
+        Ok(Response::new(super::lease::handle_break(
+            &self.shared,
+            request.into_inner(),
+        )))
     }
 }
 

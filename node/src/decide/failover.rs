@@ -1,10 +1,12 @@
 //! When the primary counts as failed, and who replaces it.
 //!
 //! Failed: its own agent reports Postgres down (or read-only) and fenced → promote at
-//! once; or its agent is unreachable, no other member still sees it writable, and its
-//! lease expired on the leader's clock. The "others agree" check is the absence of
-//! contrary evidence: safety rests on the lease and the primary's self-fencing, and the
-//! probes only stop a promotion while someone still sees the old primary take writes.
+//! once, but only a member that holds every acknowledged commit (the old primary's data is
+//! still there: rather than lose any of it, it is resumed in place); or its agent is
+//! unreachable, no other member still sees it writable, and a majority of the voters
+//! broke its lease. The "others agree" check is the absence of contrary evidence: safety
+//! rests on the lease and the primary's self-fencing, and the probes only stop a promotion
+//! while someone still sees the old primary take writes.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
@@ -28,6 +30,8 @@ pub(super) enum PrimaryState<'a> {
     Failed(PromoteReason),
     /// Possibly failed, but not yet safe to replace.
     Holding(Wait),
+    /// Unreachable; its lease must be broken by a majority before it is replaced.
+    LeaseHeld(Wait),
 }
 
 pub(super) fn primary_state<'a>(cx: &Cx<'a>, primary: &PrimaryView) -> PrimaryState<'a> {
@@ -68,10 +72,13 @@ pub(super) fn primary_state<'a>(cx: &Cx<'a>, primary: &PrimaryView) -> PrimarySt
             seen_by,
         });
     }
-    if cx.now_ms < primary.lease_expires_at_ms {
-        return PrimaryState::Holding(Wait::PrimaryLeaseValid {
+    if !primary.lease.broken {
+        return PrimaryState::LeaseHeld(Wait::PrimaryLeaseValid {
             primary: name.to_string(),
-            expires_in_ms: primary.lease_expires_at_ms - cx.now_ms,
+            expires_in_ms: primary
+                .lease
+                .majority_runs_out_at_ms
+                .map(|at| at.saturating_sub(cx.now_ms)),
         });
     }
     PrimaryState::Failed(PromoteReason::LeaseExpired)
@@ -79,7 +86,10 @@ pub(super) fn primary_state<'a>(cx: &Cx<'a>, primary: &PrimaryView) -> PrimarySt
 
 /// Promote the best candidate for `old`, or say why there is none.
 pub(super) fn replace(cx: &Cx, old: &str, reason: PromoteReason) -> Decision {
-    match choose(cx, old) {
+    // A primary whose own agent stopped it still holds all its data: no async fallback
+    // then (the leader resumes it in place when nobody qualifies).
+    let allow_async = reason != PromoteReason::PrimaryFenced;
+    match choose(cx, old, allow_async) {
         Ok(c) => Decision {
             actions: vec![Action::Promote {
                 member: c.name,
@@ -110,7 +120,7 @@ struct Qualified {
     priority: i32,
 }
 
-fn choose(cx: &Cx, old: &str) -> Result<Chosen, NoCandidate> {
+fn choose(cx: &Cx, old: &str, allow_async: bool) -> Result<Chosen, NoCandidate> {
     let view = cx.view;
     let best_known = best_known_lsn(view);
     let old_obs = view.observations.get(old);
@@ -151,7 +161,8 @@ fn choose(cx: &Cx, old: &str) -> Result<Chosen, NoCandidate> {
         .collect();
     let k = view.recorded_sync_set.k as usize;
     // An explicit `mode = sync` is the user asking for zero loss: no async fallback then.
-    let strict = !view.policy.async_failover
+    let strict = !allow_async
+        || !view.policy.async_failover
         || sync_names.iter().any(|n| {
             view.members
                 .get(*n)
@@ -214,7 +225,7 @@ fn choose(cx: &Cx, old: &str) -> Result<Chosen, NoCandidate> {
     }
 
     // No sync set recorded: every standby is async.
-    if view.policy.async_failover && !qualified.is_empty() {
+    if allow_async && view.policy.async_failover && !qualified.is_empty() {
         return Ok(best(qualified, best_known));
     }
     for q in qualified {

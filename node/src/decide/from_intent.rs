@@ -7,7 +7,8 @@
 use std::collections::BTreeMap;
 
 use super::view::{
-    ClusterView, Limits, MemberView, Observation, PeerProbe, PrimaryView, SwitchoverView, SyncSet,
+    ClusterView, LeaseView, Limits, MemberView, Observation, PeerProbe, PrimaryView,
+    SwitchoverView, SyncSet,
 };
 use crate::raft::intent::Intent;
 use crate::types::{Generation, Lsn};
@@ -19,24 +20,12 @@ use crate::types::{Generation, Lsn};
 pub struct LeaderBookkeeping {
     /// When this member became leader.
     pub elected_at_ms: u64,
-    /// When this leader received the current primary's last lease renewal, if it has.
-    pub last_lease_renewal_received_at_ms: Option<u64>,
-    pub lease_ttl_ms: u64,
+    /// The last lease break round for the current primary and generation.
+    pub lease: LeaseView,
     /// When this leader saw the current generation committed.
     pub generation_seen_at_ms: u64,
     /// When this leader saw the pending switchover's phase committed.
     pub switchover_phase_since_ms: u64,
-}
-
-impl LeaderBookkeeping {
-    /// DESIGN §3: the leader counts expiry from when it *received* the last renewal, and
-    /// a newly elected leader treats the lease as renewed at its own election.
-    pub fn lease_expires_at_ms(&self) -> u64 {
-        let renewed_at_ms = self
-            .last_lease_renewal_received_at_ms
-            .map_or(self.elected_at_ms, |r| r.max(self.elected_at_ms));
-        renewed_at_ms.saturating_add(self.lease_ttl_ms)
-    }
 }
 
 /// The decision core's view of the cluster. Observations of names that are not members
@@ -66,7 +55,7 @@ pub fn cluster_view(
     let since_election = |at_ms: u64| at_ms.max(leader.elected_at_ms);
     let primary = intent.primary.as_ref().map(|name| PrimaryView {
         name: name.clone(),
-        lease_expires_at_ms: leader.lease_expires_at_ms(),
+        lease: leader.lease,
         generation_since_ms: since_election(leader.generation_seen_at_ms),
     });
     let switchover = intent.pending_switchover.as_ref().map(|sw| SwitchoverView {
@@ -195,6 +184,7 @@ mod tests {
                 old_primary_lsn: None,
                 new_primary_lsn: None,
                 possible_loss_bytes: None,
+                old_lease_released: false,
             }),
             Command::SetPolicy {
                 policy: Policy {
@@ -236,15 +226,14 @@ mod tests {
     fn bookkeeping() -> LeaderBookkeeping {
         LeaderBookkeeping {
             elected_at_ms: 1_000,
-            last_lease_renewal_received_at_ms: None,
-            lease_ttl_ms: 2_000,
+            lease: LeaseView::default(),
             generation_seen_at_ms: 1_200,
             switchover_phase_since_ms: 0,
         }
     }
 
     #[test]
-    fn view_carries_the_intent_and_counts_the_lease_from_the_election() {
+    fn view_carries_the_intent_and_the_leaders_bookkeeping() {
         let i = intent();
         let observations = BTreeMap::from([
             ("e1".to_string(), obs(900)),
@@ -276,8 +265,7 @@ mod tests {
             ]),
             primary: Some(PrimaryView {
                 name: "e1".into(),
-                // No renewal received yet: renewed at the election (1_000) + ttl.
-                lease_expires_at_ms: 3_000,
+                lease: LeaseView::default(),
                 generation_since_ms: 1_200,
             }),
             generation: Generation(1),
@@ -302,19 +290,12 @@ mod tests {
     }
 
     #[test]
-    fn lease_counts_from_the_later_of_renewal_and_election() {
+    fn view_carries_the_last_lease_break_round() {
         let mut b = bookkeeping();
-        b.last_lease_renewal_received_at_ms = Some(5_000);
-        assert_eq!(b.lease_expires_at_ms(), 7_000);
-        // A renewal received before this leader's election (a predecessor's clock is
-        // unknown to it): the election counts.
-        b.last_lease_renewal_received_at_ms = Some(400);
-        assert_eq!(b.lease_expires_at_ms(), 3_000);
-        b.last_lease_renewal_received_at_ms = Some(u64::MAX - 10);
-        assert_eq!(b.lease_expires_at_ms(), u64::MAX);
-
-        let mut b = bookkeeping();
-        b.last_lease_renewal_received_at_ms = Some(5_000);
+        b.lease = LeaseView {
+            broken: false,
+            majority_runs_out_at_ms: Some(7_000),
+        };
         let view = cluster_view(
             &intent(),
             &b,
@@ -326,7 +307,7 @@ mod tests {
             view.primary,
             Some(PrimaryView {
                 name: "e1".into(),
-                lease_expires_at_ms: 7_000,
+                lease: b.lease,
                 generation_since_ms: 1_200,
             })
         );
@@ -480,6 +461,7 @@ mod tests {
             old_primary_lsn: Some(Lsn(500)),
             new_primary_lsn: Some(Lsn(500)),
             possible_loss_bytes: None,
+            old_lease_released: false,
         });
         assert_eq!(i.validate(&promote), Ok(()));
         i.apply(&promote);

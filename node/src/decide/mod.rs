@@ -32,8 +32,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 pub use from_intent::{cluster_view, observation_from_proto, LeaderBookkeeping};
 pub use view::{
-    ClusterView, Limits, MemberView, Observation, PeerProbe, PrimaryView, SwitchoverAbort,
-    SwitchoverPhase, SwitchoverView, SyncSet,
+    ClusterView, LeaseView, Limits, MemberView, Observation, PeerProbe, PrimaryView,
+    SwitchoverAbort, SwitchoverPhase, SwitchoverView, SyncSet,
 };
 
 use crate::types::{Generation, Lsn};
@@ -64,6 +64,13 @@ pub enum Action {
     Fence { member: String },
     /// Agent: let `member` (still the recorded primary) accept writes again.
     Unfence { member: String },
+    /// Leader: ask every voter to break `member`'s lease of `generation` (a voter breaks
+    /// it only once its own grant ran out); the result comes back as
+    /// [`PrimaryView::lease`].
+    BreakLease {
+        member: String,
+        generation: Generation,
+    },
     /// Agent: point `member`'s `primary_conninfo` (and slot) at `to`.
     Repoint { member: String, to: String },
     /// Agent: demote `member` (an old primary, or a diverged timeline) and rejoin it as a
@@ -98,7 +105,7 @@ impl Action {
 pub enum PromoteReason {
     /// The primary's own agent confirmed its Postgres is down and fenced.
     PrimaryFenced,
-    /// The primary's agent is unreachable and its lease expired on the leader's clock.
+    /// The primary's agent is unreachable and a majority of the voters broke its lease.
     LeaseExpired,
     /// A planned switchover reached its last step.
     Switchover,
@@ -109,10 +116,12 @@ pub enum PromoteReason {
 pub enum Wait {
     /// No primary is recorded (bootstrap is not the core's job).
     NoPrimary,
-    /// The primary's agent is unreachable but its lease is still valid.
+    /// The primary's agent is unreachable but a majority has not broken its lease yet
+    /// (some grants still run). `expires_in_ms`: until enough of the voters' grants that
+    /// answered run out for a majority; None when no break round has answered yet.
     PrimaryLeaseValid {
         primary: String,
-        expires_in_ms: u64,
+        expires_in_ms: Option<u64>,
     },
     /// The primary's agent is unreachable from the leader, yet these members still see
     /// its Postgres taking writes.
@@ -280,6 +289,13 @@ fn automatic(cx: &Cx) -> Decision {
         failover::PrimaryState::Failed(reason) => failover::replace(cx, name, reason),
         failover::PrimaryState::Holding(wait) => Decision {
             actions: Vec::new(),
+            wait: Some(wait),
+        },
+        failover::PrimaryState::LeaseHeld(wait) => Decision {
+            actions: vec![Action::BreakLease {
+                member: name.to_string(),
+                generation: cx.view.generation,
+            }],
             wait: Some(wait),
         },
     }

@@ -65,7 +65,7 @@ fn base() -> ClusterView {
         members,
         primary: Some(PrimaryView {
             name: "e1".into(),
-            lease_expires_at_ms: NOW + 1_500,
+            lease: held_for(1_500),
             generation_since_ms: 0,
         }),
         generation: Generation(3),
@@ -90,14 +90,25 @@ fn base() -> ClusterView {
     }
 }
 
+/// The last break round: a majority's grants run out `ms` after NOW.
+fn held_for(ms: u64) -> LeaseView {
+    LeaseView {
+        broken: false,
+        majority_runs_out_at_ms: Some(NOW + ms),
+    }
+}
+
 fn obs<'a>(v: &'a mut ClusterView, name: &str) -> &'a mut Observation {
     v.observations.get_mut(name).unwrap()
 }
 
-/// The primary's agent vanished and its lease ran out.
+/// The primary's agent vanished and a majority broke its lease.
 fn lose_primary(v: &mut ClusterView) {
     obs(v, "e1").received_at_ms = STALE;
-    v.primary.as_mut().unwrap().lease_expires_at_ms = NOW;
+    v.primary.as_mut().unwrap().lease = LeaseView {
+        broken: true,
+        majority_runs_out_at_ms: None,
+    };
 }
 
 /// The primary's own agent reports Postgres down and fenced.
@@ -147,35 +158,32 @@ fn healthy_cluster_needs_nothing() {
 // ------------------------------------------------------------------ primary failure
 
 #[test]
-fn primary_lost_with_lease_still_valid_waits_for_the_lease() {
+fn primary_lost_with_lease_still_valid_waits_and_asks_to_break_it() {
     let mut v = base();
     obs(&mut v, "e1").received_at_ms = STALE;
-    assert_eq!(
-        decide(&v, NOW),
-        Decision {
-            actions: vec![],
-            wait: Some(Wait::PrimaryLeaseValid {
-                primary: "e1".into(),
-                expires_in_ms: 1_500
-            }),
-        }
-    );
-    // One millisecond before expiry: still waiting.
-    assert_eq!(
-        decide(&v, NOW + 1_499).wait,
-        Some(Wait::PrimaryLeaseValid {
+    let waiting = |expires_in_ms: Option<u64>| Decision {
+        actions: vec![Action::BreakLease {
+            member: "e1".into(),
+            generation: Generation(3),
+        }],
+        wait: Some(Wait::PrimaryLeaseValid {
             primary: "e1".into(),
-            expires_in_ms: 1
-        })
-    );
+            expires_in_ms,
+        }),
+    };
+    assert_eq!(decide(&v, NOW), waiting(Some(1_500)));
+    assert_eq!(decide(&v, NOW + 1_499), waiting(Some(1)));
+    // Past the estimate but not broken by a majority yet: still only asking.
+    assert_eq!(decide(&v, NOW + 5_000), waiting(Some(0)));
+    // No round answered yet.
+    v.primary.as_mut().unwrap().lease = LeaseView::default();
+    assert_eq!(decide(&v, NOW), waiting(None));
 }
 
 #[test]
-fn lease_expired_promotes_the_best_candidate_at_the_next_generation() {
+fn lease_broken_by_a_majority_promotes_the_best_candidate_at_the_next_generation() {
     let mut v = base();
-    obs(&mut v, "e1").received_at_ms = STALE;
-    // Expiry is inclusive: at exactly the deadline the lease is gone.
-    v.primary.as_mut().unwrap().lease_expires_at_ms = NOW;
+    lose_primary(&mut v);
     // e2 is the answering sync standby, same region; loss = what e1 wrote beyond it.
     assert_eq!(
         decide(&v, NOW),
@@ -187,10 +195,40 @@ fn lease_expired_promotes_the_best_candidate_at_the_next_generation() {
 fn primary_confirming_its_fence_is_replaced_at_once_without_lease_wait() {
     let mut v = base();
     primary_fenced(&mut v);
-    assert_eq!(v.primary.as_ref().unwrap().lease_expires_at_ms, NOW + 1_500);
+    assert!(!v.primary.as_ref().unwrap().lease.broken);
     assert_eq!(
         decide(&v, NOW),
         promote("e2", PromoteReason::PrimaryFenced, 100)
+    );
+}
+
+#[test]
+fn a_fenced_primary_is_never_replaced_by_an_async_standby() {
+    // Nothing recorded as sync: every standby is async. An unreachable primary whose lease
+    // was broken may be replaced by one (the policy allows it); one whose own agent stopped
+    // it still holds every commit, so nobody replaces it (the leader resumes it).
+    let mut v = base();
+    v.recorded_sync_set = SyncSet::default();
+    obs(&mut v, "e1").sync_standby_names = Some(SyncSet::default());
+    primary_fenced(&mut v);
+    assert_eq!(
+        decide(&v, NOW),
+        no_candidate(
+            NoCandidateReason::NoQualifiedMember,
+            &[
+                ("e2", Rejection::NotInSyncSet),
+                ("w1", Rejection::NotInSyncSet),
+                ("w2", Rejection::NotInSyncSet),
+                ("x1", Rejection::Witness),
+            ],
+        )
+    );
+    let mut v = base();
+    v.recorded_sync_set = SyncSet::default();
+    lose_primary(&mut v);
+    assert_eq!(
+        decide(&v, NOW),
+        promote("e2", PromoteReason::LeaseExpired, 100)
     );
 }
 
@@ -364,56 +402,56 @@ fn sync_quorum_answering_promotes_the_member_holding_its_highest_lsn() {
 #[test]
 fn same_region_is_preferred_over_a_higher_lsn() {
     let mut v = base();
-    primary_fenced(&mut v);
+    lose_primary(&mut v);
     v.recorded_sync_set = SyncSet::default();
     obs(&mut v, "e2").received_lsn = Some(Lsn(900_000));
     obs(&mut v, "e2").replayed_lsn = Some(Lsn(900_000));
     assert_eq!(
         decide(&v, NOW),
-        promote("e2", PromoteReason::PrimaryFenced, 100_100)
+        promote("e2", PromoteReason::LeaseExpired, 100_100)
     );
 }
 
 #[test]
 fn region_priority_comes_before_lsn() {
     let mut v = base();
-    primary_fenced(&mut v);
+    lose_primary(&mut v);
     obs(&mut v, "e2").received_at_ms = STALE;
     v.members
         .insert("s1".into(), member("south", MemberKind::Data));
     v.observations.insert("s1".into(), standby(970_000, "e1"));
     assert_eq!(
         decide(&v, NOW),
-        promote("w1", PromoteReason::PrimaryFenced, 10_100)
+        promote("w1", PromoteReason::LeaseExpired, 10_100)
     );
     v.policy.set("regions.south.priority", "5").unwrap();
     assert_eq!(
         decide(&v, NOW),
-        promote("s1", PromoteReason::PrimaryFenced, 30_100)
+        promote("s1", PromoteReason::LeaseExpired, 30_100)
     );
 }
 
 #[test]
 fn nofailover_member_is_never_promoted() {
     let mut v = base();
-    primary_fenced(&mut v);
+    lose_primary(&mut v);
     v.recorded_sync_set = SyncSet::default();
     v.members.get_mut("e2").unwrap().nofailover = true;
     assert_eq!(
         decide(&v, NOW),
-        promote("w1", PromoteReason::PrimaryFenced, 10_100)
+        promote("w1", PromoteReason::LeaseExpired, 10_100)
     );
 }
 
 #[test]
 fn lag_above_the_bound_excludes_a_standby() {
     let mut v = base();
-    primary_fenced(&mut v);
+    lose_primary(&mut v);
     obs(&mut v, "e2").received_at_ms = STALE;
     v.policy.set("max_lag_on_failover_bytes", "15000").unwrap();
     assert_eq!(
         decide(&v, NOW),
-        promote("w1", PromoteReason::PrimaryFenced, 10_100)
+        promote("w1", PromoteReason::LeaseExpired, 10_100)
     );
     v.policy.set("max_lag_on_failover_bytes", "5000").unwrap();
     assert_eq!(
@@ -445,30 +483,30 @@ fn lag_above_the_bound_excludes_a_standby() {
 #[test]
 fn stale_observation_excludes_a_standby() {
     let mut v = base();
-    primary_fenced(&mut v);
+    lose_primary(&mut v);
     v.recorded_sync_set = SyncSet::default();
     // Just inside the staleness bound, e2 (same region) wins.
     obs(&mut v, "e2").received_at_ms = NOW - 1_000;
     assert_eq!(
         decide(&v, NOW),
-        promote("e2", PromoteReason::PrimaryFenced, 100)
+        promote("e2", PromoteReason::LeaseExpired, 100)
     );
     obs(&mut v, "e2").received_at_ms = NOW - 1_001;
     assert_eq!(
         decide(&v, NOW),
-        promote("w1", PromoteReason::PrimaryFenced, 10_100)
+        promote("w1", PromoteReason::LeaseExpired, 10_100)
     );
 }
 
 #[test]
 fn region_with_manual_failover_is_excluded() {
     let mut v = base();
-    primary_fenced(&mut v);
+    lose_primary(&mut v);
     v.recorded_sync_set = SyncSet::default();
     v.policy.set("regions.east.failover", "manual").unwrap();
     assert_eq!(
         decide(&v, NOW),
-        promote("w1", PromoteReason::PrimaryFenced, 10_100)
+        promote("w1", PromoteReason::LeaseExpired, 10_100)
     );
     v.policy.set("regions.west.failover", "manual").unwrap();
     assert_eq!(
@@ -503,25 +541,25 @@ fn region_with_manual_failover_is_excluded() {
 #[test]
 fn ties_break_by_member_priority_then_name() {
     let mut v = base();
-    primary_fenced(&mut v);
+    lose_primary(&mut v);
     obs(&mut v, "e2").received_at_ms = STALE;
     for n in ["w1", "w2"] {
         obs(&mut v, n).received_lsn = Some(Lsn(990_000));
     }
     assert_eq!(
         decide(&v, NOW),
-        promote("w1", PromoteReason::PrimaryFenced, 10_100)
+        promote("w1", PromoteReason::LeaseExpired, 10_100)
     );
     v.members.get_mut("w2").unwrap().priority = 5;
     assert_eq!(
         decide(&v, NOW),
-        promote("w2", PromoteReason::PrimaryFenced, 10_100)
+        promote("w2", PromoteReason::LeaseExpired, 10_100)
     );
     // LSN ranks above member priority.
     obs(&mut v, "w1").received_lsn = Some(Lsn(990_001));
     assert_eq!(
         decide(&v, NOW),
-        promote("w1", PromoteReason::PrimaryFenced, 10_099)
+        promote("w1", PromoteReason::LeaseExpired, 10_099)
     );
 }
 
@@ -617,7 +655,7 @@ fn switchover_walks_its_steps() {
     v.generation = Generation(4);
     v.primary = Some(PrimaryView {
         name: "w1".into(),
-        lease_expires_at_ms: NOW + 2_000,
+        lease: held_for(2_000),
         generation_since_ms: NOW,
     });
     *obs(&mut v, "w1") = Observation {
@@ -883,7 +921,7 @@ fn a_carried_sync_set_is_kept_while_its_standby_repoints() {
     v.generation = Generation(4);
     v.primary = Some(PrimaryView {
         name: "e2".into(),
-        lease_expires_at_ms: NOW + 1_500,
+        lease: held_for(1_500),
         generation_since_ms: NOW - 500,
     });
     v.rtt_from_primary_ms.clear();

@@ -51,13 +51,23 @@ pub struct MemberView {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PrimaryView {
     pub name: String,
-    /// When the primary's lease runs out: the leader's receipt of the last renewal plus
-    /// the lease TTL. A newly elected leader counts the lease as renewed at its own
-    /// election (the runtime supplies that), never from the primary's clock.
-    pub lease_expires_at_ms: u64,
+    /// What the leader's last round of lease breaking found (the lease is held from a
+    /// majority of the voters, each counting on its own clock).
+    pub lease: LeaseView,
     /// When this leader saw the current generation committed, or its own election if
     /// later: the start of the bounded wait for a new primary to finish promoting.
     pub generation_since_ms: u64,
+}
+
+/// The primary's lease as the leader's break rounds found it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeaseView {
+    /// A majority of the voters broke the lease of this generation: the primary can never
+    /// renew it, and its last renewal was sent before its fence deadline passed.
+    pub broken: bool,
+    /// When not broken: when (leader's clock) enough answering voters' grants run out for
+    /// a majority; None when no round has answered yet.
+    pub majority_runs_out_at_ms: Option<u64>,
 }
 
 /// `synchronous_standby_names = 'ANY k (names)'`; empty names (k = 0) means async.

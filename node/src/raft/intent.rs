@@ -141,6 +141,11 @@ pub struct Promote {
     pub new_primary_lsn: Option<Lsn>,
     #[serde(default)]
     pub possible_loss_bytes: Option<u64>,
+    /// The issuer made sure the previous primary takes no more writes: a majority of voters
+    /// broke its lease, or its own agent confirmed its writes stopped. Voters then grant
+    /// the new primary's lease at once instead of waiting out the old one locally.
+    #[serde(default)]
+    pub old_lease_released: bool,
 }
 
 /// Every change to the intent. Apply is deterministic: no clocks, no I/O, no randomness.
@@ -334,6 +339,10 @@ pub struct Intent {
     pub reinit: std::collections::BTreeSet<String>,
     /// The generation in which the primary was resumed in place ([`Command::Resume`]).
     pub resumed: Option<Generation>,
+    /// The current generation's primary may be granted its lease at once: the previous
+    /// holder's lease was released (see [`Promote::old_lease_released`]).
+    #[serde(default)]
+    pub lease_released: bool,
 }
 
 /// `synchronous_standby_names` for one generation's primary.
@@ -359,6 +368,7 @@ impl Default for Intent {
             sync_target: None,
             reinit: std::collections::BTreeSet::new(),
             resumed: None,
+            lease_released: false,
         }
     }
 }
@@ -745,6 +755,7 @@ impl Intent {
                     set: carried,
                 });
                 self.resumed = None;
+                self.lease_released = p.old_lease_released || p.kind == PromotionKind::Bootstrap;
                 self.pending_switchover = None;
                 self.reinit.remove(&p.member);
                 let kind = match p.kind {
@@ -833,6 +844,8 @@ impl Intent {
             } => {
                 self.generation = *generation;
                 self.resumed = Some(*generation);
+                // Only issued for a primary whose agent confirmed its Postgres stopped.
+                self.lease_released = true;
                 // The sync set stays: the same Postgres waits on the same standbys.
                 if let Some(t) = &mut self.sync_target {
                     t.generation = *generation;
@@ -892,6 +905,7 @@ mod tests {
             old_primary_lsn: None,
             new_primary_lsn: None,
             possible_loss_bytes: None,
+            old_lease_released: false,
         })
     }
 

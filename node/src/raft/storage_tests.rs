@@ -67,6 +67,7 @@ fn promote(member: &str, generation: u64) -> Command {
         old_primary_lsn: None,
         new_primary_lsn: None,
         possible_loss_bytes: None,
+        old_lease_released: false,
     })
 }
 
