@@ -29,26 +29,50 @@ pub struct PeerResult {
     pub rtt_us: Option<u64>,
 }
 
+/// Round trips kept per peer: the reported one is their median, so one slow probe on a
+/// busy machine does not flip an `auto` region between sync and async.
+const RTT_WINDOW: usize = 5;
+
+#[derive(Clone, Debug, Default)]
+struct PeerEntry {
+    last: Option<PeerResult>,
+    /// Recent round trips (µs) of answered probes, oldest first.
+    rtts_us: std::collections::VecDeque<u64>,
+}
+
 /// Shared between the prober task and the reporter.
 #[derive(Clone, Default)]
-pub struct PeerProbes(Arc<Mutex<BTreeMap<String, PeerResult>>>);
+pub struct PeerProbes(Arc<Mutex<BTreeMap<String, PeerEntry>>>);
 
 impl PeerProbes {
     fn set(&self, name: &str, r: PeerResult) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string(), r);
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let e = g.entry(name.to_string()).or_default();
+        e.last = Some(r);
+        if let Some(rtt) = r.rtt_us {
+            e.rtts_us.push_back(rtt);
+            while e.rtts_us.len() > RTT_WINDOW {
+                e.rtts_us.pop_front();
+            }
+        }
     }
 
-    /// Results no older than `max_age`, by member name.
+    /// Results no older than `max_age`, by member name; an answered probe's round trip is
+    /// the median of the recent ones.
     pub fn fresh(&self, max_age: Duration) -> BTreeMap<String, PeerResult> {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter(|(_, r)| r.at.elapsed() <= max_age)
-            .map(|(n, r)| (n.clone(), *r))
+            .filter_map(|(n, e)| {
+                let mut r = e.last.filter(|r| r.at.elapsed() <= max_age)?;
+                if r.rtt_us.is_some() {
+                    let mut v: Vec<u64> = e.rtts_us.iter().copied().collect();
+                    v.sort_unstable();
+                    r.rtt_us = v.get(v.len() / 2).copied();
+                }
+                Some((n.clone(), r))
+            })
             .collect()
     }
 
@@ -232,5 +256,32 @@ mod tests {
         assert!(!probes["down"].postgres_writable);
         assert!(!probes.contains_key("old"));
         assert_eq!(rtts, HashMap::from([("new".to_string(), 70_000)]));
+    }
+
+    #[test]
+    fn round_trips_are_the_median_of_the_recent_answers() {
+        let p = PeerProbes::default();
+        let answer = |rtt_us| PeerResult {
+            at: Instant::now(),
+            writable: false,
+            rtt_us: Some(rtt_us),
+        };
+        for rtt in [900, 1_000, 50_000, 1_100, 1_200, 60_000] {
+            p.set("e2", answer(rtt));
+        }
+        // Window: 1_000, 50_000, 1_100, 1_200, 60_000 → median 1_200.
+        let (_, rtts) = p.to_proto(Duration::from_secs(1));
+        assert_eq!(rtts["e2"], 1_200);
+        // A probe that did not answer reports no round trip at all.
+        p.set(
+            "e2",
+            PeerResult {
+                at: Instant::now(),
+                writable: false,
+                rtt_us: None,
+            },
+        );
+        let (_, rtts) = p.to_proto(Duration::from_secs(1));
+        assert!(!rtts.contains_key("e2"));
     }
 }
