@@ -400,6 +400,20 @@ fn check_reason(reason: &str) -> Result<(), Refused> {
     }
 }
 
+/// `ANY k (names)` is well formed: 1 <= k <= size, and k = 0 only for the empty set.
+fn check_sync_quorum(set: &SyncSet) -> Result<(), Refused> {
+    let size = set.names.len();
+    let k_ok = if size == 0 {
+        set.k == 0
+    } else {
+        set.k >= 1 && set.k as usize <= size
+    };
+    if !k_ok {
+        return Err(Refused::InvalidSyncQuorum { k: set.k, size });
+    }
+    Ok(())
+}
+
 /// Under `required` durability a recorded set, unless empty (no sync standby at all),
 /// names at least `sync_quorum` members: fewer could never acknowledge a commit, and
 /// shrinking below the quorum is what `preferred` is for.
@@ -504,15 +518,7 @@ impl Intent {
                         return Err(Refused::MemberIsPrimary(name.clone()));
                     }
                 }
-                let size = set.names.len();
-                let k_ok = if size == 0 {
-                    set.k == 0
-                } else {
-                    set.k >= 1 && set.k as usize <= size
-                };
-                if !k_ok {
-                    return Err(Refused::InvalidSyncQuorum { k: set.k, size });
-                }
+                check_sync_quorum(set)?;
                 check_sync_set_size(&self.policy, set)
             }
             Command::SetMaintenance { .. } => Ok(()),
@@ -569,6 +575,8 @@ impl Intent {
                         got: *generation,
                     });
                 }
+                // `ANY k` of fewer than k names would hang every commit for good.
+                check_sync_quorum(set)?;
                 // Ordering rule: Postgres may only wait on members the record names, with
                 // a k no smaller than the record's.
                 let covered = set.names.is_subset(&self.sync_set.names)
@@ -1487,6 +1495,17 @@ mod tests {
             }),
             Response::Refused(Refused::SyncTargetNotRecorded { .. })
         ));
+        // `ANY 2 (b1)` would hang every commit for good.
+        assert_eq!(
+            i.apply(&Command::SetSyncTarget {
+                generation: Generation(2),
+                set: SyncSet {
+                    names: ["b1".to_string()].into(),
+                    k: 2
+                },
+            }),
+            Response::Refused(Refused::InvalidSyncQuorum { k: 2, size: 1 })
+        );
         assert!(matches!(
             i.apply(&Command::SetSyncTarget {
                 generation: Generation(1),
