@@ -87,7 +87,11 @@ fn require_force_without_terminal(force: bool, what: &str) -> Result<(), Failure
 
 pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Failure> {
     match &command {
-        Command::Switchover { force, .. } => require_force_without_terminal(*force, "switch over")?,
+        Command::Switchover {
+            force,
+            cancel: false,
+            ..
+        } => require_force_without_terminal(*force, "switch over")?,
         Command::Failover { force, .. } => require_force_without_terminal(*force, "fail over")?,
         Command::Remove { force, .. } => require_force_without_terminal(*force, "remove a member")?,
         Command::Reinit { force, .. } => require_force_without_terminal(*force, "reinit a member")?,
@@ -97,9 +101,13 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Fa
         Command::List { watch } => watch_loop(client, watch, json, false).await,
         Command::Topology { watch } => watch_loop(client, watch, json, true).await,
         Command::Switchover {
+            cancel: true, wait, ..
+        } => cancel_switchover(client, wait, json).await,
+        Command::Switchover {
             candidate,
             force,
             wait,
+            ..
         } => switchover(client, candidate.as_deref(), force, wait, json).await,
         Command::Failover {
             candidate,
@@ -680,6 +688,113 @@ async fn switchover(
                 "the switchover to {to} did not finish within {wait_s} s (phase {last_phase}{}); \
                  it is still pending, follow it with `meridianctl list`",
                 last_error.map_or(String::new(), |e| format!(", last status error: {e}"))
+            )));
+        }
+    }
+}
+
+/// `switchover --cancel`: records the cancel; if the old primary had already been told to
+/// stop writes, waits (bounded by `wait_s`) until it takes writes again and the switchover
+/// is gone.
+async fn cancel_switchover(client: &Client, wait_s: u64, json: bool) -> Result<(), Failure> {
+    let snap = client.status().await?;
+    let Some(sw) = snap.intent.pending_switchover.clone() else {
+        return Err(failed("no switchover is pending: nothing to cancel"));
+    };
+    let generation = snap.intent.generation;
+    let cmd = IntentCommand::ClearSwitchover {
+        at_unix_ms: now_unix_ms(),
+    };
+    validate_locally(&snap, &cmd)?;
+    let started = Instant::now();
+    let log_index = client.command(&cmd, false).await.map_err(|e| {
+        failed(format!(
+            "{e:#} (the switchover from {} to {} finished or was given up meanwhile: see \
+             `meridianctl history`)",
+            sw.from, sw.to
+        ))
+    })?;
+    let phase = serde_json::to_value(&sw.phase)
+        .ok()
+        .and_then(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .or_else(|| v.as_object()?.keys().next().cloned())
+        })
+        .unwrap_or_default();
+    if sw.phase == SwitchoverPhase::Requested {
+        if json {
+            return print_json(&json!({
+                "ok": true, "from": sw.from, "to": sw.to, "phase": phase,
+                "writes_stopped": false, "log_index": log_index,
+            }));
+        }
+        println!(
+            "Switchover from {} to {} cancelled before writes stopped; {} stays the primary.",
+            sw.from, sw.to, sw.from
+        );
+        return Ok(());
+    }
+    if !json {
+        println!(
+            "Switchover from {} to {} cancelled; writes had been asked to stop on {}: waiting up \
+             to {wait_s} s for it to take writes again...",
+            sw.from, sw.to, sw.from
+        );
+    }
+    let deadline = started + Duration::from_secs(wait_s);
+    let mut last: String;
+    loop {
+        tokio::time::sleep(SWITCHOVER_POLL).await;
+        match client.status().await {
+            Ok(s) if s.status.from_leader => {
+                let i = &s.intent;
+                if i.generation != generation || i.primary.as_deref() != Some(sw.from.as_str()) {
+                    return Err(failed(format!(
+                        "the cluster moved on: {} is the primary at generation {}",
+                        i.primary.as_deref().unwrap_or("nobody"),
+                        i.generation
+                    )));
+                }
+                let writable = new_primary_writable(&s.status, &sw.from);
+                if i.pending_switchover.is_none() && writable {
+                    let resumed_ms = started.elapsed().as_millis() as u64;
+                    if json {
+                        return print_json(&json!({
+                            "ok": true, "from": sw.from, "to": sw.to, "phase": phase,
+                            "writes_stopped": true, "resumed_ms": resumed_ms,
+                            "log_index": log_index,
+                        }));
+                    }
+                    println!(
+                        "{} takes writes again at generation {generation} ({resumed_ms} ms after the cancel).",
+                        sw.from
+                    );
+                    return Ok(());
+                }
+                last = format!(
+                    "switchover {}, {} {}",
+                    if i.pending_switchover.is_some() {
+                        "still aborting"
+                    } else {
+                        "dropped"
+                    },
+                    sw.from,
+                    if writable {
+                        "writable"
+                    } else {
+                        "not writable yet"
+                    }
+                );
+            }
+            Ok(_) => last = "no leader answered".into(),
+            Err(e) => last = format!("status error: {e:#}"),
+        }
+        if Instant::now() >= deadline {
+            return Err(failed(format!(
+                "the cancel was committed but {} has not taken writes again within {wait_s} s \
+                 ({last}); follow it with `meridianctl list`",
+                sw.from
             )));
         }
     }

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use meridian_node::decide::SwitchoverPhase;
 use meridian_node::raft::Intent;
 use meridian_tests::agents::{AgentCluster, MemberSpec};
 use meridian_tests::ctl::{run_ctl, run_ctl_env, CtlRun};
@@ -637,6 +638,90 @@ async fn switchover_moves_the_primary_and_history_records_it() {
     let _serial = SERIAL.lock().await;
     let started = Instant::now();
     let (mut c, eps) = form_with_postgres().await;
+
+    // Nothing to cancel: one line, exit 1.
+    let cancel = [
+        "--endpoint",
+        &eps,
+        "--token",
+        TOKEN,
+        "switchover",
+        "--cancel",
+    ];
+    let r = run_ctl(&cancel).await.unwrap();
+    assert_code(&r, 1, "cancel without a switchover");
+    assert_one_line_error(
+        &r,
+        "no switchover is pending",
+        "cancel without a switchover",
+    );
+
+    // A switchover to b1, whose WAL receiver is frozen, cannot finish: b1 never receives
+    // a1's final WAL. Cancelled while a1's writes are stopped, a1 takes writes again in
+    // place (same generation, no failover) and the history says why.
+    sql_exec(&c, "a1", "CREATE TABLE around_cancel (id int)").await;
+    let frozen = FrozenWalReceiver::freeze(&c, "b1").await;
+    sql_exec(&c, "a1", "INSERT INTO around_cancel VALUES (1)").await;
+    let switchover_b1 = [
+        "--endpoint",
+        &eps,
+        "--token",
+        TOKEN,
+        "switchover",
+        "--candidate",
+        "b1",
+        "--force",
+        "--wait",
+        "30",
+    ];
+    let (sw, cancelled) = tokio::join!(run_ctl(&switchover_b1), async {
+        wait_until("the switchover to b1 stopping writes", CHANGE, || async {
+            c.status().await.is_ok_and(|s| {
+                serde_json::from_str::<Intent>(&s.intent_json).is_ok_and(|i| {
+                    i.pending_switchover
+                        .is_some_and(|sw| sw.phase == SwitchoverPhase::StoppingWrites)
+                })
+            })
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+        run_ctl(&cancel).await.unwrap()
+    });
+    let sw = sw.unwrap();
+    assert_code(&cancelled, 0, "switchover --cancel");
+    assert!(
+        cancelled
+            .stdout
+            .contains("a1 takes writes again at generation 1"),
+        "{cancelled:#?}"
+    );
+    assert_code(&sw, 1, "the cancelled switchover");
+    assert_one_line_error(
+        &sw,
+        "switchover abandoned: switchover from a1 to b1 abandoned: CancelledByOperator",
+        "the cancelled switchover",
+    );
+    let s = c.status().await.unwrap();
+    assert_eq!(
+        (s.primary.as_str(), s.generation),
+        ("a1", 1),
+        "{}",
+        c.logs()
+    );
+    sql_exec(&c, "a1", "INSERT INTO around_cancel VALUES (2)").await;
+    let h = ctl_ok(
+        &["--endpoint", &eps, "history", "--all", "--json"],
+        "history --all",
+    )
+    .await
+    .json();
+    assert!(
+        h.as_array().unwrap().iter().any(|e| e["reason"]
+            == "switchover from a1 to b1 cancelled by operator after writes stopped: a1 resumes writes"),
+        "{h:#}"
+    );
+    drop(frozen);
+    wait_streaming(&c, &eps, "a1", &["a2", "b1"], CHANGE).await;
 
     // Switchover a1 -> a2 through the real runtime.
     let r = ctl_ok(

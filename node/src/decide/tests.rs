@@ -751,6 +751,39 @@ fn switchover_gives_up_within_its_bounds() {
     );
 }
 
+/// An operator cancelled while writes were stopped (the intent moved the switchover to
+/// `aborting`): the fenced old primary is un-fenced and the switchover dropped once it
+/// takes writes, never a failover, even though its Postgres is down and fenced.
+#[test]
+fn a_switchover_cancelled_after_writes_stopped_resumes_the_old_primary() {
+    let mut v = base();
+    primary_fenced(&mut v);
+    let cancelled = SwitchoverAbort::CancelledByOperator;
+    v.switchover = switchover(SwitchoverPhase::Aborting(cancelled.clone()), NOW - 1_000);
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![Action::Unfence {
+                member: "e1".into()
+            }],
+            wait: Some(Wait::Switchover(SwitchoverWait::PrimaryResuming {
+                primary: "e1".into(),
+                remaining_ms: 4_000
+            })),
+        }
+    );
+    let o = obs(&mut v, "e1");
+    o.postgres_up = true;
+    o.fenced = false;
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![Action::AbandonSwitchover { reason: cancelled }],
+            wait: None,
+        }
+    );
+}
+
 // ------------------------------------------------------------------ sync set
 
 fn with_applied(v: &mut ClusterView, set: SyncSet) {

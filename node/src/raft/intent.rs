@@ -196,8 +196,17 @@ pub enum Command {
         reason: SwitchoverAbort,
         at_unix_ms: i64,
     },
-    /// An operator cancels the pending switchover, whatever its phase.
-    ClearSwitchover,
+    /// An operator cancels the pending switchover (`meridianctl switchover --cancel`),
+    /// recorded in the history. Before writes were asked to stop it is dropped at once;
+    /// once they were (`stopping_writes`), no promotion has been committed, so it moves to
+    /// `aborting` ([`SwitchoverAbort::CancelledByOperator`]): the old primary resumes
+    /// writes in place before the decision core drops it. Dropping it there instead would
+    /// leave a fenced primary and no switchover, which the failover rules take for a
+    /// crash. Already `aborting`: it stays so.
+    ClearSwitchover {
+        #[serde(default)]
+        at_unix_ms: i64,
+    },
     AppendHistory(HistoryEntry),
     /// What the current generation's primary sets `synchronous_standby_names` to (the
     /// decision core's `ApplySyncStandbyNames`, carried to the primary's agent through the
@@ -561,7 +570,7 @@ impl Intent {
                 Ok(())
             }
             Command::AbandonSwitchover { to, .. } => self.pending_switchover_to(to).map(|_| ()),
-            Command::ClearSwitchover => {
+            Command::ClearSwitchover { .. } => {
                 if self.pending_switchover.is_none() {
                     return Err(Refused::NoSwitchoverPending);
                 }
@@ -819,7 +828,41 @@ impl Intent {
                     possible_loss_bytes: None,
                 });
             }
-            Command::ClearSwitchover => self.pending_switchover = None,
+            Command::ClearSwitchover { at_unix_ms } => {
+                let Some(sw) = self.pending_switchover.take() else {
+                    return Response::Applied;
+                };
+                let what = format!(
+                    "switchover from {} to {} cancelled by operator",
+                    sw.from, sw.to
+                );
+                let (reason, still_pending) = match &sw.phase {
+                    SwitchoverPhase::Requested => (format!("{what} before writes stopped"), None),
+                    SwitchoverPhase::StoppingWrites => (
+                        format!("{what} after writes stopped: {} resumes writes", sw.from),
+                        Some(PendingSwitchover {
+                            phase: SwitchoverPhase::Aborting(SwitchoverAbort::CancelledByOperator),
+                            ..sw
+                        }),
+                    ),
+                    SwitchoverPhase::Aborting(why) => (
+                        format!("{what} while already aborting ({why:?})"),
+                        Some(sw.clone()),
+                    ),
+                };
+                self.pending_switchover = still_pending;
+                self.push_history(HistoryEntry {
+                    at_unix_ms: *at_unix_ms,
+                    kind: HistoryKind::Switchover,
+                    reason,
+                    old_primary: self.primary.clone(),
+                    new_primary: self.primary.clone(),
+                    generation: self.generation,
+                    old_primary_lsn: None,
+                    new_primary_lsn: None,
+                    possible_loss_bytes: None,
+                });
+            }
             Command::AppendHistory(entry) => self.push_history(entry.clone()),
             Command::SetSyncTarget { generation, set } => {
                 self.sync_target = Some(SyncTarget {
@@ -1184,7 +1227,7 @@ mod tests {
             Refused::AlreadyPrimary("a1".into())
         );
         assert_eq!(
-            refused(&mut i, Command::ClearSwitchover),
+            refused(&mut i, Command::ClearSwitchover { at_unix_ms: 1 }),
             Refused::NoSwitchoverPending
         );
         assert_eq!(
@@ -1265,7 +1308,10 @@ mod tests {
         assert_eq!(i.history.last().unwrap().kind, HistoryKind::Switchover);
 
         assert_eq!(i.apply(&begin("b1", "a1")), Response::Applied);
-        assert_eq!(i.apply(&Command::ClearSwitchover), Response::Applied);
+        assert_eq!(
+            i.apply(&Command::ClearSwitchover { at_unix_ms: 3 }),
+            Response::Applied
+        );
         assert_eq!(i.pending_switchover, None);
     }
 
@@ -1330,6 +1376,113 @@ mod tests {
         );
         assert_eq!(i.apply(&abandon("b1")), Response::Applied);
         assert_eq!(i.pending_switchover, None);
+    }
+
+    /// What an operator's cancel leaves behind, phase by phase.
+    #[test]
+    fn cancelling_a_switchover_resumes_the_old_primary_once_writes_stopped() {
+        let cancel = Command::ClearSwitchover { at_unix_ms: 20 };
+        let cancelled = SwitchoverPhase::Aborting(SwitchoverAbort::CancelledByOperator);
+        let entry = |reason: &str| HistoryEntry {
+            at_unix_ms: 20,
+            kind: HistoryKind::Switchover,
+            reason: reason.into(),
+            old_primary: Some("a1".into()),
+            new_primary: Some("a1".into()),
+            generation: Generation(1),
+            old_primary_lsn: None,
+            new_primary_lsn: None,
+            possible_loss_bytes: None,
+        };
+
+        // Requested: nothing was fenced, the switchover is dropped at once.
+        let mut i = cluster();
+        i.apply(&begin("a1", "b1"));
+        assert_eq!(i.apply(&cancel), Response::Applied);
+        assert_eq!(i.pending_switchover, None);
+        assert_eq!(
+            i.history.last(),
+            Some(&entry(
+                "switchover from a1 to b1 cancelled by operator before writes stopped"
+            ))
+        );
+        assert_eq!(
+            refused(&mut i, cancel.clone()),
+            Refused::NoSwitchoverPending
+        );
+
+        // Stopping writes: aborting, so the old primary resumes in place; the promotion
+        // the leader may have decided meanwhile is refused.
+        i.apply(&begin("a1", "b1"));
+        i.apply(&phase("b1", SwitchoverPhase::StoppingWrites));
+        let before = i.history.len();
+        assert_eq!(i.apply(&cancel), Response::Applied);
+        assert_eq!(
+            i.pending_switchover,
+            Some(PendingSwitchover {
+                from: "a1".into(),
+                to: "b1".into(),
+                started_at_unix_ms: 9,
+                phase: cancelled.clone(),
+            })
+        );
+        assert_eq!(i.history.len(), before + 1);
+        assert_eq!(
+            i.history.last(),
+            Some(&entry(
+                "switchover from a1 to b1 cancelled by operator after writes stopped: a1 \
+                 resumes writes"
+            ))
+        );
+        assert_eq!(
+            refused(&mut i, promote("b1", 2, PromotionKind::Switchover)),
+            Refused::SwitchoverWritesNotStopping {
+                phase: cancelled.clone()
+            }
+        );
+        assert_eq!(
+            (i.primary.as_deref(), i.generation),
+            (Some("a1"), Generation(1))
+        );
+        // Cancelling again changes nothing but the history.
+        assert_eq!(i.apply(&cancel), Response::Applied);
+        assert_eq!(
+            i.pending_switchover.as_ref().map(|sw| &sw.phase),
+            Some(&cancelled)
+        );
+        assert_eq!(
+            i.history.last(),
+            Some(&entry(
+                "switchover from a1 to b1 cancelled by operator while already aborting \
+                 (CancelledByOperator)"
+            ))
+        );
+        // Once a1 takes writes again the decision core drops it.
+        assert_eq!(
+            i.apply(&Command::AbandonSwitchover {
+                to: "b1".into(),
+                reason: SwitchoverAbort::CancelledByOperator,
+                at_unix_ms: 21,
+            }),
+            Response::Applied
+        );
+        assert_eq!(i.pending_switchover, None);
+        assert_eq!(
+            i.history.last().map(|h| h.reason.as_str()),
+            Some("switchover from a1 to b1 abandoned: CancelledByOperator")
+        );
+
+        // A cancel that comes after the promotion finds nothing to cancel.
+        i.apply(&begin("a1", "b1"));
+        i.apply(&phase("b1", SwitchoverPhase::StoppingWrites));
+        assert_eq!(
+            i.apply(&promote("b1", 2, PromotionKind::Switchover)),
+            Response::Applied
+        );
+        assert_eq!(refused(&mut i, cancel), Refused::NoSwitchoverPending);
+        // The JSON of an older meridianctl (no time) still decodes.
+        let c: Command = serde_json::from_str(r#"{"type":"clear_switchover"}"#).unwrap();
+        assert_eq!(c, Command::ClearSwitchover { at_unix_ms: 0 });
     }
 
     #[test]
@@ -1678,7 +1831,7 @@ mod tests {
     fn commands_and_responses_round_trip_through_json() {
         let cmds = vec![
             promote("a2", 2, PromotionKind::Failover),
-            Command::ClearSwitchover,
+            Command::ClearSwitchover { at_unix_ms: 4 },
             Command::SetMaintenance { on: true },
             rec(1, &["a2", "b1"], 1),
             begin("a1", "b1"),
