@@ -159,6 +159,10 @@ pub enum Command {
         /// Show the change without committing it.
         #[arg(long)]
         dry_run: bool,
+        /// Refuse the change unless the policy is still at this version (as `show-config`
+        /// printed it) [default: the version this command reads].
+        #[arg(long, value_name = "N")]
+        expected_version: Option<u64>,
     },
     /// Remove a member from the cluster (and from the Raft group).
     Remove {
@@ -303,6 +307,22 @@ mod tests {
             Command::EditConfig { set, .. } => assert_eq!(set.len(), 2),
             other => panic!("{other:?}"),
         }
+        let a = Args::try_parse_from([
+            "meridianctl",
+            "edit-config",
+            "--set",
+            "sync_quorum=2",
+            "--expected-version",
+            "7",
+        ])
+        .unwrap();
+        assert!(matches!(
+            a.command,
+            Command::EditConfig {
+                expected_version: Some(7),
+                ..
+            }
+        ));
         let a = Args::try_parse_from(["meridianctl", "switchover", "--cancel"]).unwrap();
         assert!(matches!(
             a.command,

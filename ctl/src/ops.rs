@@ -129,9 +129,13 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Fa
         }
         Command::ShowConfig => {
             let snap = client.status().await?;
-            show_policy(&snap.intent.policy, json)
+            show_policy(&snap.intent.policy, snap.intent.policy_version, json)
         }
-        Command::EditConfig { set, dry_run } => edit_config(client, &set, dry_run, json).await,
+        Command::EditConfig {
+            set,
+            dry_run,
+            expected_version,
+        } => edit_config(client, &set, dry_run, expected_version, json).await,
         Command::Remove { name, force } => remove(client, &name, force, json).await,
         Command::Reinit { name, force, wait } => reinit(client, &name, force, wait, json).await,
         Command::Version => unreachable!("handled before connecting"),
@@ -227,11 +231,13 @@ async fn maintenance(client: &Client, on: bool, json: bool) -> Result<(), Failur
     Ok(())
 }
 
-fn show_policy(p: &Policy, json: bool) -> Result<(), Failure> {
+fn show_policy(p: &Policy, version: u64, json: bool) -> Result<(), Failure> {
     if json {
         return print_json(p);
     }
     let text = toml::to_string(p).context("encoding the policy as TOML")?;
+    // A TOML comment, so the output still parses as the policy.
+    println!("# policy version {version}");
     print!("{text}");
     Ok(())
 }
@@ -293,10 +299,14 @@ pub fn policy_diff(old: &Policy, new: &Policy) -> Vec<String> {
         .collect()
 }
 
+/// Reads the policy and its version, applies the edits and sends them with that version
+/// as `expected_version`: if another edit landed in between, the cluster refuses this one
+/// (naming both versions) rather than silently undoing the other.
 async fn edit_config(
     client: &Client,
     sets: &[String],
     dry_run: bool,
+    expected_version: Option<u64>,
     json: bool,
 ) -> Result<(), Failure> {
     // Parse before touching the network: a typo is reported even with the cluster down.
@@ -316,21 +326,27 @@ async fn edit_config(
         }
         reason.truncate(cut);
     }
+    let read_version = expected_version.unwrap_or(snap.intent.policy_version);
     let cmd = IntentCommand::SetPolicy {
         policy: new.clone(),
         reason,
         at_unix_ms: now_unix_ms(),
+        expected_version: Some(read_version),
     };
     validate_locally(&snap, &cmd)?;
+    // A retry after `Unavailable` (no leader took it) is safe: had the first attempt been
+    // committed after all, the repeat is refused as stale rather than applied twice.
     let log_index = if diff.is_empty() || dry_run {
         None
     } else {
         Some(client.command(&cmd, true).await?)
     };
+    let version = read_version + u64::from(log_index.is_some());
     if json {
         return print_json(&json!({
             "ok": true, "changed": log_index.is_some(), "dry_run": dry_run,
             "changes": diff, "policy": new, "log_index": log_index,
+            "policy_version": version,
         }));
     }
     if diff.is_empty() {
@@ -343,7 +359,7 @@ async fn edit_config(
     if dry_run {
         println!("Dry run: nothing committed.");
     } else {
-        println!("Policy updated.");
+        println!("Policy updated to version {version}.");
     }
     Ok(())
 }

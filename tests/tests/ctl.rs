@@ -328,6 +328,43 @@ async fn ctl_lists_pauses_edits_and_refuses_bad_input_on_a_real_cluster() {
     assert_ne!(before, after);
     let r = run_ctl(&["--endpoint", &eps, "show-config"]).await.unwrap();
     assert!(r.stdout.contains("commit_latency_budget_ms = 25"), "{r:#?}");
+    // The edit was made on the version it read; an edit made on an older one (another
+    // operator's edit landed in between) is refused naming both, and changes nothing.
+    let version: u64 = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("# policy version "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("show-config prints the policy version: {r:#?}"));
+    assert!(version >= 1, "{r:#?}");
+    let stale = (version - 1).to_string();
+    let r = run_ctl(&[
+        "--endpoint",
+        &eps,
+        "--token",
+        TOKEN,
+        "edit-config",
+        "--set",
+        "commit_latency_budget_ms=30",
+        "--expected-version",
+        &stale,
+    ])
+    .await
+    .unwrap();
+    assert_code(&r, 1, "edit-config on a stale version");
+    assert_one_line_error(
+        &r,
+        &format!(
+            "this change was made on policy version {stale}, the cluster's policy is at \
+             version {version}"
+        ),
+        "edit-config on a stale version",
+    );
+    assert_eq!(
+        policy_json(&eps).await,
+        after,
+        "a stale edit changed the policy"
+    );
 
     // Bad edits: one-line reason, exit 1, nothing changes (not even the valid --set
     // given alongside).

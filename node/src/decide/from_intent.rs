@@ -197,6 +197,7 @@ mod tests {
                 possible_loss_bytes: None,
             }),
             Command::SetPolicy {
+                expected_version: None,
                 policy: Policy {
                     durability: Durability::Preferred,
                     ..Policy::default()

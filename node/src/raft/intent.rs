@@ -165,10 +165,16 @@ pub enum Command {
         tags: MemberTags,
     },
     Promote(Promote),
+    /// Replaces the policy and bumps [`Intent::policy_version`].
     SetPolicy {
         policy: Policy,
         reason: String,
         at_unix_ms: i64,
+        /// The `policy_version` the change was made on: refused when the policy changed
+        /// meanwhile (two operators editing at once would otherwise lose one's edit).
+        /// `None` replaces whatever is there.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expected_version: Option<u64>,
     },
     /// The sync set Postgres may wait on (`ANY k (names)`), recorded for the current
     /// generation's primary. Keeping the record a superset of what Postgres waits on is
@@ -303,6 +309,11 @@ pub enum Refused {
     NoReinitPending(String),
     #[error("member {0:?} is not the primary")]
     NotPrimary(String),
+    #[error(
+        "the policy changed meanwhile: this change was made on policy version {expected}, \
+         the cluster's policy is at version {current}; read it again and retry"
+    )]
+    StalePolicyVersion { expected: u64, current: u64 },
 }
 
 /// What the state machine answers for each applied log entry.
@@ -331,6 +342,8 @@ pub struct Intent {
     pub primary: Option<String>,
     pub generation: Generation,
     pub policy: Policy,
+    /// Bumped by every applied `SetPolicy`: what `expected_version` is checked against.
+    pub policy_version: u64,
     /// The recorded sync set: a superset of what the primary's Postgres may wait on.
     pub sync_set: SyncSet,
     pub maintenance: bool,
@@ -361,6 +374,7 @@ impl Default for Intent {
             primary: None,
             generation: Generation(0),
             policy: Policy::default(),
+            policy_version: 0,
             sync_set: SyncSet::default(),
             maintenance: false,
             pending_switchover: None,
@@ -507,7 +521,20 @@ impl Intent {
             }
             Command::SetMemberTags { name, .. } => self.known(name).map(|_| ()),
             Command::Promote(p) => self.validate_promote(p),
-            Command::SetPolicy { policy, reason, .. } => {
+            Command::SetPolicy {
+                policy,
+                reason,
+                expected_version,
+                ..
+            } => {
+                if let Some(expected) = *expected_version {
+                    if expected != self.policy_version {
+                        return Err(Refused::StalePolicyVersion {
+                            expected,
+                            current: self.policy_version,
+                        });
+                    }
+                }
                 check_reason(reason)?;
                 policy
                     .validate()
@@ -785,8 +812,10 @@ impl Intent {
                 policy,
                 reason,
                 at_unix_ms,
+                ..
             } => {
                 self.policy = policy.clone();
+                self.policy_version = self.policy_version.saturating_add(1);
                 self.push_history(HistoryEntry {
                     at_unix_ms: *at_unix_ms,
                     kind: HistoryKind::Policy,
@@ -1155,6 +1184,7 @@ mod tests {
         );
         assert_eq!(
             i.apply(&Command::SetPolicy {
+                expected_version: None,
                 policy,
                 reason: "b is manual".into(),
                 at_unix_ms: 3
@@ -1551,6 +1581,7 @@ mod tests {
         };
         assert_eq!(
             i.apply(&Command::SetPolicy {
+                expected_version: None,
                 policy: policy.clone(),
                 reason: "zero loss".into(),
                 at_unix_ms: 4
@@ -1573,6 +1604,7 @@ mod tests {
             refused(
                 &mut i,
                 Command::SetPolicy {
+                    expected_version: None,
                     policy: policy3.clone(),
                     reason: "".into(),
                     at_unix_ms: 5
@@ -1587,6 +1619,7 @@ mod tests {
         };
         assert_eq!(
             i.apply(&Command::SetPolicy {
+                expected_version: None,
                 policy: preferred,
                 reason: "availability first".into(),
                 at_unix_ms: 6
@@ -1730,6 +1763,7 @@ mod tests {
     fn policy_validation() {
         let mut i = cluster();
         let set = |p: Policy| Command::SetPolicy {
+            expected_version: None,
             policy: p,
             reason: "r".into(),
             at_unix_ms: 1,
@@ -1770,6 +1804,7 @@ mod tests {
             refused(
                 &mut i,
                 Command::SetPolicy {
+                    expected_version: None,
                     policy: Policy::default(),
                     reason: "x".repeat(MAX_REASON_LEN + 1),
                     at_unix_ms: 1
@@ -1779,6 +1814,69 @@ mod tests {
         );
         assert_eq!(i.apply(&set(Policy::default())), Response::Applied);
         assert_eq!(i.history.last().unwrap().kind, HistoryKind::Policy);
+    }
+
+    /// Two operators read version 0 and both edit: the second edit is refused, naming both
+    /// versions, and changes nothing.
+    #[test]
+    fn a_policy_edit_made_on_a_stale_version_is_refused() {
+        let mut i = cluster();
+        assert_eq!(i.policy_version, 0);
+        let edit = |quorum: u32, expected: Option<u64>| Command::SetPolicy {
+            policy: Policy {
+                sync_quorum: quorum,
+                ..Policy::default()
+            },
+            reason: format!("sync_quorum={quorum}"),
+            at_unix_ms: 7,
+            expected_version: expected,
+        };
+        assert_eq!(i.apply(&edit(2, Some(0))), Response::Applied);
+        assert_eq!((i.policy.sync_quorum, i.policy_version), (2, 1));
+        let before = i.clone();
+        let r = i.apply(&edit(3, Some(0)));
+        assert_eq!(
+            r,
+            Response::Refused(Refused::StalePolicyVersion {
+                expected: 0,
+                current: 1
+            })
+        );
+        assert_eq!(i, before, "a refused edit changed the intent");
+        let Response::Refused(refused) = r else {
+            unreachable!()
+        };
+        assert_eq!(
+            refused.to_string(),
+            "the policy changed meanwhile: this change was made on policy version 0, the \
+             cluster's policy is at version 1; read it again and retry"
+        );
+        // On the current version, or without a version (the runtime, older clients), it applies.
+        assert_eq!(i.apply(&edit(3, Some(1))), Response::Applied);
+        assert_eq!(i.apply(&edit(1, None)), Response::Applied);
+        assert_eq!((i.policy.sync_quorum, i.policy_version), (1, 3));
+        // The version survives a snapshot; an older snapshot without it starts at 0.
+        let json = serde_json::to_string(&i).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Intent>(&json)
+                .unwrap()
+                .policy_version,
+            3
+        );
+        let old: Intent = serde_json::from_str(r#"{"policy": {}}"#).unwrap();
+        assert_eq!(old.policy_version, 0);
+        // A command without the field (older meridianctl) decodes to None.
+        let c: Command = serde_json::from_str(
+            r#"{"type":"set_policy","policy":{},"reason":"r","at_unix_ms":1}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            c,
+            Command::SetPolicy {
+                expected_version: None,
+                ..
+            }
+        ));
     }
 
     #[test]
