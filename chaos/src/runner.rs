@@ -771,6 +771,7 @@ mod tests {
             old_primary_lsn: None,
             new_primary_lsn: None,
             possible_loss_bytes: None,
+            write_pause_ms: None,
         }
     }
 

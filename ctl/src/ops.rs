@@ -639,28 +639,30 @@ async fn switchover(
                     }
                     let writable_seen = Instant::now();
                     let elapsed_ms = started.elapsed().as_millis() as u64;
-                    let rows = history_rows(i, &s.intent_raw, false);
-                    let entry = rows.iter().rev().find(|h| {
-                        h.kind == "switchover"
-                            && h.new_primary.as_deref() == Some(to.as_str())
-                            && h.generation == i.generation.0
-                    });
-                    // A pause the runtime recorded is exact; otherwise what was observed
-                    // here, from the stop (or, if the stop phase went by between two polls,
-                    // from the request) to the new primary taking writes.
+                    // What was observed here, from the stop (or, if the stop phase went by
+                    // between two polls, from the request) to the new primary taking writes.
                     let observed_ms = writable_seen
                         .duration_since(stop_seen.unwrap_or(started))
                         .as_millis() as u64;
-                    let pause_ms = entry.and_then(|h| h.write_pause_ms).unwrap_or(observed_ms);
+                    // The leader records the exact pause just after it sees the new primary
+                    // take writes: a short, bounded wait for it.
+                    let recorded_ms =
+                        recorded_write_pause(client, i.clone(), s.intent_raw.clone(), &to).await;
+                    let pause_ms = recorded_ms.unwrap_or(observed_ms);
                     if json {
                         return print_json(&json!({
                             "ok": true, "from": from, "to": to, "generation": i.generation.0,
                             "elapsed_ms": elapsed_ms, "write_pause_ms": pause_ms,
+                            "write_pause_measured_by": if recorded_ms.is_some() { "leader" } else { "meridianctl" },
                         }));
                     }
+                    let how = if recorded_ms.is_some() {
+                        format!("writes paused {pause_ms} ms as the leader measured it")
+                    } else {
+                        format!("writes paused about {pause_ms} ms as seen through the admin API")
+                    };
                     println!(
-                        "Switchover complete: {to} is the primary at generation {} ({:.1} s end to end, \
-                         writes paused about {pause_ms} ms as seen through the admin API).",
+                        "Switchover complete: {to} is the primary at generation {} ({:.1} s end to end, {how}).",
                         i.generation,
                         elapsed_ms as f64 / 1000.0,
                     );
@@ -812,6 +814,44 @@ async fn cancel_switchover(client: &Client, wait_s: u64, json: bool) -> Result<(
                  ({last}); follow it with `meridianctl list`",
                 sw.from
             )));
+        }
+    }
+}
+
+/// Bound on waiting for the leader to record a switchover's write pause.
+const WRITE_PAUSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The write pause the leader recorded in the history entry of the switchover that made
+/// `to` the primary (in `intent`, else in a fresh status), polled for at most
+/// [`WRITE_PAUSE_GRACE`]. `None` when it records none (e.g. its leadership changed during
+/// the switchover) or an older cluster never does.
+async fn recorded_write_pause(
+    client: &Client,
+    mut intent: meridian_node::raft::Intent,
+    mut raw: serde_json::Value,
+    to: &str,
+) -> Option<u64> {
+    let generation = intent.generation;
+    let deadline = Instant::now() + WRITE_PAUSE_GRACE;
+    loop {
+        let pause = history_rows(&intent, &raw, false)
+            .iter()
+            .rev()
+            .find(|h| {
+                h.kind == "switchover"
+                    && h.new_primary.as_deref() == Some(to)
+                    && h.generation == generation.0
+            })
+            .and_then(|h| h.write_pause_ms);
+        if pause.is_some() || Instant::now() >= deadline {
+            return pause;
+        }
+        tokio::time::sleep(SWITCHOVER_POLL).await;
+        if let Ok(s) = client.status().await {
+            if s.intent.generation != generation {
+                return None;
+            }
+            (intent, raw) = (s.intent, s.intent_raw);
         }
     }
 }

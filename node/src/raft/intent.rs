@@ -106,6 +106,11 @@ pub struct HistoryEntry {
     pub new_primary_lsn: Option<Lsn>,
     /// Bytes the promotion may have lost (async failover), when known.
     pub possible_loss_bytes: Option<u64>,
+    /// For a switchover: how long writes were paused, as the leader measured it (from the
+    /// stop-writes phase committed to the new primary's first report of taking writes);
+    /// filled in by [`Command::RecordWritePause`] once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_pause_ms: Option<u64>,
 }
 
 /// Why a promotion happens; decides the history kind and which guards apply.
@@ -229,6 +234,12 @@ pub enum Command {
     ReinitDone {
         name: String,
     },
+    /// The leader measured how long a switchover paused writes: fills `write_pause_ms` of
+    /// the history entry of the switchover promotion at `generation` (the current one).
+    RecordWritePause {
+        generation: Generation,
+        write_pause_ms: u64,
+    },
     /// The leader found no member to replace a primary that stopped (fenced, down): the
     /// same primary takes writes again, in a new generation (so a promotion decided on the
     /// old one is refused). Its Postgres kept every commit it ever acknowledged.
@@ -314,6 +325,8 @@ pub enum Refused {
          the cluster's policy is at version {current}; read it again and retry"
     )]
     StalePolicyVersion { expected: u64, current: u64 },
+    #[error("no switchover promotion at generation {0} awaits its write pause")]
+    NoWritePauseToRecord(Generation),
 }
 
 /// What the state machine answers for each applied log entry.
@@ -449,6 +462,20 @@ fn check_sync_set_size(policy: &Policy, set: &SyncSet) -> Result<(), Refused> {
         });
     }
     Ok(())
+}
+
+/// `h` records the switchover promotion of `primary` at `generation` (not a cancel or an
+/// abandon, which keep the same primary).
+fn is_switchover_promotion(
+    h: &HistoryEntry,
+    generation: Generation,
+    primary: Option<&str>,
+) -> bool {
+    h.kind == HistoryKind::Switchover
+        && h.generation == generation
+        && h.new_primary.as_deref() == primary
+        && primary.is_some()
+        && h.old_primary != h.new_primary
 }
 
 impl Intent {
@@ -625,6 +652,18 @@ impl Intent {
                 }
                 Ok(())
             }
+            Command::RecordWritePause { generation, .. } => {
+                if *generation != self.generation {
+                    return Err(Refused::StaleGeneration {
+                        expected: self.generation,
+                        got: *generation,
+                    });
+                }
+                match self.switchover_entry_awaiting_pause() {
+                    Some(_) => Ok(()),
+                    None => Err(Refused::NoWritePauseToRecord(*generation)),
+                }
+            }
             Command::Reinit { name } => {
                 self.data_member(name)?;
                 if self.primary.as_deref() == Some(name.as_str()) {
@@ -746,6 +785,7 @@ impl Intent {
                     old_primary_lsn: None,
                     new_primary_lsn: None,
                     possible_loss_bytes: None,
+                    write_pause_ms: None,
                 });
                 return Response::MemberAdded(id);
             }
@@ -763,6 +803,7 @@ impl Intent {
                     old_primary_lsn: None,
                     new_primary_lsn: None,
                     possible_loss_bytes: None,
+                    write_pause_ms: None,
                 });
             }
             Command::SetMemberTags { name, tags } => {
@@ -806,6 +847,7 @@ impl Intent {
                     old_primary_lsn: p.old_primary_lsn,
                     new_primary_lsn: p.new_primary_lsn,
                     possible_loss_bytes: p.possible_loss_bytes,
+                    write_pause_ms: None,
                 });
             }
             Command::SetPolicy {
@@ -826,6 +868,7 @@ impl Intent {
                     old_primary_lsn: None,
                     new_primary_lsn: None,
                     possible_loss_bytes: None,
+                    write_pause_ms: None,
                 });
             }
             Command::RecordSyncSet { set, .. } => self.sync_set = set.clone(),
@@ -855,6 +898,7 @@ impl Intent {
                     old_primary_lsn: None,
                     new_primary_lsn: None,
                     possible_loss_bytes: None,
+                    write_pause_ms: None,
                 });
             }
             Command::ClearSwitchover { at_unix_ms } => {
@@ -890,6 +934,7 @@ impl Intent {
                     old_primary_lsn: None,
                     new_primary_lsn: None,
                     possible_loss_bytes: None,
+                    write_pause_ms: None,
                 });
             }
             Command::AppendHistory(entry) => self.push_history(entry.clone()),
@@ -898,6 +943,16 @@ impl Intent {
                     generation: *generation,
                     set: set.clone(),
                 })
+            }
+            Command::RecordWritePause { write_pause_ms, .. } => {
+                let generation = self.generation;
+                let primary = self.primary.clone();
+                if let Some(entry) = self.history.iter_mut().rev().find(|h| {
+                    is_switchover_promotion(h, generation, primary.as_deref())
+                        && h.write_pause_ms.is_none()
+                }) {
+                    entry.write_pause_ms = Some(*write_pause_ms);
+                }
             }
             Command::Reinit { name } => {
                 self.reinit.insert(name.clone());
@@ -927,10 +982,20 @@ impl Intent {
                     old_primary_lsn: None,
                     new_primary_lsn: None,
                     possible_loss_bytes: Some(0),
+                    write_pause_ms: None,
                 });
             }
         }
         Response::Applied
+    }
+
+    /// The history entry of the switchover that made the current primary, if its write
+    /// pause is not recorded yet.
+    pub fn switchover_entry_awaiting_pause(&self) -> Option<&HistoryEntry> {
+        self.history.iter().rev().find(|h| {
+            is_switchover_promotion(h, self.generation, self.primary.as_deref())
+                && h.write_pause_ms.is_none()
+        })
     }
 
     fn push_history(&mut self, entry: HistoryEntry) {
@@ -1423,6 +1488,7 @@ mod tests {
             old_primary_lsn: None,
             new_primary_lsn: None,
             possible_loss_bytes: None,
+            write_pause_ms: None,
         };
 
         // Requested: nothing was fenced, the switchover is dropped at once.
@@ -1513,6 +1579,59 @@ mod tests {
         // The JSON of an older meridianctl (no time) still decodes.
         let c: Command = serde_json::from_str(r#"{"type":"clear_switchover"}"#).unwrap();
         assert_eq!(c, Command::ClearSwitchover { at_unix_ms: 0 });
+    }
+
+    #[test]
+    fn the_write_pause_fills_the_switchover_entry_once() {
+        let mut i = cluster();
+        let pause = |g: u64, ms: u64| Command::RecordWritePause {
+            generation: Generation(g),
+            write_pause_ms: ms,
+        };
+        // No switchover made the current primary.
+        assert_eq!(
+            refused(&mut i, pause(1, 300)),
+            Refused::NoWritePauseToRecord(Generation(1))
+        );
+        // A cancelled switchover keeps the primary: nothing to time either.
+        i.apply(&begin("a1", "b1"));
+        i.apply(&Command::ClearSwitchover { at_unix_ms: 3 });
+        assert_eq!(
+            refused(&mut i, pause(1, 300)),
+            Refused::NoWritePauseToRecord(Generation(1))
+        );
+        i.apply(&begin("a1", "b1"));
+        i.apply(&phase("b1", SwitchoverPhase::StoppingWrites));
+        i.apply(&promote("b1", 2, PromotionKind::Switchover));
+        assert!(matches!(
+            refused(&mut i, pause(1, 300)),
+            Refused::StaleGeneration { .. }
+        ));
+        let before = i.history.clone();
+        assert_eq!(i.apply(&pause(2, 300)), Response::Applied);
+        let (last, earlier) = i.history.split_last().unwrap();
+        assert_eq!(
+            earlier,
+            &before[..before.len() - 1],
+            "only the promotion entry changes"
+        );
+        assert_eq!(
+            last,
+            &HistoryEntry {
+                write_pause_ms: Some(300),
+                ..before.last().unwrap().clone()
+            }
+        );
+        assert_eq!(
+            serde_json::to_value(last).unwrap()["write_pause_ms"],
+            300,
+            "meridianctl reads this field"
+        );
+        // Once only.
+        assert_eq!(
+            refused(&mut i, pause(2, 400)),
+            Refused::NoWritePauseToRecord(Generation(2))
+        );
     }
 
     #[test]
@@ -1907,6 +2026,7 @@ mod tests {
             old_primary_lsn: None,
             new_primary_lsn: None,
             possible_loss_bytes: None,
+            write_pause_ms: None,
         };
         for _ in 0..MAX_HISTORY_ENTRIES + 5 {
             assert_eq!(
