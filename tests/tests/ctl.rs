@@ -722,6 +722,21 @@ async fn switchover_moves_the_primary_and_history_records_it() {
         })
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+        // Cancel once a1's agent reports its writes stopped (the switchover then waits
+        // for b1, which cannot catch up).
+        wait_until("a1 reported fenced", Duration::from_secs(4), || async {
+            c.status().await.is_ok_and(|s| {
+                s.members.iter().any(|m| {
+                    m.name == "a1"
+                        && m.observation
+                            .as_ref()
+                            .and_then(|o| o.postgres.as_ref())
+                            .is_some_and(|pg| pg.fenced)
+                })
+            })
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
         run_ctl(&cancel).await.unwrap()
     });
     let sw = sw.unwrap();

@@ -742,6 +742,7 @@ fn switchover_gives_up_within_its_bounds() {
     let o = obs(&mut v, "e1");
     o.postgres_up = true;
     o.fenced = false;
+    o.received_at_ms = at; // reported since the abort began
     assert_eq!(
         decide(&v, at),
         Decision {
@@ -772,9 +773,19 @@ fn a_switchover_cancelled_after_writes_stopped_resumes_the_old_primary() {
             })),
         }
     );
+    // A "writable" report from before the abort began (it may predate the fence) does
+    // not end it.
     let o = obs(&mut v, "e1");
     o.postgres_up = true;
     o.fenced = false;
+    o.received_at_ms = NOW - 1_001;
+    assert_eq!(
+        decide(&v, NOW).actions,
+        vec![Action::Unfence {
+            member: "e1".into()
+        }]
+    );
+    obs(&mut v, "e1").received_at_ms = NOW - 1_000;
     assert_eq!(
         decide(&v, NOW),
         Decision {
