@@ -693,11 +693,18 @@ async fn switchover_moves_the_primary_and_history_records_it() {
         "cancel without a switchover",
     );
 
-    // A switchover to b1, whose WAL receiver is frozen, cannot finish: b1 never receives
-    // a1's final WAL. Cancelled while a1's writes are stopped, a1 takes writes again in
-    // place (same generation, no failover) and the history says why.
+    // A switchover to b1, whose WAL receiver is frozen and cut off, cannot finish: b1
+    // never receives a1's final WAL. Cancelled while a1's writes are stopped, a1 takes
+    // writes again in place (same generation, no failover) and the history says why.
     sql_exec(&c, "a1", "CREATE TABLE around_cancel (id int)").await;
     let frozen = FrozenWalReceiver::freeze(&c, "b1").await;
+    // And a1 stops sending to it: a fast shutdown would wait for that WAL sender.
+    sql_exec(
+        &c,
+        "a1",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_replication WHERE application_name = 'b1'",
+    )
+    .await;
     sql_exec(&c, "a1", "INSERT INTO around_cancel VALUES (1)").await;
     let switchover_b1 = [
         "--endpoint",
