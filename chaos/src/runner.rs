@@ -695,6 +695,7 @@ async fn set_zero_rpo(c: &Cluster) -> anyhow::Result<()> {
     }
     let policy = zero_rpo_policy(&per_region);
     c.command(&IntentCommand::SetPolicy {
+        expected_version: None,
         policy,
         reason: "meridian-chaos --policy zero-rpo".into(),
         at_unix_ms: unix_ms_now(),
@@ -770,6 +771,7 @@ mod tests {
             old_primary_lsn: None,
             new_primary_lsn: None,
             possible_loss_bytes: None,
+            write_pause_ms: None,
         }
     }
 

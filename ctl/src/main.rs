@@ -113,6 +113,10 @@ pub enum Command {
         /// Standby to promote [default: the best healthy standby].
         #[arg(long, value_name = "NAME")]
         candidate: Option<String>,
+        /// Cancel the pending switchover instead: if writes already stopped, the primary
+        /// takes writes again (no promotion happens). Needs no confirmation.
+        #[arg(long, conflicts_with = "candidate")]
+        cancel: bool,
         /// Do not ask for confirmation (required when stdin is not a terminal).
         #[arg(long)]
         force: bool,
@@ -155,6 +159,10 @@ pub enum Command {
         /// Show the change without committing it.
         #[arg(long)]
         dry_run: bool,
+        /// Refuse the change unless the policy is still at this version (as `show-config`
+        /// printed it) [default: the version this command reads].
+        #[arg(long, value_name = "N")]
+        expected_version: Option<u64>,
     },
     /// Remove a member from the cluster (and from the Raft group).
     Remove {
@@ -299,5 +307,30 @@ mod tests {
             Command::EditConfig { set, .. } => assert_eq!(set.len(), 2),
             other => panic!("{other:?}"),
         }
+        let a = Args::try_parse_from([
+            "meridianctl",
+            "edit-config",
+            "--set",
+            "sync_quorum=2",
+            "--expected-version",
+            "7",
+        ])
+        .unwrap();
+        assert!(matches!(
+            a.command,
+            Command::EditConfig {
+                expected_version: Some(7),
+                ..
+            }
+        ));
+        let a = Args::try_parse_from(["meridianctl", "switchover", "--cancel"]).unwrap();
+        assert!(matches!(
+            a.command,
+            Command::Switchover { cancel: true, .. }
+        ));
+        let e =
+            Args::try_parse_from(["meridianctl", "switchover", "--cancel", "--candidate", "b1"])
+                .unwrap_err();
+        assert_eq!(e.exit_code(), 2, "--cancel names no candidate");
     }
 }

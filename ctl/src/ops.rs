@@ -87,7 +87,11 @@ fn require_force_without_terminal(force: bool, what: &str) -> Result<(), Failure
 
 pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Failure> {
     match &command {
-        Command::Switchover { force, .. } => require_force_without_terminal(*force, "switch over")?,
+        Command::Switchover {
+            force,
+            cancel: false,
+            ..
+        } => require_force_without_terminal(*force, "switch over")?,
         Command::Failover { force, .. } => require_force_without_terminal(*force, "fail over")?,
         Command::Remove { force, .. } => require_force_without_terminal(*force, "remove a member")?,
         Command::Reinit { force, .. } => require_force_without_terminal(*force, "reinit a member")?,
@@ -97,9 +101,13 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Fa
         Command::List { watch } => watch_loop(client, watch, json, false).await,
         Command::Topology { watch } => watch_loop(client, watch, json, true).await,
         Command::Switchover {
+            cancel: true, wait, ..
+        } => cancel_switchover(client, wait, json).await,
+        Command::Switchover {
             candidate,
             force,
             wait,
+            ..
         } => switchover(client, candidate.as_deref(), force, wait, json).await,
         Command::Failover {
             candidate,
@@ -121,9 +129,13 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Fa
         }
         Command::ShowConfig => {
             let snap = client.status().await?;
-            show_policy(&snap.intent.policy, json)
+            show_policy(&snap.intent.policy, snap.intent.policy_version, json)
         }
-        Command::EditConfig { set, dry_run } => edit_config(client, &set, dry_run, json).await,
+        Command::EditConfig {
+            set,
+            dry_run,
+            expected_version,
+        } => edit_config(client, &set, dry_run, expected_version, json).await,
         Command::Remove { name, force } => remove(client, &name, force, json).await,
         Command::Reinit { name, force, wait } => reinit(client, &name, force, wait, json).await,
         Command::Version => unreachable!("handled before connecting"),
@@ -219,11 +231,13 @@ async fn maintenance(client: &Client, on: bool, json: bool) -> Result<(), Failur
     Ok(())
 }
 
-fn show_policy(p: &Policy, json: bool) -> Result<(), Failure> {
+fn show_policy(p: &Policy, version: u64, json: bool) -> Result<(), Failure> {
     if json {
         return print_json(p);
     }
     let text = toml::to_string(p).context("encoding the policy as TOML")?;
+    // A TOML comment, so the output still parses as the policy.
+    println!("# policy version {version}");
     print!("{text}");
     Ok(())
 }
@@ -285,10 +299,14 @@ pub fn policy_diff(old: &Policy, new: &Policy) -> Vec<String> {
         .collect()
 }
 
+/// Reads the policy and its version, applies the edits and sends them with that version
+/// as `expected_version`: if another edit landed in between, the cluster refuses this one
+/// (naming both versions) rather than silently undoing the other.
 async fn edit_config(
     client: &Client,
     sets: &[String],
     dry_run: bool,
+    expected_version: Option<u64>,
     json: bool,
 ) -> Result<(), Failure> {
     // Parse before touching the network: a typo is reported even with the cluster down.
@@ -308,21 +326,27 @@ async fn edit_config(
         }
         reason.truncate(cut);
     }
+    let read_version = expected_version.unwrap_or(snap.intent.policy_version);
     let cmd = IntentCommand::SetPolicy {
         policy: new.clone(),
         reason,
         at_unix_ms: now_unix_ms(),
+        expected_version: Some(read_version),
     };
     validate_locally(&snap, &cmd)?;
+    // A retry after `Unavailable` (no leader took it) is safe: had the first attempt been
+    // committed after all, the repeat is refused as stale rather than applied twice.
     let log_index = if diff.is_empty() || dry_run {
         None
     } else {
         Some(client.command(&cmd, true).await?)
     };
+    let version = read_version + u64::from(log_index.is_some());
     if json {
         return print_json(&json!({
             "ok": true, "changed": log_index.is_some(), "dry_run": dry_run,
             "changes": diff, "policy": new, "log_index": log_index,
+            "policy_version": version,
         }));
     }
     if diff.is_empty() {
@@ -335,7 +359,7 @@ async fn edit_config(
     if dry_run {
         println!("Dry run: nothing committed.");
     } else {
-        println!("Policy updated.");
+        println!("Policy updated to version {version}.");
     }
     Ok(())
 }
@@ -615,28 +639,30 @@ async fn switchover(
                     }
                     let writable_seen = Instant::now();
                     let elapsed_ms = started.elapsed().as_millis() as u64;
-                    let rows = history_rows(i, &s.intent_raw, false);
-                    let entry = rows.iter().rev().find(|h| {
-                        h.kind == "switchover"
-                            && h.new_primary.as_deref() == Some(to.as_str())
-                            && h.generation == i.generation.0
-                    });
-                    // A pause the runtime recorded is exact; otherwise what was observed
-                    // here, from the stop (or, if the stop phase went by between two polls,
-                    // from the request) to the new primary taking writes.
+                    // What was observed here, from the stop (or, if the stop phase went by
+                    // between two polls, from the request) to the new primary taking writes.
                     let observed_ms = writable_seen
                         .duration_since(stop_seen.unwrap_or(started))
                         .as_millis() as u64;
-                    let pause_ms = entry.and_then(|h| h.write_pause_ms).unwrap_or(observed_ms);
+                    // The leader records the exact pause just after it sees the new primary
+                    // take writes: a short, bounded wait for it.
+                    let recorded_ms =
+                        recorded_write_pause(client, i.clone(), s.intent_raw.clone(), &to).await;
+                    let pause_ms = recorded_ms.unwrap_or(observed_ms);
                     if json {
                         return print_json(&json!({
                             "ok": true, "from": from, "to": to, "generation": i.generation.0,
                             "elapsed_ms": elapsed_ms, "write_pause_ms": pause_ms,
+                            "write_pause_measured_by": if recorded_ms.is_some() { "leader" } else { "meridianctl" },
                         }));
                     }
+                    let how = if recorded_ms.is_some() {
+                        format!("writes paused {pause_ms} ms as the leader measured it")
+                    } else {
+                        format!("writes paused about {pause_ms} ms as seen through the admin API")
+                    };
                     println!(
-                        "Switchover complete: {to} is the primary at generation {} ({:.1} s end to end, \
-                         writes paused about {pause_ms} ms as seen through the admin API).",
+                        "Switchover complete: {to} is the primary at generation {} ({:.1} s end to end, {how}).",
                         i.generation,
                         elapsed_ms as f64 / 1000.0,
                     );
@@ -681,6 +707,151 @@ async fn switchover(
                  it is still pending, follow it with `meridianctl list`",
                 last_error.map_or(String::new(), |e| format!(", last status error: {e}"))
             )));
+        }
+    }
+}
+
+/// `switchover --cancel`: records the cancel; if the old primary had already been told to
+/// stop writes, waits (bounded by `wait_s`) until it takes writes again and the switchover
+/// is gone.
+async fn cancel_switchover(client: &Client, wait_s: u64, json: bool) -> Result<(), Failure> {
+    let snap = client.status().await?;
+    let Some(sw) = snap.intent.pending_switchover.clone() else {
+        return Err(failed("no switchover is pending: nothing to cancel"));
+    };
+    let generation = snap.intent.generation;
+    let cmd = IntentCommand::ClearSwitchover {
+        at_unix_ms: now_unix_ms(),
+    };
+    validate_locally(&snap, &cmd)?;
+    let started = Instant::now();
+    let log_index = client.command(&cmd, false).await.map_err(|e| {
+        failed(format!(
+            "{e:#} (the switchover from {} to {} finished or was given up meanwhile: see \
+             `meridianctl history`)",
+            sw.from, sw.to
+        ))
+    })?;
+    let phase = serde_json::to_value(&sw.phase)
+        .ok()
+        .and_then(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .or_else(|| v.as_object()?.keys().next().cloned())
+        })
+        .unwrap_or_default();
+    if sw.phase == SwitchoverPhase::Requested {
+        if json {
+            return print_json(&json!({
+                "ok": true, "from": sw.from, "to": sw.to, "phase": phase,
+                "writes_stopped": false, "log_index": log_index,
+            }));
+        }
+        println!(
+            "Switchover from {} to {} cancelled before writes stopped; {} stays the primary.",
+            sw.from, sw.to, sw.from
+        );
+        return Ok(());
+    }
+    if !json {
+        println!(
+            "Switchover from {} to {} cancelled; writes had been asked to stop on {}: waiting up \
+             to {wait_s} s for it to take writes again...",
+            sw.from, sw.to, sw.from
+        );
+    }
+    let deadline = started + Duration::from_secs(wait_s);
+    let mut last: String;
+    loop {
+        tokio::time::sleep(SWITCHOVER_POLL).await;
+        match client.status().await {
+            Ok(s) if s.status.from_leader => {
+                let i = &s.intent;
+                if i.generation != generation || i.primary.as_deref() != Some(sw.from.as_str()) {
+                    return Err(failed(format!(
+                        "the cluster moved on: {} is the primary at generation {}",
+                        i.primary.as_deref().unwrap_or("nobody"),
+                        i.generation
+                    )));
+                }
+                let writable = new_primary_writable(&s.status, &sw.from);
+                if i.pending_switchover.is_none() && writable {
+                    let resumed_ms = started.elapsed().as_millis() as u64;
+                    if json {
+                        return print_json(&json!({
+                            "ok": true, "from": sw.from, "to": sw.to, "phase": phase,
+                            "writes_stopped": true, "resumed_ms": resumed_ms,
+                            "log_index": log_index,
+                        }));
+                    }
+                    println!(
+                        "{} takes writes again at generation {generation} ({resumed_ms} ms after the cancel).",
+                        sw.from
+                    );
+                    return Ok(());
+                }
+                last = format!(
+                    "switchover {}, {} {}",
+                    if i.pending_switchover.is_some() {
+                        "still aborting"
+                    } else {
+                        "dropped"
+                    },
+                    sw.from,
+                    if writable {
+                        "writable"
+                    } else {
+                        "not writable yet"
+                    }
+                );
+            }
+            Ok(_) => last = "no leader answered".into(),
+            Err(e) => last = format!("status error: {e:#}"),
+        }
+        if Instant::now() >= deadline {
+            return Err(failed(format!(
+                "the cancel was committed but {} has not taken writes again within {wait_s} s \
+                 ({last}); follow it with `meridianctl list`",
+                sw.from
+            )));
+        }
+    }
+}
+
+/// Bound on waiting for the leader to record a switchover's write pause.
+const WRITE_PAUSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The write pause the leader recorded in the history entry of the switchover that made
+/// `to` the primary (in `intent`, else in a fresh status), polled for at most
+/// [`WRITE_PAUSE_GRACE`]. `None` when it records none (e.g. its leadership changed during
+/// the switchover) or an older cluster never does.
+async fn recorded_write_pause(
+    client: &Client,
+    mut intent: meridian_node::raft::Intent,
+    mut raw: serde_json::Value,
+    to: &str,
+) -> Option<u64> {
+    let generation = intent.generation;
+    let deadline = Instant::now() + WRITE_PAUSE_GRACE;
+    loop {
+        let pause = history_rows(&intent, &raw, false)
+            .iter()
+            .rev()
+            .find(|h| {
+                h.kind == "switchover"
+                    && h.new_primary.as_deref() == Some(to)
+                    && h.generation == generation.0
+            })
+            .and_then(|h| h.write_pause_ms);
+        if pause.is_some() || Instant::now() >= deadline {
+            return pause;
+        }
+        tokio::time::sleep(SWITCHOVER_POLL).await;
+        if let Ok(s) = client.status().await {
+            if s.intent.generation != generation {
+                return None;
+            }
+            (intent, raw) = (s.intent, s.intent_raw);
         }
     }
 }

@@ -759,6 +759,7 @@ mod tests {
             old_primary_lsn: Some(Lsn(0x1_0000_0010)),
             new_primary_lsn: None,
             possible_loss_bytes: Some(0),
+            write_pause_ms: None,
         };
         i.history = vec![
             entry(HistoryKind::Member, "added", 0),

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use meridian_node::decide::SwitchoverPhase;
 use meridian_node::raft::Intent;
 use meridian_tests::agents::{AgentCluster, MemberSpec};
 use meridian_tests::ctl::{run_ctl, run_ctl_env, CtlRun};
@@ -327,6 +328,43 @@ async fn ctl_lists_pauses_edits_and_refuses_bad_input_on_a_real_cluster() {
     assert_ne!(before, after);
     let r = run_ctl(&["--endpoint", &eps, "show-config"]).await.unwrap();
     assert!(r.stdout.contains("commit_latency_budget_ms = 25"), "{r:#?}");
+    // The edit was made on the version it read; an edit made on an older one (another
+    // operator's edit landed in between) is refused naming both, and changes nothing.
+    let version: u64 = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("# policy version "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("show-config prints the policy version: {r:#?}"));
+    assert!(version >= 1, "{r:#?}");
+    let stale = (version - 1).to_string();
+    let r = run_ctl(&[
+        "--endpoint",
+        &eps,
+        "--token",
+        TOKEN,
+        "edit-config",
+        "--set",
+        "commit_latency_budget_ms=30",
+        "--expected-version",
+        &stale,
+    ])
+    .await
+    .unwrap();
+    assert_code(&r, 1, "edit-config on a stale version");
+    assert_one_line_error(
+        &r,
+        &format!(
+            "this change was made on policy version {stale}, the cluster's policy is at \
+             version {version}"
+        ),
+        "edit-config on a stale version",
+    );
+    assert_eq!(
+        policy_json(&eps).await,
+        after,
+        "a stale edit changed the policy"
+    );
 
     // Bad edits: one-line reason, exit 1, nothing changes (not even the valid --set
     // given alongside).
@@ -638,6 +676,112 @@ async fn switchover_moves_the_primary_and_history_records_it() {
     let started = Instant::now();
     let (mut c, eps) = form_with_postgres().await;
 
+    // Nothing to cancel: one line, exit 1.
+    let cancel = [
+        "--endpoint",
+        &eps,
+        "--token",
+        TOKEN,
+        "switchover",
+        "--cancel",
+    ];
+    let r = run_ctl(&cancel).await.unwrap();
+    assert_code(&r, 1, "cancel without a switchover");
+    assert_one_line_error(
+        &r,
+        "no switchover is pending",
+        "cancel without a switchover",
+    );
+
+    // A switchover to b1, whose WAL receiver is frozen and cut off, cannot finish: b1
+    // never receives a1's final WAL. Cancelled while a1's writes are stopped, a1 takes
+    // writes again in place (same generation, no failover) and the history says why.
+    sql_exec(&c, "a1", "CREATE TABLE around_cancel (id int)").await;
+    let frozen = FrozenWalReceiver::freeze(&c, "b1").await;
+    // And a1 stops sending to it: a fast shutdown would wait for that WAL sender.
+    sql_exec(
+        &c,
+        "a1",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_replication WHERE application_name = 'b1'",
+    )
+    .await;
+    sql_exec(&c, "a1", "INSERT INTO around_cancel VALUES (1)").await;
+    let switchover_b1 = [
+        "--endpoint",
+        &eps,
+        "--token",
+        TOKEN,
+        "switchover",
+        "--candidate",
+        "b1",
+        "--force",
+        "--wait",
+        "30",
+    ];
+    let (sw, cancelled) = tokio::join!(run_ctl(&switchover_b1), async {
+        wait_until("the switchover to b1 stopping writes", CHANGE, || async {
+            c.status().await.is_ok_and(|s| {
+                serde_json::from_str::<Intent>(&s.intent_json).is_ok_and(|i| {
+                    i.pending_switchover
+                        .is_some_and(|sw| sw.phase == SwitchoverPhase::StoppingWrites)
+                })
+            })
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+        // Cancel once a1's agent reports its writes stopped (the switchover then waits
+        // for b1, which cannot catch up).
+        wait_until("a1 reported fenced", Duration::from_secs(4), || async {
+            c.status().await.is_ok_and(|s| {
+                s.members.iter().any(|m| {
+                    m.name == "a1"
+                        && m.observation
+                            .as_ref()
+                            .and_then(|o| o.postgres.as_ref())
+                            .is_some_and(|pg| pg.fenced)
+                })
+            })
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+        run_ctl(&cancel).await.unwrap()
+    });
+    let sw = sw.unwrap();
+    assert_code(&cancelled, 0, "switchover --cancel");
+    assert!(
+        cancelled
+            .stdout
+            .contains("a1 takes writes again at generation 1"),
+        "{cancelled:#?}"
+    );
+    assert_code(&sw, 1, "the cancelled switchover");
+    assert_one_line_error(
+        &sw,
+        "switchover abandoned: switchover from a1 to b1 abandoned: CancelledByOperator",
+        "the cancelled switchover",
+    );
+    let s = c.status().await.unwrap();
+    assert_eq!(
+        (s.primary.as_str(), s.generation),
+        ("a1", 1),
+        "{}",
+        c.logs()
+    );
+    sql_exec(&c, "a1", "INSERT INTO around_cancel VALUES (2)").await;
+    let h = ctl_ok(
+        &["--endpoint", &eps, "history", "--all", "--json"],
+        "history --all",
+    )
+    .await
+    .json();
+    assert!(
+        h.as_array().unwrap().iter().any(|e| e["reason"]
+            == "switchover from a1 to b1 cancelled by operator after writes stopped: a1 resumes writes"),
+        "{h:#}"
+    );
+    drop(frozen);
+    wait_streaming(&c, &eps, "a1", &["a2", "b1"], CHANGE).await;
+
     // Switchover a1 -> a2 through the real runtime.
     let r = ctl_ok(
         &[
@@ -658,9 +802,10 @@ async fn switchover_moves_the_primary_and_history_records_it() {
             .contains("Switchover complete: a2 is the primary at generation 2"),
         "{r:#?}"
     );
+    // The leader committed the stop and saw a2 take writes: it records the exact pause.
     assert!(
-        r.stdout.contains("writes paused about "),
-        "the switchover reports the write pause it measured: {r:#?}"
+        r.stdout.contains(" ms as the leader measured it"),
+        "the switchover reports the write pause the leader measured: {r:#?}"
     );
     eprintln!(
         "switchover with meridianctl took {} ms end to end",
@@ -683,7 +828,8 @@ async fn switchover_moves_the_primary_and_history_records_it() {
                 && e["old_primary"] == "a1"
                 && e["new_primary"] == "a2"
                 && e["generation"] == 2
-                && e["new_primary_lsn"].is_string()),
+                && e["new_primary_lsn"].is_string()
+                && e["write_pause_ms"].as_u64().is_some_and(|p| p < 30_000)),
         "{h:#}"
     );
     let r = ctl_ok(&["--endpoint", &eps, "history"], "history").await;

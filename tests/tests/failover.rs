@@ -669,6 +669,7 @@ async fn a_crashed_primary_without_a_candidate_is_resumed_in_place() {
     c.command(
         "w1",
         &Command::SetPolicy {
+            expected_version: None,
             policy,
             reason: "test: manual failover everywhere".into(),
             at_unix_ms: 1,

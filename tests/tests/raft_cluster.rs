@@ -30,6 +30,7 @@ fn note(reason: &str) -> Command {
         old_primary_lsn: None,
         new_primary_lsn: None,
         possible_loss_bytes: None,
+        write_pause_ms: None,
     })
 }
 

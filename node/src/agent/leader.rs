@@ -44,6 +44,11 @@ struct Tracker {
     last_wait: Option<String>,
     last_refusal: Option<String>,
     lease_break: Arc<Mutex<LeaseBreak>>,
+    /// (target, when this leader committed the switchover's stop-writes phase, in ms of
+    /// its monotonic clock): the start of the write pause recorded once the target takes
+    /// writes. Only the leader that committed the phase knows it; after a leader change
+    /// the pause goes unrecorded (meridianctl then reports what it observed).
+    writes_stopped: Option<(String, u64)>,
 }
 
 /// Break rounds for one primary and generation.
@@ -59,6 +64,10 @@ struct LeaseBreak {
 
 /// Spacing of break rounds when the voters' answers give no better hint.
 const BREAK_RETRY: Duration = Duration::from_millis(100);
+
+/// How long after the stop-writes phase a write pause is still worth recording; past
+/// that the switchover was abandoned or the promotion stalled, and the start is dropped.
+const WRITE_PAUSE_HORIZON_MS: u64 = 120_000;
 
 pub async fn run(shared: Arc<Shared>) {
     let mut ticker = tokio::time::interval(shared.config.timing.observe_interval);
@@ -180,6 +189,20 @@ async fn round(shared: &Arc<Shared>, tr: &mut Tracker) -> anyhow::Result<()> {
     if let Some(cmd) = resume_in_place(&decision, &intent, &observations, &view.limits, now_ms) {
         commands.push(cmd);
     }
+    if tr
+        .writes_stopped
+        .as_ref()
+        .is_some_and(|(_, since)| now_ms.saturating_sub(*since) > WRITE_PAUSE_HORIZON_MS)
+    {
+        tr.writes_stopped = None;
+    }
+    if let Some(cmd) = tr
+        .writes_stopped
+        .as_ref()
+        .and_then(|(to, since)| write_pause(to, *since, &intent, &observations))
+    {
+        commands.push(cmd);
+    }
     let mut wrote = false;
     for cmd in commands {
         if !wrote {
@@ -197,6 +220,14 @@ async fn round(shared: &Arc<Shared>, tr: &mut Tracker) -> anyhow::Result<()> {
         match w.data {
             Response::Applied => {
                 tracing::info!(command = %what, "leader committed");
+                match &cmd {
+                    Command::SetSwitchoverPhase {
+                        to,
+                        phase: SwitchoverPhase::StoppingWrites,
+                    } => tr.writes_stopped = Some((to.clone(), ms(Instant::now()))),
+                    Command::RecordWritePause { .. } => tr.writes_stopped = None,
+                    _ => {}
+                }
                 if let Command::Promote(p) = &cmd {
                     match p.kind {
                         PromotionKind::Switchover => shared.metrics.switchovers.inc(),
@@ -313,6 +344,29 @@ fn resume_in_place(
     })
 }
 
+/// The write pause of the switchover to `to` whose stop-writes phase this leader committed
+/// at `stopped_at_ms`: once `to` is the primary and the leader received its first report
+/// of taking writes in that generation (the observation's receipt, on the same clock).
+fn write_pause(
+    to: &str,
+    stopped_at_ms: u64,
+    intent: &Intent,
+    observations: &BTreeMap<String, crate::decide::Observation>,
+) -> Option<Command> {
+    if intent.primary.as_deref() != Some(to) {
+        return None;
+    }
+    intent.switchover_entry_awaiting_pause()?;
+    let o = observations.get(to)?;
+    if !o.writable() || o.seen_generation < intent.generation || o.received_at_ms < stopped_at_ms {
+        return None;
+    }
+    Some(Command::RecordWritePause {
+        generation: intent.generation,
+        write_pause_ms: o.received_at_ms - stopped_at_ms,
+    })
+}
+
 /// The Raft command for a core action; None for actions members derive from the intent.
 fn command_for(
     action: &Action,
@@ -398,5 +452,68 @@ fn command_for(
         | Action::BreakLease { .. }
         | Action::Repoint { .. }
         | Action::Rejoin { .. } => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decide::Observation;
+    use crate::raft::intent::{HistoryEntry, HistoryKind};
+
+    /// b1 became the primary at generation 2 by a switchover from a1, pause not recorded.
+    fn switched_over() -> Intent {
+        let mut i = Intent {
+            primary: Some("b1".into()),
+            generation: Generation(2),
+            ..Intent::default()
+        };
+        i.history.push(HistoryEntry {
+            at_unix_ms: 1,
+            kind: HistoryKind::Switchover,
+            reason: "planned switchover from a1".into(),
+            old_primary: Some("a1".into()),
+            new_primary: Some("b1".into()),
+            generation: Generation(2),
+            old_primary_lsn: None,
+            new_primary_lsn: None,
+            possible_loss_bytes: Some(0),
+            write_pause_ms: None,
+        });
+        i
+    }
+
+    fn b1(writable: bool, generation: u64, received_at_ms: u64) -> BTreeMap<String, Observation> {
+        BTreeMap::from([(
+            "b1".to_string(),
+            Observation {
+                received_at_ms,
+                postgres_up: true,
+                in_recovery: !writable,
+                seen_generation: Generation(generation),
+                ..Observation::default()
+            },
+        )])
+    }
+
+    #[test]
+    fn the_write_pause_runs_from_the_stop_to_the_first_writable_report() {
+        let i = switched_over();
+        assert_eq!(
+            write_pause("b1", 1_000, &i, &b1(true, 2, 1_420)),
+            Some(Command::RecordWritePause {
+                generation: Generation(2),
+                write_pause_ms: 420
+            })
+        );
+        // Not yet writable, a report from before the promotion, or one older than the stop.
+        assert_eq!(write_pause("b1", 1_000, &i, &b1(false, 2, 1_420)), None);
+        assert_eq!(write_pause("b1", 1_000, &i, &b1(true, 1, 1_420)), None);
+        assert_eq!(write_pause("b1", 1_000, &i, &b1(true, 2, 900)), None);
+        // Another target, or a pause already recorded.
+        assert_eq!(write_pause("a2", 1_000, &i, &b1(true, 2, 1_420)), None);
+        let mut done = i.clone();
+        done.history[0].write_pause_ms = Some(420);
+        assert_eq!(write_pause("b1", 1_000, &done, &b1(true, 2, 1_500)), None);
     }
 }

@@ -187,6 +187,7 @@ mod tests {
                 old_lease_released: false,
             }),
             Command::SetPolicy {
+                expected_version: None,
                 policy: Policy {
                     durability: Durability::Preferred,
                     ..Policy::default()

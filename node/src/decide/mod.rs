@@ -142,6 +142,17 @@ pub enum Wait {
     /// The primary failed and no member may replace it automatically.
     NoCandidate(NoCandidate),
     Switchover(SwitchoverWait),
+    /// `durability = required` and fewer than `quorum` sync standbys are healthy: the
+    /// sync set is kept, not shrunk below `quorum` names (shrinking is what `preferred`
+    /// does), so the primary's commits wait on `waiting_on` until enough are back.
+    SyncQuorumShort {
+        primary: String,
+        /// The healthy standbys of the sync regions.
+        healthy: BTreeSet<String>,
+        quorum: u32,
+        /// What the primary's Postgres waits on meanwhile (empty: nobody yet).
+        waiting_on: SyncSet,
+    },
     /// Maintenance mode: these actions (and this wait) are what the core would otherwise do.
     Maintenance {
         suppressed: Vec<Action>,
@@ -265,11 +276,9 @@ fn automatic(cx: &Cx) -> Decision {
     match failover::primary_state(cx, primary) {
         failover::PrimaryState::Healthy(pobs) => {
             let mut actions = housekeeping(cx, name, Some(pobs.timeline));
-            actions.extend(sync::step(cx, name, pobs));
-            Decision {
-                actions,
-                wait: None,
-            }
+            let (sync_actions, wait) = sync::step(cx, name, pobs);
+            actions.extend(sync_actions);
+            Decision { actions, wait }
         }
         failover::PrimaryState::Promoting { remaining_ms } => Decision {
             actions: repoints(cx, name),

@@ -104,7 +104,13 @@ pub(super) fn step(cx: &Cx, sw: &SwitchoverView) -> Decision {
             )
         }
         SwitchoverPhase::Aborting(reason) => {
-            if pobs.is_some_and(|o| o.writable()) || remaining_ms == 0 {
+            // Only a report received since the abort began counts: an older "writable" may
+            // predate the fence (e.g. an operator's cancel right after the stop-writes
+            // step), and dropping the switchover then would leave a fenced primary that
+            // the failover rules replace.
+            let resumed =
+                pobs.is_some_and(|o| o.writable() && o.received_at_ms >= sw.phase_since_ms);
+            if resumed || remaining_ms == 0 {
                 // Back to normal, or out of time: the failover rules take over from here.
                 return abandon(reason.clone());
             }

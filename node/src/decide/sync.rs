@@ -5,30 +5,47 @@
 //! on, with a k no larger — so a failover that asks n−k+1 recorded members always meets
 //! one holding every acknowledged commit. Growing: record first, then Postgres.
 //! Shrinking: Postgres first, then the record. One step per call.
+//!
+//! Under `durability = required` with fewer than `sync_quorum` healthy sync standbys, the
+//! set is never cut below `k` names (the intent would refuse it): commits wait, and the
+//! core says so ([`Wait::SyncQuorumShort`]).
 
 use std::collections::BTreeSet;
 
-use super::{Action, Cx, Observation, SyncSet};
+use super::{Action, Cx, Observation, SyncSet, Wait};
 use crate::config::MemberKind;
 use crate::policy::{Durability, SyncMode};
 
-/// The next step towards the target sync set, if any. Needs the primary to report what
-/// its Postgres has in `synchronous_standby_names`.
-pub(super) fn step(cx: &Cx, primary: &str, pobs: &Observation) -> Vec<Action> {
+/// The next step towards the target sync set, if any, and the wait when `required`
+/// durability is short of its quorum. Needs the primary to report what its Postgres has in
+/// `synchronous_standby_names`.
+pub(super) fn step(cx: &Cx, primary: &str, pobs: &Observation) -> (Vec<Action>, Option<Wait>) {
     let Some(applied) = &pobs.sync_standby_names else {
-        return Vec::new();
+        return (Vec::new(), None);
     };
-    let (target, degraded) = target(cx, primary, applied);
+    let Target {
+        set: target,
+        degraded,
+        short,
+    } = target(cx, primary, applied);
+    // Too few standbys to name a valid `ANY k` set: the record and Postgres stay as they
+    // are, so the rule holds as it did.
+    let Some(target) = target else {
+        return (Vec::new(), short);
+    };
     let recorded = &cx.view.recorded_sync_set;
     if *applied == target {
         if *recorded == target {
-            return Vec::new();
+            return (Vec::new(), short);
         }
         // Postgres already waits on exactly `target`: recording it keeps the superset.
-        return vec![Action::RecordSyncSet {
-            set: target,
-            degraded,
-        }];
+        return (
+            vec![Action::RecordSyncSet {
+                set: target,
+                degraded,
+            }],
+            short,
+        );
     }
     // While Postgres moves from `applied` to `target` it may wait on either.
     let must_cover: BTreeSet<String> = applied.names.union(&target.names).cloned().collect();
@@ -37,22 +54,32 @@ pub(super) fn step(cx: &Cx, primary: &str, pobs: &Observation) -> Vec<Action> {
         .filter(|k| *k > 0)
         .min()
         .unwrap_or(0);
-    if recorded.names.is_superset(&must_cover) && recorded.k <= min_k {
-        vec![Action::ApplySyncStandbyNames {
+    let action = if recorded.names.is_superset(&must_cover) && recorded.k <= min_k {
+        Action::ApplySyncStandbyNames {
             primary: primary.to_string(),
             set: target,
-        }]
+        }
     } else {
-        vec![Action::RecordSyncSet {
+        Action::RecordSyncSet {
             set: SyncSet::new(must_cover, min_k),
             degraded,
-        }]
-    }
+        }
+    };
+    (vec![action], short)
 }
 
-/// The sync set the policy asks for now, and whether `preferred` shrank it below the
-/// policy's quorum.
-fn target(cx: &Cx, primary: &str, applied: &SyncSet) -> (SyncSet, bool) {
+/// The sync set the policy asks for now.
+struct Target {
+    /// `None`: keep the record and Postgres as they are (`required` durability with too
+    /// few standbys to name `k` of them).
+    set: Option<SyncSet>,
+    /// `preferred` durability shrank the set below the policy's quorum.
+    degraded: bool,
+    /// `required` durability with fewer than `k` healthy sync standbys: commits wait.
+    short: Option<Wait>,
+}
+
+fn target(cx: &Cx, primary: &str, applied: &SyncSet) -> Target {
     let view = cx.view;
     let policy = &view.policy;
     let eligible: BTreeSet<&str> = view
@@ -83,23 +110,47 @@ fn target(cx: &Cx, primary: &str, applied: &SyncSet) -> (SyncSet, bool) {
         })
         .collect();
     let k = policy.sync_quorum;
-    if healthy.len() >= k as usize {
-        return (SyncSet::new(healthy, k), false);
+    // No standby in a sync region at all: the policy asks for async replication.
+    if healthy.len() >= k as usize || eligible.is_empty() {
+        return Target {
+            set: Some(SyncSet::new(healthy, k)),
+            degraded: false,
+            short: None,
+        };
     }
     match policy.durability {
         // Keep waiting on the eligible standbys Postgres already waits on: zero loss,
-        // commits block until k of them are back.
+        // commits block until k of them are back. A set of 1..k names would be invalid
+        // (and refused by the intent): then nothing changes at all.
         Durability::Required => {
             let kept = applied
                 .names
                 .iter()
                 .map(String::as_str)
                 .filter(|n| eligible.contains(n));
-            (SyncSet::new(healthy.iter().copied().chain(kept), k), false)
+            let names: BTreeSet<&str> = healthy.iter().copied().chain(kept).collect();
+            // Empty is a valid set (Postgres waits on nobody, and recording that keeps a
+            // later failover from waiting on standbys that acknowledged nothing).
+            let valid = names.is_empty() || names.len() >= k as usize;
+            let set = valid.then(|| SyncSet::new(names, k));
+            Target {
+                set,
+                degraded: false,
+                short: Some(Wait::SyncQuorumShort {
+                    primary: primary.to_string(),
+                    healthy: healthy.iter().map(|n| n.to_string()).collect(),
+                    quorum: k,
+                    waiting_on: applied.clone(),
+                }),
+            }
         }
         Durability::Preferred => {
             let n = healthy.len() as u32;
-            (SyncSet::new(healthy, k.min(n)), true)
+            Target {
+                set: Some(SyncSet::new(healthy, k.min(n))),
+                degraded: true,
+                short: None,
+            }
         }
     }
 }

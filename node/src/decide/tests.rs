@@ -695,7 +695,9 @@ fn switchover_walks_its_steps() {
                     degraded: false
                 },
             ],
-            wait: None,
+            // East is out of the budget and w2 not streaming from w1 yet: under
+            // `required`, commits would wait if there were anyone to wait on.
+            wait: Some(short("w1", &[], 1, SyncSet::default())),
         }
     );
 }
@@ -778,10 +780,54 @@ fn switchover_gives_up_within_its_bounds() {
     let o = obs(&mut v, "e1");
     o.postgres_up = true;
     o.fenced = false;
+    o.received_at_ms = at; // reported since the abort began
     assert_eq!(
         decide(&v, at),
         Decision {
             actions: vec![Action::AbandonSwitchover { reason }],
+            wait: None,
+        }
+    );
+}
+
+/// An operator cancelled while writes were stopped (the intent moved the switchover to
+/// `aborting`): the fenced old primary is un-fenced and the switchover dropped once it
+/// takes writes, never a failover, even though its Postgres is down and fenced.
+#[test]
+fn a_switchover_cancelled_after_writes_stopped_resumes_the_old_primary() {
+    let mut v = base();
+    primary_fenced(&mut v);
+    let cancelled = SwitchoverAbort::CancelledByOperator;
+    v.switchover = switchover(SwitchoverPhase::Aborting(cancelled.clone()), NOW - 1_000);
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![Action::Unfence {
+                member: "e1".into()
+            }],
+            wait: Some(Wait::Switchover(SwitchoverWait::PrimaryResuming {
+                primary: "e1".into(),
+                remaining_ms: 4_000
+            })),
+        }
+    );
+    // A "writable" report from before the abort began (it may predate the fence) does
+    // not end it.
+    let o = obs(&mut v, "e1");
+    o.postgres_up = true;
+    o.fenced = false;
+    o.received_at_ms = NOW - 1_001;
+    assert_eq!(
+        decide(&v, NOW).actions,
+        vec![Action::Unfence {
+            member: "e1".into()
+        }]
+    );
+    obs(&mut v, "e1").received_at_ms = NOW - 1_000;
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![Action::AbandonSwitchover { reason: cancelled }],
             wait: None,
         }
     );
@@ -884,7 +930,13 @@ fn durability_required_keeps_waiting_and_preferred_shrinks_and_says_so() {
     let mut v = base();
     obs(&mut v, "e2").wal_receiver_streaming = false;
     assert_eq!(v.policy.durability, Durability::Required);
-    assert_eq!(decide(&v, NOW), Decision::default());
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![],
+            wait: Some(short("e1", &[], 1, SyncSet::new(["e2"], 1))),
+        }
+    );
 
     v.policy.set("durability", "preferred").unwrap();
     assert_eq!(
@@ -949,6 +1001,199 @@ fn a_carried_sync_set_is_kept_while_its_standby_repoints() {
                     to: "e2".into()
                 },
             ],
+            // Commits on e2 wait for w1 meanwhile, and the leader says so.
+            wait: Some(short("e2", &[], 1, SyncSet::new(["w1"], 1))),
+        }
+    );
+}
+
+fn short(primary: &str, healthy: &[&str], quorum: u32, waiting_on: SyncSet) -> Wait {
+    Wait::SyncQuorumShort {
+        primary: primary.into(),
+        healthy: healthy.iter().map(|n| n.to_string()).collect(),
+        quorum,
+        waiting_on,
+    }
+}
+
+/// Every sync set in `d` is a valid `ANY k (names)` (what the intent accepts), and an
+/// `ApplySyncStandbyNames` stays within `recorded` (ordering rule).
+fn assert_sync_sets_valid(d: &Decision, recorded: &SyncSet) {
+    for a in &d.actions {
+        let (set, applies) = match a {
+            Action::RecordSyncSet { set, .. } => (set, false),
+            Action::ApplySyncStandbyNames { set, .. } => (set, true),
+            _ => continue,
+        };
+        let n = set.names.len();
+        assert!(
+            if n == 0 {
+                set.k == 0
+            } else {
+                (1..=n as u32).contains(&set.k)
+            },
+            "invalid set {set:?} in {d:?}"
+        );
+        if applies {
+            assert!(
+                set.names.is_subset(&recorded.names) && (n == 0 || set.k >= recorded.k),
+                "{set:?} not covered by the record {recorded:?}"
+            );
+        }
+    }
+}
+
+/// `required` durability, sync_quorum 2, west `sync`: the policy asks for two of e2, w1,
+/// w2. With only one healthy and no other name to keep, a set `ANY 2` of one name would
+/// be invalid (the intent refuses it, so nothing would ever progress): the record and
+/// Postgres stay as they are and the core reports that commits wait.
+#[test]
+fn required_durability_short_of_quorum_keeps_the_set_and_reports_the_wait() {
+    let mut v = base();
+    v.policy.set("regions.west.mode", "sync").unwrap();
+    v.policy.set("sync_quorum", "2").unwrap();
+    // Just after a failover whose carried set was too small: Postgres waits on nobody.
+    v.recorded_sync_set = SyncSet::default();
+    with_applied(&mut v, SyncSet::default());
+    obs(&mut v, "w1").wal_receiver_streaming = false;
+    obs(&mut v, "w2").postgres_up = false;
+    let d = decide(&v, NOW);
+    assert_eq!(
+        d,
+        Decision {
+            actions: vec![],
+            wait: Some(short("e1", &["e2"], 2, SyncSet::default())),
+        }
+    );
+    // w1 streams again: two healthy, the set grows (record first, then Postgres).
+    obs(&mut v, "w1").wal_receiver_streaming = true;
+    let two = SyncSet::new(["e2", "w1"], 2);
+    let d = decide(&v, NOW);
+    assert_sync_sets_valid(&d, &v.recorded_sync_set);
+    assert_eq!(
+        d,
+        Decision {
+            actions: vec![Action::RecordSyncSet {
+                set: two.clone(),
+                degraded: false
+            }],
+            wait: None,
+        }
+    );
+    v.recorded_sync_set = two.clone();
+    let d = decide(&v, NOW);
+    assert_sync_sets_valid(&d, &v.recorded_sync_set);
+    assert_eq!(
+        d.actions,
+        vec![Action::ApplySyncStandbyNames {
+            primary: "e1".into(),
+            set: two.clone()
+        }]
+    );
+    with_applied(&mut v, two.clone());
+    assert_eq!(decide(&v, NOW), Decision::default());
+
+    // w1 drops out again: the names Postgres waits on are kept, nothing changes.
+    obs(&mut v, "w1").wal_receiver_streaming = false;
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![],
+            wait: Some(short("e1", &["e2"], 2, two.clone())),
+        }
+    );
+    // West turns async meanwhile: only e2 is eligible, and `ANY 2 (e2)` is no set at all.
+    // Postgres keeps waiting on ANY 2 (e2, w1); the record is untouched.
+    v.policy.set("regions.west.mode", "async").unwrap();
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![],
+            wait: Some(short("e1", &["e2"], 2, two.clone())),
+        }
+    );
+    // The same in maintenance mode: reported, nothing suppressed.
+    v.maintenance = true;
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![],
+            wait: Some(Wait::Maintenance {
+                suppressed: vec![],
+                would_wait: Some(Box::new(short("e1", &["e2"], 2, two)))
+            }),
+        }
+    );
+}
+
+/// Short of quorum with more names kept than k: Postgres keeps waiting on the healthy
+/// one and the down ones it already waits on (a valid set), and the wait is reported.
+#[test]
+fn required_durability_keeps_the_names_postgres_waits_on() {
+    let mut v = base();
+    v.policy.set("regions.west.mode", "sync").unwrap();
+    v.policy.set("sync_quorum", "2").unwrap();
+    let three = SyncSet::new(["e2", "w1", "w2"], 2);
+    v.recorded_sync_set = three.clone();
+    with_applied(&mut v, three.clone());
+    assert_eq!(decide(&v, NOW), Decision::default());
+    // w2 down: two healthy meet the quorum, Postgres stops waiting on w2 first.
+    obs(&mut v, "w2").postgres_up = false;
+    let two = SyncSet::new(["e2", "w1"], 2);
+    let d = decide(&v, NOW);
+    assert_sync_sets_valid(&d, &v.recorded_sync_set);
+    assert_eq!(
+        d,
+        Decision {
+            actions: vec![Action::ApplySyncStandbyNames {
+                primary: "e1".into(),
+                set: two.clone()
+            }],
+            wait: None,
+        }
+    );
+    // Before that lands, w1 goes too: one healthy; the three names already waited on
+    // stay, so Postgres is left alone.
+    obs(&mut v, "w1").received_at_ms = STALE;
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![],
+            wait: Some(short("e1", &["e2"], 2, three.clone())),
+        }
+    );
+    // Had Postgres already moved to ANY 2 (e2, w1), the record shrinks to it (Postgres
+    // first, then the record) and the wait goes on.
+    with_applied(&mut v, two.clone());
+    let d = decide(&v, NOW);
+    assert_sync_sets_valid(&d, &v.recorded_sync_set);
+    assert_eq!(
+        d,
+        Decision {
+            actions: vec![Action::RecordSyncSet {
+                set: two.clone(),
+                degraded: false
+            }],
+            wait: Some(short("e1", &["e2"], 2, two)),
+        }
+    );
+}
+
+/// Every region async (or no standby in reach of the budget): the policy asks for async
+/// replication, which is no shortfall even under `required`.
+#[test]
+fn no_sync_region_means_async_without_a_wait() {
+    let mut v = base();
+    v.policy.set("regions.east.mode", "async").unwrap();
+    let d = decide(&v, NOW);
+    assert_sync_sets_valid(&d, &v.recorded_sync_set);
+    assert_eq!(
+        d,
+        Decision {
+            actions: vec![Action::ApplySyncStandbyNames {
+                primary: "e1".into(),
+                set: SyncSet::default()
+            }],
             wait: None,
         }
     );

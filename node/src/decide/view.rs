@@ -189,6 +189,8 @@ pub enum SwitchoverAbort {
         received_lsn: Option<Lsn>,
         final_lsn: Lsn,
     },
+    /// `meridianctl switchover --cancel` after writes were asked to stop.
+    CancelledByOperator,
 }
 
 /// Bounds the core applies (from the agent config's timing section).

@@ -106,6 +106,11 @@ pub struct HistoryEntry {
     pub new_primary_lsn: Option<Lsn>,
     /// Bytes the promotion may have lost (async failover), when known.
     pub possible_loss_bytes: Option<u64>,
+    /// For a switchover: how long writes were paused, as the leader measured it (from the
+    /// stop-writes phase committed to the new primary's first report of taking writes);
+    /// filled in by [`Command::RecordWritePause`] once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_pause_ms: Option<u64>,
 }
 
 /// Why a promotion happens; decides the history kind and which guards apply.
@@ -170,10 +175,16 @@ pub enum Command {
         tags: MemberTags,
     },
     Promote(Promote),
+    /// Replaces the policy and bumps [`Intent::policy_version`].
     SetPolicy {
         policy: Policy,
         reason: String,
         at_unix_ms: i64,
+        /// The `policy_version` the change was made on: refused when the policy changed
+        /// meanwhile (two operators editing at once would otherwise lose one's edit).
+        /// `None` replaces whatever is there.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expected_version: Option<u64>,
     },
     /// The sync set Postgres may wait on (`ANY k (names)`), recorded for the current
     /// generation's primary. Keeping the record a superset of what Postgres waits on is
@@ -201,8 +212,17 @@ pub enum Command {
         reason: SwitchoverAbort,
         at_unix_ms: i64,
     },
-    /// An operator cancels the pending switchover, whatever its phase.
-    ClearSwitchover,
+    /// An operator cancels the pending switchover (`meridianctl switchover --cancel`),
+    /// recorded in the history. Before writes were asked to stop it is dropped at once;
+    /// once they were (`stopping_writes`), no promotion has been committed, so it moves to
+    /// `aborting` ([`SwitchoverAbort::CancelledByOperator`]): the old primary resumes
+    /// writes in place before the decision core drops it. Dropping it there instead would
+    /// leave a fenced primary and no switchover, which the failover rules take for a
+    /// crash. Already `aborting`: it stays so.
+    ClearSwitchover {
+        #[serde(default)]
+        at_unix_ms: i64,
+    },
     AppendHistory(HistoryEntry),
     /// What the current generation's primary sets `synchronous_standby_names` to (the
     /// decision core's `ApplySyncStandbyNames`, carried to the primary's agent through the
@@ -218,6 +238,12 @@ pub enum Command {
     /// The member finished its re-clone.
     ReinitDone {
         name: String,
+    },
+    /// The leader measured how long a switchover paused writes: fills `write_pause_ms` of
+    /// the history entry of the switchover promotion at `generation` (the current one).
+    RecordWritePause {
+        generation: Generation,
+        write_pause_ms: u64,
     },
     /// The leader found no member to replace a primary that stopped (fenced, down): the
     /// same primary takes writes again, in a new generation (so a promotion decided on the
@@ -299,6 +325,13 @@ pub enum Refused {
     NoReinitPending(String),
     #[error("member {0:?} is not the primary")]
     NotPrimary(String),
+    #[error(
+        "the policy changed meanwhile: this change was made on policy version {expected}, \
+         the cluster's policy is at version {current}; read it again and retry"
+    )]
+    StalePolicyVersion { expected: u64, current: u64 },
+    #[error("no switchover promotion at generation {0} awaits its write pause")]
+    NoWritePauseToRecord(Generation),
 }
 
 /// What the state machine answers for each applied log entry.
@@ -327,6 +360,8 @@ pub struct Intent {
     pub primary: Option<String>,
     pub generation: Generation,
     pub policy: Policy,
+    /// Bumped by every applied `SetPolicy`: what `expected_version` is checked against.
+    pub policy_version: u64,
     /// The recorded sync set: a superset of what the primary's Postgres may wait on.
     pub sync_set: SyncSet,
     pub maintenance: bool,
@@ -361,6 +396,7 @@ impl Default for Intent {
             primary: None,
             generation: Generation(0),
             policy: Policy::default(),
+            policy_version: 0,
             sync_set: SyncSet::default(),
             maintenance: false,
             pending_switchover: None,
@@ -410,6 +446,20 @@ fn check_reason(reason: &str) -> Result<(), Refused> {
     }
 }
 
+/// `ANY k (names)` is well formed: 1 <= k <= size, and k = 0 only for the empty set.
+fn check_sync_quorum(set: &SyncSet) -> Result<(), Refused> {
+    let size = set.names.len();
+    let k_ok = if size == 0 {
+        set.k == 0
+    } else {
+        set.k >= 1 && set.k as usize <= size
+    };
+    if !k_ok {
+        return Err(Refused::InvalidSyncQuorum { k: set.k, size });
+    }
+    Ok(())
+}
+
 /// Under `required` durability a recorded set, unless empty (no sync standby at all),
 /// names at least `sync_quorum` members: fewer could never acknowledge a commit, and
 /// shrinking below the quorum is what `preferred` is for.
@@ -422,6 +472,20 @@ fn check_sync_set_size(policy: &Policy, set: &SyncSet) -> Result<(), Refused> {
         });
     }
     Ok(())
+}
+
+/// `h` records the switchover promotion of `primary` at `generation` (not a cancel or an
+/// abandon, which keep the same primary).
+fn is_switchover_promotion(
+    h: &HistoryEntry,
+    generation: Generation,
+    primary: Option<&str>,
+) -> bool {
+    h.kind == HistoryKind::Switchover
+        && h.generation == generation
+        && h.new_primary.as_deref() == primary
+        && primary.is_some()
+        && h.old_primary != h.new_primary
 }
 
 impl Intent {
@@ -494,7 +558,20 @@ impl Intent {
             }
             Command::SetMemberTags { name, .. } => self.known(name).map(|_| ()),
             Command::Promote(p) => self.validate_promote(p),
-            Command::SetPolicy { policy, reason, .. } => {
+            Command::SetPolicy {
+                policy,
+                reason,
+                expected_version,
+                ..
+            } => {
+                if let Some(expected) = *expected_version {
+                    if expected != self.policy_version {
+                        return Err(Refused::StalePolicyVersion {
+                            expected,
+                            current: self.policy_version,
+                        });
+                    }
+                }
                 check_reason(reason)?;
                 policy
                     .validate()
@@ -514,15 +591,7 @@ impl Intent {
                         return Err(Refused::MemberIsPrimary(name.clone()));
                     }
                 }
-                let size = set.names.len();
-                let k_ok = if size == 0 {
-                    set.k == 0
-                } else {
-                    set.k >= 1 && set.k as usize <= size
-                };
-                if !k_ok {
-                    return Err(Refused::InvalidSyncQuorum { k: set.k, size });
-                }
+                check_sync_quorum(set)?;
                 check_sync_set_size(&self.policy, set)
             }
             Command::SetMaintenance { .. } => Ok(()),
@@ -565,7 +634,7 @@ impl Intent {
                 Ok(())
             }
             Command::AbandonSwitchover { to, .. } => self.pending_switchover_to(to).map(|_| ()),
-            Command::ClearSwitchover => {
+            Command::ClearSwitchover { .. } => {
                 if self.pending_switchover.is_none() {
                     return Err(Refused::NoSwitchoverPending);
                 }
@@ -579,6 +648,8 @@ impl Intent {
                         got: *generation,
                     });
                 }
+                // `ANY k` of fewer than k names would hang every commit for good.
+                check_sync_quorum(set)?;
                 // Ordering rule: Postgres may only wait on members the record names, with
                 // a k no smaller than the record's.
                 let covered = set.names.is_subset(&self.sync_set.names)
@@ -590,6 +661,18 @@ impl Intent {
                     });
                 }
                 Ok(())
+            }
+            Command::RecordWritePause { generation, .. } => {
+                if *generation != self.generation {
+                    return Err(Refused::StaleGeneration {
+                        expected: self.generation,
+                        got: *generation,
+                    });
+                }
+                match self.switchover_entry_awaiting_pause() {
+                    Some(_) => Ok(()),
+                    None => Err(Refused::NoWritePauseToRecord(*generation)),
+                }
             }
             Command::Reinit { name } => {
                 self.data_member(name)?;
@@ -712,6 +795,7 @@ impl Intent {
                     old_primary_lsn: None,
                     new_primary_lsn: None,
                     possible_loss_bytes: None,
+                    write_pause_ms: None,
                 });
                 return Response::MemberAdded(id);
             }
@@ -729,6 +813,7 @@ impl Intent {
                     old_primary_lsn: None,
                     new_primary_lsn: None,
                     possible_loss_bytes: None,
+                    write_pause_ms: None,
                 });
             }
             Command::SetMemberTags { name, tags } => {
@@ -773,14 +858,17 @@ impl Intent {
                     old_primary_lsn: p.old_primary_lsn,
                     new_primary_lsn: p.new_primary_lsn,
                     possible_loss_bytes: p.possible_loss_bytes,
+                    write_pause_ms: None,
                 });
             }
             Command::SetPolicy {
                 policy,
                 reason,
                 at_unix_ms,
+                ..
             } => {
                 self.policy = policy.clone();
+                self.policy_version = self.policy_version.saturating_add(1);
                 self.push_history(HistoryEntry {
                     at_unix_ms: *at_unix_ms,
                     kind: HistoryKind::Policy,
@@ -791,6 +879,7 @@ impl Intent {
                     old_primary_lsn: None,
                     new_primary_lsn: None,
                     possible_loss_bytes: None,
+                    write_pause_ms: None,
                 });
             }
             Command::RecordSyncSet { set, .. } => self.sync_set = set.clone(),
@@ -820,15 +909,61 @@ impl Intent {
                     old_primary_lsn: None,
                     new_primary_lsn: None,
                     possible_loss_bytes: None,
+                    write_pause_ms: None,
                 });
             }
-            Command::ClearSwitchover => self.pending_switchover = None,
+            Command::ClearSwitchover { at_unix_ms } => {
+                let Some(sw) = self.pending_switchover.take() else {
+                    return Response::Applied;
+                };
+                let what = format!(
+                    "switchover from {} to {} cancelled by operator",
+                    sw.from, sw.to
+                );
+                let (reason, still_pending) = match &sw.phase {
+                    SwitchoverPhase::Requested => (format!("{what} before writes stopped"), None),
+                    SwitchoverPhase::StoppingWrites => (
+                        format!("{what} after writes stopped: {} resumes writes", sw.from),
+                        Some(PendingSwitchover {
+                            phase: SwitchoverPhase::Aborting(SwitchoverAbort::CancelledByOperator),
+                            ..sw
+                        }),
+                    ),
+                    SwitchoverPhase::Aborting(why) => (
+                        format!("{what} while already aborting ({why:?})"),
+                        Some(sw.clone()),
+                    ),
+                };
+                self.pending_switchover = still_pending;
+                self.push_history(HistoryEntry {
+                    at_unix_ms: *at_unix_ms,
+                    kind: HistoryKind::Switchover,
+                    reason,
+                    old_primary: self.primary.clone(),
+                    new_primary: self.primary.clone(),
+                    generation: self.generation,
+                    old_primary_lsn: None,
+                    new_primary_lsn: None,
+                    possible_loss_bytes: None,
+                    write_pause_ms: None,
+                });
+            }
             Command::AppendHistory(entry) => self.push_history(entry.clone()),
             Command::SetSyncTarget { generation, set } => {
                 self.sync_target = Some(SyncTarget {
                     generation: *generation,
                     set: set.clone(),
                 })
+            }
+            Command::RecordWritePause { write_pause_ms, .. } => {
+                let generation = self.generation;
+                let primary = self.primary.clone();
+                if let Some(entry) = self.history.iter_mut().rev().find(|h| {
+                    is_switchover_promotion(h, generation, primary.as_deref())
+                        && h.write_pause_ms.is_none()
+                }) {
+                    entry.write_pause_ms = Some(*write_pause_ms);
+                }
             }
             Command::Reinit { name } => {
                 self.reinit.insert(name.clone());
@@ -860,10 +995,20 @@ impl Intent {
                     old_primary_lsn: None,
                     new_primary_lsn: None,
                     possible_loss_bytes: Some(0),
+                    write_pause_ms: None,
                 });
             }
         }
         Response::Applied
+    }
+
+    /// The history entry of the switchover that made the current primary, if its write
+    /// pause is not recorded yet.
+    pub fn switchover_entry_awaiting_pause(&self) -> Option<&HistoryEntry> {
+        self.history.iter().rev().find(|h| {
+            is_switchover_promotion(h, self.generation, self.primary.as_deref())
+                && h.write_pause_ms.is_none()
+        })
     }
 
     fn push_history(&mut self, entry: HistoryEntry) {
@@ -1118,6 +1263,7 @@ mod tests {
         );
         assert_eq!(
             i.apply(&Command::SetPolicy {
+                expected_version: None,
                 policy,
                 reason: "b is manual".into(),
                 at_unix_ms: 3
@@ -1190,7 +1336,7 @@ mod tests {
             Refused::AlreadyPrimary("a1".into())
         );
         assert_eq!(
-            refused(&mut i, Command::ClearSwitchover),
+            refused(&mut i, Command::ClearSwitchover { at_unix_ms: 1 }),
             Refused::NoSwitchoverPending
         );
         assert_eq!(
@@ -1271,7 +1417,10 @@ mod tests {
         assert_eq!(i.history.last().unwrap().kind, HistoryKind::Switchover);
 
         assert_eq!(i.apply(&begin("b1", "a1")), Response::Applied);
-        assert_eq!(i.apply(&Command::ClearSwitchover), Response::Applied);
+        assert_eq!(
+            i.apply(&Command::ClearSwitchover { at_unix_ms: 3 }),
+            Response::Applied
+        );
         assert_eq!(i.pending_switchover, None);
     }
 
@@ -1336,6 +1485,167 @@ mod tests {
         );
         assert_eq!(i.apply(&abandon("b1")), Response::Applied);
         assert_eq!(i.pending_switchover, None);
+    }
+
+    /// What an operator's cancel leaves behind, phase by phase.
+    #[test]
+    fn cancelling_a_switchover_resumes_the_old_primary_once_writes_stopped() {
+        let cancel = Command::ClearSwitchover { at_unix_ms: 20 };
+        let cancelled = SwitchoverPhase::Aborting(SwitchoverAbort::CancelledByOperator);
+        let entry = |reason: &str| HistoryEntry {
+            at_unix_ms: 20,
+            kind: HistoryKind::Switchover,
+            reason: reason.into(),
+            old_primary: Some("a1".into()),
+            new_primary: Some("a1".into()),
+            generation: Generation(1),
+            old_primary_lsn: None,
+            new_primary_lsn: None,
+            possible_loss_bytes: None,
+            write_pause_ms: None,
+        };
+
+        // Requested: nothing was fenced, the switchover is dropped at once.
+        let mut i = cluster();
+        i.apply(&begin("a1", "b1"));
+        assert_eq!(i.apply(&cancel), Response::Applied);
+        assert_eq!(i.pending_switchover, None);
+        assert_eq!(
+            i.history.last(),
+            Some(&entry(
+                "switchover from a1 to b1 cancelled by operator before writes stopped"
+            ))
+        );
+        assert_eq!(
+            refused(&mut i, cancel.clone()),
+            Refused::NoSwitchoverPending
+        );
+
+        // Stopping writes: aborting, so the old primary resumes in place; the promotion
+        // the leader may have decided meanwhile is refused.
+        i.apply(&begin("a1", "b1"));
+        i.apply(&phase("b1", SwitchoverPhase::StoppingWrites));
+        let before = i.history.len();
+        assert_eq!(i.apply(&cancel), Response::Applied);
+        assert_eq!(
+            i.pending_switchover,
+            Some(PendingSwitchover {
+                from: "a1".into(),
+                to: "b1".into(),
+                started_at_unix_ms: 9,
+                phase: cancelled.clone(),
+            })
+        );
+        assert_eq!(i.history.len(), before + 1);
+        assert_eq!(
+            i.history.last(),
+            Some(&entry(
+                "switchover from a1 to b1 cancelled by operator after writes stopped: a1 \
+                 resumes writes"
+            ))
+        );
+        assert_eq!(
+            refused(&mut i, promote("b1", 2, PromotionKind::Switchover)),
+            Refused::SwitchoverWritesNotStopping {
+                phase: cancelled.clone()
+            }
+        );
+        assert_eq!(
+            (i.primary.as_deref(), i.generation),
+            (Some("a1"), Generation(1))
+        );
+        // Cancelling again changes nothing but the history.
+        assert_eq!(i.apply(&cancel), Response::Applied);
+        assert_eq!(
+            i.pending_switchover.as_ref().map(|sw| &sw.phase),
+            Some(&cancelled)
+        );
+        assert_eq!(
+            i.history.last(),
+            Some(&entry(
+                "switchover from a1 to b1 cancelled by operator while already aborting \
+                 (CancelledByOperator)"
+            ))
+        );
+        // Once a1 takes writes again the decision core drops it.
+        assert_eq!(
+            i.apply(&Command::AbandonSwitchover {
+                to: "b1".into(),
+                reason: SwitchoverAbort::CancelledByOperator,
+                at_unix_ms: 21,
+            }),
+            Response::Applied
+        );
+        assert_eq!(i.pending_switchover, None);
+        assert_eq!(
+            i.history.last().map(|h| h.reason.as_str()),
+            Some("switchover from a1 to b1 abandoned: CancelledByOperator")
+        );
+
+        // A cancel that comes after the promotion finds nothing to cancel.
+        i.apply(&begin("a1", "b1"));
+        i.apply(&phase("b1", SwitchoverPhase::StoppingWrites));
+        assert_eq!(
+            i.apply(&promote("b1", 2, PromotionKind::Switchover)),
+            Response::Applied
+        );
+        assert_eq!(refused(&mut i, cancel), Refused::NoSwitchoverPending);
+        // The JSON of an older meridianctl (no time) still decodes.
+        let c: Command = serde_json::from_str(r#"{"type":"clear_switchover"}"#).unwrap();
+        assert_eq!(c, Command::ClearSwitchover { at_unix_ms: 0 });
+    }
+
+    #[test]
+    fn the_write_pause_fills_the_switchover_entry_once() {
+        let mut i = cluster();
+        let pause = |g: u64, ms: u64| Command::RecordWritePause {
+            generation: Generation(g),
+            write_pause_ms: ms,
+        };
+        // No switchover made the current primary.
+        assert_eq!(
+            refused(&mut i, pause(1, 300)),
+            Refused::NoWritePauseToRecord(Generation(1))
+        );
+        // A cancelled switchover keeps the primary: nothing to time either.
+        i.apply(&begin("a1", "b1"));
+        i.apply(&Command::ClearSwitchover { at_unix_ms: 3 });
+        assert_eq!(
+            refused(&mut i, pause(1, 300)),
+            Refused::NoWritePauseToRecord(Generation(1))
+        );
+        i.apply(&begin("a1", "b1"));
+        i.apply(&phase("b1", SwitchoverPhase::StoppingWrites));
+        i.apply(&promote("b1", 2, PromotionKind::Switchover));
+        assert!(matches!(
+            refused(&mut i, pause(1, 300)),
+            Refused::StaleGeneration { .. }
+        ));
+        let before = i.history.clone();
+        assert_eq!(i.apply(&pause(2, 300)), Response::Applied);
+        let (last, earlier) = i.history.split_last().unwrap();
+        assert_eq!(
+            earlier,
+            &before[..before.len() - 1],
+            "only the promotion entry changes"
+        );
+        assert_eq!(
+            last,
+            &HistoryEntry {
+                write_pause_ms: Some(300),
+                ..before.last().unwrap().clone()
+            }
+        );
+        assert_eq!(
+            serde_json::to_value(last).unwrap()["write_pause_ms"],
+            300,
+            "meridianctl reads this field"
+        );
+        // Once only.
+        assert_eq!(
+            refused(&mut i, pause(2, 400)),
+            Refused::NoWritePauseToRecord(Generation(2))
+        );
     }
 
     #[test]
@@ -1404,6 +1714,7 @@ mod tests {
         };
         assert_eq!(
             i.apply(&Command::SetPolicy {
+                expected_version: None,
                 policy: policy.clone(),
                 reason: "zero loss".into(),
                 at_unix_ms: 4
@@ -1426,6 +1737,7 @@ mod tests {
             refused(
                 &mut i,
                 Command::SetPolicy {
+                    expected_version: None,
                     policy: policy3.clone(),
                     reason: "".into(),
                     at_unix_ms: 5
@@ -1440,6 +1752,7 @@ mod tests {
         };
         assert_eq!(
             i.apply(&Command::SetPolicy {
+                expected_version: None,
                 policy: preferred,
                 reason: "availability first".into(),
                 at_unix_ms: 6
@@ -1501,6 +1814,17 @@ mod tests {
             }),
             Response::Refused(Refused::SyncTargetNotRecorded { .. })
         ));
+        // `ANY 2 (b1)` would hang every commit for good.
+        assert_eq!(
+            i.apply(&Command::SetSyncTarget {
+                generation: Generation(2),
+                set: SyncSet {
+                    names: ["b1".to_string()].into(),
+                    k: 2
+                },
+            }),
+            Response::Refused(Refused::InvalidSyncQuorum { k: 2, size: 1 })
+        );
         assert!(matches!(
             i.apply(&Command::SetSyncTarget {
                 generation: Generation(1),
@@ -1572,6 +1896,7 @@ mod tests {
     fn policy_validation() {
         let mut i = cluster();
         let set = |p: Policy| Command::SetPolicy {
+            expected_version: None,
             policy: p,
             reason: "r".into(),
             at_unix_ms: 1,
@@ -1612,6 +1937,7 @@ mod tests {
             refused(
                 &mut i,
                 Command::SetPolicy {
+                    expected_version: None,
                     policy: Policy::default(),
                     reason: "x".repeat(MAX_REASON_LEN + 1),
                     at_unix_ms: 1
@@ -1621,6 +1947,69 @@ mod tests {
         );
         assert_eq!(i.apply(&set(Policy::default())), Response::Applied);
         assert_eq!(i.history.last().unwrap().kind, HistoryKind::Policy);
+    }
+
+    /// Two operators read version 0 and both edit: the second edit is refused, naming both
+    /// versions, and changes nothing.
+    #[test]
+    fn a_policy_edit_made_on_a_stale_version_is_refused() {
+        let mut i = cluster();
+        assert_eq!(i.policy_version, 0);
+        let edit = |quorum: u32, expected: Option<u64>| Command::SetPolicy {
+            policy: Policy {
+                sync_quorum: quorum,
+                ..Policy::default()
+            },
+            reason: format!("sync_quorum={quorum}"),
+            at_unix_ms: 7,
+            expected_version: expected,
+        };
+        assert_eq!(i.apply(&edit(2, Some(0))), Response::Applied);
+        assert_eq!((i.policy.sync_quorum, i.policy_version), (2, 1));
+        let before = i.clone();
+        let r = i.apply(&edit(3, Some(0)));
+        assert_eq!(
+            r,
+            Response::Refused(Refused::StalePolicyVersion {
+                expected: 0,
+                current: 1
+            })
+        );
+        assert_eq!(i, before, "a refused edit changed the intent");
+        let Response::Refused(refused) = r else {
+            unreachable!()
+        };
+        assert_eq!(
+            refused.to_string(),
+            "the policy changed meanwhile: this change was made on policy version 0, the \
+             cluster's policy is at version 1; read it again and retry"
+        );
+        // On the current version, or without a version (the runtime, older clients), it applies.
+        assert_eq!(i.apply(&edit(3, Some(1))), Response::Applied);
+        assert_eq!(i.apply(&edit(1, None)), Response::Applied);
+        assert_eq!((i.policy.sync_quorum, i.policy_version), (1, 3));
+        // The version survives a snapshot; an older snapshot without it starts at 0.
+        let json = serde_json::to_string(&i).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Intent>(&json)
+                .unwrap()
+                .policy_version,
+            3
+        );
+        let old: Intent = serde_json::from_str(r#"{"policy": {}}"#).unwrap();
+        assert_eq!(old.policy_version, 0);
+        // A command without the field (older meridianctl) decodes to None.
+        let c: Command = serde_json::from_str(
+            r#"{"type":"set_policy","policy":{},"reason":"r","at_unix_ms":1}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            c,
+            Command::SetPolicy {
+                expected_version: None,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -1651,6 +2040,7 @@ mod tests {
             old_primary_lsn: None,
             new_primary_lsn: None,
             possible_loss_bytes: None,
+            write_pause_ms: None,
         };
         for _ in 0..MAX_HISTORY_ENTRIES + 5 {
             assert_eq!(
@@ -1673,7 +2063,7 @@ mod tests {
     fn commands_and_responses_round_trip_through_json() {
         let cmds = vec![
             promote("a2", 2, PromotionKind::Failover),
-            Command::ClearSwitchover,
+            Command::ClearSwitchover { at_unix_ms: 4 },
             Command::SetMaintenance { on: true },
             rec(1, &["a2", "b1"], 1),
             begin("a1", "b1"),
