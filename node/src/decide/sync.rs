@@ -89,10 +89,19 @@ fn target(cx: &Cx, primary: &str, applied: &SyncSet) -> Target {
         .filter(|(name, m)| match policy.region(&m.region).mode {
             SyncMode::Sync => true,
             SyncMode::Async => false,
-            SyncMode::Auto => view
-                .rtt_from_primary_ms
-                .get(name.as_str())
-                .is_some_and(|rtt| *rtt <= policy.commit_latency_budget_ms),
+            // Hysteresis: a standby Postgres already waits on stays sync up to twice the
+            // budget, so a round trip hovering at the budget does not flip the set (and
+            // the Raft log) back and forth.
+            SyncMode::Auto => {
+                let budget_ms = if applied.names.contains(name.as_str()) {
+                    policy.commit_latency_budget_ms.saturating_mul(2)
+                } else {
+                    policy.commit_latency_budget_ms
+                };
+                view.rtt_from_primary_ms
+                    .get(name.as_str())
+                    .is_some_and(|rtt| *rtt <= budget_ms)
+            }
         })
         .map(|(name, _)| name.as_str())
         .collect();

@@ -1199,6 +1199,32 @@ fn no_sync_region_means_async_without_a_wait() {
     );
 }
 
+/// `auto`: a standby Postgres already waits on stays sync up to twice the budget; a new
+/// one must fit the budget itself.
+#[test]
+fn an_auto_sync_standby_stays_until_twice_the_budget() {
+    let mut v = base();
+    // e2 is applied; 15 ms is over the 10 ms budget but within twice it: nothing changes.
+    v.rtt_from_primary_ms.insert("e2".into(), 15);
+    assert_eq!(decide(&v, NOW), Decision::default());
+    // Past twice the budget: Postgres stops waiting on it first.
+    v.rtt_from_primary_ms.insert("e2".into(), 21);
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![Action::ApplySyncStandbyNames {
+                primary: "e1".into(),
+                set: SyncSet::default()
+            }],
+            wait: None,
+        }
+    );
+    // w1 is not applied: 15 ms keeps it out (the set stays {e2}).
+    let mut v = base();
+    v.rtt_from_primary_ms.insert("w1".into(), 15);
+    assert_eq!(decide(&v, NOW), Decision::default());
+}
+
 // ------------------------------------------------------------------ housekeeping
 
 #[test]
