@@ -94,6 +94,27 @@ async fn form() -> AgentCluster {
         c.start(m).unwrap();
     }
     wait_streaming(&c, &["a2", "b1"], "a1", FORM).await;
+    // The default policy makes the in-region standby synchronous: every test starts from
+    // commits that a2 acknowledged (a crash of a1 alone is then a failover to a2, not a
+    // restart in place).
+    wait_for("a1 waiting on a2 for its commits", FORM, || async {
+        let s = c.status().await.ok()?;
+        let names = s
+            .members
+            .iter()
+            .find(|m| m.name == "a1")?
+            .observation
+            .as_ref()?
+            .postgres
+            .as_ref()?
+            .sync_standby_names
+            .as_ref()?
+            .names
+            .clone();
+        names.iter().any(|n| n == "a2").then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     eprintln!("cluster formed in {} ms", started.elapsed().as_millis());
     c
 }

@@ -170,6 +170,9 @@ pub async fn run(shared: Arc<Shared>, pg: PgInstance) {
     }
 }
 
+/// Spacing of the new primary's first lease renewals.
+const PROMOTE_LEASE_RETRY: Duration = Duration::from_millis(50);
+
 struct Member {
     shared: Arc<Shared>,
     pg: PgInstance,
@@ -480,9 +483,18 @@ impl Member {
         let generation = intent.generation;
         shared.set_activity(&format!("promoting (generation {generation})"));
         let t = &shared.config.timing;
-        super::lease::renew_once(&shared, generation, t.fence_after)
-            .await
-            .map_err(|e| anyhow::anyhow!("lease before promotion: {e}"))?;
+        // Members that have not applied the promotion yet refuse the first renewal, and
+        // a forced promotion waits out the old grants: retry briefly, bounded by one lease.
+        let lease_by = Instant::now() + t.lease_ttl;
+        loop {
+            match super::lease::renew_once(&shared, generation, t.fence_after).await {
+                Ok(()) => break,
+                Err(e) if Instant::now() >= lease_by => {
+                    anyhow::bail!("lease before promotion: {e}")
+                }
+                Err(_) => tokio::time::sleep(PROMOTE_LEASE_RETRY).await,
+            }
+        }
         let started = Instant::now();
         // Slots first (a standby can create physical slots), so the standbys re-pointing
         // here stream through them as soon as this server takes writes: under a sync
