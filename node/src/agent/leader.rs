@@ -184,7 +184,7 @@ async fn round(shared: &Arc<Shared>, tr: &mut Tracker) -> anyhow::Result<()> {
     let mut commands: Vec<Command> = decision
         .actions
         .iter()
-        .filter_map(|a| command_for(a, &intent, &observations))
+        .filter_map(|a| command_for(a, &intent, &observations, lease.primary_lsn))
         .collect();
     if let Some(cmd) = resume_in_place(&decision, &intent, &observations, &view.limits, now_ms) {
         commands.push(cmd);
@@ -262,6 +262,7 @@ fn lease_view(tr: &Tracker, intent: &Intent, ms: &dyn Fn(Instant) -> u64) -> Lea
         Some((r, at)) => LeaseView {
             broken: r.broken,
             majority_runs_out_at_ms: r.majority_runs_out_in.map(|d| ms(*at + d)),
+            primary_lsn: r.primary_lsn,
         },
         None => LeaseView::default(),
     }
@@ -372,6 +373,7 @@ fn command_for(
     action: &Action,
     intent: &Intent,
     observations: &BTreeMap<String, crate::decide::Observation>,
+    lease_lsn: Option<crate::types::Lsn>,
 ) -> Option<Command> {
     match action {
         Action::Promote {
@@ -381,9 +383,11 @@ fn command_for(
             expected_loss_bytes,
         } => {
             let old = intent.primary.as_deref();
+            // Its own last report, or what it told the voters with its renewals.
             let old_lsn = old
                 .and_then(|o| observations.get(o))
-                .and_then(|o| o.best_lsn());
+                .and_then(|o| o.best_lsn())
+                .max(lease_lsn);
             let new_lsn = observations.get(member).and_then(|o| o.best_lsn());
             let (kind, why) = match reason {
                 PromoteReason::PrimaryFenced => (
@@ -408,7 +412,9 @@ fn command_for(
                 at_unix_ms: unix_ms(),
                 old_primary_lsn: old_lsn,
                 new_primary_lsn: new_lsn,
-                possible_loss_bytes: Some(*expected_loss_bytes),
+                // When nothing at all is known of the old primary's WAL, neither is the
+                // loss: the history says so rather than claiming a figure.
+                possible_loss_bytes: old_lsn.map(|_| *expected_loss_bytes),
                 // Each reason means the old primary takes no more writes: its lease was
                 // broken by a majority, or its agent confirmed it stopped.
                 old_lease_released: true,

@@ -104,6 +104,10 @@ struct GrantInner {
     previous_until: Instant,
     /// Every generation up to this one is broken here.
     broken_upto: Generation,
+    /// The highest WAL position `generation`'s primary reported here, and the previous
+    /// generation's.
+    primary_lsn: u64,
+    previous_primary_lsn: u64,
 }
 
 impl Grants {
@@ -128,6 +132,8 @@ impl Grants {
                 // A grant given before a restart may still run.
                 previous_until: now + ttl,
                 broken_upto,
+                primary_lsn: 0,
+                previous_primary_lsn: 0,
             }),
         }
     }
@@ -141,17 +147,25 @@ impl Grants {
     fn follow(&self, g: &mut GrantInner, intent: &Intent, now: Instant) {
         if intent.generation > g.generation {
             g.previous_until = g.previous_until.max(g.since + self.ttl);
+            g.previous_primary_lsn = if intent.generation.0 == g.generation.0 + 1 {
+                g.primary_lsn
+            } else {
+                0
+            };
+            g.primary_lsn = 0;
             g.generation = intent.generation;
             g.since = now;
             g.granted = false;
         }
     }
 
-    /// A renewal from `member` for `generation`, received at `now`.
+    /// A renewal from `member` for `generation`, received at `now`, with the primary's
+    /// WAL position (0: unknown).
     pub fn renew(
         &self,
         member: &str,
         generation: Generation,
+        wal_lsn: u64,
         intent: &Intent,
         now: Instant,
     ) -> Result<(), String> {
@@ -176,7 +190,20 @@ impl Grants {
         }
         g.since = now;
         g.granted = true;
+        g.primary_lsn = g.primary_lsn.max(wal_lsn);
         Ok(())
+    }
+
+    /// The highest WAL position the primary of `generation` reported here (0: none).
+    pub fn primary_lsn(&self, generation: Generation) -> u64 {
+        let g = self.lock();
+        if generation == g.generation {
+            g.primary_lsn
+        } else if generation.0 + 1 == g.generation.0 {
+            g.previous_primary_lsn
+        } else {
+            0
+        }
     }
 
     /// The leader asks to break `member`'s lease of `generation`.
@@ -252,10 +279,13 @@ pub fn handle_renew(shared: &Shared, req: RenewLeaseRequest) -> RenewLeaseRespon
         ));
     }
     let intent = shared.applied().intent.clone();
-    match shared
-        .grants
-        .renew(&req.member, Generation(req.generation), &intent, now)
-    {
+    match shared.grants.renew(
+        &req.member,
+        Generation(req.generation),
+        req.wal_lsn,
+        &intent,
+        now,
+    ) {
         Ok(()) => RenewLeaseResponse {
             ok: true,
             leader: String::new(),
@@ -269,41 +299,39 @@ pub fn handle_renew(shared: &Shared, req: RenewLeaseRequest) -> RenewLeaseRespon
 pub fn handle_break(shared: &Shared, req: BreakLeaseRequest) -> BreakLeaseResponse {
     if req.cluster != shared.config.cluster {
         return BreakLeaseResponse {
-            broken: false,
-            remaining_ms: 0,
             reason: format!(
                 "cluster mismatch: {:?} vs {:?}",
                 req.cluster, shared.config.cluster
             ),
+            ..BreakLeaseResponse::default()
         };
     }
     let intent = shared.applied().intent.clone();
-    let outcome = shared.grants.break_lease(
-        &req.member,
-        Generation(req.generation),
-        &intent,
-        Instant::now(),
-    );
-    match outcome {
+    let generation = Generation(req.generation);
+    let outcome = shared
+        .grants
+        .break_lease(&req.member, generation, &intent, Instant::now());
+    let primary_lsn = shared.grants.primary_lsn(generation);
+    let mut resp = match outcome {
         BreakOutcome::Broken => {
             tracing::info!(primary = %req.member, generation = req.generation, "lease broken here");
             BreakLeaseResponse {
                 broken: true,
-                remaining_ms: 0,
-                reason: String::new(),
+                ..BreakLeaseResponse::default()
             }
         }
         BreakOutcome::Held { remaining } => BreakLeaseResponse {
-            broken: false,
             remaining_ms: u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX),
             reason: "the grant still runs here".into(),
+            ..BreakLeaseResponse::default()
         },
         BreakOutcome::Refused(reason) => BreakLeaseResponse {
-            broken: false,
-            remaining_ms: 0,
             reason,
+            ..BreakLeaseResponse::default()
         },
-    }
+    };
+    resp.primary_lsn = primary_lsn;
+    resp
 }
 
 /// Majority of `n` voters.
@@ -327,6 +355,9 @@ pub async fn renew_once(
         cluster: shared.config.cluster.clone(),
         member: shared.name().to_string(),
         generation: generation.0,
+        wal_lsn: shared
+            .local_wal_lsn
+            .load(std::sync::atomic::Ordering::Relaxed),
     };
     let mut granted = 0usize;
     let mut refusals: Vec<String> = Vec::new();
@@ -409,6 +440,8 @@ pub struct BreakResult {
     /// When not broken: how long until enough of the answering voters' grants run out for
     /// a majority (None: too few answered to tell).
     pub majority_runs_out_in: Option<Duration>,
+    /// The highest WAL position the primary reported to any answering voter.
+    pub primary_lsn: Option<crate::types::Lsn>,
 }
 
 /// The leader asks every member to break `member`'s lease of `generation`; returns as soon
@@ -429,10 +462,12 @@ pub async fn break_round(
     };
     let mut broken_by = Vec::new();
     let mut held: Vec<Duration> = Vec::new();
+    let mut lsn = 0u64;
     let mut calls = JoinSet::new();
     for voter in voters {
         if voter == shared.name() {
             let r = handle_break(shared, req.clone());
+            lsn = lsn.max(r.primary_lsn);
             tally(&voter, Ok(r), &mut broken_by, &mut held);
             continue;
         }
@@ -453,7 +488,12 @@ pub async fn break_round(
             deadline = deadline.min(tokio::time::Instant::now() + BREAK_GRACE);
         }
         match tokio::time::timeout_at(deadline, calls.join_next()).await {
-            Ok(Some(Ok((voter, r)))) => tally(&voter, r, &mut broken_by, &mut held),
+            Ok(Some(Ok((voter, r)))) => {
+                if let Ok(r) = &r {
+                    lsn = lsn.max(r.primary_lsn);
+                }
+                tally(&voter, r, &mut broken_by, &mut held)
+            }
             Ok(Some(Err(_))) => {}
             Ok(None) | Err(_) => break,
         }
@@ -470,6 +510,7 @@ pub async fn break_round(
         broken_by,
         broken,
         majority_runs_out_in,
+        primary_lsn: (lsn > 0).then_some(crate::types::Lsn(lsn)),
     }
 }
 
@@ -660,13 +701,13 @@ mod tests {
         let t0 = Instant::now();
         let g = settled(t0);
         let i = intent("a1", 3, false);
-        assert!(g.renew("a1", Generation(3), &i, t0).is_ok());
-        let e = g.renew("a2", Generation(3), &i, t0).unwrap_err();
+        assert!(g.renew("a1", Generation(3), 0, &i, t0).is_ok());
+        let e = g.renew("a2", Generation(3), 0, &i, t0).unwrap_err();
         assert!(e.contains("not the primary"), "{e}");
-        let e = g.renew("a1", Generation(2), &i, t0).unwrap_err();
+        let e = g.renew("a1", Generation(2), 0, &i, t0).unwrap_err();
         assert!(e.contains("not the primary"), "{e}");
         // A voter that has not applied the promotion yet refuses too.
-        let e = g.renew("a1", Generation(4), &i, t0).unwrap_err();
+        let e = g.renew("a1", Generation(4), 0, &i, t0).unwrap_err();
         assert!(e.contains("not the primary"), "{e}");
     }
 
@@ -675,7 +716,7 @@ mod tests {
         let t0 = Instant::now();
         let g = settled(t0);
         let i = intent("a1", 3, false);
-        g.renew("a1", Generation(3), &i, t0).unwrap();
+        g.renew("a1", Generation(3), 0, &i, t0).unwrap();
         let ms = Duration::from_millis;
         assert_eq!(
             g.break_lease("a1", Generation(3), &i, t0 + ms(500)),
@@ -684,7 +725,7 @@ mod tests {
             }
         );
         // Renewed later: the grant runs from the last renewal.
-        g.renew("a1", Generation(3), &i, t0 + ms(1_000)).unwrap();
+        g.renew("a1", Generation(3), 0, &i, t0 + ms(1_000)).unwrap();
         assert_eq!(
             g.break_lease("a1", Generation(3), &i, t0 + ms(2_500)),
             BreakOutcome::Held { remaining: ms(500) }
@@ -695,7 +736,7 @@ mod tests {
         );
         // Sticky: the primary cannot renew that generation here any more.
         let e = g
-            .renew("a1", Generation(3), &i, t0 + ms(3_001))
+            .renew("a1", Generation(3), 0, &i, t0 + ms(3_001))
             .unwrap_err();
         assert!(e.contains("broken"), "{e}");
         assert_eq!(
@@ -709,9 +750,9 @@ mod tests {
         let t0 = Instant::now();
         let g = settled(t0);
         let i = intent("a1", 3, false);
-        g.renew("a1", Generation(3), &i, t0).unwrap();
+        g.renew("a1", Generation(3), 0, &i, t0).unwrap();
         assert!(g
-            .renew("a1", Generation(3), &i, t0 + Duration::from_secs(10))
+            .renew("a1", Generation(3), 0, &i, t0 + Duration::from_secs(10))
             .is_ok());
     }
 
@@ -721,23 +762,23 @@ mod tests {
         let ms = Duration::from_millis;
         let g = settled(t0);
         let old = intent("a1", 3, false);
-        g.renew("a1", Generation(3), &old, t0).unwrap();
+        g.renew("a1", Generation(3), 0, &old, t0).unwrap();
         // A forced promotion: the old grant may run until t0 + TTL here.
         let new = intent("a2", 4, false);
         let e = g
-            .renew("a2", Generation(4), &new, t0 + ms(100))
+            .renew("a2", Generation(4), 0, &new, t0 + ms(100))
             .unwrap_err();
         assert!(e.contains("previous primary"), "{e}");
         // The old primary is refused at once in the new generation.
-        assert!(g.renew("a1", Generation(3), &new, t0 + ms(100)).is_err());
-        assert!(g.renew("a2", Generation(4), &new, t0 + TTL).is_ok());
+        assert!(g.renew("a1", Generation(3), 0, &new, t0 + ms(100)).is_err());
+        assert!(g.renew("a2", Generation(4), 0, &new, t0 + TTL).is_ok());
 
         // Released (a majority broke the old lease): granted at once.
         let g = settled(t0);
-        g.renew("a1", Generation(3), &old, t0).unwrap();
+        g.renew("a1", Generation(3), 0, &old, t0).unwrap();
         let released = intent("a2", 4, true);
         assert!(g
-            .renew("a2", Generation(4), &released, t0 + ms(100))
+            .renew("a2", Generation(4), 0, &released, t0 + ms(100))
             .is_ok());
     }
 
@@ -746,7 +787,7 @@ mod tests {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
         let g = settled(t0);
-        g.renew("a1", Generation(3), &intent("a1", 3, false), t0)
+        g.renew("a1", Generation(3), 0, &intent("a1", 3, false), t0)
             .unwrap();
         let newer = intent("a2", 4, false);
         assert_eq!(
@@ -766,9 +807,28 @@ mod tests {
             BreakOutcome::Broken
         );
         let e = g
-            .renew("a2", Generation(5), &intent("a2", 5, true), t0 + TTL)
+            .renew("a2", Generation(5), 0, &intent("a2", 5, true), t0 + TTL)
             .unwrap_err();
         assert!(e.contains("broken"), "{e}");
+    }
+
+    #[test]
+    fn voters_keep_the_highest_wal_position_per_generation() {
+        let t0 = Instant::now();
+        let g = settled(t0);
+        let i3 = intent("a1", 3, false);
+        g.renew("a1", Generation(3), 500, &i3, t0).unwrap();
+        g.renew("a1", Generation(3), 0, &i3, t0).unwrap();
+        assert_eq!(g.primary_lsn(Generation(3)), 500);
+        // A refused renewal records nothing.
+        assert!(g.renew("a2", Generation(3), 900, &i3, t0).is_err());
+        assert_eq!(g.primary_lsn(Generation(3)), 500);
+        // The next generation keeps the previous one's for the leader's break round.
+        let i4 = intent("a2", 4, true);
+        g.renew("a2", Generation(4), 700, &i4, t0).unwrap();
+        assert_eq!(g.primary_lsn(Generation(4)), 700);
+        assert_eq!(g.primary_lsn(Generation(3)), 500);
+        assert_eq!(g.primary_lsn(Generation(2)), 0);
     }
 
     #[test]
@@ -781,8 +841,8 @@ mod tests {
             BreakOutcome::Held { .. }
         ));
         // Nor does it grant a primary whose predecessor it may have granted before.
-        assert!(g.renew("a1", Generation(3), &i, t0).is_err());
-        assert!(g.renew("a1", Generation(3), &i, t0 + TTL * 2).is_ok());
+        assert!(g.renew("a1", Generation(3), 0, &i, t0).is_err());
+        assert!(g.renew("a1", Generation(3), 0, &i, t0 + TTL * 2).is_ok());
     }
 
     #[test]
@@ -801,7 +861,9 @@ mod tests {
             );
         }
         let g = Grants::new(TTL, Some(dir.path()));
-        let e = g.renew("a1", Generation(3), &i, t0 + TTL * 3).unwrap_err();
+        let e = g
+            .renew("a1", Generation(3), 0, &i, t0 + TTL * 3)
+            .unwrap_err();
         assert!(e.contains("broken"), "{e}");
     }
 }

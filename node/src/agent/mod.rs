@@ -74,6 +74,9 @@ pub struct Shared {
     /// The last WAL position of this member's Postgres after it stopped writes for a
     /// switchover (reported while it is down).
     pub final_lsn: Mutex<Option<crate::types::Lsn>>,
+    /// The local Postgres's `pg_current_wal_lsn` at the last probe while it was a primary
+    /// (0: never), sent with lease renewals.
+    pub local_wal_lsn: std::sync::atomic::AtomicU64,
     /// Asks the reporter for an observation now (after the member changed its Postgres).
     pub wake_reporter: tokio::sync::Notify,
     /// Asks the leader loop for a round now (an observation arrived).
@@ -225,6 +228,7 @@ impl Agent {
             last_report_ok: Mutex::new(Instant::now()),
             activity: Mutex::new(String::new()),
             final_lsn: Mutex::new(None),
+            local_wal_lsn: std::sync::atomic::AtomicU64::new(0),
             wake_reporter: tokio::sync::Notify::new(),
             wake_leader: tokio::sync::Notify::new(),
         });

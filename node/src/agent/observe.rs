@@ -330,6 +330,9 @@ impl Reporter {
                 }
                 if status.up && !status.in_recovery {
                     o.sync_standby_names = sync_standby_names(instance).await;
+                    self.shared
+                        .local_wal_lsn
+                        .fetch_max(o.current_lsn, std::sync::atomic::Ordering::Relaxed);
                 }
                 if o.fenced && !o.up {
                     // After a switchover's stop: where its WAL ends.

@@ -84,6 +84,28 @@ pub(super) fn primary_state<'a>(cx: &Cx<'a>, primary: &PrimaryView) -> PrimarySt
     PrimaryState::Failed(PromoteReason::LeaseExpired)
 }
 
+/// A newly elected leader holds only the observations sent to it since: before it picks a
+/// candidate it gives every data member one staleness bound to report (else the sync
+/// standby that holds every commit may be passed over for one that reported first).
+pub(super) fn gathering(cx: &Cx, old: &str) -> Option<Wait> {
+    let view = cx.view;
+    let remaining_ms = cx.remaining_ms(view.leader_since_ms, view.limits.stale_after_ms);
+    if remaining_ms == 0 {
+        return None;
+    }
+    let missing: Vec<String> = view
+        .members
+        .iter()
+        .filter(|(name, m)| name.as_str() != old && m.kind == MemberKind::Data)
+        .filter(|(name, _)| cx.fresh(name).is_none())
+        .map(|(name, _)| name.clone())
+        .collect();
+    (!missing.is_empty()).then_some(Wait::GatheringObservations {
+        missing,
+        remaining_ms,
+    })
+}
+
 /// Promote the best candidate for `old`, or say why there is none.
 pub(super) fn replace(cx: &Cx, old: &str, reason: PromoteReason) -> Decision {
     // A primary whose own agent stopped it still holds all its data: no async fallback
@@ -319,11 +341,14 @@ pub(super) fn standby_lsn(obs: &Observation) -> Option<Lsn> {
 }
 
 /// The most WAL the old primary is known to have written: its own last report (however
-/// old) or anything a standby received from it.
+/// old), what it told the voters with its lease renewals, or anything a standby received
+/// from it.
 fn best_known_lsn(view: &ClusterView) -> Lsn {
+    let from_lease = view.primary.as_ref().and_then(|p| p.lease.primary_lsn);
     view.observations
         .values()
         .filter_map(Observation::best_lsn)
+        .chain(from_lease)
         .max()
         .unwrap_or(Lsn::ZERO)
 }

@@ -69,6 +69,7 @@ pub fn cluster_view(
         .map(|(name, obs)| (name.clone(), obs.clone()))
         .collect();
     ClusterView {
+        leader_since_ms: leader.elected_at_ms,
         members,
         primary,
         generation: intent.generation,
@@ -255,6 +256,7 @@ mod tests {
             limits.clone(),
         );
         let expected = ClusterView {
+            leader_since_ms: 1_000,
             members: BTreeMap::from([
                 ("e1".to_string(), member("east", MemberKind::Data, 0, false)),
                 ("e2".to_string(), member("east", MemberKind::Data, 0, false)),
@@ -296,6 +298,7 @@ mod tests {
         b.lease = LeaseView {
             broken: false,
             majority_runs_out_at_ms: Some(7_000),
+            primary_lsn: None,
         };
         let view = cluster_view(
             &intent(),
@@ -370,6 +373,7 @@ mod tests {
             Limits::default(),
         );
         let expected = ClusterView {
+            leader_since_ms: 1_000,
             members: BTreeMap::new(),
             primary: None,
             generation: Generation(0),

@@ -134,6 +134,12 @@ pub enum Wait {
     PrimaryFencing {
         primary: String,
     },
+    /// A newly elected leader has not heard from these data members yet: it waits (at
+    /// most one staleness bound) before choosing a candidate without them.
+    GatheringObservations {
+        missing: Vec<String>,
+        remaining_ms: u64,
+    },
     /// A new primary is finishing its promotion.
     PrimaryPromoting {
         primary: String,
@@ -295,7 +301,13 @@ fn automatic(cx: &Cx) -> Decision {
                 primary: name.to_string(),
             }),
         },
-        failover::PrimaryState::Failed(reason) => failover::replace(cx, name, reason),
+        failover::PrimaryState::Failed(reason) => match failover::gathering(cx, name) {
+            Some(wait) => Decision {
+                actions: Vec::new(),
+                wait: Some(wait),
+            },
+            None => failover::replace(cx, name, reason),
+        },
         failover::PrimaryState::Holding(wait) => Decision {
             actions: Vec::new(),
             wait: Some(wait),

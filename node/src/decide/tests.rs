@@ -62,6 +62,7 @@ fn base() -> ClusterView {
         ..Observation::default()
     };
     ClusterView {
+        leader_since_ms: 0,
         members,
         primary: Some(PrimaryView {
             name: "e1".into(),
@@ -95,6 +96,7 @@ fn held_for(ms: u64) -> LeaseView {
     LeaseView {
         broken: false,
         majority_runs_out_at_ms: Some(NOW + ms),
+        primary_lsn: None,
     }
 }
 
@@ -108,6 +110,7 @@ fn lose_primary(v: &mut ClusterView) {
     v.primary.as_mut().unwrap().lease = LeaseView {
         broken: true,
         majority_runs_out_at_ms: None,
+        primary_lsn: None,
     };
 }
 
@@ -188,6 +191,54 @@ fn lease_broken_by_a_majority_promotes_the_best_candidate_at_the_next_generation
     assert_eq!(
         decide(&v, NOW),
         promote("e2", PromoteReason::LeaseExpired, 100)
+    );
+}
+
+#[test]
+fn a_new_leader_hears_from_every_data_member_before_choosing() {
+    let mut v = base();
+    lose_primary(&mut v);
+    v.leader_since_ms = NOW - 200;
+    // e2 (the sync standby) has not reported to this leader yet.
+    v.observations.remove("e2");
+    let wait = Decision {
+        actions: vec![],
+        wait: Some(Wait::GatheringObservations {
+            missing: vec!["e2".into()],
+            remaining_ms: v.limits.stale_after_ms - 200,
+        }),
+    };
+    assert_eq!(decide(&v, NOW), wait);
+    // Once it reported, no more waiting.
+    v.observations.insert("e2".into(), standby(1_000_000, "e1"));
+    assert_eq!(
+        decide(&v, NOW),
+        promote("e2", PromoteReason::LeaseExpired, 100)
+    );
+    // Past the bound, it chooses among those that did report.
+    v.observations.remove("e2");
+    let later = v.leader_since_ms + v.limits.stale_after_ms;
+    assert!(matches!(
+        decide(&v, later).actions.as_slice(),
+        [Action::Promote { member, .. }] if member == "w1"
+    ));
+}
+
+#[test]
+fn the_wal_position_told_to_the_voters_counts_towards_the_loss() {
+    // A leader that never received the old primary's reports still learns how far its WAL
+    // went from the break round (the renewals carry it).
+    let mut v = base();
+    lose_primary(&mut v);
+    v.observations.remove("e1");
+    assert_eq!(
+        decide(&v, NOW),
+        promote("e2", PromoteReason::LeaseExpired, 0)
+    );
+    v.primary.as_mut().unwrap().lease.primary_lsn = Some(Lsn(1_000_500));
+    assert_eq!(
+        decide(&v, NOW),
+        promote("e2", PromoteReason::LeaseExpired, 500)
     );
 }
 

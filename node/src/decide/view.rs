@@ -34,6 +34,9 @@ pub struct ClusterView {
     /// A member without a measurement is treated as outside the budget.
     pub rtt_from_primary_ms: BTreeMap<String, u64>,
     pub limits: Limits,
+    /// When this leader was elected (its clock): observations are kept by the leader only,
+    /// so a new one knows little until every member reported to it.
+    pub leader_since_ms: u64,
 }
 
 /// One member as the intent describes it.
@@ -68,6 +71,9 @@ pub struct LeaseView {
     /// When not broken: when (leader's clock) enough answering voters' grants run out for
     /// a majority; None when no round has answered yet.
     pub majority_runs_out_at_ms: Option<u64>,
+    /// The highest WAL position the primary reported to the answering voters with its
+    /// renewals (known even to a leader that never received its observations).
+    pub primary_lsn: Option<Lsn>,
 }
 
 /// `synchronous_standby_names = 'ANY k (names)'`; empty names (k = 0) means async.
