@@ -916,10 +916,19 @@ impl Cluster {
     }
 
     /// Multi-host connection string for clients in `region`: every data member through the
-    /// region's client proxies, `target_session_attrs=read-write`.
+    /// region's client proxies, `target_session_attrs=read-write`, the region's own members
+    /// first (as an application there would list them: libpq tries hosts in order, each up
+    /// to `connect_timeout`, so unreachable remote hosts first would hold up every
+    /// reconnect by seconds).
     pub fn client_conninfo(&self, region: &str) -> anyhow::Result<String> {
         let mut ports = Vec::new();
-        for m in self.members.values().filter(|m| m.kind == Kind::Data) {
+        let mut data: Vec<&Member> = self
+            .members
+            .values()
+            .filter(|m| m.kind == Kind::Data)
+            .collect();
+        data.sort_by_key(|m| (m.region != region, m.name.clone()));
+        for m in data {
             let a = self
                 .mesh
                 .client_addr(region, &m.name, Service::Postgres)

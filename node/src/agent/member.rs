@@ -264,7 +264,19 @@ impl Member {
                 .await
                 .context("fencing an old primary")
         } else {
-            let streaming = status.is_streaming();
+            // Streaming an older timeline than the primary writes on means it diverged
+            // (it received WAL past the new timeline's fork point): Postgres retries that
+            // forever, so it counts as not streaming and is rewound after a while.
+            let primary_tli = intent.primary.as_deref().and_then(|p| {
+                let max_age = self.shared.config.timing.observe_interval * 4;
+                self.shared.peer_probes.fresh(max_age).get(p)?.timeline
+            });
+            let streamed_tli = status.wal_receiver.as_ref().and_then(|w| w.received_tli);
+            let behind_timeline = matches!(
+                (streamed_tli, primary_tli),
+                (Some(s), Some(p)) if s < p
+            );
+            let streaming = status.is_streaming() && !behind_timeline;
             self.as_standby(&intent, streaming).await
         }
     }

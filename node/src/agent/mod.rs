@@ -64,6 +64,8 @@ pub struct Shared {
     pub lease: lease::LeaseState,
     /// The lease grants this member gave as a voter.
     pub grants: lease::Grants,
+    /// This agent's probes of the other members' Postgres.
+    pub peer_probes: peers::PeerProbes,
     /// The base of the leader's millisecond clock (`now_ms` of the decision core).
     pub epoch: Instant,
     /// When this member last got an observation report accepted by a leader that had a
@@ -224,6 +226,7 @@ impl Agent {
             config: config.clone(),
             lease: lease::LeaseState::default(),
             grants: lease::Grants::new(config.timing.lease_ttl, Some(&config.state_dir)),
+            peer_probes: peers::PeerProbes::default(),
             epoch: Instant::now(),
             last_report_ok: Mutex::new(Instant::now()),
             activity: Mutex::new(String::new()),
@@ -293,7 +296,7 @@ impl Agent {
         if !identity.admitted {
             tasks.push(tokio::spawn(join::seek_admission(shared.clone(), identity)));
         }
-        let peer_probes = peers::PeerProbes::default();
+        let peer_probes = shared.peer_probes.clone();
         tasks.push(tokio::spawn(peers::run(
             shared.clone(),
             peer_probes.clone(),

@@ -27,6 +27,8 @@ pub struct PeerResult {
     pub writable: bool,
     /// Round trip of the probe query, when it answered.
     pub rtt_us: Option<u64>,
+    /// When it takes writes: the timeline it writes on.
+    pub timeline: Option<u32>,
 }
 
 /// Round trips kept per peer: the reported one is their median, so one slow probe on a
@@ -163,18 +165,19 @@ async fn probe_one(
         }
         let (client, _) = session.as_ref()?;
         let started = Instant::now();
-        let row = client
-            .query_one("SELECT pg_is_in_recovery()", &[])
-            .await
-            .ok()?;
+        let row = client.query_one(PROBE_SQL, &[]).await.ok()?;
         let rtt = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        Some((!row.get::<_, bool>(0), rtt))
+        let timeline = row
+            .get::<_, Option<String>>(1)
+            .and_then(|w| timeline_of_walfile(&w));
+        Some((!row.get::<_, bool>(0), rtt, timeline))
     };
     match tokio::time::timeout(timeout, attempt).await {
-        Ok(Some((writable, rtt))) => PeerResult {
+        Ok(Some((writable, rtt, timeline))) => PeerResult {
             at: Instant::now(),
             writable,
             rtt_us: Some(rtt),
+            timeline: timeline.filter(|_| writable),
         },
         _ => {
             // A session that failed or hung is not trusted again: reconnect next round.
@@ -185,9 +188,19 @@ async fn probe_one(
                 at: Instant::now(),
                 writable: false,
                 rtt_us: None,
+                timeline: None,
             }
         }
     }
+}
+
+/// Whether the peer takes writes, and then the WAL file it writes (its timeline).
+const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
+     CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END";
+
+/// The timeline in a WAL file name (its first 8 hex digits).
+fn timeline_of_walfile(name: &str) -> Option<u32> {
+    u32::from_str_radix(name.get(..8)?, 16).ok()
 }
 
 /// Probes every peer each `timing.observe_interval`, all at once, each bounded so a
@@ -232,6 +245,7 @@ mod tests {
                 at: old,
                 writable: true,
                 rtt_us: Some(5),
+                timeline: None,
             },
         );
         p.set(
@@ -240,6 +254,7 @@ mod tests {
                 at: Instant::now(),
                 writable: true,
                 rtt_us: Some(70_000),
+                timeline: None,
             },
         );
         p.set(
@@ -248,6 +263,7 @@ mod tests {
                 at: Instant::now(),
                 writable: false,
                 rtt_us: None,
+                timeline: None,
             },
         );
         let (probes, rtts) = p.to_proto(Duration::from_secs(1));
@@ -265,6 +281,7 @@ mod tests {
             at: Instant::now(),
             writable: false,
             rtt_us: Some(rtt_us),
+            timeline: None,
         };
         for rtt in [900, 1_000, 50_000, 1_100, 1_200, 60_000] {
             p.set("e2", answer(rtt));
@@ -279,6 +296,7 @@ mod tests {
                 at: Instant::now(),
                 writable: false,
                 rtt_us: None,
+                timeline: None,
             },
         );
         let (_, rtts) = p.to_proto(Duration::from_secs(1));
