@@ -315,6 +315,11 @@ pub enum Refused {
     InvalidSyncQuorum { k: u32, size: usize },
     #[error("sync set of {size} is below sync_quorum {quorum} under required durability")]
     SyncSetBelowQuorum { size: usize, quorum: u32 },
+    #[error(
+        "sync_quorum {quorum} under required durability can never be met: the cluster has \
+         {standbys} data standbys"
+    )]
+    SyncQuorumUnreachable { quorum: u32, standbys: usize },
     #[error("reason is longer than {MAX_REASON_LEN} bytes")]
     ReasonTooLong,
     #[error("member ids are exhausted")]
@@ -576,7 +581,25 @@ impl Intent {
                 policy
                     .validate()
                     .map_err(|e| Refused::InvalidPolicy(e.to_string()))?;
-                check_sync_set_size(policy, &self.sync_set)
+                // The recorded set carries its own k, so a larger quorum is fine now: the
+                // leader grows the record first, then Postgres. Only one that no set of
+                // standbys could ever meet is refused.
+                let standbys = self
+                    .members
+                    .values()
+                    .filter(|m| m.kind == MemberKind::Data)
+                    .count()
+                    .saturating_sub(1);
+                if policy.durability == Durability::Required
+                    && policy.sync_quorum as usize > standbys
+                    && !self.members.is_empty()
+                {
+                    return Err(Refused::SyncQuorumUnreachable {
+                        quorum: policy.sync_quorum,
+                        standbys,
+                    });
+                }
+                Ok(())
             }
             Command::RecordSyncSet { generation, set } => {
                 if *generation != self.generation {
@@ -1728,22 +1751,36 @@ mod tests {
         // ...except to empty (no sync standby at all, e.g. every region went async)...
         assert_eq!(i.apply(&rec(1, &[], 0)), Response::Applied);
         assert_eq!(i.apply(&rec(1, &["a2", "b1"], 1)), Response::Applied);
-        // ...and a policy that the recorded set cannot satisfy is refused.
+        // ...and a policy no set of standbys could ever meet is refused (a larger quorum
+        // than the record holds is fine: the record grows first).
         let policy3 = Policy {
             sync_quorum: 3,
-            ..policy
+            ..policy.clone()
+        };
+        let standbys = i
+            .members
+            .values()
+            .filter(|m| m.kind == MemberKind::Data)
+            .count()
+            - 1;
+        let unreachable = Policy {
+            sync_quorum: standbys as u32 + 1,
+            ..policy.clone()
         };
         assert_eq!(
             refused(
                 &mut i,
                 Command::SetPolicy {
                     expected_version: None,
-                    policy: policy3.clone(),
+                    policy: unreachable.clone(),
                     reason: "".into(),
                     at_unix_ms: 5
                 }
             ),
-            Refused::SyncSetBelowQuorum { size: 2, quorum: 3 }
+            Refused::SyncQuorumUnreachable {
+                quorum: unreachable.sync_quorum,
+                standbys
+            }
         );
         // Preferred durability may shrink below the quorum.
         let preferred = Policy {
@@ -1985,7 +2022,7 @@ mod tests {
              cluster's policy is at version 1; read it again and retry"
         );
         // On the current version, or without a version (the runtime, older clients), it applies.
-        assert_eq!(i.apply(&edit(3, Some(1))), Response::Applied);
+        assert_eq!(i.apply(&edit(2, Some(1))), Response::Applied);
         assert_eq!(i.apply(&edit(1, None)), Response::Applied);
         assert_eq!((i.policy.sync_quorum, i.policy_version), (1, 3));
         // The version survives a snapshot; an older snapshot without it starts at 0.
