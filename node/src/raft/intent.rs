@@ -808,36 +808,24 @@ impl Intent {
                         tags: tags.clone(),
                     },
                 );
-                self.push_history(HistoryEntry {
-                    at_unix_ms: *at_unix_ms,
-                    kind: HistoryKind::Member,
-                    reason: format!("added member {name} (id {id}) in region {region}"),
-                    old_primary: self.primary.clone(),
-                    new_primary: self.primary.clone(),
-                    generation: self.generation,
-                    old_primary_lsn: None,
-                    new_primary_lsn: None,
-                    possible_loss_bytes: None,
-                    write_pause_ms: None,
-                });
+                let entry = self.note(
+                    *at_unix_ms,
+                    HistoryKind::Member,
+                    format!("added member {name} (id {id}) in region {region}"),
+                );
+                self.push_history(entry);
                 return Response::MemberAdded(id);
             }
             Command::RemoveMember { name, at_unix_ms } => {
                 let removed = self.members.remove(name);
                 self.reinit.remove(name);
                 let id = removed.map(|m| m.id).unwrap_or_default();
-                self.push_history(HistoryEntry {
-                    at_unix_ms: *at_unix_ms,
-                    kind: HistoryKind::Member,
-                    reason: format!("removed member {name} (id {id})"),
-                    old_primary: self.primary.clone(),
-                    new_primary: self.primary.clone(),
-                    generation: self.generation,
-                    old_primary_lsn: None,
-                    new_primary_lsn: None,
-                    possible_loss_bytes: None,
-                    write_pause_ms: None,
-                });
+                let entry = self.note(
+                    *at_unix_ms,
+                    HistoryKind::Member,
+                    format!("removed member {name} (id {id})"),
+                );
+                self.push_history(entry);
             }
             Command::SetMemberTags { name, tags } => {
                 if let Some(m) = self.members.get_mut(name) {
@@ -892,18 +880,8 @@ impl Intent {
             } => {
                 self.policy = policy.clone();
                 self.policy_version = self.policy_version.saturating_add(1);
-                self.push_history(HistoryEntry {
-                    at_unix_ms: *at_unix_ms,
-                    kind: HistoryKind::Policy,
-                    reason: reason.clone(),
-                    old_primary: self.primary.clone(),
-                    new_primary: self.primary.clone(),
-                    generation: self.generation,
-                    old_primary_lsn: None,
-                    new_primary_lsn: None,
-                    possible_loss_bytes: None,
-                    write_pause_ms: None,
-                });
+                let entry = self.note(*at_unix_ms, HistoryKind::Policy, reason.clone());
+                self.push_history(entry);
             }
             Command::RecordSyncSet { set, .. } => self.sync_set = set.clone(),
             Command::SetMaintenance { on } => self.maintenance = *on,
@@ -958,18 +936,8 @@ impl Intent {
                     ),
                 };
                 self.pending_switchover = still_pending;
-                self.push_history(HistoryEntry {
-                    at_unix_ms: *at_unix_ms,
-                    kind: HistoryKind::Switchover,
-                    reason,
-                    old_primary: self.primary.clone(),
-                    new_primary: self.primary.clone(),
-                    generation: self.generation,
-                    old_primary_lsn: None,
-                    new_primary_lsn: None,
-                    possible_loss_bytes: None,
-                    write_pause_ms: None,
-                });
+                let entry = self.note(*at_unix_ms, HistoryKind::Switchover, reason);
+                self.push_history(entry);
             }
             Command::AppendHistory(entry) => self.push_history(entry.clone()),
             Command::SetSyncTarget { generation, set } => {
@@ -1032,6 +1000,22 @@ impl Intent {
             is_switchover_promotion(h, self.generation, self.primary.as_deref())
                 && h.write_pause_ms.is_none()
         })
+    }
+
+    /// A history entry about the current primary and generation (no promotion).
+    fn note(&self, at_unix_ms: i64, kind: HistoryKind, reason: impl Into<String>) -> HistoryEntry {
+        HistoryEntry {
+            at_unix_ms,
+            kind,
+            reason: reason.into(),
+            old_primary: self.primary.clone(),
+            new_primary: self.primary.clone(),
+            generation: self.generation,
+            old_primary_lsn: None,
+            new_primary_lsn: None,
+            possible_loss_bytes: None,
+            write_pause_ms: None,
+        }
     }
 
     fn push_history(&mut self, entry: HistoryEntry) {
