@@ -73,6 +73,7 @@ pub async fn run(shared: Arc<Shared>) {
     let mut ticker = tokio::time::interval(shared.config.timing.observe_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tr = Tracker::default();
+    let mut handoff = super::handoff::Handoff::default();
     let mut applied = shared.applied.clone();
     loop {
         // Each tick, and as soon as an observation or a commit arrives, at most one round
@@ -83,6 +84,9 @@ pub async fn run(shared: Arc<Shared>) {
             r = applied.changed() => if r.is_err() { ticker.tick().await; },
         }
         tokio::time::sleep(MIN_ROUND_SPACING).await;
+        if handoff.step(&shared) {
+            continue;
+        }
         if !shared.believes_leader() {
             tr.led_term = None;
             continue;

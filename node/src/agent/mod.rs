@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod dial;
+pub mod handoff;
 pub mod http_write;
 pub mod join;
 pub mod leader;

@@ -23,6 +23,23 @@ pub(super) fn step(cx: &Cx, sw: &SwitchoverView) -> Decision {
     let target = sw.target.as_str();
     let remaining_ms = cx.remaining_ms(sw.phase_since_ms, view.limits.switchover_step_timeout_ms);
     let pobs = cx.fresh(primary);
+    // A newly elected leader holds only the observations sent to it since: it hears from
+    // the two members the switchover is about before judging them (bounded).
+    let new_leader_ms = cx.remaining_ms(view.leader_since_ms, view.limits.stale_after_ms);
+    let unheard: Vec<String> = [primary, target]
+        .into_iter()
+        .filter(|m| cx.fresh(m).is_none())
+        .map(str::to_string)
+        .collect();
+    if new_leader_ms > 0 && !unheard.is_empty() {
+        return Decision {
+            actions: Vec::new(),
+            wait: Some(Wait::GatheringObservations {
+                missing: unheard,
+                remaining_ms: new_leader_ms,
+            }),
+        };
+    }
 
     match &sw.phase {
         SwitchoverPhase::Requested => {

@@ -645,6 +645,30 @@ fn switchover(phase: SwitchoverPhase, since_ms: u64) -> Option<SwitchoverView> {
 }
 
 #[test]
+fn a_new_leader_hears_from_both_ends_of_a_switchover_before_judging_it() {
+    let mut v = base();
+    v.switchover = switchover(SwitchoverPhase::Requested, NOW - 100);
+    v.leader_since_ms = NOW - 300;
+    v.observations.remove("e1");
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![],
+            wait: Some(Wait::GatheringObservations {
+                missing: vec!["e1".into()],
+                remaining_ms: v.limits.stale_after_ms - 300,
+            }),
+        }
+    );
+    // Past the bound, a primary it never heard from is not healthy: abandoned.
+    let later = v.leader_since_ms + v.limits.stale_after_ms;
+    assert!(matches!(
+        decide(&v, later).actions.as_slice(),
+        [Action::AbandonSwitchover { .. }]
+    ));
+}
+
+#[test]
 fn switchover_walks_its_steps() {
     let mut v = base();
     v.maintenance = true; // an operator's switchover still runs
