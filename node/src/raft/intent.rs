@@ -897,21 +897,15 @@ impl Intent {
                 at_unix_ms,
             } => {
                 let from = self.pending_switchover.take().map(|sw| sw.from);
-                self.push_history(HistoryEntry {
-                    at_unix_ms: *at_unix_ms,
-                    kind: HistoryKind::Switchover,
-                    reason: format!(
+                let entry = self.note(
+                    *at_unix_ms,
+                    HistoryKind::Switchover,
+                    format!(
                         "switchover from {} to {to} abandoned: {reason:?}",
                         from.as_deref().unwrap_or("?")
                     ),
-                    old_primary: self.primary.clone(),
-                    new_primary: self.primary.clone(),
-                    generation: self.generation,
-                    old_primary_lsn: None,
-                    new_primary_lsn: None,
-                    possible_loss_bytes: None,
-                    write_pause_ms: None,
-                });
+                );
+                self.push_history(entry);
             }
             Command::ClearSwitchover { at_unix_ms } => {
                 let Some(sw) = self.pending_switchover.take() else {
