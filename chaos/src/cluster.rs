@@ -216,6 +216,42 @@ impl Default for ClusterOptions {
     }
 }
 
+/// An admin client for member `name` at `addr` (`host:port`; TLS when `tls` is given,
+/// checked against `name`), connected within `timeout`. Shared with the tests' launcher.
+pub async fn admin_client(
+    name: &str,
+    addr: &str,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+    timeout: Duration,
+) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    if let Some(tls) = tls {
+        ep = ep.tls_config(tls.clone().domain_name(name))?;
+    }
+    let ch = tokio::time::timeout(timeout, ep.connect())
+        .await
+        .with_context(|| format!("connecting to {name}: timed out"))?
+        .with_context(|| format!("connecting to {name}"))?;
+    Ok(AdminClient::new(ch))
+}
+
+/// `Admin.Status` through `client` (forwarded to the leader unless `local`), bounded.
+pub async fn status_via(
+    mut client: AdminClient<tonic::transport::Channel>,
+    name: &str,
+    local: bool,
+    timeout: Duration,
+) -> anyhow::Result<StatusResponse> {
+    let r = tokio::time::timeout(timeout, client.status(StatusRequest { local }))
+        .await
+        .with_context(|| format!("status of {name}: timed out"))?
+        .with_context(|| format!("status of {name}"))?;
+    Ok(r.into_inner())
+}
+
 /// One member and its processes.
 pub struct Member {
     pub name: String,
@@ -772,24 +808,12 @@ impl Cluster {
         name: &str,
     ) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
         let m = self.member(name)?;
-        let ep = Endpoint::from_shared(format!("http://{}", m.grpc))?
-            .connect_timeout(CALL_TIMEOUT)
-            .timeout(CALL_TIMEOUT);
-        let ch = tokio::time::timeout(CALL_TIMEOUT, ep.connect())
-            .await
-            .with_context(|| format!("connect to {name}: timed out"))?
-            .with_context(|| format!("connect to {name}"))?;
-        Ok(AdminClient::new(ch))
+        admin_client(name, &m.grpc.to_string(), None, CALL_TIMEOUT).await
     }
 
     /// `Admin.Status` on `name`, bounded.
     pub async fn status_of(&self, name: &str, local: bool) -> anyhow::Result<StatusResponse> {
-        let mut c = self.admin(name).await?;
-        let r = tokio::time::timeout(CALL_TIMEOUT, c.status(StatusRequest { local }))
-            .await
-            .with_context(|| format!("status of {name}: timed out"))?
-            .with_context(|| format!("status of {name}"))?;
-        Ok(r.into_inner())
+        status_via(self.admin(name).await?, name, local, CALL_TIMEOUT).await
     }
 
     /// The freshest leader's status: every responsive member is asked at once (bounded);

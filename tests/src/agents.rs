@@ -21,11 +21,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use meridian_node::raft::Command as IntentCommand;
 use meridian_proto::admin_client::AdminClient;
-use meridian_proto::{RemoveMemberRequest, StatusRequest, StatusResponse};
+use meridian_proto::{RemoveMemberRequest, StatusResponse};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tempfile::TempDir;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::free_ports;
 
@@ -496,32 +496,19 @@ impl AgentCluster {
         name: &str,
     ) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
         let m = self.member(name);
-        let scheme = if self.client_tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        let mut ep = Endpoint::from_shared(format!("{scheme}://{}", m.grpc))?
-            .connect_timeout(CALL_TIMEOUT)
-            .timeout(CALL_TIMEOUT);
-        if let Some(tls) = &self.client_tls {
-            ep = ep.tls_config(tls.clone().domain_name(name))?;
-        }
-        let ch = tokio::time::timeout(CALL_TIMEOUT, ep.connect())
-            .await
-            .with_context(|| format!("connecting to {name}: timed out"))?
-            .with_context(|| format!("connecting to {name}"))?;
-        Ok(AdminClient::new(ch))
+        meridian_chaos::cluster::admin_client(
+            name,
+            &m.grpc.to_string(),
+            self.client_tls.as_ref(),
+            CALL_TIMEOUT,
+        )
+        .await
     }
 
     /// `Admin.Status` on `name` (forwarded to the leader unless `local`).
     pub async fn status_of(&self, name: &str, local: bool) -> anyhow::Result<StatusResponse> {
-        let mut c = self.admin(name).await?;
-        let r = tokio::time::timeout(CALL_TIMEOUT, c.status(StatusRequest { local }))
+        meridian_chaos::cluster::status_via(self.admin(name).await?, name, local, CALL_TIMEOUT)
             .await
-            .with_context(|| format!("status of {name}: timed out"))?
-            .with_context(|| format!("status of {name}"))?;
-        Ok(r.into_inner())
     }
 
     /// The first status answered by the leader, asking the running members in turn.
