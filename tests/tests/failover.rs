@@ -119,6 +119,16 @@ async fn form() -> AgentCluster {
     c
 }
 
+/// A formed cluster, its read-write connection string, and the table `t` the tests write.
+async fn form_with_table() -> (AgentCluster, String) {
+    let c = form().await;
+    let rw = read_write_conninfo(&c);
+    exec(&rw, "CREATE TABLE t (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    (c, rw)
+}
+
 /// Waits until every one of `names` is a standby streaming from `primary` (as the leader
 /// sees it), not fenced.
 async fn wait_streaming(
@@ -325,11 +335,7 @@ async fn insert_until_ok(conninfo: &str, id: i64, within: Duration) -> Result<Du
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_primary_promotes_a_standby_without_losing_acknowledged_commits() {
     let _serial = SERIAL.lock().await;
-    let mut c = form().await;
-    let rw = read_write_conninfo(&c);
-    exec(&rw, "CREATE TABLE t (id bigint PRIMARY KEY)")
-        .await
-        .unwrap();
+    let (mut c, rw) = form_with_table().await;
     // Default policy: auto regions with a 10 ms budget; on 127.0.0.1 every standby fits,
     // so the sync set grows to ANY 1 (a2, b1).
     wait_for("a2 in the recorded sync set", FORM, || async {
@@ -420,11 +426,7 @@ async fn killing_the_primary_promotes_a_standby_without_losing_acknowledged_comm
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_primary_postgres_fails_over_with_one_writer_at_a_time() {
     let _serial = SERIAL.lock().await;
-    let c = form().await;
-    let rw = read_write_conninfo(&c);
-    exec(&rw, "CREATE TABLE t (id bigint PRIMARY KEY)")
-        .await
-        .unwrap();
+    let (c, rw) = form_with_table().await;
     let probe = SplitBrainProbe::start(&c);
     let killed_at = Instant::now();
     c.member("a1").kill_postgres();
@@ -492,11 +494,7 @@ async fn a_crashed_primary_postgres_fails_over_with_one_writer_at_a_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switchover_under_writes_loses_nothing() {
     let _serial = SERIAL.lock().await;
-    let c = form().await;
-    let rw = read_write_conninfo(&c);
-    exec(&rw, "CREATE TABLE t (id bigint PRIMARY KEY)")
-        .await
-        .unwrap();
+    let (c, rw) = form_with_table().await;
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(Mutex::new(Vec::<(i64, Instant)>::new()));
     let writer = {
@@ -674,11 +672,7 @@ async fn a_switchover_under_writes_loses_nothing() {
 async fn a_crashed_primary_without_a_candidate_is_resumed_in_place() {
     use meridian_node::policy::{FailoverMode, Policy, RegionPolicy};
     let _serial = SERIAL.lock().await;
-    let c = form().await;
-    let rw = read_write_conninfo(&c);
-    exec(&rw, "CREATE TABLE t (id bigint PRIMARY KEY)")
-        .await
-        .unwrap();
+    let (c, rw) = form_with_table().await;
     let manual = RegionPolicy {
         failover: FailoverMode::Manual,
         ..RegionPolicy::default()

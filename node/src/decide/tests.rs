@@ -636,6 +636,19 @@ fn maintenance_mode_takes_no_automatic_action_but_reports_it() {
 
 // ------------------------------------------------------------------ switchover
 
+/// An aborted switchover un-fences e1 and waits for it to take writes again.
+fn resuming_e1(remaining_ms: u64) -> Decision {
+    Decision {
+        actions: vec![Action::Unfence {
+            member: "e1".into(),
+        }],
+        wait: Some(Wait::Switchover(SwitchoverWait::PrimaryResuming {
+            primary: "e1".into(),
+            remaining_ms,
+        })),
+    }
+}
+
 fn switchover(phase: SwitchoverPhase, since_ms: u64) -> Option<SwitchoverView> {
     Some(SwitchoverView {
         target: "w1".into(),
@@ -840,18 +853,7 @@ fn switchover_gives_up_within_its_bounds() {
     );
     // While aborting, the fenced primary is not mistaken for a crash.
     v.switchover = switchover(SwitchoverPhase::Aborting(reason.clone()), at);
-    assert_eq!(
-        decide(&v, at),
-        Decision {
-            actions: vec![Action::Unfence {
-                member: "e1".into()
-            }],
-            wait: Some(Wait::Switchover(SwitchoverWait::PrimaryResuming {
-                primary: "e1".into(),
-                remaining_ms: 5_000
-            })),
-        }
-    );
+    assert_eq!(decide(&v, at), resuming_e1(5_000));
     let o = obs(&mut v, "e1");
     o.postgres_up = true;
     o.fenced = false;
@@ -874,18 +876,7 @@ fn a_switchover_cancelled_after_writes_stopped_resumes_the_old_primary() {
     primary_fenced(&mut v);
     let cancelled = SwitchoverAbort::CancelledByOperator;
     v.switchover = switchover(SwitchoverPhase::Aborting(cancelled.clone()), NOW - 1_000);
-    assert_eq!(
-        decide(&v, NOW),
-        Decision {
-            actions: vec![Action::Unfence {
-                member: "e1".into()
-            }],
-            wait: Some(Wait::Switchover(SwitchoverWait::PrimaryResuming {
-                primary: "e1".into(),
-                remaining_ms: 4_000
-            })),
-        }
-    );
+    assert_eq!(decide(&v, NOW), resuming_e1(4_000));
     // A "writable" report from before the abort began (it may predate the fence) does
     // not end it.
     let o = obs(&mut v, "e1");
