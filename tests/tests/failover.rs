@@ -773,7 +773,7 @@ async fn stopping_the_primarys_agent_hands_over_before_it_stops() {
         .unwrap();
     let history = intent(&s);
     assert_eq!(
-        history.history.last().map(|h| h.kind.clone()),
+        history.history.last().map(|h| h.kind),
         Some(meridian_node::raft::intent::HistoryKind::Switchover),
         "the hand-over was a switchover"
     );

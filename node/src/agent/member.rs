@@ -307,6 +307,7 @@ impl Member {
             new_primary_lsn: None,
             possible_loss_bytes: None,
             old_lease_released: false,
+            lease_break_round: None,
         });
         match propose(&shared, cmd).await? {
             Response::Applied => {

@@ -464,6 +464,13 @@ impl Reporter {
         );
         m.generation
             .set(i64::try_from(intent.generation.0).unwrap_or(i64::MAX));
+        m.lease_break_standing_generation.set(
+            shared
+                .grants
+                .standing_break(intent)
+                .filter(|(g, _)| *g == intent.generation)
+                .map_or(0, |(g, _)| i64::try_from(g.0).unwrap_or(i64::MAX)),
+        );
         let me = shared.name();
         let lease_valid = intent.primary.as_deref() == Some(me)
             && shared

@@ -151,6 +151,36 @@ pub struct Promote {
     /// the new primary's lease at once instead of waiting out the old one locally.
     #[serde(default)]
     pub old_lease_released: bool,
+    /// The break round whose majority released the old lease (failovers of an unreachable
+    /// primary). Refused once that round's breaks were released: the old primary may have
+    /// renewed since.
+    #[serde(default)]
+    pub lease_break_round: Option<BreakRound>,
+}
+
+/// Identifies one round of lease breaking: the term of the leader that ran it and that
+/// leader's round counter. Ordered, so a release "up to" a round covers every earlier one,
+/// whichever leader ran it (terms only grow).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct BreakRound {
+    pub term: u64,
+    pub seq: u64,
+}
+
+impl std::fmt::Display for BreakRound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.term, self.seq)
+    }
+}
+
+/// Lease breaks of `generation` made in rounds up to `upto` no longer count: no promotion
+/// followed them ([`Command::ReleaseLeaseBreaks`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseBreakRelease {
+    pub generation: Generation,
+    pub upto: BreakRound,
 }
 
 /// Every change to the intent. Apply is deterministic: no clocks, no I/O, no randomness.
@@ -236,6 +266,13 @@ pub enum Command {
         name: String,
     },
     /// The member finished its re-clone.
+    /// Breaks of the current primary's lease that no promotion followed stop counting: the
+    /// voters that broke it may grant it again (a break by a minority, or one whose
+    /// failover never came, must not fence the primary later).
+    ReleaseLeaseBreaks {
+        generation: Generation,
+        upto: BreakRound,
+    },
     ReinitDone {
         name: String,
     },
@@ -337,6 +374,16 @@ pub enum Refused {
     StalePolicyVersion { expected: u64, current: u64 },
     #[error("no switchover promotion at generation {0} awaits its write pause")]
     NoWritePauseToRecord(Generation),
+    #[error(
+        "the lease break round {round} this promotion relies on was released (the old \
+         primary may have renewed its lease since); break it again"
+    )]
+    LeaseBreakReleased { round: BreakRound },
+    #[error("lease breaks of generation {got} cannot be released: the generation is {current}")]
+    LeaseBreakReleaseStale {
+        current: Generation,
+        got: Generation,
+    },
 }
 
 /// What the state machine answers for each applied log entry.
@@ -383,6 +430,9 @@ pub struct Intent {
     /// holder's lease was released (see [`Promote::old_lease_released`]).
     #[serde(default)]
     pub lease_released: bool,
+    /// Breaks of the current generation's lease that no longer count.
+    #[serde(default)]
+    pub lease_break_release: Option<LeaseBreakRelease>,
 }
 
 /// `synchronous_standby_names` for one generation's primary.
@@ -410,7 +460,16 @@ impl Default for Intent {
             reinit: std::collections::BTreeSet::new(),
             resumed: None,
             lease_released: false,
+            lease_break_release: None,
         }
+    }
+}
+
+impl Intent {
+    /// Whether a break of `generation`'s lease made in `round` was released.
+    pub fn lease_break_released(&self, generation: Generation, round: BreakRound) -> bool {
+        self.lease_break_release
+            .is_some_and(|r| r.generation == generation && round <= r.upto)
     }
 }
 
@@ -704,6 +763,15 @@ impl Intent {
                 }
                 Ok(())
             }
+            Command::ReleaseLeaseBreaks { generation, .. } => {
+                if *generation != self.generation {
+                    return Err(Refused::LeaseBreakReleaseStale {
+                        current: self.generation,
+                        got: *generation,
+                    });
+                }
+                Ok(())
+            }
             Command::ReinitDone { name } => {
                 if !self.reinit.contains(name) {
                     return Err(Refused::NoReinitPending(name.clone()));
@@ -765,6 +833,11 @@ impl Intent {
                 }
             }
             PromotionKind::Manual => {}
+        }
+        if let Some(round) = p.lease_break_round {
+            if self.lease_break_released(self.generation, round) {
+                return Err(Refused::LeaseBreakReleased { round });
+            }
         }
         if !p.force {
             if member.tags.nofailover {
@@ -953,6 +1026,16 @@ impl Intent {
             Command::Reinit { name } => {
                 self.reinit.insert(name.clone());
             }
+            Command::ReleaseLeaseBreaks { generation, upto } => {
+                let upto = self
+                    .lease_break_release
+                    .filter(|r| r.generation == *generation)
+                    .map_or(*upto, |r| r.upto.max(*upto));
+                self.lease_break_release = Some(LeaseBreakRelease {
+                    generation: *generation,
+                    upto,
+                });
+            }
             Command::ReinitDone { name } => {
                 self.reinit.remove(name);
             }
@@ -1052,6 +1135,7 @@ mod tests {
             new_primary_lsn: None,
             possible_loss_bytes: None,
             old_lease_released: false,
+            lease_break_round: None,
         })
     }
 
@@ -1076,6 +1160,43 @@ mod tests {
         assert_eq!(intent.apply(&cmd), Response::Refused(err.clone()));
         assert_eq!(*intent, before, "a refused command changed the intent");
         err
+    }
+
+    #[test]
+    fn a_promotion_relying_on_a_released_break_round_is_refused() {
+        let mut i = cluster();
+        let r = |term, seq| BreakRound { term, seq };
+        let release = |g: u64, upto| Command::ReleaseLeaseBreaks {
+            generation: Generation(g),
+            upto,
+        };
+        assert_eq!(
+            refused(&mut i, release(7, r(3, 1))),
+            Refused::LeaseBreakReleaseStale {
+                current: Generation(1),
+                got: Generation(7)
+            }
+        );
+        assert_eq!(i.apply(&release(1, r(3, 2))), Response::Applied);
+        // The mark only moves forward.
+        assert_eq!(i.apply(&release(1, r(2, 9))), Response::Applied);
+        assert!(i.lease_break_released(Generation(1), r(3, 2)));
+        assert!(!i.lease_break_released(Generation(1), r(3, 3)));
+        let relying_on = |round| {
+            let Command::Promote(mut p) = promote("a2", 2, PromotionKind::Failover) else {
+                unreachable!()
+            };
+            p.old_lease_released = true;
+            p.lease_break_round = Some(round);
+            Command::Promote(p)
+        };
+        assert_eq!(
+            refused(&mut i, relying_on(r(3, 2))),
+            Refused::LeaseBreakReleased { round: r(3, 2) }
+        );
+        assert_eq!(i.apply(&relying_on(r(3, 3))), Response::Applied);
+        // Releases are per generation: the new one starts with none.
+        assert!(!i.lease_break_released(Generation(2), r(0, 0)));
     }
 
     #[test]
