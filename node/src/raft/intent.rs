@@ -915,6 +915,32 @@ impl Intent {
                 // the leader grows a fresh set (record first, then Postgres).
                 let mut carried = self.sync_set.clone();
                 carried.names.remove(&p.member);
+                if carried.k > 0
+                    && carried.names.len() < carried.k as usize
+                    && self.policy.durability == Durability::Required
+                {
+                    // Required durability: the new primary never starts acknowledging
+                    // alone. Fill the set up to k with the old primary (it rejoins as a
+                    // standby), then other data members; commits wait until k stream, and
+                    // the leader then shapes the set by the policy.
+                    let fill: Vec<String> = old
+                        .iter()
+                        .cloned()
+                        .chain(
+                            self.members
+                                .values()
+                                .filter(|m| m.kind == MemberKind::Data)
+                                .map(|m| m.name.clone()),
+                        )
+                        .filter(|n| *n != p.member)
+                        .collect();
+                    for n in fill {
+                        if carried.names.len() >= carried.k as usize {
+                            break;
+                        }
+                        carried.names.insert(n);
+                    }
+                }
                 if carried.k == 0 || carried.names.len() < carried.k as usize {
                     carried = SyncSet::default();
                 }
@@ -1909,6 +1935,34 @@ mod tests {
             Some(SyncTarget {
                 generation: Generation(2),
                 set: SyncSet::default()
+            })
+        );
+    }
+
+    /// Under `required` durability (the default) a promotion of the only recorded name
+    /// does not leave the new primary acknowledging alone: its first target waits on the
+    /// old primary (it rejoins as a standby) until the leader shapes the set.
+    #[test]
+    fn under_required_durability_a_new_primary_never_starts_without_a_sync_standby() {
+        let mut i = cluster();
+        assert_eq!(i.policy.durability, Durability::Required);
+        assert_eq!(
+            i.apply(&Command::RecordSyncSet {
+                generation: Generation(1),
+                set: SyncSet::new(["a2"], 1),
+            }),
+            Response::Applied
+        );
+        assert_eq!(
+            i.apply(&promote("a2", 2, PromotionKind::Manual)),
+            Response::Applied
+        );
+        assert_eq!(i.sync_set, SyncSet::new(["a1"], 1));
+        assert_eq!(
+            i.sync_target,
+            Some(SyncTarget {
+                generation: Generation(2),
+                set: SyncSet::new(["a1"], 1)
             })
         );
     }
