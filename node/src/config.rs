@@ -578,7 +578,8 @@ impl RawConfig {
         check_name("member.region", &self.member.region)?;
 
         let state_dir = resolve_path(base, self.state_dir);
-        let (postgres, pg_client) = validate_postgres(base, &state_dir, self.member.kind, self.postgres)?;
+        let (postgres, pg_client) =
+            validate_postgres(base, &state_dir, self.member.kind, self.postgres)?;
 
         if self.api.listen.port() == 0 {
             return refuse("api.listen", "needs a fixed port");
@@ -884,9 +885,7 @@ fn validate_postgres(
     let sslmode = match ssl.sslmode.as_deref() {
         Some(m) => SslMode::parse(m).ok_or_else(|| Refusal {
             key: "postgres.ssl.sslmode".into(),
-            reason: format!(
-                "{m:?} is not one of disable, prefer, require, verify-ca, verify-full"
-            ),
+            reason: format!("{m:?} is not one of disable, prefer, require, verify-ca, verify-full"),
         })?,
         None if !has_ssl_section => SslMode::Prefer,
         None if sslrootcert.is_some() => SslMode::VerifyFull,
@@ -1036,7 +1035,12 @@ fn validate_postgres(
         );
     }
     let mut replication_cidrs = Vec::new();
-    for (i, c) in pg.replication_cidrs.unwrap_or_default().into_iter().enumerate() {
+    for (i, c) in pg
+        .replication_cidrs
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
         if crate::pg::parse_cidr(&c).is_none() {
             return refuse(
                 &format!("postgres.replication_cidrs[{i}]"),
@@ -1276,7 +1280,10 @@ postgres = "127.0.0.1:5434"
             pg.listen_addr,
             vec![ListenAddr::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST))]
         );
-        assert_eq!(pg.socket_dir, Path::new("/var/lib/meridian/east-1/pg-socket"));
+        assert_eq!(
+            pg.socket_dir,
+            Path::new("/var/lib/meridian/east-1/pg-socket")
+        );
         assert_eq!(pg.local_auth_method, "peer");
         assert_eq!(pg.auth_method, "scram-sha-256");
         assert_eq!(pg.max_slot_wal_keep_size, "4GB");
@@ -1324,7 +1331,10 @@ postgres = "127.0.0.1:5434"
         match check_local_addresses(&c) {
             Err(ConfigError::Invalid { key, reason, .. }) => {
                 assert_eq!(key, "postgres.listen_addr[1]");
-                assert!(reason.contains("192.0.2.1 is not an address of this host"), "{reason}");
+                assert!(
+                    reason.contains("192.0.2.1 is not an address of this host"),
+                    "{reason}"
+                );
             }
             other => panic!("unexpected: {other:?}"),
         }
@@ -1382,9 +1392,13 @@ postgres = "127.0.0.1:5434"
             "[postgres.rewind]\npassword_env = \"PATH\"\n",
             "[postgres.rewind]\nuser = \"pg_rewinder\"\n",
         );
-        expect_invalid(&text, "postgres.rewind", "needs password_file or password_env");
-        let c = load(&text.replace("port = 5432\n", "port = 5432\nauth_method = \"trust\"\n"))
-            .unwrap();
+        expect_invalid(
+            &text,
+            "postgres.rewind",
+            "needs password_file or password_env",
+        );
+        let c =
+            load(&text.replace("port = 5432\n", "port = 5432\nauth_method = \"trust\"\n")).unwrap();
         assert_eq!(c.postgres.unwrap().rewind.user, "pg_rewinder");
         expect_invalid(
             &GOOD.replace(

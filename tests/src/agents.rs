@@ -31,6 +31,9 @@ use crate::free_ports;
 
 /// Bound on one admin call from the tests.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The data members' Postgres superuser password (scram-sha-256 from 127.0.0.1, the
+/// tests' own sessions; Meridian's roles have their own passwords in files).
+pub const SUPERUSER_PASSWORD: &str = "test-superuser-pw";
 /// How long [`AgentCluster::command`] retries while the cluster has no leader.
 pub const RETRY_WINDOW: Duration = Duration::from_secs(10);
 /// Bound on a graceful stop (SIGTERM) before the fixture kills the process.
@@ -133,7 +136,7 @@ impl AgentMember {
     /// A libpq connection string to this member's Postgres.
     pub fn pg_conninfo(&self) -> String {
         format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=2",
+            "host=127.0.0.1 port={} user=postgres password={SUPERUSER_PASSWORD} dbname=postgres connect_timeout=2",
             self.pg_port
         )
     }
@@ -292,6 +295,22 @@ impl AgentCluster {
             }
             None => String::new(),
         };
+        // Meridian's roles log in with scram-sha-256 and passwords from files, as in
+        // production; the superuser's password is for the tests' own sessions.
+        let secrets = dir.path().join("secrets");
+        std::fs::create_dir_all(&secrets)?;
+        let secret = |name: &str, value: &str| -> anyhow::Result<String> {
+            let p = secrets.join(name);
+            std::fs::write(&p, format!("{value}\n"))?;
+            Ok(p.display().to_string())
+        };
+        let su_pw = secret("superuser", SUPERUSER_PASSWORD)?;
+        let repl_pw = secret("replication", "test-replication-pw")?;
+        let rewind_pw = secret("rewind", "test-rewind-pw")?;
+        let monitor_pw = secret("monitor", "test-monitor-pw")?;
+        let monitor_section = format!(
+            "[postgres.monitor]\nuser = \"meridian_monitor\"\npassword_file = \"{monitor_pw}\"\n"
+        );
         let mut members = BTreeMap::new();
         for (i, spec) in specs.into_iter().enumerate() {
             let home = dir.path().join(&spec.name);
@@ -333,13 +352,23 @@ impl AgentCluster {
             );
             if s.kind == Kind::Data {
                 text.push_str(&format!(
-                    "[postgres]\ndata_dir = \"{}\"\nport = {}\n",
+                    "[postgres]\ndata_dir = \"{}\"\nport = {}\nlisten_addr = \"127.0.0.1\"\n\
+                     password_file = \"{su_pw}\"\n\
+                     hba = [\"host all postgres 127.0.0.1/32 scram-sha-256\"]\n\
+                     max_slot_wal_keep_size = \"1GB\"\n",
                     m.pg_data_dir().display(),
                     ports[3 * i + 2]
                 ));
                 if !postgres {
                     text.push_str(&format!("bin_dir = \"{}\"\n", no_pg_bin.display()));
                 }
+                text.push_str(&format!(
+                    "[postgres.replication]\nuser = \"replicator\"\npassword_file = \"{repl_pw}\"\n\
+                     [postgres.rewind]\nuser = \"rewinder\"\npassword_file = \"{rewind_pw}\"\n\
+                     {monitor_section}\n"
+                ));
+            } else {
+                text.push_str(&monitor_section);
                 text.push('\n');
             }
             text.push_str(&format!(

@@ -344,11 +344,22 @@ impl Member {
                 id
             }
         };
+        if intent.system_identifier.is_none() && !self.shared.config.raft.bootstrap {
+            // A joining member keeps its hands off an existing data dir until the primary
+            // recorded which cluster it is.
+            self.shared
+                .set_activity("waiting for the primary to record the cluster's system identifier");
+            return Ok(());
+        }
         if let Some(recorded) = intent.system_identifier {
             if recorded != local {
                 self.shared
                     .set_activity("refused: the data directory holds another cluster");
-                anyhow::bail!(foreign_data_dir_message(self.pg.data_dir(), local, recorded));
+                anyhow::bail!(foreign_data_dir_message(
+                    self.pg.data_dir(),
+                    local,
+                    recorded
+                ));
             }
         }
         if self.conf_checked {
@@ -372,9 +383,12 @@ impl Member {
                 system_identifier = local,
                 "adopting an existing Postgres data directory: keeping its data and settings"
             );
-            self.shared.set_activity("adopting an existing data directory");
+            self.shared
+                .set_activity("adopting an existing data directory");
         }
-        self.pg.write_conf().context("writing Meridian's settings")?;
+        self.pg
+            .write_conf()
+            .context("writing Meridian's settings")?;
         if self.pg.is_running() {
             let socket = self
                 .pg
@@ -425,7 +439,10 @@ impl Member {
         };
         match propose(&self.shared, cmd).await? {
             Response::Applied => {
-                tracing::info!(system_identifier = id, "recorded the cluster's system identifier");
+                tracing::info!(
+                    system_identifier = id,
+                    "recorded the cluster's system identifier"
+                );
                 Ok(())
             }
             other => anyhow::bail!("recording the system identifier: {other:?}"),
@@ -973,13 +990,25 @@ mod tests {
     #[test]
     fn only_meridians_unwanted_slots_are_dropped() {
         let wanted: std::collections::BTreeSet<String> = [slot_name("b1")].into();
-        let inactive = ["meridian_b1", "meridian_gone", "barman", "pg_receivewal_slot", "b1"];
-        assert_eq!(slots_to_drop(inactive, &wanted), vec!["meridian_gone".to_string()]);
+        let inactive = [
+            "meridian_b1",
+            "meridian_gone",
+            "barman",
+            "pg_receivewal_slot",
+            "b1",
+        ];
+        assert_eq!(
+            slots_to_drop(inactive, &wanted),
+            vec!["meridian_gone".to_string()]
+        );
     }
 
     #[test]
     fn foreign_data_dir_message_names_both_identifiers() {
         let m = foreign_data_dir_message(std::path::Path::new("/d"), 11, 22);
-        assert!(m.contains("/d") && m.contains("11") && m.contains("22"), "{m}");
+        assert!(
+            m.contains("/d") && m.contains("11") && m.contains("22"),
+            "{m}"
+        );
     }
 }

@@ -24,7 +24,10 @@ pub fn roles(config: &Config, pg: &PostgresConfig) -> PgRoles {
         superuser: role(&pg.superuser, &pg.password),
         replication: role(&pg.replication.user, &pg.replication.password),
         rewind: role(&pg.rewind.user, &pg.rewind.password),
-        monitor: role(&config.pg_client.monitor.user, &config.pg_client.monitor.password),
+        monitor: role(
+            &config.pg_client.monitor.user,
+            &config.pg_client.monitor.password,
+        ),
     }
 }
 
@@ -65,8 +68,11 @@ pub async fn member_cidrs(config: &Config, pg: &PostgresConfig) -> Vec<String> {
         let ips: Vec<IpAddr> = match h.parse::<IpAddr>() {
             Ok(ip) => vec![ip],
             Err(_) => {
-                match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((h.as_str(), 0)))
-                    .await
+                match tokio::time::timeout(
+                    RESOLVE_TIMEOUT,
+                    tokio::net::lookup_host((h.as_str(), 0)),
+                )
+                .await
                 {
                     Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
                     Ok(Err(e)) => {

@@ -290,7 +290,9 @@ pub fn render_hba(spec: &HbaSpec, roles: &PgRoles) -> String {
         line.push('\n');
         line
     };
-    s.push_str(&fmt_row(["# TYPE", "DATABASE", "USER", "ADDRESS", "METHOD"]));
+    s.push_str(&fmt_row([
+        "# TYPE", "DATABASE", "USER", "ADDRESS", "METHOD",
+    ]));
     for r in &rows {
         s.push_str(&fmt_row([&r[0], &r[1], &r[2], &r[3], &r[4]]));
     }
@@ -331,7 +333,12 @@ fn passfile_field(v: &str) -> String {
 pub fn render_passfile(roles: &PgRoles) -> String {
     let mut s = String::new();
     let mut seen = Vec::new();
-    for r in [&roles.replication, &roles.rewind, &roles.monitor, &roles.superuser] {
+    for r in [
+        &roles.replication,
+        &roles.rewind,
+        &roles.monitor,
+        &roles.superuser,
+    ] {
         if seen.contains(&&r.name) {
             continue;
         }
@@ -402,7 +409,9 @@ pub fn validate_hba_line(line: &str) -> Result<(), String> {
         let addr = fields[3];
         let ok = matches!(addr, "all" | "samehost" | "samenet")
             || parse_cidr(addr).is_some()
-            || (addr.parse::<IpAddr>().is_ok() && fields.len() > 5 && fields[4].parse::<IpAddr>().is_ok())
+            || (addr.parse::<IpAddr>().is_ok()
+                && fields.len() > 5
+                && fields[4].parse::<IpAddr>().is_ok())
             || is_hostname(addr);
         if !ok {
             return Err(format!(

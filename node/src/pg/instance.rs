@@ -19,9 +19,9 @@ use super::access::{
 };
 use super::binaries::PgBinaries;
 use super::conninfo::{conninfo, quote_conf_value, quote_literal};
-use super::tls::PgTls;
 use super::error::{tail, PgError};
 use super::exec::{kill_group, pid_alive, run_tool, RunAs};
+use super::tls::PgTls;
 
 /// Marker file in the data dir of a fenced instance: nothing may start it as a primary.
 pub const FENCE_MARKER: &str = "meridian.fenced";
@@ -396,7 +396,13 @@ impl PgInstance {
 
     /// libpq conninfo for a session as `role` to `host:port` over the client TLS setting,
     /// without any password (the passfile or the environment provides it).
-    fn remote_conninfo(&self, host: &str, port: u16, role: &PgRole, dbname: Option<&str>) -> String {
+    fn remote_conninfo(
+        &self,
+        host: &str,
+        port: u16,
+        role: &PgRole,
+        dbname: Option<&str>,
+    ) -> String {
         let port = port.to_string();
         let ssl = self.access.client_ssl.conninfo_pairs();
         let mut pairs: Vec<(&str, &str)> = vec![
@@ -534,8 +540,14 @@ impl PgInstance {
         const STEP: &str = "write config";
         self.write_files()?;
         let mut extra = vec![
-            ("hba_file".to_string(), quote_conf_value(&self.path("pg_hba.conf").display().to_string())),
-            ("ident_file".to_string(), quote_conf_value(&self.path("pg_ident.conf").display().to_string())),
+            (
+                "hba_file".to_string(),
+                quote_conf_value(&self.path("pg_hba.conf").display().to_string()),
+            ),
+            (
+                "ident_file".to_string(),
+                quote_conf_value(&self.path("pg_ident.conf").display().to_string()),
+            ),
         ];
         if let Some(sz) = &self.access.max_slot_wal_keep_size {
             extra.push(("max_slot_wal_keep_size".into(), quote_conf_value(sz)));
@@ -1122,7 +1134,8 @@ impl PgInstance {
         let _ = tokio::time::timeout(self.timeouts.connect, conn).await;
         match res {
             Err(ref e)
-                if e.sql_state() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) =>
+                if e.sql_state()
+                    == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) =>
             {
                 tracing::warn!("the rewind source refused CHECKPOINT to {} (Postgres before 15?): rewinding without it", role.name);
                 Ok(())
@@ -1246,7 +1259,9 @@ impl PgInstance {
         if managed.is_empty() {
             return Ok(());
         }
-        let client = self.connect_within("create roles: connect", self.timeouts.connect).await?;
+        let client = self
+            .connect_within("create roles: connect", self.timeouts.connect)
+            .await?;
         let version: i32 = self
             .bounded_sql(STEP, self.timeouts.sql, async {
                 client
@@ -1322,9 +1337,7 @@ impl PgInstance {
             .lines()
             .find_map(|l| l.strip_prefix("Database system identifier:"))
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .ok_or_else(|| {
-                PgError::state(STEP, "no \"Database system identifier\" in its output")
-            })
+            .ok_or_else(|| PgError::state(STEP, "no \"Database system identifier\" in its output"))
     }
 
     /// The major version in `PG_VERSION`, if the data dir has one.
@@ -1341,8 +1354,11 @@ impl PgInstance {
         if !self.is_running() {
             return Ok(());
         }
-        let client = self.connect_within("reload: connect", self.timeouts.connect).await?;
-        self.run_each("reload", &client, &["SELECT pg_reload_conf()"]).await
+        let client = self
+            .connect_within("reload: connect", self.timeouts.connect)
+            .await?;
+        self.run_each("reload", &client, &["SELECT pg_reload_conf()"])
+            .await
     }
 
     /// "Latest checkpoint location" of a stopped server, from `pg_controldata`.
@@ -1527,8 +1543,9 @@ password_encryption = 'scram-sha-256'
 max_slot_wal_keep_size = '4GB'
 ";
         assert_eq!(c, want);
-        assert!(render_meridian_conf("*", None, 1, "x", &[])
-            .contains("unix_socket_directories = ''\n"));
+        assert!(
+            render_meridian_conf("*", None, 1, "x", &[]).contains("unix_socket_directories = ''\n")
+        );
     }
 
     #[test]

@@ -80,9 +80,7 @@ impl PgTls {
                         .with_custom_certificate_verifier(Arc::new(ChainOnly(webpki)))
                         .with_no_client_auth()
                 } else {
-                    builder
-                        .with_webpki_verifier(webpki)
-                        .with_no_client_auth()
+                    builder.with_webpki_verifier(webpki).with_no_client_auth()
                 }
             }
         };
@@ -113,7 +111,10 @@ fn load_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
             .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
     }
     if roots.is_empty() {
-        return Err(format!("sslrootcert {} holds no certificate", path.display()));
+        return Err(format!(
+            "sslrootcert {} holds no certificate",
+            path.display()
+        ));
     }
     Ok(roots)
 }
