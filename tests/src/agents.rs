@@ -174,6 +174,26 @@ impl Pki {
         self.dir.join("ca.pem")
     }
 
+    /// A Postgres server certificate for `name` on 127.0.0.1 (IP and DNS names).
+    fn issue_server(&self, name: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(vec![
+            name.to_string(),
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ])?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.ca)?;
+        let cert_path = self.dir.join(format!("{name}-pg.pem"));
+        let key_path = self.dir.join(format!("{name}-pg.key"));
+        std::fs::write(&cert_path, cert.pem())?;
+        std::fs::write(&key_path, key.serialize_pem())?;
+        Ok((cert_path, key_path))
+    }
+
     /// Writes `name`'s certificate and key; returns (cert, key) paths.
     fn issue(&self, name: &str, rogue: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
         let key = rcgen::KeyPair::generate()?;
@@ -308,6 +328,9 @@ impl AgentCluster {
         let repl_pw = secret("replication", "test-replication-pw")?;
         let rewind_pw = secret("rewind", "test-rewind-pw")?;
         let monitor_pw = secret("monitor", "test-monitor-pw")?;
+        // Postgres serves TLS to the other members, who verify it fully (verify-full
+        // against the test CA; the certificates name 127.0.0.1).
+        let pg_pki = Pki::new(&dir.path().join("pg-pki"))?;
         let monitor_section = format!(
             "[postgres.monitor]\nuser = \"meridian_monitor\"\npassword_file = \"{monitor_pw}\"\n"
         );
@@ -362,14 +385,21 @@ impl AgentCluster {
                 if !postgres {
                     text.push_str(&format!("bin_dir = \"{}\"\n", no_pg_bin.display()));
                 }
+                let (cert, key) = pg_pki.issue_server(&s.name)?;
                 text.push_str(&format!(
                     "[postgres.replication]\nuser = \"replicator\"\npassword_file = \"{repl_pw}\"\n\
                      [postgres.rewind]\nuser = \"rewinder\"\npassword_file = \"{rewind_pw}\"\n\
-                     {monitor_section}\n"
+                     {monitor_section}\
+                     [postgres.ssl]\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\nsslmode = \"verify-full\"\n\n",
+                    cert.display(),
+                    key.display(),
+                    pg_pki.ca_file().display()
                 ));
             } else {
-                text.push_str(&monitor_section);
-                text.push('\n');
+                text.push_str(&format!(
+                    "{monitor_section}[postgres.ssl]\nsslrootcert = \"{}\"\nsslmode = \"verify-full\"\n\n",
+                    pg_pki.ca_file().display()
+                ));
             }
             text.push_str(&format!(
                 "[api]\nlisten = \"{}\"\nhttp_listen = \"{}\"\n{token_line}\n",

@@ -225,6 +225,33 @@ async fn a_running_postgres_is_adopted_and_a_foreign_data_dir_is_refused() {
         .unwrap()
         .get(0);
     assert_eq!(streaming, 1);
+    // Over TLS: the standby streams encrypted, its conninfo verifies the server fully.
+    let ssl: bool = client
+        .query_one(
+            "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_replication r USING (pid) \
+             WHERE r.application_name = 'a3'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl, "a3 streams without TLS");
+    assert!(auto.contains("sslmode=verify-full"), "{auto}");
+    // a3's probes of a1 log in as the monitor role over TLS (rustls, verify-full).
+    wait_until("a3's peer probe session on a1 over TLS", FORM, || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+                 WHERE a.usename = 'meridian_monitor' \
+                 AND a.application_name = 'meridian-peer-probe' AND s.ssl",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) > 0)
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
 
     // a2's data dir holds another cluster: refused, both identifiers named, untouched.
     let (a2_data, a2_port) = {
