@@ -525,6 +525,26 @@ impl Cluster {
     fn write_configs(&self) -> anyhow::Result<()> {
         let first = self.bootstrap_member().to_string();
         let t = &self.options.timing;
+        // Meridian's roles log in with scram-sha-256 and passwords from files; the
+        // workload's and the checker's sessions are the superuser's, admitted from the
+        // proxies' loopback address by an explicit trust line.
+        let secrets = self.dir().join("secrets");
+        std::fs::create_dir_all(&secrets).context("create the secrets dir")?;
+        let mut roles = String::new();
+        for (section, user) in [
+            ("replication", "replicator"),
+            ("rewind", "rewinder"),
+            ("monitor", "meridian_monitor"),
+        ] {
+            let p = secrets.join(section);
+            std::fs::write(&p, format!("chaos-{section}-pw\n"))
+                .with_context(|| format!("write {}", p.display()))?;
+            roles.push_str(&format!(
+                "[postgres.{section}]\nuser = \"{user}\"\npassword_file = \"{}\"\n",
+                p.display()
+            ));
+        }
+        let monitor_only = roles[roles.find("[postgres.monitor]").unwrap_or(0)..].to_string();
         for m in self.members.values() {
             let mut text = format!(
                 "# Written by meridian-chaos: peers are reached through the proxy mesh.\n\
@@ -537,9 +557,12 @@ impl Cluster {
             );
             if let (Some(port), Some(data_dir)) = (m.pg_port, &m.data_dir) {
                 text.push_str(&format!(
-                    "[postgres]\ndata_dir = \"{}\"\nlisten_addr = \"127.0.0.1\"\nport = {port}\nos_user = \"{DEFAULT_OS_USER}\"\n\n",
+                    "[postgres]\ndata_dir = \"{}\"\nlisten_addr = \"127.0.0.1\"\nport = {port}\nos_user = \"{DEFAULT_OS_USER}\"\n\
+                     hba = [\"host all postgres 127.0.0.1/32 trust\"]\n{roles}\n",
                     data_dir.display()
                 ));
+            } else {
+                text.push_str(&format!("{monitor_only}\n"));
             }
             text.push_str(&format!(
                 "[api]\nlisten = \"{}\"\nhttp_listen = \"{}\"\n\n",

@@ -206,8 +206,9 @@ fn read_write_conninfo(c: &AgentCluster) -> String {
         .collect();
     format!(
         "host=127.0.0.1,127.0.0.1,127.0.0.1 port={} user=postgres dbname=postgres \
-         connect_timeout=2 target_session_attrs=read-write",
-        ports.join(",")
+         password={} connect_timeout=2 target_session_attrs=read-write",
+        ports.join(","),
+        meridian_tests::agents::SUPERUSER_PASSWORD
     )
 }
 

@@ -292,6 +292,14 @@ pub enum Command {
         reason: String,
         at_unix_ms: i64,
     },
+    /// Records the Postgres cluster's system identifier (`pg_controldata`'s "Database
+    /// system identifier"), reported by the primary: from then on a member whose data
+    /// directory holds another one refuses to touch it. Set once; the same value again is
+    /// a no-op, another value is refused.
+    RecordSystemIdentifier {
+        member: String,
+        system_identifier: u64,
+    },
 }
 
 /// Why a command was refused. Serializable so it crosses the Raft log and the admin API.
@@ -384,6 +392,15 @@ pub enum Refused {
         current: Generation,
         got: Generation,
     },
+    #[error(
+        "the cluster's Postgres system identifier is {recorded}; {member:?} reported {got}: \
+         its data directory belongs to another cluster"
+    )]
+    ForeignSystemIdentifier {
+        member: String,
+        recorded: u64,
+        got: u64,
+    },
 }
 
 /// What the state machine answers for each applied log entry.
@@ -433,6 +450,10 @@ pub struct Intent {
     /// Breaks of the current generation's lease that no longer count.
     #[serde(default)]
     pub lease_break_release: Option<LeaseBreakRelease>,
+    /// The Postgres cluster's system identifier, once the primary reported it
+    /// ([`Command::RecordSystemIdentifier`]); `None` in logs written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_identifier: Option<u64>,
 }
 
 /// `synchronous_standby_names` for one generation's primary.
@@ -461,6 +482,7 @@ impl Default for Intent {
             resumed: None,
             lease_released: false,
             lease_break_release: None,
+            system_identifier: None,
         }
     }
 }
@@ -797,6 +819,22 @@ impl Intent {
                 }
                 Ok(())
             }
+            Command::RecordSystemIdentifier {
+                member,
+                system_identifier,
+            } => {
+                self.data_member(member)?;
+                match self.system_identifier {
+                    Some(recorded) if recorded != *system_identifier => {
+                        Err(Refused::ForeignSystemIdentifier {
+                            member: member.clone(),
+                            recorded,
+                            got: *system_identifier,
+                        })
+                    }
+                    _ => Ok(()),
+                }
+            }
         }
     }
 
@@ -1064,6 +1102,11 @@ impl Intent {
             }
             Command::ReinitDone { name } => {
                 self.reinit.remove(name);
+            }
+            Command::RecordSystemIdentifier {
+                system_identifier, ..
+            } => {
+                self.system_identifier = Some(*system_identifier);
             }
             Command::Resume {
                 member,
@@ -2080,6 +2123,32 @@ mod tests {
             refused(&mut i, Command::ReinitDone { name: "a2".into() }),
             Refused::NoReinitPending("a2".into())
         );
+    }
+
+    #[test]
+    fn system_identifier_is_recorded_once_and_old_intents_decode() {
+        let mut i = cluster();
+        let rec = |id: u64| Command::RecordSystemIdentifier {
+            member: "a1".into(),
+            system_identifier: id,
+        };
+        assert_eq!(i.apply(&rec(7)), Response::Applied);
+        assert_eq!(i.system_identifier, Some(7));
+        assert_eq!(i.apply(&rec(7)), Response::Applied);
+        assert_eq!(
+            refused(&mut i, rec(8)),
+            Refused::ForeignSystemIdentifier {
+                member: "a1".into(),
+                recorded: 7,
+                got: 8
+            }
+        );
+        assert_eq!(i.system_identifier, Some(7));
+        // An intent serialized before the field existed still decodes.
+        let mut v = serde_json::to_value(cluster()).unwrap();
+        v.as_object_mut().unwrap().remove("system_identifier");
+        let old: Intent = serde_json::from_value(v).unwrap();
+        assert_eq!(old.system_identifier, None);
     }
 
     #[test]
