@@ -208,14 +208,20 @@ fn new_ca(cn: &str) -> anyhow::Result<rcgen::CertifiedIssuer<'static, rcgen::Key
     )?)
 }
 
+/// The admin token of a cluster whose test names none.
+pub const DEFAULT_TOKEN: &str = "meridian-test-admin-token";
+
 /// A set of declared members, some running.
 pub struct AgentCluster {
     pub cluster: String,
     pub members: BTreeMap<String, AgentMember>,
     /// Client TLS for the admin helpers (certificate "admin-client"), when TLS is on.
     client_tls: Option<ClientTlsConfig>,
-    /// Admin token the helpers send (empty when the cluster has none).
+    /// Admin token every member requires and the helpers send.
     pub token: String,
+    /// The cluster secret the members sign their RPCs with (without TLS; `None` with TLS,
+    /// where the members' certificates authenticate them).
+    pub secret: Option<String>,
     dir: TempDir,
 }
 
@@ -284,11 +290,29 @@ impl AgentCluster {
         } else {
             None
         };
-        let token_line = match token {
-            Some(t) => {
-                let path = dir.path().join("admin-token");
-                std::fs::write(&path, t)?;
-                format!("token_file = \"{}\"\n", path.display())
+        // Every cluster has an admin token (a default one unless the test names its own)
+        // and, without TLS, a cluster secret: as a production config would.
+        let token = token.unwrap_or(DEFAULT_TOKEN).to_string();
+        let token_path = dir.path().join("admin-token");
+        meridian_chaos::cluster::write_private(&token_path, &token)?;
+        let token_line = format!("token_file = \"{}\"\n", token_path.display());
+        let secret = if tls {
+            None
+        } else {
+            let secret: String = rand::random::<[u8; 32]>()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            Some(secret)
+        };
+        let security = match &secret {
+            Some(secret) => {
+                let path = dir.path().join("cluster-secret");
+                meridian_chaos::cluster::write_private(&path, secret)?;
+                format!(
+                    "[security]\ncluster_secret_file = \"{}\"\n\n",
+                    path.display()
+                )
             }
             None => String::new(),
         };
@@ -343,7 +367,7 @@ impl AgentCluster {
                 text.push('\n');
             }
             text.push_str(&format!(
-                "[api]\nlisten = \"{}\"\nhttp_listen = \"{}\"\n{token_line}\n",
+                "[api]\nlisten = \"{}\"\nhttp_listen = \"{}\"\n{token_line}\n{security}",
                 m.grpc, m.http
             ));
             let join: Vec<String> = s.join.iter().map(|j| format!("\"{j}\"")).collect();
@@ -388,7 +412,8 @@ impl AgentCluster {
             cluster,
             members,
             client_tls,
-            token: token.unwrap_or_default().to_string(),
+            token,
+            secret,
             dir,
         })
     }
