@@ -391,6 +391,65 @@ async fn metrics(State(s): State<HttpState>) -> Response {
     }
 }
 
+/// Serves `app` on `listener` until `stop` turns true: plain HTTP, or HTTPS with `tls`
+/// (see [`https_config`]).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: Option<rustls::ServerConfig>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let Some(tls) = tls else {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await?;
+        return Ok(());
+    };
+    let config = tls;
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        let _ = stop.wait_for(|s| *s).await;
+        stopper.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
+    });
+    let listener = listener
+        .into_std()
+        .context("taking over the HTTP listener")?;
+    axum_server::from_tcp_rustls(
+        listener,
+        axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(config)),
+    )
+    .handle(handle)
+    .serve(app.into_make_service())
+    .await
+    .context("serving HTTPS")
+}
+
+/// The rustls server configuration of the HTTPS endpoint (ring provider, no client auth).
+pub fn https_config(tls: &crate::config::HttpTlsConfig) -> anyhow::Result<rustls::ServerConfig> {
+    use anyhow::Context;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&tls.cert_file)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", tls.cert_file.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key_file)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", tls.key_file.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("the HTTP TLS certificate and key do not form a valid pair")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,63 +558,4 @@ mod tests {
         assert!(m.contains("meridian_generation"), "{m}");
         server.abort();
     }
-}
-
-/// Serves `app` on `listener` until `stop` turns true: plain HTTP, or HTTPS with `tls`
-/// (see [`https_config`]).
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    tls: Option<rustls::ServerConfig>,
-    mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let Some(tls) = tls else {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await?;
-        return Ok(());
-    };
-    let config = tls;
-    let handle = axum_server::Handle::new();
-    let stopper = handle.clone();
-    tokio::spawn(async move {
-        let _ = stop.wait_for(|s| *s).await;
-        stopper.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
-    });
-    let listener = listener
-        .into_std()
-        .context("taking over the HTTP listener")?;
-    axum_server::from_tcp_rustls(
-        listener,
-        axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(config)),
-    )
-    .handle(handle)
-    .serve(app.into_make_service())
-    .await
-    .context("serving HTTPS")
-}
-
-/// The rustls server configuration of the HTTPS endpoint (ring provider, no client auth).
-pub fn https_config(tls: &crate::config::HttpTlsConfig) -> anyhow::Result<rustls::ServerConfig> {
-    use anyhow::Context;
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_file_iter(&tls.cert_file)
-        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| anyhow::anyhow!("reading {}: {e}", tls.cert_file.display()))?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key_file)
-        .map_err(|e| anyhow::anyhow!("reading {}: {e}", tls.key_file.display()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .context("TLS protocol versions")?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .context("the HTTP TLS certificate and key do not form a valid pair")?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
 }
