@@ -558,4 +558,104 @@ mod tests {
         assert!(m.contains("meridian_generation"), "{m}");
         server.abort();
     }
+
+    /// With a certificate and key, the endpoints answer over HTTPS only; the health body
+    /// says whether the member runs insecure; writes need the token, bearer in any case.
+    #[tokio::test]
+    async fn https_serves_health_and_checks_the_write_token() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let tls = crate::config::HttpTlsConfig {
+            cert_file: dir.path().join("http.pem"),
+            key_file: dir.path().join("http.key"),
+        };
+        std::fs::write(&tls.cert_file, ck.cert.pem()).unwrap();
+        std::fs::write(&tls.key_file, ck.signing_key.serialize_pem()).unwrap();
+        let (_tx, rx) = watch::channel(primary());
+        let writes: WriteFn = Arc::new(|_| Box::pin(async { Ok(serde_json::json!({"ok": true})) }));
+        let app = router(HttpState {
+            health: rx,
+            metrics: Arc::new(Metrics::new()),
+            writes: Some(writes),
+            token: Some("tok".into()),
+            insecure: true,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let server = tokio::spawn(serve(
+            listener,
+            app,
+            Some(https_config(&tls).unwrap()),
+            stop_rx,
+        ));
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ck.cert.der().clone()).unwrap();
+        let client = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        );
+        let request = |req: String| {
+            let client = client.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+                let mut s = tokio_rustls::TlsConnector::from(client)
+                    .connect(name, tcp)
+                    .await
+                    .unwrap();
+                s.write_all(req.as_bytes()).await.unwrap();
+                let mut out = String::new();
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    s.read_to_string(&mut out),
+                )
+                .await
+                .unwrap();
+                out
+            }
+        };
+        let get = |path: &str| {
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        };
+        let post = |auth: &str| {
+            format!(
+                "POST /pause HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+        };
+        let health = request(get("/health")).await;
+        assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+        assert!(health.contains("\"insecure\":true"), "{health}");
+        let r = request(post("")).await;
+        assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+        let r = request(post("Authorization: Bearer wrong\r\n")).await;
+        assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+        let r = request(post("Authorization: bEaReR tok\r\n")).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+
+        // Plain HTTP on the HTTPS port gets no HTTP answer.
+        let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+        plain.write_all(get("/health").as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            plain.read_to_end(&mut out),
+        )
+        .await;
+        assert!(!String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+
+        stop_tx.send_replace(true);
+        tokio::time::timeout(std::time::Duration::from_secs(10), server)
+            .await
+            .expect("the HTTPS server stops")
+            .unwrap()
+            .unwrap();
+    }
 }
