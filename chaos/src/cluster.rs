@@ -216,6 +216,25 @@ impl Default for ClusterOptions {
     }
 }
 
+/// The admin token of the clusters this harness runs (written to each member's
+/// `admin-token` file; the harness's commands send it).
+pub const ADMIN_TOKEN: &str = "meridian-chaos-admin-token";
+
+/// Writes `text` to a new file readable by its owner only (secrets, tokens).
+pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// An admin client for member `name` at `addr` (`host:port`; TLS when `tls` is given,
 /// checked against `name`), connected within `timeout`. Shared with the tests' launcher.
 pub async fn admin_client(
@@ -545,7 +564,16 @@ impl Cluster {
             ));
         }
         let monitor_only = roles[roles.find("[postgres.monitor]").unwrap_or(0)..].to_string();
+        // One cluster secret per run, the same for every member; one admin token.
+        let secret: String = rand::random::<[u8; 32]>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         for m in self.members.values() {
+            let secret_file = m.home.join("cluster-secret");
+            write_private(&secret_file, &secret)?;
+            let token_file = m.home.join("admin-token");
+            write_private(&token_file, ADMIN_TOKEN)?;
             let mut text = format!(
                 "# Written by meridian-chaos: peers are reached through the proxy mesh.\n\
                  cluster = \"{}\"\nstate_dir = \"{}\"\n\n[member]\nname = \"{}\"\nregion = \"{}\"\nkind = \"{}\"\n\n",
@@ -565,8 +593,12 @@ impl Cluster {
                 text.push_str(&format!("{monitor_only}\n"));
             }
             text.push_str(&format!(
-                "[api]\nlisten = \"{}\"\nhttp_listen = \"{}\"\n\n",
-                m.grpc, m.http
+                "[api]\nlisten = \"{}\"\nhttp_listen = \"{}\"\ntoken_file = \"{}\"\n\n\
+                 [security]\ncluster_secret_file = \"{}\"\n\n",
+                m.grpc,
+                m.http,
+                token_file.display(),
+                secret_file.display()
             ));
             let bootstrap = m.name == first;
             // Only the bootstrap member: the others do not serve before they registered,
@@ -896,7 +928,7 @@ impl Cluster {
                         CALL_TIMEOUT * 4,
                         c.command(CommandRequest {
                             command_json: json.clone(),
-                            token: String::new(),
+                            token: ADMIN_TOKEN.to_string(),
                         }),
                     )
                     .await

@@ -95,6 +95,8 @@ pub struct Config {
     /// Credentials and TLS of Meridian's sessions to Postgres (all members).
     pub pg_client: PgClientConfig,
     pub shutdown: ShutdownConfig,
+    /// How members prove themselves to each other (see `crate::auth`).
+    pub security: SecurityConfig,
 }
 
 /// What a primary's agent does with its Postgres when it is stopped on purpose (SIGTERM,
@@ -115,6 +117,18 @@ pub struct ShutdownConfig {
     pub on_primary_stop: OnPrimaryStop,
     /// Bound on the hand-over switchover of a stopping primary.
     pub switchover_timeout: Duration,
+}
+
+/// `[security]`: the cluster secret members sign requests with, or the explicit choice of
+/// running without member authentication.
+#[derive(Clone, Debug, Default)]
+pub struct SecurityConfig {
+    /// At least `auth::MIN_SECRET_BYTES` bytes; the same on every member.
+    pub cluster_secret: Option<Secret>,
+    /// The file it was read from (its permissions are checked at start).
+    pub cluster_secret_file: Option<PathBuf>,
+    /// No member authentication at all (local demos only; `/health` and `list` say so).
+    pub insecure: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -211,6 +225,14 @@ pub struct ApiConfig {
     pub http_listen: SocketAddr,
     /// Required by write endpoints and admin commands that change the cluster.
     pub token: Option<Secret>,
+    /// HTTPS for `http_listen` (both set, or neither).
+    pub http_tls: Option<HttpTlsConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpTlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -340,6 +362,8 @@ struct RawConfig {
     tls: Option<RawTls>,
     #[serde(default)]
     shutdown: RawShutdown,
+    #[serde(default)]
+    security: RawSecurity,
 }
 
 #[derive(Deserialize)]
@@ -357,6 +381,14 @@ impl Default for RawShutdown {
             switchover_timeout: Duration::from_secs(30),
         }
     }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawSecurity {
+    cluster_secret_env: Option<String>,
+    cluster_secret_file: Option<PathBuf>,
+    insecure: bool,
 }
 
 #[derive(Deserialize)]
@@ -448,6 +480,8 @@ struct RawApi {
     http_listen: SocketAddr,
     token_env: Option<String>,
     token_file: Option<PathBuf>,
+    http_tls_cert_file: Option<PathBuf>,
+    http_tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -767,6 +801,37 @@ impl RawConfig {
             );
         }
 
+        let http_tls = match (self.api.http_tls_cert_file, self.api.http_tls_key_file) {
+            (None, None) => None,
+            (Some(_), None) => {
+                return refuse(
+                    "api.http_tls_key_file",
+                    "http_tls_cert_file needs a key file too",
+                )
+            }
+            (None, Some(_)) => {
+                return refuse(
+                    "api.http_tls_cert_file",
+                    "http_tls_key_file needs a certificate file too",
+                )
+            }
+            (Some(c), Some(k)) => {
+                let t = HttpTlsConfig {
+                    cert_file: resolve_path(base, c),
+                    key_file: resolve_path(base, k),
+                };
+                for (key, p) in [
+                    ("api.http_tls_cert_file", &t.cert_file),
+                    ("api.http_tls_key_file", &t.key_file),
+                ] {
+                    if !p.is_file() {
+                        return refuse(key, format!("{} does not exist", p.display()));
+                    }
+                }
+                Some(t)
+            }
+        };
+
         let tls = self.tls.map(|t| TlsConfig {
             ca_file: resolve_path(base, t.ca_file),
             cert_file: resolve_path(base, t.cert_file),
@@ -784,6 +849,50 @@ impl RawConfig {
             }
         }
 
+        let sec = self.security;
+        let cluster_secret = load_secret(
+            base,
+            "security.cluster_secret_env",
+            sec.cluster_secret_env.clone(),
+            "security.cluster_secret_file",
+            sec.cluster_secret_file.clone(),
+        )?;
+        let cluster_secret_file = sec.cluster_secret_file.map(|p| resolve_path(base, p));
+        if let Some(secret) = &cluster_secret {
+            if let Err(reason) = crate::auth::ClusterKey::new(secret.expose().as_bytes()) {
+                let key = if sec.cluster_secret_env.is_some() {
+                    "security.cluster_secret_env"
+                } else {
+                    "security.cluster_secret_file"
+                };
+                return refuse(key, reason);
+            }
+        }
+        if sec.insecure && (cluster_secret.is_some() || tls.is_some()) {
+            return refuse(
+                "security.insecure",
+                "insecure = true is only for a cluster with neither a cluster secret nor [tls]; remove it",
+            );
+        }
+        if !sec.insecure && cluster_secret.is_none() && tls.is_none() {
+            return refuse(
+                "security",
+                "no member authentication is configured: anyone who can reach api.listen could \
+                 send Raft, lease and admin RPCs. Set [security] cluster_secret_file (or \
+                 cluster_secret_env) to a file holding at least 32 random bytes, or configure \
+                 [tls]; for a local demo only, [security] insecure = true",
+            );
+        }
+        let security = SecurityConfig {
+            cluster_secret,
+            cluster_secret_file: if sec.cluster_secret_env.is_some() {
+                None
+            } else {
+                cluster_secret_file
+            },
+            insecure: sec.insecure,
+        };
+
         Ok(Config {
             source: PathBuf::new(),
             cluster: self.cluster,
@@ -800,6 +909,7 @@ impl RawConfig {
                 listen: self.api.listen,
                 http_listen: self.api.http_listen,
                 token,
+                http_tls,
             },
             raft: RaftConfig {
                 bootstrap: raft.bootstrap,
@@ -823,6 +933,7 @@ impl RawConfig {
                 switchover_timeout: self.shutdown.switchover_timeout,
             },
             pg_client,
+            security,
         })
     }
 }
@@ -1286,6 +1397,9 @@ http_listen = "127.0.0.1:8008"
 [raft]
 bootstrap = true
 
+[security]
+insecure = true
+
 [peers.east-1]
 api = "127.0.0.1:7001"
 postgres = "127.0.0.1:5432"
@@ -1629,8 +1743,85 @@ postgres = "127.0.0.1:5434"
         }
     }
 
+    /// GOOD with its `[security]` table replaced by `security` (TOML lines).
+    fn with_security(security: &str) -> String {
+        GOOD.replace("[security]\ninsecure = true\n", security)
+    }
+
+    #[test]
+    fn member_authentication_is_required() {
+        expect_invalid(
+            &with_security(""),
+            "security",
+            "[security] cluster_secret_file",
+        );
+        expect_invalid(
+            &with_security("[security]\ninsecure = false\n"),
+            "security",
+            "insecure = true",
+        );
+    }
+
+    #[test]
+    fn cluster_secret_is_loaded_checked_and_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = "0123456789abcdef0123456789abcdef\n";
+        std::fs::write(dir.path().join("secret"), good).unwrap();
+        std::fs::write(dir.path().join("short"), "0123456789\n").unwrap();
+        let path = dir.path().join("m.toml");
+        let text = with_security("[security]\ncluster_secret_file = \"secret\"\n");
+        let c = Config::from_toml(&path, &text).unwrap();
+        let s = c.security.cluster_secret.as_ref().unwrap();
+        assert_eq!(s.expose(), good.trim_end());
+        assert_eq!(
+            c.security.cluster_secret_file,
+            Some(dir.path().join("secret"))
+        );
+        assert!(!c.security.insecure);
+        assert!(!format!("{c:?}").contains("0123456789abcdef"));
+
+        let text = with_security("[security]\ncluster_secret_file = \"short\"\n");
+        match Config::from_toml(&path, &text) {
+            Err(ConfigError::Invalid { key, reason, .. }) => {
+                assert_eq!(key, "security.cluster_secret_file");
+                assert!(reason.contains("at least 32"), "{reason}");
+            }
+            other => panic!("a short secret was accepted: {other:?}"),
+        }
+        let text = with_security("[security]\ncluster_secret_file = \"secret\"\ninsecure = true\n");
+        match Config::from_toml(&path, &text) {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "security.insecure"),
+            other => panic!("insecure with a secret was accepted: {other:?}"),
+        }
+        expect_invalid(
+            &with_security("[security]\ncluster_secret_env = \"MERIDIAN_TEST_SURELY_UNSET_VAR\"\n"),
+            "security.cluster_secret_env",
+            "is not set",
+        );
+    }
+
+    #[test]
+    fn http_tls_needs_both_files() {
+        let text = GOOD.replace(
+            "http_listen = \"127.0.0.1:8008\"\n",
+            "http_listen = \"127.0.0.1:8008\"\nhttp_tls_cert_file = \"/nonexistent/c.pem\"\n",
+        );
+        expect_invalid(&text, "api.http_tls_key_file", "needs a key file");
+        let text = GOOD.replace(
+            "http_listen = \"127.0.0.1:8008\"\n",
+            "http_listen = \"127.0.0.1:8008\"\nhttp_tls_cert_file = \"/nonexistent/c.pem\"\nhttp_tls_key_file = \"/nonexistent/k.pem\"\n",
+        );
+        expect_invalid(&text, "api.http_tls_cert_file", "does not exist");
+    }
+
     #[test]
     fn example_configs_are_valid() {
+        // The examples read the cluster secret and the admin token from the environment.
+        std::env::set_var(
+            "MERIDIAN_CLUSTER_SECRET",
+            "an-example-secret-of-at-least-32-bytes!",
+        );
+        std::env::set_var("MERIDIAN_TOKEN", "an-example-token");
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
         let mut n = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {

@@ -2,6 +2,7 @@
 //! tests and the chaos harness.
 
 pub mod agent;
+pub mod auth;
 pub mod config;
 pub mod decide;
 #[doc(hidden)]

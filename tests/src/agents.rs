@@ -231,14 +231,20 @@ fn new_ca(cn: &str) -> anyhow::Result<rcgen::CertifiedIssuer<'static, rcgen::Key
     )?)
 }
 
+/// The admin token of a cluster whose test names none.
+pub const DEFAULT_TOKEN: &str = "meridian-test-admin-token";
+
 /// A set of declared members, some running.
 pub struct AgentCluster {
     pub cluster: String,
     pub members: BTreeMap<String, AgentMember>,
     /// Client TLS for the admin helpers (certificate "admin-client"), when TLS is on.
     client_tls: Option<ClientTlsConfig>,
-    /// Admin token the helpers send (empty when the cluster has none).
+    /// Admin token every member requires and the helpers send.
     pub token: String,
+    /// The cluster secret the members sign their RPCs with (without TLS; `None` with TLS,
+    /// where the members' certificates authenticate them).
+    pub secret: Option<String>,
     dir: TempDir,
 }
 
@@ -307,11 +313,29 @@ impl AgentCluster {
         } else {
             None
         };
-        let token_line = match token {
-            Some(t) => {
-                let path = dir.path().join("admin-token");
-                std::fs::write(&path, t)?;
-                format!("token_file = \"{}\"\n", path.display())
+        // Every cluster has an admin token (a default one unless the test names its own)
+        // and, without TLS, a cluster secret: as a production config would.
+        let token = token.unwrap_or(DEFAULT_TOKEN).to_string();
+        let token_path = dir.path().join("admin-token");
+        meridian_chaos::cluster::write_private(&token_path, &token)?;
+        let token_line = format!("token_file = \"{}\"\n", token_path.display());
+        let secret = if tls {
+            None
+        } else {
+            let secret: String = rand::random::<[u8; 32]>()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            Some(secret)
+        };
+        let security = match &secret {
+            Some(secret) => {
+                let path = dir.path().join("cluster-secret");
+                meridian_chaos::cluster::write_private(&path, secret)?;
+                format!(
+                    "[security]\ncluster_secret_file = \"{}\"\n\n",
+                    path.display()
+                )
             }
             None => String::new(),
         };
@@ -319,15 +343,15 @@ impl AgentCluster {
         // production; the superuser's password is for the tests' own sessions.
         let secrets = dir.path().join("secrets");
         std::fs::create_dir_all(&secrets)?;
-        let secret = |name: &str, value: &str| -> anyhow::Result<String> {
+        let password_file = |name: &str, value: &str| -> anyhow::Result<String> {
             let p = secrets.join(name);
             std::fs::write(&p, format!("{value}\n"))?;
             Ok(p.display().to_string())
         };
-        let su_pw = secret("superuser", SUPERUSER_PASSWORD)?;
-        let repl_pw = secret("replication", "test-replication-pw")?;
-        let rewind_pw = secret("rewind", "test-rewind-pw")?;
-        let monitor_pw = secret("monitor", "test-monitor-pw")?;
+        let su_pw = password_file("superuser", SUPERUSER_PASSWORD)?;
+        let repl_pw = password_file("replication", "test-replication-pw")?;
+        let rewind_pw = password_file("rewind", "test-rewind-pw")?;
+        let monitor_pw = password_file("monitor", "test-monitor-pw")?;
         // Postgres serves TLS to the other members, who verify it fully (verify-full
         // against the test CA; the certificates name 127.0.0.1).
         let pg_pki = Pki::new(&dir.path().join("pg-pki"))?;
@@ -402,7 +426,7 @@ impl AgentCluster {
                 ));
             }
             text.push_str(&format!(
-                "[api]\nlisten = \"{}\"\nhttp_listen = \"{}\"\n{token_line}\n",
+                "[api]\nlisten = \"{}\"\nhttp_listen = \"{}\"\n{token_line}\n{security}",
                 m.grpc, m.http
             ));
             let join: Vec<String> = s.join.iter().map(|j| format!("\"{j}\"")).collect();
@@ -447,7 +471,8 @@ impl AgentCluster {
             cluster,
             members,
             client_tls,
-            token: token.unwrap_or_default().to_string(),
+            token,
+            secret,
             dir,
         })
     }

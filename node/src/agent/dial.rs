@@ -5,6 +5,9 @@
 //! cluster's CA, whose DNS name is the member's name; servers require a client certificate
 //! signed by that CA, and clients check that the server's certificate names the member
 //! they meant to reach. A peer without such a certificate is refused at the handshake.
+//!
+//! Cluster secret (`[security]`): every request on these channels is signed (see
+//! [`crate::auth`]); the channel type is [`SignedChannel`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,6 +19,7 @@ use tonic::transport::{
     Certificate, Channel, ClientTlsConfig, Endpoint, Identity as TlsIdentity, ServerTlsConfig,
 };
 
+use crate::auth::{SignedChannel, Signer};
 use crate::config::TlsConfig;
 use crate::raft::network::CONNECT_TIMEOUT_MS;
 use crate::raft::AddressBook;
@@ -79,6 +83,7 @@ pub fn endpoint(
 pub struct Dialer {
     book: AddressBook,
     tls: Option<ClientTlsConfig>,
+    signer: Option<Signer>,
     cache: Arc<Mutex<HashMap<String, (SocketAddr, Channel)>>>,
 }
 
@@ -87,12 +92,19 @@ impl Dialer {
         Dialer {
             book,
             tls,
+            signer: None,
             cache: Arc::default(),
         }
     }
 
+    /// Signs every request with the cluster secret.
+    pub fn with_signer(mut self, signer: Option<Signer>) -> Self {
+        self.signer = signer;
+        self
+    }
+
     /// The channel to member `name`; connects on first use, reconnects by itself.
-    pub fn channel(&self, name: &str) -> anyhow::Result<Channel> {
+    pub fn channel(&self, name: &str) -> anyhow::Result<SignedChannel> {
         let addr = self
             .book
             .get(name)
@@ -100,11 +112,11 @@ impl Dialer {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((cached, ch)) = cache.get(name) {
             if *cached == addr {
-                return Ok(ch.clone());
+                return Ok(SignedChannel::new(ch.clone(), self.signer.clone(), name));
             }
         }
         let ch = endpoint(name, addr, self.tls.as_ref())?.connect_lazy();
         cache.insert(name.to_string(), (addr, ch.clone()));
-        Ok(ch)
+        Ok(SignedChannel::new(ch, self.signer.clone(), name))
     }
 }
