@@ -326,6 +326,49 @@ impl PlainPostgres {
         Ok(())
     }
 
+    /// A streaming standby of this (running) server made by hand: `pg_basebackup -R -X
+    /// stream` over its socket into `data_dir`, then its own port and socket dir in its
+    /// `postgresql.conf`. Not started.
+    pub async fn clone_standby(
+        &self,
+        data_dir: &Path,
+        socket_dir: &Path,
+        port: u16,
+    ) -> anyhow::Result<PlainPostgres> {
+        for d in [data_dir, socket_dir] {
+            self.run_as
+                .create_private_dir(d)
+                .with_context(|| format!("create {}", d.display()))?;
+        }
+        let data = data_dir.display().to_string();
+        let host = self.socket_dir.display().to_string();
+        let src_port = self.port.to_string();
+        self.run(
+            "pg_basebackup",
+            &[
+                "-D", &data, "-h", &host, "-p", &src_port, "-U", "postgres", "-R", "-X", "stream",
+                "-c", "fast",
+            ],
+        )
+        .await?;
+        let conf = data_dir.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).context("read postgresql.conf")?;
+        text.push_str(&format!(
+            "\n# the standby's own\nport = {port}\nunix_socket_directories = '{}'\n",
+            socket_dir.display()
+        ));
+        self.run_as
+            .write_file(&conf, text.as_bytes(), 0o600)
+            .context("write postgresql.conf")?;
+        Ok(PlainPostgres {
+            bin: self.bin.clone(),
+            run_as: self.run_as.clone(),
+            data_dir: data_dir.to_path_buf(),
+            socket_dir: socket_dir.to_path_buf(),
+            port,
+        })
+    }
+
     /// `pg_ctl start -w` with the server log next to the data dir.
     pub async fn start(&self) -> anyhow::Result<()> {
         let data = self.data_dir.display().to_string();

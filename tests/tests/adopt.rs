@@ -77,6 +77,7 @@ async fn a_running_postgres_is_adopted_and_a_foreign_data_dir_is_refused() {
             MemberSpec::data("a1", "a").bootstrap(),
             MemberSpec::data("a2", "a").join("a1"),
             MemberSpec::data("a3", "a").join("a1"),
+            MemberSpec::data("a4", "a").join("a1"),
         ],
         None,
     )
@@ -100,6 +101,27 @@ async fn a_running_postgres_is_adopted_and_a_foreign_data_dir_is_refused() {
     .unwrap();
     let sysid = system_identifier(&dba).await;
     let pid_before = plain.postmaster_pid().expect("the plain server runs");
+    // ... and its own streaming standby, in a2's data dir.
+    let (a2_data, a2_port) = {
+        let m = c.member("a2");
+        (m.pg_data_dir(), m.pg_port)
+    };
+    let dba_standby = plain
+        .clone_standby(&a2_data, &c.dir().join("dba-standby-socket"), a2_port)
+        .await
+        .unwrap();
+    dba_standby.start().await.unwrap();
+    wait_until("the DBA's standby streams", FORM, || async {
+        dba.query_one(
+            "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0) == 1)
+        .unwrap_or(false)
+    })
+    .await
+    .unwrap();
     drop(dba);
     assert!(!std::fs::read_to_string(a1_data.join("postgresql.conf"))
         .unwrap()
@@ -215,16 +237,23 @@ async fn a_running_postgres_is_adopted_and_a_foreign_data_dir_is_refused() {
     assert!(auto.contains("passfile="), "{auto}");
     assert!(!auto.contains("password"), "{auto}");
     assert!(!auto.contains("test-replication-pw"), "{auto}");
-    let streaming: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pg_stat_replication WHERE usename = 'replicator' \
-             AND application_name = 'a3' AND state = 'streaming'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(streaming, 1);
+    wait_until(
+        "a3 streams from a1 as the replication role",
+        FORM,
+        || async {
+            client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_replication WHERE usename = 'replicator' \
+                 AND application_name = 'a3' AND state = 'streaming'",
+                    &[],
+                )
+                .await
+                .map(|r| r.get::<_, i64>(0) == 1)
+                .unwrap_or(false)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     // Over TLS: the standby streams encrypted, its conninfo verifies the server fully.
     let ssl: bool = client
         .query_one(
@@ -253,47 +282,81 @@ async fn a_running_postgres_is_adopted_and_a_foreign_data_dir_is_refused() {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
 
-    // a2's data dir holds another cluster: refused, both identifiers named, untouched.
-    let (a2_data, a2_port) = {
-        let m = c.member("a2");
+    // The DBA's standby joins as a2 without a re-clone: same data dir, same identity,
+    // streaming from the adopted primary as the replication role.
+    c.start("a2").unwrap();
+    wait_until(
+        "a2 streams from a1 as the replication role",
+        FORM,
+        || async {
+            client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_replication WHERE usename = 'replicator' \
+                 AND application_name = 'a2' AND state = 'streaming'",
+                    &[],
+                )
+                .await
+                .map(|r| r.get::<_, i64>(0) == 1)
+                .unwrap_or(false)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let a2_log = c.member("a2").log();
+    assert!(!a2_log.contains("cloning from"), "{a2_log}");
+    assert!(!a2_log.contains("rewinding from"), "{a2_log}");
+    let a2_client = socket_client(&c.member("a2").state_dir.join("pg-socket"), a2_port)
+        .await
+        .unwrap();
+    assert_eq!(system_identifier(&a2_client).await, sysid);
+    let n: i64 = a2_client
+        .query_one("SELECT count(*) FROM accounts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(n >= 100, "{n}");
+
+    // a4's data dir holds another cluster: refused, both identifiers named, untouched.
+    let (a4_data, a4_port) = {
+        let m = c.member("a4");
         (m.pg_data_dir(), m.pg_port)
     };
-    let foreign = PlainPostgres::init(&a2_data, &c.dir().join("foreign-socket"), a2_port)
+    let foreign = PlainPostgres::init(&a4_data, &c.dir().join("foreign-socket"), a4_port)
         .await
         .unwrap();
     let foreign_id = PgInstance::new(
         PgBinaries::detect().await.unwrap(),
-        a2_data.clone(),
-        a2_port,
-        "a2",
+        a4_data.clone(),
+        a4_port,
+        "a4",
         RunAs::resolve(DEFAULT_OS_USER).unwrap(),
     )
     .system_identifier()
     .await
     .unwrap();
     assert_ne!(foreign_id, sysid as u64);
-    let before = snapshot(&a2_data);
-    c.start("a2").unwrap();
+    let before = snapshot(&a4_data);
+    c.start("a4").unwrap();
     let want = [
         "holds another Postgres cluster".to_string(),
         foreign_id.to_string(),
         sysid.to_string(),
-        a2_data.display().to_string(),
+        a4_data.display().to_string(),
     ];
-    wait_until("a2 refuses its data dir", FORM, || async {
-        let log = c.member("a2").log();
+    wait_until("a4 refuses its data dir", FORM, || async {
+        let log = c.member("a4").log();
         want.iter().all(|w| log.contains(w.as_str()))
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     // Give it a few more rounds to do something wrong.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(snapshot(&a2_data), before, "a2's data dir was changed");
+    assert_eq!(snapshot(&a4_data), before, "a4's data dir was changed");
     assert!(
         foreign.postmaster_pid().is_none(),
         "nothing started the foreign cluster"
     );
-    let siblings: Vec<String> = std::fs::read_dir(a2_data.parent().unwrap())
+    let siblings: Vec<String> = std::fs::read_dir(a4_data.parent().unwrap())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with("pgdata."))
@@ -302,5 +365,6 @@ async fn a_running_postgres_is_adopted_and_a_foreign_data_dir_is_refused() {
     let s = c.status().await.unwrap();
     assert_eq!(s.primary, "a1");
     assert_eq!(intent(&s).system_identifier, Some(sysid as u64));
+    drop(dba_standby);
     drop(plain);
 }

@@ -389,6 +389,15 @@ impl Member {
         self.pg
             .write_conf()
             .context("writing Meridian's settings")?;
+        // An adopted standby streams from wherever its DBA pointed it, as whoever they
+        // chose (it may lack Meridian's roles until it streams): point it at the intent's
+        // primary as the replication role, while it is stopped.
+        let repoint = match intent.primary.as_deref() {
+            Some(p) if adopting && p != self.name() && self.pg.has_standby_signal() => {
+                Some(p.to_string())
+            }
+            _ => None,
+        };
         if self.pg.is_running() {
             let socket = self
                 .pg
@@ -404,6 +413,9 @@ impl Member {
                     .stop(StopMode::Fast, START_TIMEOUT)
                     .await
                     .context("stopping the adopted Postgres")?;
+                if let Some(p) = &repoint {
+                    self.repoint_stopped(p).await?;
+                }
                 self.pg
                     .start(START_TIMEOUT)
                     .await
@@ -411,11 +423,25 @@ impl Member {
             } else {
                 self.pg.reload().await.context("reloading pg_hba.conf")?;
             }
+        } else if let Some(p) = &repoint {
+            self.repoint_stopped(p).await?;
         }
         if adopting {
             self.shared.set_activity("");
         }
         self.conf_checked = true;
+        Ok(())
+    }
+
+    /// Points a stopped standby at `primary` through this member's slot.
+    async fn repoint_stopped(&mut self, primary: &str) -> anyhow::Result<()> {
+        let (host, port) = pg_addr(&self.shared, primary)?;
+        self.pg
+            .configure_standby(&host, port, Some(&slot_name(self.name())))
+            .await
+            .with_context(|| format!("pointing the adopted standby at {primary}"))?;
+        tracing::info!(%primary, "the adopted standby follows the primary");
+        self.upstream = Some(primary.to_string());
         Ok(())
     }
 
