@@ -229,8 +229,10 @@ pub enum AuthError {
     Replay,
     #[error("too many recent requests to remember their nonces; retry shortly")]
     NonceCacheFull,
-    #[error("the request body is larger than {MAX_BODY_BYTES} bytes or could not be read")]
+    #[error("the request body is larger than {MAX_BODY_BYTES} bytes")]
     Body,
+    #[error("the request body was not received completely (the sender gave up)")]
+    BodyAborted,
     #[error("this member has no cluster secret to check the request's HMAC with")]
     NoSecret,
 }
@@ -462,6 +464,7 @@ fn peer_of(
 fn refuse(e: &AuthError) -> http::Response<Body> {
     let code = match e {
         AuthError::NonceCacheFull => tonic::Code::Unavailable,
+        AuthError::BodyAborted => tonic::Code::Cancelled,
         _ => tonic::Code::Unauthenticated,
     };
     tonic::Status::new(code, e.to_string()).into_http::<Body>()
@@ -504,7 +507,12 @@ where
                     let (parts, body) = std::mem::take(&mut req).into_parts();
                     let bytes: Bytes = match Limited::new(body, MAX_BODY_BYTES).collect().await {
                         Ok(c) => c.to_bytes(),
-                        Err(_) => return Err(AuthError::Body),
+                        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                            return Err(AuthError::Body)
+                        }
+                        // The sender gave up (its deadline passed) while the body was on
+                        // its way: nothing to authenticate, nothing to warn about.
+                        Err(_) => return Err(AuthError::BodyAborted),
                     };
                     let result = verifier.verify(&parts.headers, &path, &bytes, unix_now_ms());
                     req = http::Request::from_parts(parts, Body::new(Full::new(bytes)));
@@ -531,6 +539,10 @@ where
                 Ok(caller) => {
                     req.extensions_mut().insert(caller);
                     inner.call(req).await
+                }
+                Err(AuthError::BodyAborted) => {
+                    tracing::debug!(rpc = %path, "a request was abandoned by its sender before its body arrived");
+                    Ok(refuse(&AuthError::BodyAborted))
                 }
                 Err(e) => {
                     let ip = addr.map(|a| a.ip());

@@ -533,3 +533,44 @@ async fn forged_lease_renewals_do_not_delay_a_failover() {
         c.logs()
     );
 }
+
+/// With `[security] insecure = true` (and no secret, no TLS) the agent starts, and both
+/// `/health` and the admin status say that it runs insecure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insecure_agent_says_so() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c =
+        AgentCluster::new(vec![MemberSpec::witness("w1", "eu").bootstrap()], false).unwrap();
+    let m = c.member("w1");
+    let text = std::fs::read_to_string(&m.config_path).unwrap();
+    let start = text.find("[security]").unwrap();
+    let end = start + text[start..].find("\n\n").unwrap();
+    let insecure = format!(
+        "{}[security]\ninsecure = true{}",
+        &text[..start],
+        &text[end..]
+    );
+    std::fs::write(&m.config_path, insecure).unwrap();
+    let http = m.http;
+    c.start("w1").unwrap();
+    let s = wait_for("w1 leads", FORM, || async {
+        c.status().await.ok().filter(|s| s.leader == "w1")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    assert!(s.insecure, "status does not say insecure: {s:?}");
+    let mut conn = tokio::net::TcpStream::connect(http).await.unwrap();
+    conn.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(CALL, conn.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.contains("\"insecure\":true"), "{out}");
+    assert!(
+        c.member("w1").log().contains("insecure = true"),
+        "the agent does not warn that it runs insecure"
+    );
+}
