@@ -615,7 +615,10 @@ mod tests {
         assert!(!out.contains("default"), "{out}");
 
         assert!(h.cut_one_way("a", "b").unwrap());
-        assert!(!h.cut_one_way("a", "b").unwrap(), "a repeated cut is not new");
+        assert!(
+            !h.cut_one_way("a", "b").unwrap(),
+            "a repeated cut is not new"
+        );
         assert!(!h.can_connect("a", b, t).unwrap());
         // b's SYN reaches a, but a's answer is dropped.
         assert!(!h.can_connect("b", a, t).unwrap());
