@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use meridian_node::decide::SwitchoverPhase;
 use meridian_node::policy::Policy;
+use meridian_node::precheck;
 use meridian_node::raft::intent::{
     HistoryKind, PendingSwitchover, Promote, PromotionKind, MAX_REASON_LEN,
 };
@@ -18,7 +19,7 @@ use serde_json::json;
 
 use crate::client::{Client, Snapshot};
 use crate::view::{self, history_rows};
-use crate::{precheck, Command, ConnArgs, Failure, WatchArgs};
+use crate::{Command, ConnArgs, Failure, WatchArgs};
 
 /// How often switchover / failover progress is polled.
 const POLL_EVERY: Duration = Duration::from_millis(250);

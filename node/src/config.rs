@@ -92,6 +92,27 @@ pub struct Config {
     pub peers: BTreeMap<String, PeerAddrs>,
     pub timing: TimingConfig,
     pub tls: Option<TlsConfig>,
+    pub shutdown: ShutdownConfig,
+}
+
+/// What a primary's agent does with its Postgres when it is stopped on purpose (SIGTERM,
+/// `systemctl stop`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnPrimaryStop {
+    /// Hand over first: a switchover to the best healthy standby (bounded by
+    /// `shutdown.switchover_timeout`), then stop Postgres; without a candidate, as `fence`.
+    Switchover,
+    /// Fence Postgres at once and tell the leader, so that a failover follows at once
+    /// where a member is known to hold every acknowledged commit.
+    Fence,
+}
+
+#[derive(Clone, Debug)]
+pub struct ShutdownConfig {
+    pub on_primary_stop: OnPrimaryStop,
+    /// Bound on the hand-over switchover of a stopping primary.
+    pub switchover_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -253,6 +274,25 @@ struct RawConfig {
     #[serde(default)]
     timing: RawTiming,
     tls: Option<RawTls>,
+    #[serde(default)]
+    shutdown: RawShutdown,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawShutdown {
+    on_primary_stop: OnPrimaryStop,
+    #[serde(deserialize_with = "duration")]
+    switchover_timeout: Duration,
+}
+
+impl Default for RawShutdown {
+    fn default() -> Self {
+        RawShutdown {
+            on_primary_stop: OnPrimaryStop::Switchover,
+            switchover_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -592,6 +632,10 @@ impl RawConfig {
             ("timing.fence_after", t.fence_after),
             ("timing.pg_probe_timeout", t.pg_probe_timeout),
             ("timing.promote_timeout", t.promote_timeout),
+            (
+                "shutdown.switchover_timeout",
+                self.shutdown.switchover_timeout,
+            ),
         ] {
             if d.is_zero() {
                 return refuse(key, "must be greater than 0");
@@ -702,6 +746,10 @@ impl RawConfig {
                 promote_timeout: t.promote_timeout,
             },
             tls,
+            shutdown: ShutdownConfig {
+                on_primary_stop: self.shutdown.on_primary_stop,
+                switchover_timeout: self.shutdown.switchover_timeout,
+            },
         })
     }
 }

@@ -4,9 +4,12 @@
 pub mod agent;
 pub mod config;
 pub mod decide;
+#[doc(hidden)]
+pub mod fixtures;
 pub mod http;
 pub mod metrics;
 pub mod pg;
 pub mod policy;
+pub mod precheck;
 pub mod raft;
 pub mod types;

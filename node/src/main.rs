@@ -112,6 +112,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
         _ = sigint.recv() => "SIGINT",
     };
     tracing::info!("{which} received; stopping");
-    agent.shutdown().await;
+    agent.stop_gracefully().await;
     Ok(())
 }

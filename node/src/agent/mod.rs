@@ -20,6 +20,7 @@ pub mod lease;
 pub mod member;
 pub mod observe;
 pub mod peers;
+pub mod stop;
 pub mod watchdog;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -166,6 +167,9 @@ pub struct AgentHandle {
     stop: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
+    /// The data member's reconcile loop and its Postgres, for the graceful stop.
+    member_task: Option<JoinHandle<()>>,
+    local_pg: Option<crate::pg::PgInstance>,
 }
 
 pub struct Agent;
@@ -306,8 +310,9 @@ impl Agent {
         let local = reporter.instance();
         tasks.push(tokio::spawn(reporter.run(health_tx)));
         tasks.push(tokio::spawn(lease::run(shared.clone(), local.clone())));
-        if let Some(pg) = local {
-            tasks.push(tokio::spawn(member::run(shared.clone(), pg)));
+        let mut member_task = None;
+        if let Some(pg) = local.clone() {
+            member_task = Some(tokio::spawn(member::run(shared.clone(), pg)));
             // The watchdog enforces the fence deadline even if this process freezes.
             match watchdog::spawn(&config) {
                 Ok(mut child) => {
@@ -334,6 +339,8 @@ impl Agent {
             stop,
             servers,
             tasks,
+            member_task,
+            local_pg: local,
         })
     }
 }
@@ -350,8 +357,19 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl AgentHandle {
-    /// Stops the background tasks, the servers and Raft, each bounded.
+    /// Stops on purpose: first hands the primary over or fences it and stops the local
+    /// Postgres ([`stop::before_shutdown`]), then the runtime.
+    pub async fn stop_gracefully(mut self) {
+        stop::before_shutdown(&self.shared, self.member_task.take(), self.local_pg.take()).await;
+        self.shutdown().await;
+    }
+
+    /// Stops the background tasks, the servers and Raft, each bounded; the local Postgres
+    /// is left as it is.
     pub async fn shutdown(self) {
+        if let Some(t) = &self.member_task {
+            t.abort();
+        }
         for t in &self.tasks {
             t.abort();
         }
