@@ -600,6 +600,32 @@ impl Cluster {
     fn write_configs(&self) -> anyhow::Result<()> {
         let first = self.bootstrap_member().to_string();
         let t = &self.options.timing;
+        // Meridian's roles log in with scram-sha-256 and passwords from files; the
+        // workload's and the checker's sessions are the superuser's, admitted from the
+        // proxies' loopback address by an explicit trust line.
+        let secrets = self.dir().join("secrets");
+        std::fs::create_dir_all(&secrets).context("create the secrets dir")?;
+        let mut roles = String::new();
+        for (section, user) in [
+            ("replication", "replicator"),
+            ("rewind", "rewinder"),
+            ("monitor", "meridian_monitor"),
+        ] {
+            let p = secrets.join(section);
+            std::fs::write(&p, format!("chaos-{section}-pw\n"))
+                .with_context(|| format!("write {}", p.display()))?;
+            roles.push_str(&format!(
+                "[postgres.{section}]\nuser = \"{user}\"\npassword_file = \"{}\"\n",
+                p.display()
+            ));
+        }
+        let monitor_only = roles[roles.find("[postgres.monitor]").unwrap_or(0)..].to_string();
+        // Where the workload's sessions come from: the proxies (loopback) or, on separate
+        // hosts, the root namespace's bridge address.
+        let clients: IpAddr = match &self.netns {
+            Some(h) => IpAddr::V4(h.bridge_addr()),
+            None => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        };
         for m in self.members.values() {
             let how = if self.netns.is_some() {
                 "at their hosts' own addresses"
@@ -617,10 +643,13 @@ impl Cluster {
             );
             if let (Some(port), Some(data_dir)) = (m.pg_port, &m.data_dir) {
                 text.push_str(&format!(
-                    "[postgres]\ndata_dir = \"{}\"\nlisten_addr = \"{}\"\nport = {port}\nos_user = \"{DEFAULT_OS_USER}\"\n\n",
+                    "[postgres]\ndata_dir = \"{}\"\nlisten_addr = \"{}\"\nport = {port}\nos_user = \"{DEFAULT_OS_USER}\"\n\
+                     hba = [\"host all postgres {clients}/32 trust\"]\n{roles}\n",
                     data_dir.display(),
                     m.addr
                 ));
+            } else {
+                text.push_str(&format!("{monitor_only}\n"));
             }
             text.push_str(&format!(
                 "[api]\nlisten = \"{}\"\nhttp_listen = \"{}\"\n\n",

@@ -894,6 +894,7 @@ async fn failover(
         new_primary_lsn: check.candidate_lsn.map(Lsn),
         possible_loss_bytes: check.possible_loss_bytes,
         old_lease_released: false,
+        lease_break_round: None,
     });
     validate_locally(&snap, &cmd)?;
     if !json {

@@ -38,6 +38,9 @@ use crate::free_ports;
 
 /// Bound on one admin call from the tests.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The data members' Postgres superuser password (scram-sha-256 from 127.0.0.1, the
+/// tests' own sessions; Meridian's roles have their own passwords in files).
+pub const SUPERUSER_PASSWORD: &str = "test-superuser-pw";
 /// How long [`AgentCluster::command`] retries while the cluster has no leader.
 pub const RETRY_WINDOW: Duration = Duration::from_secs(10);
 /// Bound on a graceful stop (SIGTERM) before the fixture kills the process.
@@ -142,7 +145,7 @@ impl AgentMember {
     /// A libpq connection string to this member's Postgres.
     pub fn pg_conninfo(&self) -> String {
         format!(
-            "host={} port={} user=postgres dbname=postgres connect_timeout=2",
+            "host={} port={} user=postgres password={SUPERUSER_PASSWORD} dbname=postgres connect_timeout=2",
             self.addr, self.pg_port
         )
     }
@@ -178,6 +181,31 @@ impl Pki {
 
     fn ca_file(&self) -> PathBuf {
         self.dir.join("ca.pem")
+    }
+
+    /// A Postgres server certificate for `name` on 127.0.0.1 and `addr` (its host's
+    /// address; IP and DNS names).
+    fn issue_server(&self, name: &str, addr: IpAddr) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut sans = vec![
+            name.to_string(),
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ];
+        if !addr.is_loopback() {
+            sans.push(addr.to_string());
+        }
+        let mut params = rcgen::CertificateParams::new(sans)?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.ca)?;
+        let cert_path = self.dir.join(format!("{name}-pg.pem"));
+        let key_path = self.dir.join(format!("{name}-pg.key"));
+        std::fs::write(&cert_path, cert.pem())?;
+        std::fs::write(&key_path, key.serialize_pem())?;
+        Ok((cert_path, key_path))
     }
 
     /// Writes `name`'s certificate and key; returns (cert, key) paths.
@@ -380,6 +408,25 @@ impl AgentCluster {
             }
             None => String::new(),
         };
+        // Meridian's roles log in with scram-sha-256 and passwords from files, as in
+        // production; the superuser's password is for the tests' own sessions.
+        let secrets = dir.path().join("secrets");
+        std::fs::create_dir_all(&secrets)?;
+        let secret = |name: &str, value: &str| -> anyhow::Result<String> {
+            let p = secrets.join(name);
+            std::fs::write(&p, format!("{value}\n"))?;
+            Ok(p.display().to_string())
+        };
+        let su_pw = secret("superuser", SUPERUSER_PASSWORD)?;
+        let repl_pw = secret("replication", "test-replication-pw")?;
+        let rewind_pw = secret("rewind", "test-rewind-pw")?;
+        let monitor_pw = secret("monitor", "test-monitor-pw")?;
+        // Postgres serves TLS to the other members, who verify it fully (verify-full
+        // against the test CA; the certificates name 127.0.0.1).
+        let pg_pki = Pki::new(&dir.path().join("pg-pki"))?;
+        let monitor_section = format!(
+            "[postgres.monitor]\nuser = \"meridian_monitor\"\npassword_file = \"{monitor_pw}\"\n"
+        );
         let mut members = BTreeMap::new();
         for (i, spec) in specs.into_iter().enumerate() {
             let home = dir.path().join(&spec.name);
@@ -414,6 +461,11 @@ impl AgentCluster {
                 ));
             }
         }
+        // Where the tests' own sessions come from: loopback, or the bridge's address.
+        let clients: IpAddr = match &netns {
+            Some(h) => IpAddr::V4(h.bridge_addr()),
+            None => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        };
         let addrs: BTreeMap<String, IpAddr> = members
             .values()
             .map(|m| (m.spec.name.clone(), m.addr))
@@ -440,18 +492,33 @@ impl AgentCluster {
             );
             if s.kind == Kind::Data {
                 text.push_str(&format!(
-                    "[postgres]\ndata_dir = \"{}\"\nport = {}\n",
+                    "[postgres]\ndata_dir = \"{}\"\nport = {}\nlisten_addr = \"{}\"\n\
+                     password_file = \"{su_pw}\"\n\
+                     hba = [\"host all postgres {clients}/32 scram-sha-256\"]\n\
+                     max_slot_wal_keep_size = \"1GB\"\n",
                     m.pg_data_dir().display(),
-                    ports[3 * i + 2]
+                    ports[3 * i + 2],
+                    m.addr
                 ));
                 if !postgres {
                     text.push_str(&format!("bin_dir = \"{}\"\n", no_pg_bin.display()));
                 }
-                if netns.is_some() {
-                    text.push_str(&format!("listen_addr = \"{}\"\n", m.addr));
-                }
                 text.push_str(&extra.postgres_keys);
-                text.push('\n');
+                let (cert, key) = pg_pki.issue_server(&s.name, m.addr)?;
+                text.push_str(&format!(
+                    "[postgres.replication]\nuser = \"replicator\"\npassword_file = \"{repl_pw}\"\n\
+                     [postgres.rewind]\nuser = \"rewinder\"\npassword_file = \"{rewind_pw}\"\n\
+                     {monitor_section}\
+                     [postgres.ssl]\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\nsslmode = \"verify-full\"\n\n",
+                    cert.display(),
+                    key.display(),
+                    pg_pki.ca_file().display()
+                ));
+            } else {
+                text.push_str(&format!(
+                    "{monitor_section}[postgres.ssl]\nsslrootcert = \"{}\"\nsslmode = \"verify-full\"\n\n",
+                    pg_pki.ca_file().display()
+                ));
             }
             text.push_str(&format!(
                 "[api]\nlisten = \"{}\"\nhttp_listen = \"{}\"\n{token_line}\n",

@@ -206,8 +206,9 @@ fn read_write_conninfo(c: &AgentCluster) -> String {
         .collect();
     format!(
         "host=127.0.0.1,127.0.0.1,127.0.0.1 port={} user=postgres dbname=postgres \
-         connect_timeout=2 target_session_attrs=read-write",
-        ports.join(",")
+         password={} connect_timeout=2 target_session_attrs=read-write",
+        ports.join(","),
+        meridian_tests::agents::SUPERUSER_PASSWORD
     )
 }
 
@@ -773,7 +774,7 @@ async fn stopping_the_primarys_agent_hands_over_before_it_stops() {
         .unwrap();
     let history = intent(&s);
     assert_eq!(
-        history.history.last().map(|h| h.kind.clone()),
+        history.history.last().map(|h| h.kind),
         Some(meridian_node::raft::intent::HistoryKind::Switchover),
         "the hand-over was a switchover"
     );
@@ -788,6 +789,73 @@ async fn stopping_the_primarys_agent_hands_over_before_it_stops() {
     assert!(lost.is_empty(), "acknowledged rows lost: {lost:?}");
     c.start("a1").unwrap();
     wait_streaming(&c, &["a1", "b1"], "a2", REJOIN).await;
+    let (max, worst) = probe.finish().await;
+    assert!(max <= 1, "two writable primaries at once: {worst:?}");
+}
+
+/// Issue 12's wedge: the primary's agent and Postgres are killed where nobody may replace
+/// it (failover manual everywhere). The leader has a majority break the lost primary's
+/// lease, and no promotion follows. When the agent comes back, the break must not stand
+/// for ever (the agent would wait for a lease it can never get while the leader waits for
+/// a fence it never reports): the cluster releases the breaks no promotion followed, the
+/// agent renews, and its Postgres takes writes again with every acknowledged row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_primary_with_no_candidate_takes_writes_again_when_its_agent_returns() {
+    use meridian_node::policy::{FailoverMode, Policy, RegionPolicy};
+    let _serial = SERIAL.lock().await;
+    let (mut c, rw) = form_with_table().await;
+    let manual = RegionPolicy {
+        failover: FailoverMode::Manual,
+        ..RegionPolicy::default()
+    };
+    let policy = Policy {
+        regions: [("a".to_string(), manual.clone()), ("b".to_string(), manual)].into(),
+        ..Policy::default()
+    };
+    c.command(
+        "w1",
+        &Command::SetPolicy {
+            expected_version: None,
+            policy,
+            reason: "test: manual failover everywhere".into(),
+            at_unix_ms: 1,
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    let mut acked = BTreeSet::new();
+    for id in 0..50 {
+        exec(&rw, &format!("INSERT INTO t VALUES ({id})"))
+            .await
+            .unwrap_or_else(|e| panic!("insert {id}: {e}"));
+        acked.insert(id);
+    }
+    let probe = SplitBrainProbe::start(&c);
+    c.member("a1").kill_postgres();
+    c.kill("a1").unwrap();
+    // Long enough for the grants to run out (lease 2 s) and a majority to break it.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let s = c.status().await.unwrap();
+    assert_eq!(
+        (s.primary.as_str(), s.generation),
+        ("a1", 1),
+        "nobody may be promoted: {s:?}"
+    );
+    let back_at = Instant::now();
+    c.start("a1").unwrap();
+    insert_until_ok(&rw, 1000, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    eprintln!(
+        "RETURN (primary agent and postgres killed, no candidate): writes again {} ms after the agent restarted",
+        back_at.elapsed().as_millis()
+    );
+    acked.insert(1000);
+    let s = c.status().await.unwrap();
+    assert_eq!(s.primary, "a1", "{s:?}");
+    let present = ids_on(&c, "a1").await;
+    let lost: Vec<_> = acked.difference(&present).collect();
+    assert!(lost.is_empty(), "acknowledged rows lost: {lost:?}");
     let (max, worst) = probe.finish().await;
     assert!(max <= 1, "two writable primaries at once: {worst:?}");
 }

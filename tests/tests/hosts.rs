@@ -12,8 +12,8 @@
 //! replication role (not the superuser) streams across hosts; kill -9 of the primary's
 //! agent and Postgres, rejoin; a switchover; the primary's host cut off fences it and a
 //! member of the majority is promoted; heal, rejoin; every acknowledged row present and
-//! never two writable servers. Needs `[postgres] listen_addr` honoured and pg_hba managed
-//! from the config (the pg-hosts work); until then it is `#[ignore]`d.
+//! never two writable servers. Postgres TLS (verify-full, certificates naming the hosts'
+//! addresses) and the roles come from the fixture.
 //!
 //! The tests run one at a time (a shared lock): five agents (and four Postgres) on 2 cores.
 
@@ -30,9 +30,7 @@ use meridian_node::raft::intent::{HistoryEntry, HistoryKind, Intent, PendingSwit
 use meridian_node::raft::Command;
 use meridian_node::types::Generation;
 use meridian_proto::{StatusResponse, WalReceiverStatus};
-use meridian_tests::agents::{
-    AgentCluster, ClusterSetup, ConfigExtra, ConfigHook, Hosts, MemberSpec,
-};
+use meridian_tests::agents::{AgentCluster, ClusterSetup, Hosts, MemberSpec, SUPERUSER_PASSWORD};
 use meridian_tests::{wait_for, wait_until};
 use tokio_postgres::NoTls;
 
@@ -261,16 +259,6 @@ async fn raft_forms_across_hosts() {
 // ---------------------------------------------------------------------------------------
 // With Postgres.
 
-/// Config each data member needs on separate hosts beyond addresses: Postgres TLS (server
-/// certificate for its address, CA), the replication and rewind roles' password files,
-/// `sslmode` for replication/rewind/probes, and pg_hba entries for the test process
-/// (bridge address) and the other members. The pg-hosts work defines these keys; they
-/// plug in here. Until then: nothing (and the test is ignored).
-fn postgres_host_config() -> Option<ConfigHook> {
-    let hook: ConfigHook = Arc::new(|_ctx| Ok(ConfigExtra::default()));
-    Some(hook)
-}
-
 async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, String> {
     let (client, conn) = tokio::time::timeout(SQL, tokio_postgres::connect(conninfo, NoTls))
         .await
@@ -298,7 +286,7 @@ fn read_write_conninfo(c: &AgentCluster) -> String {
         .map(|n| c.member(n).pg_port.to_string())
         .collect();
     format!(
-        "host={} port={} user=postgres dbname=postgres connect_timeout=2 target_session_attrs=read-write",
+        "host={} port={} user=postgres password={SUPERUSER_PASSWORD} dbname=postgres connect_timeout=2 target_session_attrs=read-write",
         hosts.join(","),
         ports.join(",")
     )
@@ -486,7 +474,6 @@ async fn writes_flow(c: &AgentCluster, w: &Writer, n: usize, within: Duration, w
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Postgres listening on its host's address and pg_hba from the config (pg-hosts)"]
 async fn postgres_fails_over_across_hosts() {
     if skip_unless_hosts().is_none() {
         return;
@@ -498,7 +485,6 @@ async fn postgres_fails_over_across_hosts() {
             token: Some(TOKEN.into()),
             postgres: true,
             hosts: Hosts::Netns,
-            config_hook: postgres_host_config(),
             ..ClusterSetup::default()
         },
     )

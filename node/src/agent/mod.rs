@@ -20,6 +20,7 @@ pub mod lease;
 pub mod member;
 pub mod observe;
 pub mod peers;
+pub mod pg_access;
 pub mod stop;
 pub mod watchdog;
 

@@ -169,23 +169,24 @@ async fn local_pg(config: &Config) -> LocalPg {
         Err(e) => return LocalPg::Broken(format!("resolving OS user {}: {e}", pg.os_user)),
     };
     let probe = config.timing.pg_probe_timeout;
-    let mut instance = PgInstance::new(
+    let access = super::pg_access::access(config, pg, &run_as).await;
+    let instance = PgInstance::new(
         bin,
         pg.data_dir.clone(),
         pg.port,
         config.member.name.clone(),
         run_as,
     )
-    .with_superuser(pg.superuser.clone())
     .with_timeouts(PgTimeouts {
         connect: probe,
         probe,
         ..PgTimeouts::default()
-    });
-    if let Some(pw) = &pg.password {
-        instance = instance.with_password(pw.expose());
+    })
+    .with_access(access);
+    match instance {
+        Ok(i) => LocalPg::Data(Box::new(i)),
+        Err(e) => LocalPg::Broken(e.to_string()),
     }
-    LocalPg::Data(Box::new(instance))
 }
 
 fn wal_receiver_status(s: &str) -> WalReceiverStatus {
@@ -464,6 +465,13 @@ impl Reporter {
         );
         m.generation
             .set(i64::try_from(intent.generation.0).unwrap_or(i64::MAX));
+        m.lease_break_standing_generation.set(
+            shared
+                .grants
+                .standing_break(intent)
+                .filter(|(g, _)| *g == intent.generation)
+                .map_or(0, |(g, _)| i64::try_from(g.0).unwrap_or(i64::MAX)),
+        );
         let me = shared.name();
         let lease_valid = intent.primary.as_deref() == Some(me)
             && shared

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::Shared;
 use crate::config::Config;
@@ -131,16 +131,26 @@ fn client_config(
         .dbname("postgres")
         .application_name("meridian-peer-probe")
         .connect_timeout(timeout);
-    if let Some(pg) = &config.postgres {
-        c.user(&pg.superuser);
-        if let Some(p) = &pg.password {
-            c.password(p.expose());
-        }
-    } else {
-        // A witness has no [postgres] section; the cluster's superuser is the default.
-        c.user("postgres");
+    // The least-privilege monitor role (pg_monitor), on data members and witnesses alike.
+    let monitor = &config.pg_client.monitor;
+    c.user(&monitor.user);
+    if let Some(p) = &monitor.password {
+        c.password(p.expose());
     }
     c
+}
+
+/// The client TLS towards peers' Postgres, built once per process from the config.
+fn peer_tls(config: &Config) -> &'static crate::pg::PgTls {
+    static TLS: std::sync::OnceLock<crate::pg::PgTls> = std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        crate::pg::PgTls::from_client_ssl(&super::pg_access::client_ssl(config)).unwrap_or_else(
+            |e| {
+                tracing::error!("TLS to the peers' Postgres: {e}; probing them in plain text");
+                crate::pg::PgTls::default()
+            },
+        )
+    })
 }
 
 /// One probe, on the kept session if there is one. Bounded by `timeout` overall.
@@ -153,13 +163,8 @@ async fn probe_one(
 ) -> PeerResult {
     let attempt = async {
         if session.is_none() {
-            let (client, conn) = client_config(config, host, port, timeout)
-                .connect(NoTls)
-                .await
-                .ok()?;
-            let task = tokio::spawn(async move {
-                let _ = conn.await;
-            });
+            let c = client_config(config, host, port, timeout);
+            let (client, task) = crate::pg::connect_tls(&c, peer_tls(config)).await.ok()?;
             *session = Some((client, task));
         }
         let (client, _) = session.as_ref()?;

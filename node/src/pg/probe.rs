@@ -109,7 +109,9 @@ impl PgInstance {
         let bound = self.timeouts().probe;
         let connect_bound = self.timeouts().connect.min(bound);
         let fut = async {
-            let client = self.connect_within("probe: connect", connect_bound).await?;
+            let client = self
+                .connect_monitor_within("probe: connect", connect_bound)
+                .await?;
             probe_with(&client).await
         };
         match tokio::time::timeout(bound, fut).await {
