@@ -78,6 +78,20 @@ pub fn endpoint(
     Ok(ep)
 }
 
+/// Splits an address-book entry `host:port` into host and port; an IPv6 literal may be
+/// written in brackets (`[fd00::2]:5432`), which libpq and tokio-postgres want without.
+pub fn split_host_port(addr: &str) -> Option<(String, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_string(), port.parse().ok()?))
+}
+
 /// Channels to peers by member name.
 #[derive(Clone)]
 pub struct Dialer {
@@ -118,5 +132,24 @@ impl Dialer {
         let ch = endpoint(name, addr, self.tls.as_ref())?.connect_lazy();
         cache.insert(name.to_string(), (addr, ch.clone()));
         Ok(SignedChannel::new(ch, self.signer.clone(), name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_splits_names_ipv4_and_bracketed_ipv6() {
+        let hp = |h: &str, p: u16| Some((h.to_string(), p));
+        assert_eq!(split_host_port("10.77.3.12:5432"), hp("10.77.3.12", 5432));
+        assert_eq!(
+            split_host_port("db-1.example:5433"),
+            hp("db-1.example", 5433)
+        );
+        assert_eq!(split_host_port("[fd00::2]:5432"), hp("fd00::2", 5432));
+        for bad in ["5432", ":5432", "[]:5432", "h:port", "h:70000"] {
+            assert_eq!(split_host_port(bad), None, "{bad}");
+        }
     }
 }

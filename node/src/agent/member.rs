@@ -112,10 +112,8 @@ pub fn pg_addr(shared: &Shared, member: &str) -> anyhow::Result<(String, u16)> {
         .get(member)
         .and_then(|p| p.postgres.clone())
         .with_context(|| format!("no peers.{member}.postgres in this agent's address book"))?;
-    let (host, port) = addr
-        .rsplit_once(':')
-        .with_context(|| format!("peers.{member}.postgres {addr:?} is not host:port"))?;
-    Ok((host.to_string(), port.parse().context("parsing the port")?))
+    super::dial::split_host_port(&addr)
+        .with_context(|| format!("peers.{member}.postgres {addr:?} is not host:port"))
 }
 
 /// Proposes `cmd` to the leader: committed here when this member leads, else sent as

@@ -113,9 +113,8 @@ fn targets(config: &Config) -> Vec<(String, String, u16)> {
         .iter()
         .filter(|(name, _)| **name != config.member.name)
         .filter_map(|(name, p)| {
-            let addr = p.postgres.as_deref()?;
-            let (host, port) = addr.rsplit_once(':')?;
-            Some((name.clone(), host.to_string(), port.parse().ok()?))
+            let (host, port) = super::dial::split_host_port(p.postgres.as_deref()?)?;
+            Some((name.clone(), host, port))
         })
         .collect()
 }
