@@ -1270,7 +1270,10 @@ impl PgInstance {
             })
             .await?
             .get(0);
-        let mut statements: Vec<String> = Vec::new();
+        // Role changes are made again at every primary start, so they need not wait for
+        // the sync standbys: a new primary whose sync set still names a dead member (commits
+        // wait until the leader reshapes it) must not block its own reconcile loop here.
+        let mut statements: Vec<String> = vec!["SET synchronous_commit = local".into()];
         for (kind, role) in &managed {
             let ident = quote_ident(&role.name);
             statements.push(format!(
