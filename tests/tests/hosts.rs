@@ -474,7 +474,6 @@ async fn writes_flow(c: &AgentCluster, w: &Writer, n: usize, within: Duration, w
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "after kill -9 of the primary the promoted member's commits hang (its 'create Meridian's roles' times out): see the netns report; formation, replication role and TLS across hosts pass"]
 async fn postgres_fails_over_across_hosts() {
     if skip_unless_hosts().is_none() {
         return;
