@@ -34,12 +34,18 @@ http_listen = "127.0.0.1:18999"
 
 [raft]
 bootstrap = true
+
+[security]
+cluster_secret_file = "cluster-secret"
 "#;
 
 /// Runs `--check` on BASE with the placeholders replaced; returns (exit code, stderr).
 fn check(listen: &str, hba: &str) -> (i32, String, String) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("pw"), "secret\n").unwrap();
+    let secret = dir.path().join("cluster-secret");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let text = BASE
         .replace("STATE", &dir.path().join("state").display().to_string())
         .replace("LISTEN", listen)
