@@ -103,6 +103,8 @@ pub struct MemberConfig {
     pub priority: i32,
     /// Never promote this member automatically.
     pub nofailover: bool,
+    /// Take no read traffic: `/replica` (and `/read-only` as a standby) answer 503.
+    pub noloadbalance: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -265,6 +267,8 @@ struct RawMember {
     priority: i32,
     #[serde(default)]
     nofailover: bool,
+    #[serde(default)]
+    noloadbalance: bool,
 }
 
 #[derive(Deserialize)]
@@ -677,6 +681,7 @@ impl RawConfig {
                 kind: self.member.kind,
                 priority: self.member.priority,
                 nofailover: self.member.nofailover,
+                noloadbalance: self.member.noloadbalance,
             },
             state_dir: resolve_path(base, self.state_dir),
             postgres,

@@ -57,17 +57,46 @@ pub struct NodeHealth {
     pub fenced: bool,
     pub timeline: u32,
     pub generation: u64,
-    /// Bytes this standby is behind the primary's last known position.
+    /// Bytes this standby's replay position is behind the primary's current position
+    /// (read within `peers::primary_position_max_age`); None when unknown.
     pub lag_bytes: Option<u64>,
+    /// A standby whose WAL receiver is streaming (only those are healthy replicas).
+    pub streaming: bool,
     pub paused: bool,
     pub noloadbalance: bool,
     pub version: String,
-    /// The cluster topology as the leader last reported it (for `/cluster`).
+    /// The cluster as this member sees it (for `/cluster`), built on request.
     #[serde(skip)]
-    pub cluster_json: serde_json::Value,
-    /// History entries (for `/history`).
+    pub cluster_json: LazyJson,
+    /// History entries (for `/history`), built on request.
     #[serde(skip)]
-    pub history_json: serde_json::Value,
+    pub history_json: LazyJson,
+}
+
+/// A JSON document built when it is asked for, not each time health is published.
+#[derive(Clone)]
+pub struct LazyJson(Arc<dyn Fn() -> serde_json::Value + Send + Sync>);
+
+impl LazyJson {
+    pub fn new(f: impl Fn() -> serde_json::Value + Send + Sync + 'static) -> Self {
+        LazyJson(Arc::new(f))
+    }
+
+    pub fn get(&self) -> serde_json::Value {
+        (self.0)()
+    }
+}
+
+impl Default for LazyJson {
+    fn default() -> Self {
+        LazyJson::new(|| serde_json::Value::Null)
+    }
+}
+
+impl std::fmt::Debug for LazyJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LazyJson")
+    }
 }
 
 #[derive(Clone)]
@@ -174,8 +203,12 @@ fn lag_ok(h: &NodeHealth, q: &CheckQuery) -> bool {
     }
 }
 
+/// A running standby whose WAL receiver streams, not tagged `noloadbalance`, within the
+/// `?lag=` bound if one is given. Stricter than Patroni, which answers 200 for any running
+/// replica: one whose receiver stopped falls behind without bound, so it stops being a
+/// replica at the first observation that sees it not streaming.
 fn is_replica(h: &NodeHealth, q: &CheckQuery) -> bool {
-    is_standby(h) && !h.noloadbalance && lag_ok(h, q)
+    is_standby(h) && h.streaming && !h.noloadbalance && lag_ok(h, q)
 }
 
 fn is_read_only(h: &NodeHealth, q: &CheckQuery) -> bool {
@@ -351,13 +384,13 @@ async fn resume(
 }
 
 async fn cluster(State(s): State<HttpState>) -> Response {
-    let v = s.health.borrow().cluster_json.clone();
-    Json(v).into_response()
+    let view = s.health.borrow().cluster_json.clone();
+    Json(view.get()).into_response()
 }
 
 async fn history(State(s): State<HttpState>) -> Response {
-    let v = s.health.borrow().history_json.clone();
-    Json(v).into_response()
+    let view = s.health.borrow().history_json.clone();
+    Json(view.get()).into_response()
 }
 
 async fn metrics(State(s): State<HttpState>) -> Response {
@@ -396,6 +429,7 @@ mod tests {
             role,
             running: true,
             in_recovery: true,
+            streaming: true,
             lag_bytes: Some(lag),
             ..Default::default()
         }

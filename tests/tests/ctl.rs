@@ -757,7 +757,7 @@ async fn switchover_moves_the_primary_and_history_records_it() {
     assert_code(&sw, 1, "the cancelled switchover");
     assert_one_line_error(
         &sw,
-        "switchover abandoned: switchover from a1 to b1 abandoned: CancelledByOperator",
+        "switchover abandoned: switchover from a1 to b1 abandoned: cancelled by the operator",
         "the cancelled switchover",
     );
     let s = c.status().await.unwrap();
