@@ -468,6 +468,29 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_streams_is_load_balanced_and_has_a_known_lag() {
+        let s = standby(Role::AsyncStandby, 0);
+        assert!(is_replica(&s, &q(Some("1MB"))));
+        let stopped = NodeHealth {
+            streaming: false,
+            ..s.clone()
+        };
+        assert!(!is_replica(&stopped, &q(None)), "receiver stopped");
+        assert!(!is_read_only(&stopped, &q(None)));
+        let unknown = NodeHealth {
+            lag_bytes: None,
+            ..s.clone()
+        };
+        assert!(is_replica(&unknown, &q(None)));
+        assert!(!is_replica(&unknown, &q(Some("1MB"))), "unknown lag");
+        let excluded = NodeHealth {
+            noloadbalance: true,
+            ..s
+        };
+        assert!(!is_replica(&excluded, &q(None)), "noloadbalance");
+    }
+
+    #[test]
     fn lag_units() {
         assert_eq!(parse_lag_bytes("1024"), Some(1024));
         assert_eq!(parse_lag_bytes("16MB"), Some(16 << 20));

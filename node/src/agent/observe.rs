@@ -749,6 +749,29 @@ mod tests {
     }
 
     #[test]
+    fn a_standbys_lag_is_against_the_primarys_current_position() {
+        use crate::agent::peers::PeerResult;
+        let now = Instant::now();
+        let primary = PeerResult {
+            writable: true,
+            rtt_us: Some(100),
+            current_lsn: Some(Lsn(0x300_0000)),
+            ..PeerResult::unanswered(now)
+        };
+        // Received = replayed (a frozen receiver): still 32 MB behind the primary.
+        assert_eq!(lag_against(0x100_0000, Some(&primary)), Some(0x200_0000));
+        // Ahead of an older reading: no lag, not a negative one.
+        assert_eq!(lag_against(0x400_0000, Some(&primary)), Some(0));
+        // Unknown position (no fresh answer, or the primary does not take writes).
+        assert_eq!(lag_against(0x100_0000, None), None);
+        let not_writable = PeerResult {
+            current_lsn: None,
+            ..primary
+        };
+        assert_eq!(lag_against(0x100_0000, Some(&not_writable)), None);
+    }
+
+    #[test]
     fn the_store_keeps_the_latest_per_member_and_forgets_non_members() {
         let store = ObservationStore::default();
         for (m, g) in [("a1", 1), ("a1", 2), ("b1", 1)] {

@@ -42,7 +42,7 @@ pub struct PeerResult {
 
 impl PeerResult {
     /// A probe that got no answer.
-    fn unanswered(at: Instant) -> PeerResult {
+    pub fn unanswered(at: Instant) -> PeerResult {
         PeerResult {
             at,
             writable: false,
@@ -373,6 +373,29 @@ mod tests {
         assert!(!probes["down"].postgres_writable);
         assert!(!probes.contains_key("old"));
         assert_eq!(rtts, HashMap::from([("new".to_string(), 70_000)]));
+    }
+
+    #[test]
+    fn the_primary_position_is_used_only_while_fresh() {
+        let p = PeerProbes::default();
+        let at = Instant::now() - Duration::from_millis(500);
+        p.set(
+            "a1",
+            PeerResult {
+                writable: true,
+                rtt_us: Some(100),
+                current_lsn: Some(Lsn(42)),
+                ..PeerResult::unanswered(at)
+            },
+        );
+        assert_eq!(
+            p.answered("a1", Duration::from_secs(1))
+                .and_then(|r| r.current_lsn),
+            Some(Lsn(42))
+        );
+        assert_eq!(p.answered("a1", Duration::from_millis(100)), None);
+        p.set("a1", PeerResult::unanswered(Instant::now()));
+        assert_eq!(p.answered("a1", Duration::from_secs(1)), None, "no answer");
     }
 
     #[test]
