@@ -261,7 +261,19 @@ impl PgInstance {
     /// Probes the instance within the probe timeout (2 s by default), on the kept session.
     /// Never fails: an unreachable or misbehaving server gives `up == false` with the
     /// reason.
+    ///
+    /// A kept session answers even when the postmaster is frozen (SIGSTOP): its backend
+    /// runs on and may still commit, while no new session can start. A fresh session per
+    /// probe used to reveal that; now the postmaster's process state does, so a frozen
+    /// primary is still seen unresponsive and fenced.
     pub async fn probe(&self) -> PgStatus {
+        if let Some(pid) = self.postmaster_pid() {
+            if process_stopped(pid) {
+                return PgStatus::down(format!(
+                    "probe: the postmaster (pid {pid}) is stopped and accepts no sessions"
+                ));
+            }
+        }
         let bound = self.timeouts().probe;
         let r = self
             .on_kept(
@@ -289,6 +301,22 @@ impl PgInstance {
         })
         .await
     }
+}
+
+/// Whether process `pid` is stopped by a signal or traced (`T`/`t` in `/proc/PID/stat`).
+fn process_stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_string();
+            Some(state == "T" || state == "t")
+        })
+        .unwrap_or(false)
 }
 
 fn lsn(s: Option<String>) -> Option<Lsn> {
@@ -386,6 +414,24 @@ mod tests {
         assert_eq!(timeline_of_walfile("000000020000000000000003"), Some(2));
         assert_eq!(timeline_of_walfile("0000001A0000000000000003"), Some(26));
         assert_eq!(timeline_of_walfile("xyz"), None);
+    }
+
+    #[test]
+    fn a_stopped_process_is_seen_stopped() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id() as i32;
+        assert!(!process_stopped(pid));
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGSTOP).unwrap();
+        let seen = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            process_stopped(pid)
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(seen, "a SIGSTOPped process was not seen stopped");
     }
 
     #[test]
