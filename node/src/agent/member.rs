@@ -746,6 +746,15 @@ impl Member {
         match propose(&self.shared, cmd).await? {
             Response::Applied => {
                 tracing::info!(%primary, "reinit done");
+                // Committed is not yet applied here: the next round must not read the old
+                // intent and re-clone again (bounded; a later round sees it anyway).
+                let me = self.name().to_string();
+                let mut applied = self.shared.applied.clone();
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    applied.wait_for(|a| !a.intent.reinit.contains(&me)),
+                )
+                .await;
                 Ok(())
             }
             other => anyhow::bail!("recording reinit done: {other:?}"),
