@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing Meridian needs on a fresh Debian machine:
-# PostgreSQL server binaries (>= 13) and the rustfmt/clippy components. Idempotent.
+# PostgreSQL server binaries (>= 13), iproute2 and iptables (as root, for the separate-host
+# tests) and the rustfmt/clippy components. Idempotent.
 set -euo pipefail
 
 have_pg() {
@@ -16,6 +17,15 @@ if ! have_pg; then
   $SUDO apt-get install -y -qq postgresql >/dev/null
   # The Debian package starts a default cluster on 5432; Meridian needs none of it.
   $SUDO systemctl stop postgresql >/dev/null 2>&1 || $SUDO service postgresql stop >/dev/null 2>&1 || true
+fi
+
+# Separate-host tests (tests/tests/hosts.rs, meridian-chaos --hosts netns) build network
+# namespaces and partition them with iptables; as root, install what they need.
+if [ "$(id -u)" -eq 0 ] && { ! command -v ip >/dev/null 2>&1 || ! command -v iptables >/dev/null 2>&1; }; then
+  echo "ensure-deps: installing iproute2 and iptables (separate-host tests)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq iproute2 iptables >/dev/null
 fi
 
 if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then

@@ -9,11 +9,19 @@
 //! the workload's connection strings, and cleanup: dropping a [`Cluster`] (also on error,
 //! panic, or when a Ctrl-C handler drops the future that owns it) SIGKILLs every agent it
 //! started and every postmaster its data dirs name, then removes the run dir.
+//!
+//! With [`HostsMode::Netns`] every member instead runs on its own host (a network
+//! namespace with its own address, [`crate::netns`]): address books list the other members'
+//! real addresses (no proxy on member links), partitions and region loss are packet
+//! filters inside the namespaces, and there is no latency injection (no netem here; the
+//! proxy's latency needs `--hosts loopback`). The workload (root namespace) dials the
+//! members' addresses directly and reaches every host in every partition. Dropping the
+//! cluster removes the namespaces after the processes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs::File;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::str::FromStr;
@@ -30,6 +38,7 @@ use tempfile::TempDir;
 use tonic::transport::Endpoint;
 
 use crate::mesh::{LatencyMatrix, MemberSpec as MeshMember, Mesh, Service};
+use crate::netns::NetnsHosts;
 
 /// Bound on one admin call (connect + answer).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -172,6 +181,44 @@ impl Topology {
     }
 }
 
+/// Where the members run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HostsMode {
+    /// Every member on 127.0.0.1; every member link through the proxy mesh (latency,
+    /// partitions, resets).
+    #[default]
+    Loopback,
+    /// Every member in its own network namespace with its own address (root only);
+    /// member links direct; partitions by packet filter; no latency injection.
+    Netns,
+}
+
+impl HostsMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            HostsMode::Loopback => "loopback",
+            HostsMode::Netns => "netns",
+        }
+    }
+}
+
+impl fmt::Display for HostsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for HostsMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "loopback" => Ok(HostsMode::Loopback),
+            "netns" => Ok(HostsMode::Netns),
+            _ => Err(format!("unknown hosts mode {s:?} (known: loopback, netns)")),
+        }
+    }
+}
+
 /// Agent timing written into every config (humantime strings); `None` keeps the agent's
 /// defaults (DESIGN §4).
 #[derive(Clone, Debug, Default)]
@@ -199,6 +246,7 @@ pub struct ClusterOptions {
     pub keep_dir: bool,
     /// `RUST_LOG` for the agents (their default filter when `None`).
     pub agent_log_filter: Option<String>,
+    pub hosts: HostsMode,
 }
 
 impl Default for ClusterOptions {
@@ -212,8 +260,28 @@ impl Default for ClusterOptions {
             timing: AgentTiming::default(),
             keep_dir: false,
             agent_log_filter: None,
+            hosts: HostsMode::Loopback,
         }
     }
+}
+
+/// The admin token of the clusters this harness runs (written to each member's
+/// `admin-token` file; the harness's commands send it).
+pub const ADMIN_TOKEN: &str = "meridian-chaos-admin-token";
+
+/// Writes `text` to a new file readable by its owner only (secrets, tokens).
+pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// An admin client for member `name` at `addr` (`host:port`; TLS when `tls` is given,
@@ -257,6 +325,8 @@ pub struct Member {
     pub name: String,
     pub region: String,
     pub kind: Kind,
+    /// This member's host address (127.0.0.1, or its namespace's address).
+    pub addr: IpAddr,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     /// Data members only.
@@ -297,7 +367,10 @@ impl Member {
     /// A direct (not proxied) superuser connection string to this member's Postgres.
     pub fn direct_conninfo(&self) -> Option<String> {
         self.pg_port.map(|p| {
-            format!("host=127.0.0.1 port={p} user=postgres dbname=postgres connect_timeout=2")
+            format!(
+                "host={} port={p} user=postgres dbname=postgres connect_timeout=2",
+                self.addr
+            )
         })
     }
 }
@@ -364,6 +437,8 @@ pub struct Cluster {
     node_bin: PathBuf,
     run_as: RunAs,
     dir: Option<TempDir>,
+    /// The members' hosts in [`HostsMode::Netns`]; dropped after every process is gone.
+    netns: Option<NetnsHosts>,
 }
 
 /// `meridian-node` next to the running executable (or one level up, for test binaries in
@@ -410,6 +485,16 @@ impl Cluster {
             .tempdir()
             .context("create the run dir")?;
         let declared = options.topology.members();
+        let netns = match options.hosts {
+            HostsMode::Loopback => None,
+            HostsMode::Netns => {
+                let names: Vec<String> = declared.iter().map(|(n, _, _)| n.clone()).collect();
+                Some(
+                    NetnsHosts::create(&names)
+                        .context("build one host (network namespace) per member")?,
+                )
+            }
+        };
         // Held (bound) until the mesh's own ~100 listeners are up, so the kernel cannot hand
         // one of them a port meant for an agent or a Postgres.
         let reserved = (0..declared.len() * 3)
@@ -426,18 +511,25 @@ impl Cluster {
         for (i, (name, region, kind)) in declared.iter().enumerate() {
             let home = dir.path().join(name);
             std::fs::create_dir_all(&home).with_context(|| format!("create {}", home.display()))?;
-            let grpc = SocketAddr::from(([127, 0, 0, 1], ports[3 * i]));
-            let http = SocketAddr::from(([127, 0, 0, 1], ports[3 * i + 1]));
+            let addr = match &netns {
+                Some(h) => IpAddr::V4(h.addr(name)?),
+                None => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            };
+            let grpc = SocketAddr::new(addr, ports[3 * i]);
+            let http = SocketAddr::new(addr, ports[3 * i + 1]);
             let pg_port = (*kind == Kind::Data).then_some(ports[3 * i + 2]);
             let mut upstreams = BTreeMap::from([(Service::Api, grpc)]);
             if let Some(p) = pg_port {
-                upstreams.insert(Service::Postgres, SocketAddr::from(([127, 0, 0, 1], p)));
+                upstreams.insert(Service::Postgres, SocketAddr::new(addr, p));
             }
-            specs.push(MeshMember {
-                name: name.clone(),
-                region: region.clone(),
-                upstreams,
-            });
+            // Separate hosts reach each other directly: no proxy on member links.
+            if netns.is_none() {
+                specs.push(MeshMember {
+                    name: name.clone(),
+                    region: region.clone(),
+                    upstreams,
+                });
+            }
             let state_dir = home.join("state");
             members.insert(
                 name.clone(),
@@ -445,6 +537,7 @@ impl Cluster {
                     name: name.clone(),
                     region: region.clone(),
                     kind: *kind,
+                    addr,
                     grpc,
                     http,
                     pg_port,
@@ -470,6 +563,7 @@ impl Cluster {
             node_bin,
             run_as,
             dir: Some(dir),
+            netns,
         };
         cluster.write_configs()?;
         // Postgres (as the unprivileged OS user) must traverse the run dir to its data dir.
@@ -525,9 +619,49 @@ impl Cluster {
     fn write_configs(&self) -> anyhow::Result<()> {
         let first = self.bootstrap_member().to_string();
         let t = &self.options.timing;
+        // Meridian's roles log in with scram-sha-256 and passwords from files; the
+        // workload's and the checker's sessions are the superuser's, admitted from the
+        // proxies' loopback address by an explicit trust line.
+        let secrets = self.dir().join("secrets");
+        std::fs::create_dir_all(&secrets).context("create the secrets dir")?;
+        let mut roles = String::new();
+        for (section, user) in [
+            ("replication", "replicator"),
+            ("rewind", "rewinder"),
+            ("monitor", "meridian_monitor"),
+        ] {
+            let p = secrets.join(section);
+            std::fs::write(&p, format!("chaos-{section}-pw\n"))
+                .with_context(|| format!("write {}", p.display()))?;
+            roles.push_str(&format!(
+                "[postgres.{section}]\nuser = \"{user}\"\npassword_file = \"{}\"\n",
+                p.display()
+            ));
+        }
+        let monitor_only = roles[roles.find("[postgres.monitor]").unwrap_or(0)..].to_string();
+        // One cluster secret per run, the same for every member; one admin token.
+        let secret: String = rand::random::<[u8; 32]>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        // Where the workload's sessions come from: the proxies (loopback) or, on separate
+        // hosts, the root namespace's bridge address.
+        let clients: IpAddr = match &self.netns {
+            Some(h) => IpAddr::V4(h.bridge_addr()),
+            None => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        };
         for m in self.members.values() {
+            let secret_file = m.home.join("cluster-secret");
+            write_private(&secret_file, &secret)?;
+            let token_file = m.home.join("admin-token");
+            write_private(&token_file, ADMIN_TOKEN)?;
+            let how = if self.netns.is_some() {
+                "at their hosts' own addresses"
+            } else {
+                "through the proxy mesh"
+            };
             let mut text = format!(
-                "# Written by meridian-chaos: peers are reached through the proxy mesh.\n\
+                "# Written by meridian-chaos: peers are reached {how}.\n\
                  cluster = \"{}\"\nstate_dir = \"{}\"\n\n[member]\nname = \"{}\"\nregion = \"{}\"\nkind = \"{}\"\n\n",
                 self.options.cluster_name,
                 m.state_dir.display(),
@@ -537,13 +671,21 @@ impl Cluster {
             );
             if let (Some(port), Some(data_dir)) = (m.pg_port, &m.data_dir) {
                 text.push_str(&format!(
-                    "[postgres]\ndata_dir = \"{}\"\nlisten_addr = \"127.0.0.1\"\nport = {port}\nos_user = \"{DEFAULT_OS_USER}\"\n\n",
-                    data_dir.display()
+                    "[postgres]\ndata_dir = \"{}\"\nlisten_addr = \"{}\"\nport = {port}\nos_user = \"{DEFAULT_OS_USER}\"\n\
+                     hba = [\"host all postgres {clients}/32 trust\"]\n{roles}\n",
+                    data_dir.display(),
+                    m.addr
                 ));
+            } else {
+                text.push_str(&format!("{monitor_only}\n"));
             }
             text.push_str(&format!(
-                "[api]\nlisten = \"{}\"\nhttp_listen = \"{}\"\n\n",
-                m.grpc, m.http
+                "[api]\nlisten = \"{}\"\nhttp_listen = \"{}\"\ntoken_file = \"{}\"\n\n\
+                 [security]\ncluster_secret_file = \"{}\"\n\n",
+                m.grpc,
+                m.http,
+                token_file.display(),
+                secret_file.display()
             ));
             let bootstrap = m.name == first;
             // Only the bootstrap member: the others do not serve before they registered,
@@ -579,15 +721,22 @@ impl Cluster {
             }
             text.push('\n');
             for peer in self.members.values() {
-                let api = self
-                    .mesh
-                    .member_addr(&m.name, &peer.name, Service::Api)
-                    .context("mesh has no api link")?;
+                let (api, pg) = if self.netns.is_some() {
+                    (
+                        peer.grpc,
+                        peer.pg_port.map(|p| SocketAddr::new(peer.addr, p)),
+                    )
+                } else {
+                    (
+                        self.mesh
+                            .member_addr(&m.name, &peer.name, Service::Api)
+                            .context("mesh has no api link")?,
+                        self.mesh
+                            .member_addr(&m.name, &peer.name, Service::Postgres),
+                    )
+                };
                 text.push_str(&format!("[peers.{}]\napi = \"{api}\"\n", peer.name));
-                if let Some(pg) = self
-                    .mesh
-                    .member_addr(&m.name, &peer.name, Service::Postgres)
-                {
+                if let Some(pg) = pg {
                     text.push_str(&format!("postgres = \"{pg}\"\n"));
                 }
                 text.push('\n');
@@ -645,10 +794,77 @@ impl Cluster {
         &self.node_bin
     }
 
+    pub fn hosts_mode(&self) -> HostsMode {
+        self.options.hosts
+    }
+
+    /// The members' hosts, in [`HostsMode::Netns`].
+    pub fn netns(&self) -> Option<&NetnsHosts> {
+        self.netns.as_ref()
+    }
+
+    /// Cuts `name` off from the other members: the mesh's member links and other regions'
+    /// client links, or (netns) packet filters between its host and every other host.
+    pub fn isolate_member(&self, name: &str) -> anyhow::Result<usize> {
+        self.member(name)?;
+        Ok(match &self.netns {
+            Some(h) => h.isolate(name)?,
+            None => self.mesh.isolate_member(name)?,
+        })
+    }
+
+    /// Cuts every link between a region of `a` and a region of `b`, both ways.
+    pub fn partition(&self, a: &[&str], b: &[&str]) -> anyhow::Result<usize> {
+        let Some(h) = &self.netns else {
+            return Ok(self.mesh.partition(a, b)?);
+        };
+        let regions = self.regions();
+        if let Some(r) = a.iter().chain(b).find(|r| !regions.contains(**r)) {
+            anyhow::bail!("unknown region {r:?}");
+        }
+        let of = |rs: &[&str]| -> Vec<String> {
+            self.members
+                .values()
+                .filter(|m| rs.contains(&m.region.as_str()))
+                .map(|m| m.name.clone())
+                .collect()
+        };
+        let (xa, xb) = (of(a), of(b));
+        let ra: Vec<&str> = xa.iter().map(String::as_str).collect();
+        let rb: Vec<&str> = xb.iter().map(String::as_str).collect();
+        Ok(h.partition(&ra, &rb)?)
+    }
+
+    /// Removes every partition (and, on loopback, every latency change).
+    pub fn heal_all(&self) -> anyhow::Result<()> {
+        match &self.netns {
+            Some(h) => h.heal().context("flush the packet filters")?,
+            None => self.mesh.heal_all(),
+        }
+        Ok(())
+    }
+
+    /// Multiplies every link's latency (loopback only: separate hosts have no latency
+    /// injection, this kernel has no netem).
+    pub fn latency_spike(&self, factor: f64, jitter: Duration) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.netns.is_none(),
+            "latency injection needs the proxy mesh (--hosts loopback); separate hosts have none"
+        );
+        self.mesh.latency_spike(factor, jitter);
+        Ok(())
+    }
+
     /// Spawns `name`'s agent (stdout and stderr appended to its log).
     pub fn start_agent(&mut self, name: &str) -> anyhow::Result<()> {
         let bin = self.node_bin.clone();
         let filter = self.options.agent_log_filter.clone();
+        // On its own host the agent (and so its Postgres) runs inside its namespace;
+        // `ip netns exec` execs it, so the child's PID is the agent's.
+        let mut cmd = match &self.netns {
+            Some(h) => h.command(name, &bin)?,
+            None => Command::new(bin),
+        };
         let m = self.member_mut(name)?;
         if m.child.is_some() {
             return Ok(());
@@ -658,7 +874,6 @@ impl Cluster {
             .append(true)
             .open(&m.log_path)
             .with_context(|| format!("open {}", m.log_path.display()))?;
-        let mut cmd = Command::new(bin);
         cmd.arg("--config")
             .arg(&m.config_path)
             .stdin(std::process::Stdio::null())
@@ -873,7 +1088,7 @@ impl Cluster {
                         CALL_TIMEOUT * 4,
                         c.command(CommandRequest {
                             command_json: json.clone(),
-                            token: String::new(),
+                            token: ADMIN_TOKEN.to_string(),
                         }),
                     )
                     .await
@@ -940,7 +1155,8 @@ impl Cluster {
     }
 
     /// Multi-host connection string for clients in `region`: every data member through the
-    /// region's client proxies, `target_session_attrs=read-write`, the region's own members
+    /// region's client proxies (on separate hosts: at its host's address),
+    /// `target_session_attrs=read-write`, the region's own members
     /// first (as an application there would list them: libpq tries hosts in order, each up
     /// to `connect_timeout`, so unreachable remote hosts first would hold up every
     /// reconnect by seconds).
@@ -952,14 +1168,19 @@ impl Cluster {
             .filter(|m| m.kind == Kind::Data)
             .collect();
         data.sort_by_key(|m| (m.region != region, m.name.clone()));
+        let mut hosts = Vec::new();
         for m in data {
-            let a = self
-                .mesh
-                .client_addr(region, &m.name, Service::Postgres)
-                .with_context(|| format!("no client link from {region} to {}", m.name))?;
+            let a = match (&self.netns, m.pg_port) {
+                (Some(_), Some(p)) => SocketAddr::new(m.addr, p),
+                _ => self
+                    .mesh
+                    .client_addr(region, &m.name, Service::Postgres)
+                    .with_context(|| format!("no client link from {region} to {}", m.name))?,
+            };
+            hosts.push(a.ip().to_string());
             ports.push(a.port().to_string());
         }
-        let hosts = vec!["127.0.0.1"; ports.len()].join(",");
+        let hosts = hosts.join(",");
         Ok(format!(
             "host={hosts} port={} user=postgres dbname=postgres target_session_attrs=read-write connect_timeout=2",
             ports.join(",")

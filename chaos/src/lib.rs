@@ -5,6 +5,7 @@ pub mod check;
 pub mod cluster;
 pub mod idle_bench;
 pub mod mesh;
+pub mod netns;
 pub mod pg_cluster;
 pub mod proxy;
 pub mod runner;

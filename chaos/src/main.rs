@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args as ClapArgs, Parser, Subcommand};
-use meridian_chaos::cluster::{Cluster, ClusterOptions, Kind, Topology, DEFAULT_TOPOLOGY};
+use meridian_chaos::cluster::{
+    Cluster, ClusterOptions, HostsMode, Kind, Topology, DEFAULT_TOPOLOGY,
+};
 use meridian_chaos::mesh::LatencyMatrix;
 use meridian_chaos::pg_cluster::PgCluster;
 use meridian_chaos::runner::{run_scenario, PolicyChoice, RunOptions};
@@ -44,6 +46,11 @@ struct ClusterArgs {
     /// Keep the run dir (configs, agent logs) instead of removing it.
     #[arg(long)]
     keep_run_dir: bool,
+    /// Where members run: loopback (127.0.0.1, every member link through the proxy mesh)
+    /// or netns (root only: one network namespace per member with its own address,
+    /// partitions by packet filter, no latency injection).
+    #[arg(long, default_value = "loopback")]
+    hosts: HostsMode,
 }
 
 impl ClusterArgs {
@@ -54,6 +61,7 @@ impl ClusterArgs {
             seed,
             bin_dir: self.bin_dir.clone(),
             keep_dir: self.keep_run_dir,
+            hosts: self.hosts,
             ..ClusterOptions::default()
         }
     }
@@ -183,7 +191,19 @@ async fn execute(command: Command) -> anyhow::Result<bool> {
             cluster,
         } => {
             let scenarios: Vec<Scenario> = if scenario == "all" {
-                Scenario::ALL.to_vec()
+                Scenario::ALL
+                    .into_iter()
+                    .filter(|sc| {
+                        let skip =
+                            cluster.hosts == HostsMode::Netns && sc.needs_latency_injection();
+                        if skip {
+                            eprintln!(
+                                "meridian-chaos: skipping {sc}: it injects latency, which only --hosts loopback can (separate hosts have no latency injection)"
+                            );
+                        }
+                        !skip
+                    })
+                    .collect()
             } else {
                 vec![scenario.parse()?]
             };
@@ -312,7 +332,10 @@ fn write_json(path: &std::path::Path, v: &serde_json::Value) -> anyhow::Result<(
 }
 
 async fn demo(args: &ClusterArgs, seconds: Option<u64>) -> anyhow::Result<()> {
-    println!("meridian-chaos demo: starting {} ...", args.topology);
+    println!(
+        "meridian-chaos demo: starting {} (hosts: {}) ...",
+        args.topology, args.hosts
+    );
     let cluster = Cluster::start(args.options(1))
         .await
         .context("bring up the cluster")?;
@@ -349,10 +372,27 @@ async fn demo(args: &ClusterArgs, seconds: Option<u64>) -> anyhow::Result<()> {
             m.grpc.to_string(),
             m.http.to_string(),
             m.pg_port
-                .map_or("-".to_string(), |p| format!("127.0.0.1:{p}"))
+                .map_or("-".to_string(), |p| format!("{}:{p}", m.addr))
         );
     }
-    println!("\nwrite from a region (through its proxies, finds the primary):");
+    if let Some(h) = cluster.netns() {
+        println!(
+            "\nhosts: one network namespace per member on {} (bridge {}):",
+            h.subnet(),
+            h.bridge_addr()
+        );
+        for host in h.hosts() {
+            println!(
+                "  {:<14} {:<15} ip netns exec {} ...",
+                host.name,
+                host.addr.to_string(),
+                host.netns
+            );
+        }
+        println!("\nwrite (finds the primary):");
+    } else {
+        println!("\nwrite from a region (through its proxies, finds the primary):");
+    }
     for r in cluster.regions() {
         println!("  {r:<11} psql \"{}\"", cluster.client_conninfo(&r)?);
     }

@@ -252,3 +252,183 @@ impl Drop for PgCluster {
         }
     }
 }
+
+/// A plain PostgreSQL server as a DBA would have it before Meridian: made with `initdb`
+/// by hand (no Meridian settings, initdb's own `pg_hba.conf`), its port, listen address and
+/// socket in its own `postgresql.conf`, started with `pg_ctl`. The data dir is the
+/// caller's; dropping this SIGKILLs whatever postmaster runs in it (by the PID in
+/// `postmaster.pid`) but leaves the files.
+pub struct PlainPostgres {
+    bin: PgBinaries,
+    run_as: RunAs,
+    data_dir: std::path::PathBuf,
+    socket_dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl PlainPostgres {
+    /// `initdb` into `data_dir` (missing or empty) with superuser `postgres`, trust for
+    /// local and loopback sessions; the server will listen on the loopback address and
+    /// `port`, its socket in `socket_dir`.
+    pub async fn init(
+        data_dir: &Path,
+        socket_dir: &Path,
+        port: u16,
+    ) -> anyhow::Result<PlainPostgres> {
+        let bin = PgBinaries::detect()
+            .await
+            .context("find PostgreSQL binaries")?;
+        let run_as = RunAs::resolve(DEFAULT_OS_USER).context("choose the OS user")?;
+        for d in [data_dir, socket_dir] {
+            run_as
+                .create_private_dir(d)
+                .with_context(|| format!("create {}", d.display()))?;
+        }
+        let p = PlainPostgres {
+            bin,
+            run_as,
+            data_dir: data_dir.to_path_buf(),
+            socket_dir: socket_dir.to_path_buf(),
+            port,
+        };
+        let data = p.data_dir.display().to_string();
+        p.run(
+            "initdb",
+            &["-D", &data, "-U", "postgres", "--auth=trust", "--locale=C"],
+        )
+        .await?;
+        let conf = p.data_dir.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).context("read postgresql.conf")?;
+        text.push_str(&format!(
+            "\n# the DBA's own settings\nport = {port}\nlisten_addresses = '127.0.0.1'\n\
+             unix_socket_directories = '{}'\nshared_buffers = '16MB'\nfsync = off\n",
+            p.socket_dir.display()
+        ));
+        p.run_as
+            .write_file(&conf, text.as_bytes(), 0o600)
+            .context("write postgresql.conf")?;
+        Ok(p)
+    }
+
+    async fn run(&self, tool: &str, args: &[&str]) -> anyhow::Result<()> {
+        let mut cmd = tokio::process::Command::new(self.bin.tool(tool));
+        cmd.args(args).current_dir("/").kill_on_drop(true);
+        self.run_as.apply(&mut cmd);
+        let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+            .await
+            .with_context(|| format!("{tool} timed out"))?
+            .with_context(|| format!("run {tool}"))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{tool} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    /// A streaming standby of this (running) server made by hand: `pg_basebackup -R -X
+    /// stream` over its socket into `data_dir`, then its own port and socket dir in its
+    /// `postgresql.conf`. Not started.
+    pub async fn clone_standby(
+        &self,
+        data_dir: &Path,
+        socket_dir: &Path,
+        port: u16,
+    ) -> anyhow::Result<PlainPostgres> {
+        for d in [data_dir, socket_dir] {
+            self.run_as
+                .create_private_dir(d)
+                .with_context(|| format!("create {}", d.display()))?;
+        }
+        let data = data_dir.display().to_string();
+        let host = self.socket_dir.display().to_string();
+        let src_port = self.port.to_string();
+        self.run(
+            "pg_basebackup",
+            &[
+                "-D", &data, "-h", &host, "-p", &src_port, "-U", "postgres", "-R", "-X", "stream",
+                "-c", "fast",
+            ],
+        )
+        .await?;
+        let conf = data_dir.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).context("read postgresql.conf")?;
+        text.push_str(&format!(
+            "\n# the standby's own\nport = {port}\nunix_socket_directories = '{}'\n",
+            socket_dir.display()
+        ));
+        self.run_as
+            .write_file(&conf, text.as_bytes(), 0o600)
+            .context("write postgresql.conf")?;
+        Ok(PlainPostgres {
+            bin: self.bin.clone(),
+            run_as: self.run_as.clone(),
+            data_dir: data_dir.to_path_buf(),
+            socket_dir: socket_dir.to_path_buf(),
+            port,
+        })
+    }
+
+    /// `pg_ctl start -w` with the server log next to the data dir.
+    pub async fn start(&self) -> anyhow::Result<()> {
+        let data = self.data_dir.display().to_string();
+        let log = format!("{data}.plain.log");
+        std::fs::File::create(&log).context("create the server log")?;
+        self.run_as
+            .chown(Path::new(&log))
+            .context("chown the log")?;
+        self.run(
+            "pg_ctl",
+            &["start", "-D", &data, "-l", &log, "-w", "-t", "30", "-s"],
+        )
+        .await
+    }
+
+    /// `pg_ctl stop -m fast -w`.
+    pub async fn stop(&self) -> anyhow::Result<()> {
+        let data = self.data_dir.display().to_string();
+        self.run(
+            "pg_ctl",
+            &["stop", "-D", &data, "-m", "fast", "-w", "-t", "30", "-s"],
+        )
+        .await
+    }
+
+    /// A superuser session over the server's own unix socket.
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        let mut c = tokio_postgres::Config::new();
+        c.host_path(&self.socket_dir)
+            .port(self.port)
+            .user("postgres")
+            .dbname("postgres")
+            .connect_timeout(Duration::from_secs(5));
+        let (client, conn) =
+            tokio::time::timeout(Duration::from_secs(5), c.connect(tokio_postgres::NoTls))
+                .await
+                .context("connect: timed out")?
+                .context("connect")?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
+    /// The postmaster's pid, if one runs in the data dir.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+}
+
+impl Drop for PlainPostgres {
+    fn drop(&mut self) {
+        if let Some(pid) = self.postmaster_pid().filter(|p| pid_alive(*p)) {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            for _ in 0..200 {
+                if !pid_alive(pid) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}

@@ -21,7 +21,7 @@ use meridian_node::raft::Command as IntentCommand;
 use tokio::sync::watch;
 
 use crate::check::{check, CheckInput, Outcome, ProbeRound, WriteRecord};
-use crate::cluster::{Cluster, ClusterOptions, ClusterStatus, Kind};
+use crate::cluster::{Cluster, ClusterOptions, ClusterStatus, HostsMode, Kind};
 use crate::schedule::{Action, RegionSet, Scenario, Schedule, ScheduleParams, Target};
 use crate::scorecard::{to_ms, Scorecard};
 use crate::workload::{self, ProbeTarget, WriterSpec};
@@ -256,7 +256,7 @@ async fn play(
         Action::Isolate { target } => {
             let m = r.member(c, target).await?;
             fired = Instant::now();
-            let n = c.mesh.isolate_member(&m)?;
+            let n = c.isolate_member(&m)?;
             format!("isolate {m} ({n} links)")
         }
         Action::Partition { a, b } => {
@@ -265,18 +265,17 @@ async fn play(
             fired = Instant::now();
             let ar: Vec<&str> = a.iter().map(String::as_str).collect();
             let br: Vec<&str> = b.iter().map(String::as_str).collect();
-            let n = c.mesh.partition(&ar, &br)?;
+            let n = c.partition(&ar, &br)?;
             format!("partition {a:?} from {b:?} ({n} links)")
         }
         Action::Heal => {
             fired = Instant::now();
-            c.mesh.heal_all();
+            c.heal_all()?;
             "heal every link".to_string()
         }
         Action::LatencySpike { factor, jitter_ms } => {
             fired = Instant::now();
-            c.mesh
-                .latency_spike(*factor, Duration::from_millis(*jitter_ms));
+            c.latency_spike(*factor, Duration::from_millis(*jitter_ms))?;
             format!("latency x{factor} with {jitter_ms} ms jitter")
         }
         Action::Switchover { to } => {
@@ -317,13 +316,13 @@ async fn play(
                 .collect();
             let ar: Vec<&str> = regions.iter().map(String::as_str).collect();
             let br: Vec<&str> = others.iter().map(String::as_str).collect();
-            c.mesh.partition(&ar, &br)?;
+            c.partition(&ar, &br)?;
             format!("kill region {regions:?} ({})", killed.join(", "))
         }
         Action::RestartRegion { regions } => {
             let regions = r.regions(c, regions).await?;
             fired = Instant::now();
-            c.mesh.heal_all();
+            c.heal_all()?;
             let mut started = Vec::new();
             for region in &regions {
                 for m in c.members_of(region) {
@@ -469,9 +468,14 @@ pub async fn run_scenario(opts: &RunOptions) -> anyhow::Result<Scorecard> {
     let sc = opts.scenario;
     let schedule = Schedule::generate(sc, opts.seed, opts.params);
     let mut card = Scorecard::new(sc.name(), opts.seed, opts.policy.name());
+    card.hosts = opts.cluster.hosts.name().to_string();
+    anyhow::ensure!(
+        !(sc.needs_latency_injection() && opts.cluster.hosts == HostsMode::Netns),
+        "{sc} injects latency, which only the proxy mesh can (--hosts loopback): separate hosts have no latency injection (no netem on this kernel)"
+    );
     eprintln!(
-        "[{sc}] seed {} policy {}: starting {} ...",
-        opts.seed, opts.policy, opts.cluster.topology
+        "[{sc}] seed {} policy {} hosts {}: starting {} ...",
+        opts.seed, opts.policy, opts.cluster.hosts, opts.cluster.topology
     );
     let mut c = Cluster::start(opts.cluster.clone())
         .await
@@ -578,7 +582,9 @@ pub async fn run_scenario(opts: &RunOptions) -> anyhow::Result<Scorecard> {
     tokio::time::sleep_until((t0 + Duration::from_millis(schedule.end_ms)).into()).await;
 
     // Heal, and wait for one primary with everyone streaming from it.
-    c.mesh.heal_all();
+    if let Err(e) = c.heal_all() {
+        card.violations.push(format!("harness: heal: {e:#}"));
+    }
     let revived = c.revive_all()?;
     if !revived.is_empty() {
         eprintln!("[{sc}] restarted {}", revived.join(", "));

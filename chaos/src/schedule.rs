@@ -55,6 +55,12 @@ impl Scenario {
         Scenario::RaftLeaderKill,
     ];
 
+    /// Whether the scenario's faults include latency, which only the proxy mesh injects
+    /// (`--hosts loopback`).
+    pub fn needs_latency_injection(self) -> bool {
+        self == Scenario::LatencySpike
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Scenario::PrimaryKill => "primary-kill",

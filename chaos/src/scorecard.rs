@@ -20,6 +20,10 @@ pub struct Scorecard {
     pub scenario: String,
     pub seed: u64,
     pub policy: String,
+    /// Where the members ran: `loopback` (one machine's 127.0.0.1, links through the proxy
+    /// mesh) or `netns` (one network namespace per member). Absent in older scorecards.
+    #[serde(default = "default_hosts")]
+    pub hosts: String,
     /// Fault injection to the first acknowledged write on the new (or surviving) primary.
     pub rto_ms: Option<u64>,
     /// Fault injection to the cluster deciding the primary failed.
@@ -42,6 +46,10 @@ pub struct Scorecard {
     pub violations: Vec<String>,
 }
 
+fn default_hosts() -> String {
+    "loopback".to_string()
+}
+
 /// Milliseconds of a duration, for the scorecard's integer fields.
 pub fn to_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -58,6 +66,7 @@ impl Scorecard {
             scenario: scenario.to_string(),
             seed,
             policy: policy.to_string(),
+            hosts: default_hosts(),
             ..Scorecard::default()
         }
     }
@@ -110,6 +119,7 @@ impl Scorecard {
             ("scenario", self.scenario.clone()),
             ("seed", self.seed.to_string()),
             ("policy", self.policy.clone()),
+            ("hosts", self.hosts.clone()),
             ("rto", ms(&self.rto_ms)),
             ("detection", ms(&self.detection_ms)),
             ("promote", ms(&self.promote_ms)),
@@ -255,6 +265,7 @@ mod tests {
             "scenario",
             "seed",
             "policy",
+            "hosts",
             "rto_ms",
             "detection_ms",
             "promote_ms",
@@ -279,8 +290,14 @@ mod tests {
         assert!(v["write_unavailable_ms"].is_null());
         assert!(v["commit_p50_ms"].is_object());
         assert!(v["violations"].is_array());
-        let back: Scorecard = serde_json::from_value(v).unwrap();
+        assert_eq!(v["hosts"], "loopback");
+        let back: Scorecard = serde_json::from_value(v.clone()).unwrap();
         assert_eq!(back, sample());
+        // Scorecards written before the hosts field read as loopback runs.
+        let mut old = v;
+        old.as_object_mut().unwrap().remove("hosts");
+        let back: Scorecard = serde_json::from_value(old).unwrap();
+        assert_eq!(back.hosts, "loopback");
         let mut extra = serde_json::to_value(sample()).unwrap();
         extra["surprise"] = serde_json::json!(1);
         assert!(serde_json::from_value::<Scorecard>(extra).is_err());

@@ -100,13 +100,12 @@ impl Client {
         for ep in &self.settings.endpoints {
             let answer = async {
                 let mut c = self.connect(ep).await?;
-                let r =
-                    tokio::time::timeout(self.timeout(), c.status(StatusRequest { local: false }))
-                        .await
-                        .map_err(|_| {
-                            anyhow::anyhow!("no answer within {} ms", self.settings.timeout_ms)
-                        })?
-                        .map_err(|s| anyhow::anyhow!("{}", describe_status(&s)))?;
+                let r = tokio::time::timeout(self.timeout(), c.status(self.status_request()))
+                    .await
+                    .map_err(|_| {
+                        anyhow::anyhow!("no answer within {} ms", self.settings.timeout_ms)
+                    })?
+                    .map_err(|s| anyhow::anyhow!("{}", describe_status(&s)))?;
                 anyhow::Ok(r.into_inner())
             }
             .await;
@@ -204,6 +203,20 @@ impl Client {
             })?
             .map_err(|s| anyhow::anyhow!("{}", describe_status(&s)))?;
         Ok(())
+    }
+}
+
+impl Client {
+    /// A status request carrying the admin token (status needs it too: see the agent's
+    /// admin API), as `authorization: Bearer`.
+    fn status_request(&self) -> tonic::Request<StatusRequest> {
+        let mut r = tonic::Request::new(StatusRequest { local: false });
+        if !self.settings.token.is_empty() {
+            if let Ok(v) = format!("Bearer {}", self.settings.token).parse() {
+                r.metadata_mut().insert("authorization", v);
+            }
+        }
+        r
     }
 }
 

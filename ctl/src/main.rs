@@ -4,7 +4,6 @@
 
 mod client;
 mod ops;
-mod precheck;
 mod settings;
 #[cfg(test)]
 mod test_support;

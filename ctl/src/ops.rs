@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use meridian_node::decide::SwitchoverPhase;
 use meridian_node::policy::Policy;
+use meridian_node::precheck;
 use meridian_node::raft::intent::{
     HistoryKind, PendingSwitchover, Promote, PromotionKind, MAX_REASON_LEN,
 };
@@ -18,7 +19,7 @@ use serde_json::json;
 
 use crate::client::{Client, Snapshot};
 use crate::view::{self, history_rows};
-use crate::{precheck, Command, ConnArgs, Failure, WatchArgs};
+use crate::{Command, ConnArgs, Failure, WatchArgs};
 
 /// Writes to stdout. A closed pipe (`meridianctl list --watch 1 | head -1`) ends the
 /// program quietly with exit 0: the reader has what it wanted. Other write errors are
@@ -927,6 +928,7 @@ async fn failover(
         new_primary_lsn: check.candidate_lsn.map(Lsn),
         possible_loss_bytes: check.possible_loss_bytes,
         old_lease_released: false,
+        lease_break_round: None,
     });
     validate_locally(&snap, &cmd)?;
     if !json {

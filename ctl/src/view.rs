@@ -225,6 +225,13 @@ pub fn cluster_view(status: &StatusResponse, intent: &Intent) -> ClusterView {
     if intent.primary.is_none() {
         warnings.push("no primary is recorded".to_string());
     }
+    if status.insecure {
+        warnings.push(format!(
+            "INSECURE: {} runs with [security] insecure = true: member links are not \
+             authenticated and anyone who can reach a member's port can change the cluster",
+            status.answered_by
+        ));
+    }
     ClusterView {
         cluster: status.cluster.clone(),
         leader: non_empty(&status.leader),
@@ -748,6 +755,24 @@ mod tests {
         assert!(v.members.iter().all(|m| m.state == "unknown"));
         assert!(
             v.warnings[0].contains("no leader answered"),
+            "{:?}",
+            v.warnings
+        );
+    }
+
+    #[test]
+    fn an_insecure_cluster_is_warned_about() {
+        let mut s = status();
+        assert!(!cluster_view(&s, &intent())
+            .warnings
+            .iter()
+            .any(|w| w.contains("INSECURE")));
+        s.insecure = true;
+        let v = cluster_view(&s, &intent());
+        assert!(
+            v.warnings
+                .iter()
+                .any(|w| w.contains("INSECURE") && w.contains("a1")),
             "{:?}",
             v.warnings
         );

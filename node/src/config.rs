@@ -92,6 +92,43 @@ pub struct Config {
     pub peers: BTreeMap<String, PeerAddrs>,
     pub timing: TimingConfig,
     pub tls: Option<TlsConfig>,
+    /// Credentials and TLS of Meridian's sessions to Postgres (all members).
+    pub pg_client: PgClientConfig,
+    pub shutdown: ShutdownConfig,
+    /// How members prove themselves to each other (see `crate::auth`).
+    pub security: SecurityConfig,
+}
+
+/// What a primary's agent does with its Postgres when it is stopped on purpose (SIGTERM,
+/// `systemctl stop`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnPrimaryStop {
+    /// Hand over first: a switchover to the best healthy standby (bounded by
+    /// `shutdown.switchover_timeout`), then stop Postgres; without a candidate, as `fence`.
+    Switchover,
+    /// Fence Postgres at once and tell the leader, so that a failover follows at once
+    /// where a member is known to hold every acknowledged commit.
+    Fence,
+}
+
+#[derive(Clone, Debug)]
+pub struct ShutdownConfig {
+    pub on_primary_stop: OnPrimaryStop,
+    /// Bound on the hand-over switchover of a stopping primary.
+    pub switchover_timeout: Duration,
+}
+
+/// `[security]`: the cluster secret members sign requests with, or the explicit choice of
+/// running without member authentication.
+#[derive(Clone, Debug, Default)]
+pub struct SecurityConfig {
+    /// At least `auth::MIN_SECRET_BYTES` bytes; the same on every member.
+    pub cluster_secret: Option<Secret>,
+    /// The file it was read from (its permissions are checked at start).
+    pub cluster_secret_file: Option<PathBuf>,
+    /// No member authentication at all (local demos only; `/health` and `list` say so).
+    pub insecure: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -112,12 +149,74 @@ pub struct PostgresConfig {
     /// Directory holding `initdb`, `pg_ctl`, `postgres`, ...; `None` = auto-detect.
     pub bin_dir: Option<PathBuf>,
     pub data_dir: PathBuf,
-    pub listen_addr: IpAddr,
+    /// Where Postgres listens (`listen_addresses`); never empty.
+    pub listen_addr: Vec<ListenAddr>,
     pub port: u16,
+    /// Unix socket directory; the agent's own sessions to its Postgres use it.
+    pub socket_dir: PathBuf,
     /// OS user Postgres runs as when the agent runs as root.
     pub os_user: String,
     pub superuser: String,
     pub password: Option<Secret>,
+    /// `pg_hba.conf` method of Meridian's roles over the unix socket (`peer` by default).
+    pub local_auth_method: String,
+    /// `pg_hba.conf` method of the replication, rewind and monitor roles from the other
+    /// members (`scram-sha-256` by default).
+    pub auth_method: String,
+    /// Where the other members connect from; empty = derived from the address book.
+    pub replication_cidrs: Vec<String>,
+    /// The user's own `pg_hba.conf` lines, validated.
+    pub hba: Vec<String>,
+    /// `max_slot_wal_keep_size`, as Postgres reads it (`"4GB"`, `-1` = unbounded).
+    pub max_slot_wal_keep_size: String,
+    pub replication: RoleConfig,
+    pub rewind: RoleConfig,
+    /// Postgres' own TLS (`ssl = on`); None = off.
+    pub server_ssl: Option<ServerSslConfig>,
+}
+
+/// One address in `postgres.listen_addr`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// `"*"`: every interface.
+    Any,
+    Ip(IpAddr),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Any => f.write_str("*"),
+            ListenAddr::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+/// A role Meridian logs in as, with its password.
+#[derive(Clone, Debug)]
+pub struct RoleConfig {
+    pub user: String,
+    pub password: Option<Secret>,
+}
+
+/// How Meridian's sessions to other members' Postgres authenticate and encrypt; every
+/// member has one (a witness probes the data members too).
+#[derive(Clone, Debug)]
+pub struct PgClientConfig {
+    /// The least-privilege role of probes (`pg_monitor`).
+    pub monitor: RoleConfig,
+    /// `sslmode`; `prefer` (libpq's default) when `[postgres.ssl]` is absent.
+    pub sslmode: crate::pg::SslMode,
+    /// CA bundle for `verify-ca` / `verify-full`.
+    pub sslrootcert: Option<PathBuf>,
+}
+
+/// `[postgres.ssl]`'s server side.
+#[derive(Clone, Debug)]
+pub struct ServerSslConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -128,6 +227,14 @@ pub struct ApiConfig {
     pub http_listen: SocketAddr,
     /// Required by write endpoints and admin commands that change the cluster.
     pub token: Option<Secret>,
+    /// HTTPS for `http_listen` (both set, or neither).
+    pub http_tls: Option<HttpTlsConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpTlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -255,6 +362,35 @@ struct RawConfig {
     #[serde(default)]
     timing: RawTiming,
     tls: Option<RawTls>,
+    #[serde(default)]
+    shutdown: RawShutdown,
+    #[serde(default)]
+    security: RawSecurity,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawShutdown {
+    on_primary_stop: OnPrimaryStop,
+    #[serde(deserialize_with = "duration")]
+    switchover_timeout: Duration,
+}
+
+impl Default for RawShutdown {
+    fn default() -> Self {
+        RawShutdown {
+            on_primary_stop: OnPrimaryStop::Switchover,
+            switchover_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawSecurity {
+    cluster_secret_env: Option<String>,
+    cluster_secret_file: Option<PathBuf>,
+    insecure: bool,
 }
 
 #[derive(Deserialize)]
@@ -275,21 +411,65 @@ struct RawMember {
 #[serde(deny_unknown_fields)]
 struct RawPostgres {
     bin_dir: Option<PathBuf>,
-    data_dir: PathBuf,
-    #[serde(default = "default_listen_addr")]
-    listen_addr: IpAddr,
-    port: u16,
-    #[serde(default = "default_os_user")]
-    os_user: String,
-    #[serde(default = "default_superuser")]
-    superuser: String,
+    data_dir: Option<PathBuf>,
+    listen_addr: Option<OneOrMany>,
+    port: Option<u16>,
+    socket_dir: Option<PathBuf>,
+    os_user: Option<String>,
+    superuser: Option<String>,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
+    local_auth_method: Option<String>,
+    auth_method: Option<String>,
+    replication_cidrs: Option<Vec<String>>,
+    hba: Option<Vec<String>>,
+    max_slot_wal_keep_size: Option<String>,
+    replication: Option<RawRole>,
+    rewind: Option<RawRole>,
+    monitor: Option<RawRole>,
+    ssl: Option<RawPgSsl>,
+}
+
+/// A string or a list of strings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRole {
+    user: Option<String>,
     password_env: Option<String>,
     password_file: Option<PathBuf>,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPgSsl {
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    sslmode: Option<String>,
+    sslrootcert: Option<PathBuf>,
+}
+
+/// Default `postgres.listen_addr`: the loopback address only (a real deployment names
+/// its host's address).
 fn default_listen_addr() -> IpAddr {
     IpAddr::V4(Ipv4Addr::LOCALHOST)
 }
+/// Sub-directory of `state_dir` for Postgres' unix socket when `postgres.socket_dir` is
+/// not set.
+pub const DEFAULT_SOCKET_SUBDIR: &str = "pg-socket";
+pub const DEFAULT_REPLICATION_USER: &str = "replicator";
+pub const DEFAULT_REWIND_USER: &str = "rewinder";
+pub const DEFAULT_MONITOR_USER: &str = "meridian_monitor";
+pub const DEFAULT_MAX_SLOT_WAL_KEEP_SIZE: &str = "4GB";
+/// A unix socket path (`<dir>/.s.PGSQL.<port>`) must fit in `sun_path` (108 bytes).
+const MAX_SOCKET_DIR_LEN: usize = 90;
 fn default_os_user() -> String {
     "postgres".into()
 }
@@ -304,6 +484,8 @@ struct RawApi {
     http_listen: SocketAddr,
     token_env: Option<String>,
     token_file: Option<PathBuf>,
+    http_tls_cert_file: Option<PathBuf>,
+    http_tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -473,45 +655,9 @@ impl RawConfig {
         check_name("member.name", &self.member.name)?;
         check_name("member.region", &self.member.region)?;
 
-        let postgres = match (self.member.kind, self.postgres) {
-            (MemberKind::Data, None) => {
-                return refuse("postgres", "a data member needs a [postgres] section")
-            }
-            (MemberKind::Witness, Some(_)) => {
-                return refuse(
-                    "postgres",
-                    "a witness member manages no Postgres: remove the [postgres] section",
-                )
-            }
-            (MemberKind::Witness, None) => None,
-            (MemberKind::Data, Some(pg)) => {
-                if pg.port == 0 {
-                    return refuse("postgres.port", "must be 1-65535");
-                }
-                if pg.os_user.is_empty() {
-                    return refuse("postgres.os_user", "must not be empty");
-                }
-                if pg.superuser.is_empty() {
-                    return refuse("postgres.superuser", "must not be empty");
-                }
-                let password = load_secret(
-                    base,
-                    "postgres.password_env",
-                    pg.password_env,
-                    "postgres.password_file",
-                    pg.password_file,
-                )?;
-                Some(PostgresConfig {
-                    bin_dir: pg.bin_dir.map(|p| resolve_path(base, p)),
-                    data_dir: resolve_path(base, pg.data_dir),
-                    listen_addr: pg.listen_addr,
-                    port: pg.port,
-                    os_user: pg.os_user,
-                    superuser: pg.superuser,
-                    password,
-                })
-            }
-        };
+        let state_dir = resolve_path(base, self.state_dir);
+        let (postgres, pg_client) =
+            validate_postgres(base, &state_dir, self.member.kind, self.postgres)?;
 
         if self.api.listen.port() == 0 {
             return refuse("api.listen", "needs a fixed port");
@@ -596,6 +742,10 @@ impl RawConfig {
             ("timing.fence_after", t.fence_after),
             ("timing.pg_probe_timeout", t.pg_probe_timeout),
             ("timing.promote_timeout", t.promote_timeout),
+            (
+                "shutdown.switchover_timeout",
+                self.shutdown.switchover_timeout,
+            ),
         ] {
             if d.is_zero() {
                 return refuse(key, "must be greater than 0");
@@ -655,6 +805,37 @@ impl RawConfig {
             );
         }
 
+        let http_tls = match (self.api.http_tls_cert_file, self.api.http_tls_key_file) {
+            (None, None) => None,
+            (Some(_), None) => {
+                return refuse(
+                    "api.http_tls_key_file",
+                    "http_tls_cert_file needs a key file too",
+                )
+            }
+            (None, Some(_)) => {
+                return refuse(
+                    "api.http_tls_cert_file",
+                    "http_tls_key_file needs a certificate file too",
+                )
+            }
+            (Some(c), Some(k)) => {
+                let t = HttpTlsConfig {
+                    cert_file: resolve_path(base, c),
+                    key_file: resolve_path(base, k),
+                };
+                for (key, p) in [
+                    ("api.http_tls_cert_file", &t.cert_file),
+                    ("api.http_tls_key_file", &t.key_file),
+                ] {
+                    if !p.is_file() {
+                        return refuse(key, format!("{} does not exist", p.display()));
+                    }
+                }
+                Some(t)
+            }
+        };
+
         let tls = self.tls.map(|t| TlsConfig {
             ca_file: resolve_path(base, t.ca_file),
             cert_file: resolve_path(base, t.cert_file),
@@ -672,6 +853,50 @@ impl RawConfig {
             }
         }
 
+        let sec = self.security;
+        let cluster_secret = load_secret(
+            base,
+            "security.cluster_secret_env",
+            sec.cluster_secret_env.clone(),
+            "security.cluster_secret_file",
+            sec.cluster_secret_file.clone(),
+        )?;
+        let cluster_secret_file = sec.cluster_secret_file.map(|p| resolve_path(base, p));
+        if let Some(secret) = &cluster_secret {
+            if let Err(reason) = crate::auth::ClusterKey::new(secret.expose().as_bytes()) {
+                let key = if sec.cluster_secret_env.is_some() {
+                    "security.cluster_secret_env"
+                } else {
+                    "security.cluster_secret_file"
+                };
+                return refuse(key, reason);
+            }
+        }
+        if sec.insecure && (cluster_secret.is_some() || tls.is_some()) {
+            return refuse(
+                "security.insecure",
+                "insecure = true is only for a cluster with neither a cluster secret nor [tls]; remove it",
+            );
+        }
+        if !sec.insecure && cluster_secret.is_none() && tls.is_none() {
+            return refuse(
+                "security",
+                "no member authentication is configured: anyone who can reach api.listen could \
+                 send Raft, lease and admin RPCs. Set [security] cluster_secret_file (or \
+                 cluster_secret_env) to a file holding at least 32 random bytes, or configure \
+                 [tls]; for a local demo only, [security] insecure = true",
+            );
+        }
+        let security = SecurityConfig {
+            cluster_secret,
+            cluster_secret_file: if sec.cluster_secret_env.is_some() {
+                None
+            } else {
+                cluster_secret_file
+            },
+            insecure: sec.insecure,
+        };
+
         Ok(Config {
             source: PathBuf::new(),
             cluster: self.cluster,
@@ -683,12 +908,13 @@ impl RawConfig {
                 nofailover: self.member.nofailover,
                 noloadbalance: self.member.noloadbalance,
             },
-            state_dir: resolve_path(base, self.state_dir),
+            state_dir,
             postgres,
             api: ApiConfig {
                 listen: self.api.listen,
                 http_listen: self.api.http_listen,
                 token,
+                http_tls,
             },
             raft: RaftConfig {
                 bootstrap: raft.bootstrap,
@@ -707,8 +933,436 @@ impl RawConfig {
                 promote_timeout: t.promote_timeout,
             },
             tls,
+            shutdown: ShutdownConfig {
+                on_primary_stop: self.shutdown.on_primary_stop,
+                switchover_timeout: self.shutdown.switchover_timeout,
+            },
+            pg_client,
+            security,
         })
     }
+}
+
+fn load_role(
+    base: &Path,
+    key: &str,
+    raw: Option<RawRole>,
+    default_user: &str,
+) -> Result<RoleConfig, Refusal> {
+    let raw = raw.unwrap_or_default();
+    let user = raw.user.unwrap_or_else(|| default_user.to_string());
+    check_role_name(&format!("{key}.user"), &user)?;
+    let password = load_secret(
+        base,
+        &format!("{key}.password_env"),
+        raw.password_env,
+        &format!("{key}.password_file"),
+        raw.password_file,
+    )?;
+    Ok(RoleConfig { user, password })
+}
+
+/// A Postgres role name Meridian may create and quote everywhere without surprises.
+fn check_role_name(key: &str, value: &str) -> Result<(), Refusal> {
+    if value.is_empty() || value.len() > 63 {
+        return refuse(key, format!("{value:?} must be 1-63 characters"));
+    }
+    let first_ok = value
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    if !first_ok
+        || !value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        return refuse(
+            key,
+            format!("{value:?} may only hold lowercase letters, digits and '_', not starting with a digit"),
+        );
+    }
+    Ok(())
+}
+
+/// Postgres' size syntax for `max_slot_wal_keep_size`: `-1` or a number with kB, MB, GB
+/// or TB.
+fn check_size(key: &str, value: &str) -> Result<(), Refusal> {
+    if value == "-1" {
+        return Ok(());
+    }
+    let digits = value.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &value[digits.len()..];
+    if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
+        return refuse(key, format!("{value:?} is not a size like \"4GB\" or -1"));
+    }
+    if !matches!(unit, "kB" | "MB" | "GB" | "TB") {
+        return refuse(
+            key,
+            format!("{value:?}: the unit must be kB, MB, GB or TB (or -1 for unbounded)"),
+        );
+    }
+    Ok(())
+}
+
+const AUTH_METHODS: &[&str] = &["scram-sha-256", "md5", "trust", "cert"];
+const LOCAL_AUTH_METHODS: &[&str] = &["peer", "scram-sha-256", "md5", "trust"];
+
+/// The `[postgres]` section: its full form on a data member, only `monitor` and `ssl`'s
+/// client keys on a witness.
+fn validate_postgres(
+    base: &Path,
+    state_dir: &Path,
+    kind: MemberKind,
+    raw: Option<RawPostgres>,
+) -> Result<(Option<PostgresConfig>, PgClientConfig), Refusal> {
+    use crate::pg::SslMode;
+    let pg = match (kind, raw) {
+        (MemberKind::Data, None) => {
+            return refuse("postgres", "a data member needs a [postgres] section")
+        }
+        (MemberKind::Witness, None) => {
+            return Ok((
+                None,
+                PgClientConfig {
+                    monitor: RoleConfig {
+                        user: DEFAULT_MONITOR_USER.into(),
+                        password: None,
+                    },
+                    sslmode: SslMode::Prefer,
+                    sslrootcert: None,
+                },
+            ))
+        }
+        (_, Some(pg)) => pg,
+    };
+    let ssl = pg.ssl.unwrap_or_default();
+    let has_ssl_section = ssl.cert_file.is_some()
+        || ssl.key_file.is_some()
+        || ssl.ca_file.is_some()
+        || ssl.sslmode.is_some()
+        || ssl.sslrootcert.is_some();
+    let ca_file = ssl.ca_file.map(|p| resolve_path(base, p));
+    let sslrootcert = ssl
+        .sslrootcert
+        .map(|p| resolve_path(base, p))
+        .or_else(|| ca_file.clone());
+    let sslmode = match ssl.sslmode.as_deref() {
+        Some(m) => SslMode::parse(m).ok_or_else(|| Refusal {
+            key: "postgres.ssl.sslmode".into(),
+            reason: format!("{m:?} is not one of disable, prefer, require, verify-ca, verify-full"),
+        })?,
+        None if !has_ssl_section => SslMode::Prefer,
+        None if sslrootcert.is_some() => SslMode::VerifyFull,
+        None => SslMode::Require,
+    };
+    if matches!(sslmode, SslMode::VerifyCa | SslMode::VerifyFull) && sslrootcert.is_none() {
+        return refuse(
+            "postgres.ssl.sslrootcert",
+            format!(
+                "sslmode {} needs the CA that signed the servers' certificates (sslrootcert or ca_file)",
+                sslmode.as_str()
+            ),
+        );
+    }
+    for (key, p) in [
+        ("postgres.ssl.sslrootcert", &sslrootcert),
+        ("postgres.ssl.ca_file", &ca_file),
+    ] {
+        if let Some(p) = p {
+            if !p.is_file() {
+                return refuse(key, format!("{} does not exist", p.display()));
+            }
+        }
+    }
+    let monitor = load_role(base, "postgres.monitor", pg.monitor, DEFAULT_MONITOR_USER)?;
+    let client = PgClientConfig {
+        monitor,
+        sslmode,
+        sslrootcert,
+    };
+    if kind == MemberKind::Witness {
+        let data_keys = pg.bin_dir.is_some()
+            || pg.data_dir.is_some()
+            || pg.listen_addr.is_some()
+            || pg.port.is_some()
+            || pg.socket_dir.is_some()
+            || pg.os_user.is_some()
+            || pg.superuser.is_some()
+            || pg.password_env.is_some()
+            || pg.password_file.is_some()
+            || pg.local_auth_method.is_some()
+            || pg.auth_method.is_some()
+            || pg.replication_cidrs.is_some()
+            || pg.hba.is_some()
+            || pg.max_slot_wal_keep_size.is_some()
+            || pg.replication.is_some()
+            || pg.rewind.is_some()
+            || ssl.cert_file.is_some()
+            || ssl.key_file.is_some();
+        if data_keys {
+            return refuse(
+                "postgres",
+                "a witness member manages no Postgres: only [postgres.monitor] and the client keys of [postgres.ssl] (sslmode, sslrootcert, ca_file) may be set",
+            );
+        }
+        return Ok((None, client));
+    }
+
+    let Some(data_dir) = pg.data_dir else {
+        return refuse("postgres", "missing field `data_dir`");
+    };
+    let Some(port) = pg.port else {
+        return refuse("postgres", "missing field `port`");
+    };
+    if port == 0 {
+        return refuse("postgres.port", "must be 1-65535");
+    }
+    let os_user = pg.os_user.unwrap_or_else(default_os_user);
+    if os_user.is_empty() {
+        return refuse("postgres.os_user", "must not be empty");
+    }
+    let superuser = pg.superuser.unwrap_or_else(default_superuser);
+    if superuser.is_empty() {
+        return refuse("postgres.superuser", "must not be empty");
+    }
+    let password = load_secret(
+        base,
+        "postgres.password_env",
+        pg.password_env,
+        "postgres.password_file",
+        pg.password_file,
+    )?;
+    let listen_strings = match pg.listen_addr {
+        None => vec![default_listen_addr().to_string()],
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) => v,
+    };
+    if listen_strings.is_empty() {
+        return refuse("postgres.listen_addr", "lists no address");
+    }
+    let mut listen_addr = Vec::new();
+    for (i, a) in listen_strings.iter().enumerate() {
+        let key = if listen_strings.len() == 1 {
+            "postgres.listen_addr".to_string()
+        } else {
+            format!("postgres.listen_addr[{i}]")
+        };
+        let parsed = if a == "*" {
+            ListenAddr::Any
+        } else {
+            match a.parse::<IpAddr>() {
+                Ok(ip) => ListenAddr::Ip(ip),
+                Err(_) => {
+                    return refuse(&key, format!("{a:?} is not an IP address or \"*\""));
+                }
+            }
+        };
+        if listen_addr.contains(&parsed) {
+            return refuse(&key, format!("{a:?} is listed twice"));
+        }
+        listen_addr.push(parsed);
+    }
+    if listen_addr.len() > 1 && listen_addr.contains(&ListenAddr::Any) {
+        return refuse(
+            "postgres.listen_addr",
+            "\"*\" already means every address: list it alone",
+        );
+    }
+    let socket_dir = match pg.socket_dir {
+        Some(p) => resolve_path(base, p),
+        None => state_dir.join(DEFAULT_SOCKET_SUBDIR),
+    };
+    if socket_dir.as_os_str().len() > MAX_SOCKET_DIR_LEN {
+        return refuse(
+            "postgres.socket_dir",
+            format!(
+                "{} is longer than {MAX_SOCKET_DIR_LEN} bytes: the socket path would not fit a unix socket address; set a shorter postgres.socket_dir",
+                socket_dir.display()
+            ),
+        );
+    }
+    let local_auth_method = pg.local_auth_method.unwrap_or_else(|| "peer".into());
+    if !LOCAL_AUTH_METHODS.contains(&local_auth_method.as_str()) {
+        return refuse(
+            "postgres.local_auth_method",
+            format!(
+                "{local_auth_method:?} is not one of {}",
+                LOCAL_AUTH_METHODS.join(", ")
+            ),
+        );
+    }
+    let auth_method = pg.auth_method.unwrap_or_else(|| "scram-sha-256".into());
+    if !AUTH_METHODS.contains(&auth_method.as_str()) {
+        return refuse(
+            "postgres.auth_method",
+            format!("{auth_method:?} is not one of {}", AUTH_METHODS.join(", ")),
+        );
+    }
+    let mut replication_cidrs = Vec::new();
+    for (i, c) in pg
+        .replication_cidrs
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        if crate::pg::parse_cidr(&c).is_none() {
+            return refuse(
+                &format!("postgres.replication_cidrs[{i}]"),
+                format!("{c:?} is not a CIDR like \"10.0.0.0/24\""),
+            );
+        }
+        replication_cidrs.push(c);
+    }
+    let hba = pg.hba.unwrap_or_default();
+    for (i, line) in hba.iter().enumerate() {
+        if let Err(why) = crate::pg::validate_hba_line(line) {
+            return refuse(&format!("postgres.hba[{i}]"), format!("{line:?} {why}"));
+        }
+    }
+    let max_slot_wal_keep_size = pg
+        .max_slot_wal_keep_size
+        .unwrap_or_else(|| DEFAULT_MAX_SLOT_WAL_KEEP_SIZE.into());
+    check_size("postgres.max_slot_wal_keep_size", &max_slot_wal_keep_size)?;
+    let replication = load_role(
+        base,
+        "postgres.replication",
+        pg.replication,
+        DEFAULT_REPLICATION_USER,
+    )?;
+    let rewind = load_role(base, "postgres.rewind", pg.rewind, DEFAULT_REWIND_USER)?;
+    let names = [
+        ("postgres.replication.user", &replication.user),
+        ("postgres.rewind.user", &rewind.user),
+        ("postgres.monitor.user", &client.monitor.user),
+    ];
+    for (key, name) in names {
+        if **name == superuser {
+            return refuse(
+                key,
+                format!("{name:?} is the superuser: Meridian's roles must each be less than that"),
+            );
+        }
+    }
+    if replication.user == rewind.user || replication.user == client.monitor.user {
+        return refuse(
+            "postgres.replication.user",
+            "must differ from the rewind and monitor roles",
+        );
+    }
+    if rewind.user == client.monitor.user {
+        return refuse("postgres.rewind.user", "must differ from the monitor role");
+    }
+    if auth_method != "trust" && auth_method != "cert" {
+        for (key, role) in [
+            ("postgres.replication", &replication),
+            ("postgres.rewind", &rewind),
+            ("postgres.monitor", &client.monitor),
+        ] {
+            if role.password.is_none() {
+                return refuse(
+                    key,
+                    format!(
+                        "needs password_file or password_env: the other members log in as {} with {auth_method}",
+                        role.user
+                    ),
+                );
+            }
+        }
+    }
+    if local_auth_method != "peer" && local_auth_method != "trust" && password.is_none() {
+        return refuse(
+            "postgres.local_auth_method",
+            format!("{local_auth_method} over the unix socket needs the superuser's password (postgres.password_file or password_env)"),
+        );
+    }
+    let server_ssl = match (ssl.cert_file, ssl.key_file) {
+        (Some(c), Some(k)) => {
+            let cert_file = resolve_path(base, c);
+            let key_file = resolve_path(base, k);
+            for (key, p) in [
+                ("postgres.ssl.cert_file", &cert_file),
+                ("postgres.ssl.key_file", &key_file),
+            ] {
+                if !p.is_file() {
+                    return refuse(key, format!("{} does not exist", p.display()));
+                }
+            }
+            Some(ServerSslConfig {
+                cert_file,
+                key_file,
+                ca_file: ca_file.clone(),
+            })
+        }
+        (None, None) if has_ssl_section => {
+            return refuse(
+                "postgres.ssl.cert_file",
+                "a data member's [postgres.ssl] needs cert_file and key_file: its Postgres serves TLS to the other members",
+            )
+        }
+        (None, None) => None,
+        (Some(_), None) => return refuse("postgres.ssl.key_file", "cert_file needs key_file"),
+        (None, Some(_)) => return refuse("postgres.ssl.cert_file", "key_file needs cert_file"),
+    };
+    Ok((
+        Some(PostgresConfig {
+            bin_dir: pg.bin_dir.map(|p| resolve_path(base, p)),
+            data_dir: resolve_path(base, data_dir),
+            listen_addr,
+            port,
+            socket_dir,
+            os_user,
+            superuser,
+            password,
+            local_auth_method,
+            auth_method,
+            replication_cidrs,
+            hba,
+            max_slot_wal_keep_size,
+            replication,
+            rewind,
+            server_ssl,
+        }),
+        client,
+    ))
+}
+
+/// Fails unless every address this member listens on belongs to this host: each one is
+/// bound once with port 0 and released. `"*"` and the unspecified addresses always pass.
+pub fn check_local_addresses(config: &Config) -> Result<(), ConfigError> {
+    let mut checks: Vec<(String, IpAddr)> = vec![
+        ("api.listen".into(), config.api.listen.ip()),
+        ("api.http_listen".into(), config.api.http_listen.ip()),
+    ];
+    if let Some(pg) = &config.postgres {
+        for (i, a) in pg.listen_addr.iter().enumerate() {
+            if let ListenAddr::Ip(ip) = a {
+                let key = if pg.listen_addr.len() == 1 {
+                    "postgres.listen_addr".to_string()
+                } else {
+                    format!("postgres.listen_addr[{i}]")
+                };
+                checks.push((key, *ip));
+            }
+        }
+    }
+    for (key, ip) in checks {
+        if ip.is_unspecified() {
+            continue;
+        }
+        if let Err(e) = std::net::TcpListener::bind(SocketAddr::new(ip, 0)) {
+            let why = if e.kind() == std::io::ErrorKind::AddrNotAvailable {
+                "is not an address of this host".to_string()
+            } else {
+                format!("cannot be bound on this host: {e}")
+            };
+            return Err(ConfigError::Invalid {
+                path: config.source.clone(),
+                key,
+                reason: format!("{ip} {why}"),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn fmt_dur(d: Duration) -> String {
@@ -733,12 +1387,23 @@ priority = 10
 data_dir = "/var/lib/meridian/east-1/pgdata"
 port = 5432
 
+# Any set, non-empty variable stands in for a secret here.
+[postgres.replication]
+password_env = "PATH"
+[postgres.rewind]
+password_env = "PATH"
+[postgres.monitor]
+password_env = "PATH"
+
 [api]
 listen = "127.0.0.1:7001"
 http_listen = "127.0.0.1:8008"
 
 [raft]
 bootstrap = true
+
+[security]
+insecure = true
 
 [peers.east-1]
 api = "127.0.0.1:7001"
@@ -778,8 +1443,187 @@ postgres = "127.0.0.1:5434"
         assert_eq!(c.timing.lease_ttl, Duration::from_secs(2));
         let pg = c.postgres.unwrap();
         assert_eq!(pg.os_user, "postgres");
-        assert_eq!(pg.listen_addr, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!(
+            pg.listen_addr,
+            vec![ListenAddr::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST))]
+        );
+        assert_eq!(
+            pg.socket_dir,
+            Path::new("/var/lib/meridian/east-1/pg-socket")
+        );
+        assert_eq!(pg.local_auth_method, "peer");
+        assert_eq!(pg.auth_method, "scram-sha-256");
+        assert_eq!(pg.max_slot_wal_keep_size, "4GB");
+        assert_eq!(pg.replication.user, "replicator");
+        assert_eq!(pg.rewind.user, "rewinder");
+        assert_eq!(c.pg_client.monitor.user, "meridian_monitor");
+        assert_eq!(c.pg_client.sslmode, crate::pg::SslMode::Prefer);
+        assert!(pg.server_ssl.is_none());
         assert_eq!(c.peers.len(), 2);
+    }
+
+    fn with_pg(extra: &str) -> String {
+        GOOD.replace("port = 5432\n", &format!("port = 5432\n{extra}\n"))
+    }
+
+    #[test]
+    fn listen_addr_takes_one_many_or_any() {
+        let c = load(&with_pg("listen_addr = [\"10.0.0.1\", \"::1\"]")).unwrap();
+        let pg = c.postgres.unwrap();
+        assert_eq!(
+            pg.listen_addr,
+            vec![
+                ListenAddr::Ip("10.0.0.1".parse().unwrap()),
+                ListenAddr::Ip("::1".parse().unwrap())
+            ]
+        );
+        let c = load(&with_pg("listen_addr = \"*\"")).unwrap();
+        assert_eq!(c.postgres.unwrap().listen_addr, vec![ListenAddr::Any]);
+        expect_invalid(
+            &with_pg("listen_addr = [\"10.0.0.1\", \"db-host\"]"),
+            "postgres.listen_addr[1]",
+            "\"db-host\" is not an IP address",
+        );
+        expect_invalid(
+            &with_pg("listen_addr = [\"*\", \"10.0.0.1\"]"),
+            "postgres.listen_addr",
+            "list it alone",
+        );
+    }
+
+    #[test]
+    fn addresses_not_on_this_host_are_named() {
+        // 192.0.2.0/24 is TEST-NET-1: never an address of this machine.
+        let c = load(&with_pg("listen_addr = [\"127.0.0.1\", \"192.0.2.1\"]")).unwrap();
+        match check_local_addresses(&c) {
+            Err(ConfigError::Invalid { key, reason, .. }) => {
+                assert_eq!(key, "postgres.listen_addr[1]");
+                assert!(
+                    reason.contains("192.0.2.1 is not an address of this host"),
+                    "{reason}"
+                );
+            }
+            other => panic!("unexpected: {other:?}"),
+        }
+        let c = load(&GOOD.replace("listen = \"127.0.0.1:7001\"", "listen = \"192.0.2.1:7001\""))
+            .unwrap();
+        match check_local_addresses(&c) {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "api.listen"),
+            other => panic!("unexpected: {other:?}"),
+        }
+        check_local_addresses(&load(GOOD).unwrap()).unwrap();
+        check_local_addresses(&load(&with_pg("listen_addr = \"*\"")).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn hba_lines_and_cidrs_are_validated() {
+        let c = load(&with_pg(
+            "hba = [\"host all app 10.0.0.0/8 scram-sha-256\"]\nreplication_cidrs = [\"10.1.0.0/16\"]",
+        ))
+        .unwrap();
+        let pg = c.postgres.unwrap();
+        assert_eq!(pg.hba, vec!["host all app 10.0.0.0/8 scram-sha-256"]);
+        assert_eq!(pg.replication_cidrs, vec!["10.1.0.0/16"]);
+        expect_invalid(
+            &with_pg("hba = [\"host all app 10.0.0.0/8 scram-sha-256\", \"host all app 10.0.0.0/8 sram\"]"),
+            "postgres.hba[1]",
+            "method \"sram\"",
+        );
+        expect_invalid(
+            &with_pg("replication_cidrs = [\"10.1.0.0\"]"),
+            "postgres.replication_cidrs[0]",
+            "not a CIDR",
+        );
+    }
+
+    #[test]
+    fn wal_keep_size_is_a_postgres_size() {
+        let c = load(&with_pg("max_slot_wal_keep_size = \"512MB\"")).unwrap();
+        assert_eq!(c.postgres.unwrap().max_slot_wal_keep_size, "512MB");
+        load(&with_pg("max_slot_wal_keep_size = \"-1\"")).unwrap();
+        expect_invalid(
+            &with_pg("max_slot_wal_keep_size = \"4 GB\""),
+            "postgres.max_slot_wal_keep_size",
+            "not a size",
+        );
+        expect_invalid(
+            &with_pg("max_slot_wal_keep_size = \"4gb\""),
+            "postgres.max_slot_wal_keep_size",
+            "unit must be",
+        );
+    }
+
+    #[test]
+    fn roles_need_passwords_unless_trust_is_asked_for() {
+        let text = GOOD.replace(
+            "[postgres.rewind]\npassword_env = \"PATH\"\n",
+            "[postgres.rewind]\nuser = \"pg_rewinder\"\n",
+        );
+        expect_invalid(
+            &text,
+            "postgres.rewind",
+            "needs password_file or password_env",
+        );
+        let c =
+            load(&text.replace("port = 5432\n", "port = 5432\nauth_method = \"trust\"\n")).unwrap();
+        assert_eq!(c.postgres.unwrap().rewind.user, "pg_rewinder");
+        expect_invalid(
+            &GOOD.replace(
+                "[postgres.monitor]\n",
+                "[postgres.monitor]\nuser = \"postgres\"\n",
+            ),
+            "postgres.monitor.user",
+            "is the superuser",
+        );
+        expect_invalid(
+            &GOOD.replace(
+                "[postgres.monitor]\n",
+                "[postgres.monitor]\nuser = \"Bad-Name\"\n",
+            ),
+            "postgres.monitor.user",
+            "lowercase",
+        );
+    }
+
+    #[test]
+    fn ssl_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "server.pem", "server.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let text = format!(
+            "{GOOD}\n[postgres.ssl]\ncert_file = \"server.pem\"\nkey_file = \"server.key\"\nca_file = \"ca.pem\"\n"
+        )
+        .replace("[api]", "[api]");
+        // [postgres.ssl] after [peers] is still the postgres table in TOML.
+        let c = Config::from_toml(&dir.path().join("m.toml"), &text).unwrap();
+        assert_eq!(c.pg_client.sslmode, crate::pg::SslMode::VerifyFull);
+        assert_eq!(c.pg_client.sslrootcert, Some(dir.path().join("ca.pem")));
+        let ssl = c.postgres.unwrap().server_ssl.unwrap();
+        assert_eq!(ssl.key_file, dir.path().join("server.key"));
+        let no_key = text.replace("key_file = \"server.key\"\n", "");
+        match Config::from_toml(&dir.path().join("m.toml"), &no_key) {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "postgres.ssl.key_file"),
+            other => panic!("unexpected: {other:?}"),
+        }
+        let bad_mode = format!("{GOOD}\n[postgres.ssl]\nsslmode = \"verify-full\"\n");
+        expect_invalid(&bad_mode, "postgres.ssl.sslrootcert", "needs the CA");
+    }
+
+    #[test]
+    fn witness_may_carry_monitor_credentials() {
+        let start = GOOD.find("[postgres]").unwrap();
+        let end = GOOD.find("[api]").unwrap();
+        let witness = format!(
+            "{}[postgres.monitor]\nuser = \"probe\"\npassword_env = \"PATH\"\n\n{}",
+            &GOOD[..start],
+            &GOOD[end..]
+        )
+        .replace("kind = \"data\"", "kind = \"witness\"");
+        let c = load(&witness).unwrap();
+        assert!(c.postgres.is_none());
+        assert_eq!(c.pg_client.monitor.user, "probe");
+        assert!(c.pg_client.monitor.password.is_some());
     }
 
     #[test]
@@ -904,8 +1748,85 @@ postgres = "127.0.0.1:5434"
         }
     }
 
+    /// GOOD with its `[security]` table replaced by `security` (TOML lines).
+    fn with_security(security: &str) -> String {
+        GOOD.replace("[security]\ninsecure = true\n", security)
+    }
+
+    #[test]
+    fn member_authentication_is_required() {
+        expect_invalid(
+            &with_security(""),
+            "security",
+            "[security] cluster_secret_file",
+        );
+        expect_invalid(
+            &with_security("[security]\ninsecure = false\n"),
+            "security",
+            "insecure = true",
+        );
+    }
+
+    #[test]
+    fn cluster_secret_is_loaded_checked_and_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = "0123456789abcdef0123456789abcdef\n";
+        std::fs::write(dir.path().join("secret"), good).unwrap();
+        std::fs::write(dir.path().join("short"), "0123456789\n").unwrap();
+        let path = dir.path().join("m.toml");
+        let text = with_security("[security]\ncluster_secret_file = \"secret\"\n");
+        let c = Config::from_toml(&path, &text).unwrap();
+        let s = c.security.cluster_secret.as_ref().unwrap();
+        assert_eq!(s.expose(), good.trim_end());
+        assert_eq!(
+            c.security.cluster_secret_file,
+            Some(dir.path().join("secret"))
+        );
+        assert!(!c.security.insecure);
+        assert!(!format!("{c:?}").contains("0123456789abcdef"));
+
+        let text = with_security("[security]\ncluster_secret_file = \"short\"\n");
+        match Config::from_toml(&path, &text) {
+            Err(ConfigError::Invalid { key, reason, .. }) => {
+                assert_eq!(key, "security.cluster_secret_file");
+                assert!(reason.contains("at least 32"), "{reason}");
+            }
+            other => panic!("a short secret was accepted: {other:?}"),
+        }
+        let text = with_security("[security]\ncluster_secret_file = \"secret\"\ninsecure = true\n");
+        match Config::from_toml(&path, &text) {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "security.insecure"),
+            other => panic!("insecure with a secret was accepted: {other:?}"),
+        }
+        expect_invalid(
+            &with_security("[security]\ncluster_secret_env = \"MERIDIAN_TEST_SURELY_UNSET_VAR\"\n"),
+            "security.cluster_secret_env",
+            "is not set",
+        );
+    }
+
+    #[test]
+    fn http_tls_needs_both_files() {
+        let text = GOOD.replace(
+            "http_listen = \"127.0.0.1:8008\"\n",
+            "http_listen = \"127.0.0.1:8008\"\nhttp_tls_cert_file = \"/nonexistent/c.pem\"\n",
+        );
+        expect_invalid(&text, "api.http_tls_key_file", "needs a key file");
+        let text = GOOD.replace(
+            "http_listen = \"127.0.0.1:8008\"\n",
+            "http_listen = \"127.0.0.1:8008\"\nhttp_tls_cert_file = \"/nonexistent/c.pem\"\nhttp_tls_key_file = \"/nonexistent/k.pem\"\n",
+        );
+        expect_invalid(&text, "api.http_tls_cert_file", "does not exist");
+    }
+
     #[test]
     fn example_configs_are_valid() {
+        // The examples read the cluster secret and the admin token from the environment.
+        std::env::set_var(
+            "MERIDIAN_CLUSTER_SECRET",
+            "an-example-secret-of-at-least-32-bytes!",
+        );
+        std::env::set_var("MERIDIAN_TOKEN", "an-example-token");
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
         let mut n = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {

@@ -16,7 +16,11 @@
 //! Write endpoints (`POST /switchover`, `/failover`, `/pause`, `/resume`) need
 //! `Authorization: Bearer <api token>` and are thin wrappers over the admin commands
 //! ([`WriteRequest`], carried out by the runtime's [`WriteFn`]); without a configured
-//! token they are refused.
+//! token they are refused. The bearer scheme name is matched case-insensitively and the
+//! token compared in constant time. Health endpoints stay open, and say `"insecure": true`
+//! when the member runs without member authentication (`[security] insecure = true`).
+//! Served over HTTPS when `[api] http_tls_cert_file` / `http_tls_key_file` are set (see
+//! [`serve`]).
 
 use std::sync::Arc;
 
@@ -107,6 +111,8 @@ pub struct HttpState {
     pub writes: Option<WriteFn>,
     /// The API token write requests must present.
     pub token: Option<String>,
+    /// `[security] insecure = true` (reported in the health bodies).
+    pub insecure: bool,
 }
 
 /// A write the HTTP API accepts.
@@ -139,7 +145,7 @@ pub type WriteFn = Arc<
 pub fn router(state: HttpState) -> Router {
     let check = |f: fn(&NodeHealth, &CheckQuery) -> bool| {
         let h = move |State(s): State<HttpState>, Query(q): Query<CheckQuery>| async move {
-            respond(&s.health.borrow().clone(), &q, f)
+            respond(&s.health.borrow().clone(), &q, f, s.insecure)
         };
         get(h).options(h)
     };
@@ -232,13 +238,20 @@ pub fn parse_lag_bytes(s: &str) -> Option<u64> {
     n.checked_mul(mult)
 }
 
-fn respond(h: &NodeHealth, q: &CheckQuery, f: fn(&NodeHealth, &CheckQuery) -> bool) -> Response {
+fn respond(
+    h: &NodeHealth,
+    q: &CheckQuery,
+    f: fn(&NodeHealth, &CheckQuery) -> bool,
+    insecure: bool,
+) -> Response {
     let code = if f(h, q) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, Json(patroni_body(h))).into_response()
+    let mut body = patroni_body(h);
+    body["insecure"] = serde_json::Value::Bool(insecure);
+    (code, Json(body)).into_response()
 }
 
 /// The body Patroni returns from its health endpoints (the fields HAProxy users and
@@ -294,8 +307,8 @@ fn authorized(s: &HttpState, headers: &axum::http::HeaderMap) -> Result<(), Writ
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given != Some(token.as_str()) {
+        .and_then(crate::auth::bearer_token);
+    if !given.is_some_and(|g| crate::auth::token_matches(token, g)) {
         return Err((
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token".into(),
@@ -411,6 +424,68 @@ async fn metrics(State(s): State<HttpState>) -> Response {
     }
 }
 
+/// Serves `app` on `listener` until `stop` turns true: plain HTTP, or HTTPS with `tls`
+/// (see [`https_config`]).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: Option<rustls::ServerConfig>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use crate::agent::limits;
+    use anyhow::Context;
+    let Some(tls) = tls else {
+        axum::serve(limits::http_listener(listener), app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await?;
+        return Ok(());
+    };
+    let config = tls;
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        let _ = stop.wait_for(|s| *s).await;
+        stopper.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
+    });
+    let listener = listener
+        .into_std()
+        .context("taking over the HTTP listener")?;
+    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(
+        axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(config)),
+    )
+    .acceptor(limits::https_limit());
+    axum_server::from_tcp(listener)
+        .acceptor(acceptor)
+        .handle(handle)
+        .serve(app.into_make_service())
+        .await
+        .context("serving HTTPS")
+}
+
+/// The rustls server configuration of the HTTPS endpoint (ring provider, no client auth).
+pub fn https_config(tls: &crate::config::HttpTlsConfig) -> anyhow::Result<rustls::ServerConfig> {
+    use anyhow::Context;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&tls.cert_file)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", tls.cert_file.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key_file)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", tls.key_file.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("the HTTP TLS certificate and key do not form a valid pair")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,6 +583,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             writes: None,
             token: None,
+            insecure: false,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -541,5 +617,105 @@ mod tests {
         assert!(m.starts_with("HTTP/1.1 200"), "{m}");
         assert!(m.contains("meridian_generation"), "{m}");
         server.abort();
+    }
+
+    /// With a certificate and key, the endpoints answer over HTTPS only; the health body
+    /// says whether the member runs insecure; writes need the token, bearer in any case.
+    #[tokio::test]
+    async fn https_serves_health_and_checks_the_write_token() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let tls = crate::config::HttpTlsConfig {
+            cert_file: dir.path().join("http.pem"),
+            key_file: dir.path().join("http.key"),
+        };
+        std::fs::write(&tls.cert_file, ck.cert.pem()).unwrap();
+        std::fs::write(&tls.key_file, ck.signing_key.serialize_pem()).unwrap();
+        let (_tx, rx) = watch::channel(primary());
+        let writes: WriteFn = Arc::new(|_| Box::pin(async { Ok(serde_json::json!({"ok": true})) }));
+        let app = router(HttpState {
+            health: rx,
+            metrics: Arc::new(Metrics::new()),
+            writes: Some(writes),
+            token: Some("tok".into()),
+            insecure: true,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let server = tokio::spawn(serve(
+            listener,
+            app,
+            Some(https_config(&tls).unwrap()),
+            stop_rx,
+        ));
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ck.cert.der().clone()).unwrap();
+        let client = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        );
+        let request = |req: String| {
+            let client = client.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+                let mut s = tokio_rustls::TlsConnector::from(client)
+                    .connect(name, tcp)
+                    .await
+                    .unwrap();
+                s.write_all(req.as_bytes()).await.unwrap();
+                let mut out = String::new();
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    s.read_to_string(&mut out),
+                )
+                .await
+                .unwrap();
+                out
+            }
+        };
+        let get = |path: &str| {
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        };
+        let post = |auth: &str| {
+            format!(
+                "POST /pause HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+        };
+        let health = request(get("/health")).await;
+        assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+        assert!(health.contains("\"insecure\":true"), "{health}");
+        let r = request(post("")).await;
+        assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+        let r = request(post("Authorization: Bearer wrong\r\n")).await;
+        assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+        let r = request(post("Authorization: bEaReR tok\r\n")).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+
+        // Plain HTTP on the HTTPS port gets no HTTP answer.
+        let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+        plain.write_all(get("/health").as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            plain.read_to_end(&mut out),
+        )
+        .await;
+        assert!(!String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+
+        stop_tx.send_replace(true);
+        tokio::time::timeout(std::time::Duration::from_secs(10), server)
+            .await
+            .expect("the HTTPS server stops")
+            .unwrap()
+            .unwrap();
     }
 }

@@ -2,11 +2,15 @@
 //! tests and the chaos harness.
 
 pub mod agent;
+pub mod auth;
 pub mod config;
 pub mod decide;
+#[doc(hidden)]
+pub mod fixtures;
 pub mod http;
 pub mod metrics;
 pub mod pg;
 pub mod policy;
+pub mod precheck;
 pub mod raft;
 pub mod types;

@@ -36,6 +36,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // An address that is not on this host is a config error too (the watchdog shares the
+    // agent's host and config, and binds nothing).
+    if args.watchdog_of.is_none() {
+        if let Err(e) = meridian_node::config::check_local_addresses(&config) {
+            eprintln!("meridian-node: {e}");
+            return ExitCode::from(2);
+        }
+    }
     if args.check {
         println!(
             "config {} is valid: member {} ({}, region {}) of cluster {}",
@@ -115,7 +123,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         _ = sigint.recv() => "SIGINT",
     };
     tracing::info!("{which} received; stopping");
-    agent.shutdown().await;
+    agent.stop_gracefully().await;
     Ok(())
 }
 

@@ -36,6 +36,9 @@ pub struct Metrics {
     pub raft_leader_id: Gauge,
     /// Time the leader spent in one decision round (observations in, actions out).
     pub decision_latency_seconds: Histogram,
+    /// The generation whose lease this voter holds broken (0: none standing): a break no
+    /// promotion followed is released by the cluster; one that stays is worth a look.
+    pub lease_break_standing_generation: Gauge,
 }
 
 impl Default for Metrics {
@@ -59,12 +62,18 @@ impl Metrics {
             raft_is_leader: Gauge::default(),
             raft_leader_id: Gauge::default(),
             decision_latency_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
+            lease_break_standing_generation: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
             "role",
             "Current role of this member (1 = current)",
             m.role.clone(),
+        );
+        registry.register(
+            "lease_break_standing_generation",
+            "Generation of the primary's lease this voter holds broken (0 = none)",
+            m.lease_break_standing_generation.clone(),
         );
         registry.register(
             "generation",

@@ -10,15 +10,22 @@
 //! Postgres (free port, data dir under the member's state dir); the fixture kills those
 //! servers by the PID in `postmaster.pid` on drop. The other constructors point the agents
 //! at an empty `bin_dir` so they manage no Postgres (Raft-only tests stay light).
+//!
+//! [`AgentCluster::build_with`] with [`Hosts::Netns`] runs every member on its own host
+//! (root only): a network namespace with its own address ([`meridian_chaos::netns`]), the
+//! address books listing those addresses, partitions by packet filter
+//! ([`AgentCluster::hosts`]); the namespaces are removed after the processes on drop.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use meridian_chaos::netns::NetnsHosts;
 use meridian_node::raft::Command as IntentCommand;
 use meridian_proto::admin_client::AdminClient;
 use meridian_proto::{RemoveMemberRequest, StatusResponse};
@@ -31,6 +38,9 @@ use crate::free_ports;
 
 /// Bound on one admin call from the tests.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The data members' Postgres superuser password (scram-sha-256 from 127.0.0.1, the
+/// tests' own sessions; Meridian's roles have their own passwords in files).
+pub const SUPERUSER_PASSWORD: &str = "test-superuser-pw";
 /// How long [`AgentCluster::command`] retries while the cluster has no leader.
 pub const RETRY_WINDOW: Duration = Duration::from_secs(10);
 /// Bound on a graceful stop (SIGTERM) before the fixture kills the process.
@@ -103,6 +113,8 @@ pub struct AgentMember {
     pub config_path: PathBuf,
     pub log_path: PathBuf,
     pub state_dir: PathBuf,
+    /// This member's host address: 127.0.0.1, or its namespace's address.
+    pub addr: IpAddr,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     /// Port of this data member's Postgres (0 on a witness).
@@ -133,8 +145,8 @@ impl AgentMember {
     /// A libpq connection string to this member's Postgres.
     pub fn pg_conninfo(&self) -> String {
         format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=2",
-            self.pg_port
+            "host={} port={} user=postgres password={SUPERUSER_PASSWORD} dbname=postgres connect_timeout=2",
+            self.addr, self.pg_port
         )
     }
 
@@ -169,6 +181,31 @@ impl Pki {
 
     fn ca_file(&self) -> PathBuf {
         self.dir.join("ca.pem")
+    }
+
+    /// A Postgres server certificate for `name` on 127.0.0.1 and `addr` (its host's
+    /// address; IP and DNS names).
+    fn issue_server(&self, name: &str, addr: IpAddr) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut sans = vec![
+            name.to_string(),
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ];
+        if !addr.is_loopback() {
+            sans.push(addr.to_string());
+        }
+        let mut params = rcgen::CertificateParams::new(sans)?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.ca)?;
+        let cert_path = self.dir.join(format!("{name}-pg.pem"));
+        let key_path = self.dir.join(format!("{name}-pg.key"));
+        std::fs::write(&cert_path, cert.pem())?;
+        std::fs::write(&key_path, key.serialize_pem())?;
+        Ok((cert_path, key_path))
     }
 
     /// Writes `name`'s certificate and key; returns (cert, key) paths.
@@ -208,15 +245,68 @@ fn new_ca(cn: &str) -> anyhow::Result<rcgen::CertifiedIssuer<'static, rcgen::Key
     )?)
 }
 
+/// The admin token of a cluster whose test names none.
+pub const DEFAULT_TOKEN: &str = "meridian-test-admin-token";
+
+/// Where the members run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Hosts {
+    /// Every member on 127.0.0.1.
+    #[default]
+    Loopback,
+    /// Every member in its own network namespace with its own address (root only).
+    Netns,
+}
+
+/// What [`AgentCluster::build_with`] hands a config hook about the member being written.
+pub struct ConfigContext<'a> {
+    pub spec: &'a MemberSpec,
+    pub addr: IpAddr,
+    /// The member's own directory (config, log, state dir below it).
+    pub home: &'a Path,
+    /// Every declared member's host address, by name.
+    pub addrs: &'a BTreeMap<String, IpAddr>,
+}
+
+/// Extra config text for one member.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigExtra {
+    /// Lines appended to a data member's `[postgres]` table.
+    pub postgres_keys: String,
+    /// Whole tables (each starting with its `[header]`) appended to the config.
+    pub sections: String,
+}
+
+/// A hook that adds config text per member (e.g. Postgres TLS, replication roles).
+pub type ConfigHook = Arc<dyn Fn(&ConfigContext<'_>) -> anyhow::Result<ConfigExtra> + Send + Sync>;
+
+/// Everything [`AgentCluster::build_with`] can vary.
+#[derive(Clone, Default)]
+pub struct ClusterSetup {
+    /// Mutual TLS on the member links, with certificates made at test time.
+    pub tls: bool,
+    /// Admin token the members require (and the helpers send).
+    pub token: Option<String>,
+    /// Data members' agents create and run real Postgres servers.
+    pub postgres: bool,
+    pub hosts: Hosts,
+    pub config_hook: Option<ConfigHook>,
+}
+
 /// A set of declared members, some running.
 pub struct AgentCluster {
     pub cluster: String,
     pub members: BTreeMap<String, AgentMember>,
     /// Client TLS for the admin helpers (certificate "admin-client"), when TLS is on.
     client_tls: Option<ClientTlsConfig>,
-    /// Admin token the helpers send (empty when the cluster has none).
+    /// Admin token every member requires and the helpers send.
     pub token: String,
+    /// The cluster secret the members sign their RPCs with (without TLS; `None` with TLS,
+    /// where the members' certificates authenticate them).
+    pub secret: Option<String>,
     dir: TempDir,
+    /// The members' hosts with [`Hosts::Netns`]; dropped after the processes.
+    hosts: Option<NetnsHosts>,
 }
 
 /// Path of the built `meridian-node`: next to the test executable's `deps/` directory.
@@ -248,7 +338,14 @@ impl AgentCluster {
         tls: bool,
         token: Option<&str>,
     ) -> anyhow::Result<AgentCluster> {
-        Self::build(specs, tls, token, false)
+        Self::build_with(
+            specs,
+            ClusterSetup {
+                tls,
+                token: token.map(str::to_string),
+                ..ClusterSetup::default()
+            },
+        )
     }
 
     /// Data members' agents create and run real Postgres servers; short lease timings;
@@ -257,15 +354,40 @@ impl AgentCluster {
         specs: Vec<MemberSpec>,
         token: Option<&str>,
     ) -> anyhow::Result<AgentCluster> {
-        Self::build(specs, false, token, true)
+        Self::build_with(
+            specs,
+            ClusterSetup {
+                token: token.map(str::to_string),
+                postgres: true,
+                ..ClusterSetup::default()
+            },
+        )
     }
 
-    fn build(
-        specs: Vec<MemberSpec>,
-        tls: bool,
-        token: Option<&str>,
-        postgres: bool,
-    ) -> anyhow::Result<AgentCluster> {
+    /// Declares `specs` as `setup` says (writes their configs, builds their hosts); starts
+    /// nothing.
+    pub fn build_with(specs: Vec<MemberSpec>, setup: ClusterSetup) -> anyhow::Result<AgentCluster> {
+        let ClusterSetup {
+            tls,
+            token,
+            postgres,
+            hosts,
+            config_hook,
+        } = setup;
+        let token = token.as_deref();
+        let netns = match hosts {
+            Hosts::Loopback => None,
+            Hosts::Netns => {
+                let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+                Some(NetnsHosts::create(&names).context("building one host per member")?)
+            }
+        };
+        let addr_of = |name: &str| -> anyhow::Result<IpAddr> {
+            Ok(match &netns {
+                Some(h) => IpAddr::V4(h.addr(name)?),
+                None => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            })
+        };
         let dir = tempfile::Builder::new()
             .prefix("meridian-agents-")
             .tempdir()
@@ -284,26 +406,65 @@ impl AgentCluster {
         } else {
             None
         };
-        let token_line = match token {
-            Some(t) => {
-                let path = dir.path().join("admin-token");
-                std::fs::write(&path, t)?;
-                format!("token_file = \"{}\"\n", path.display())
+        // Every cluster has an admin token (a default one unless the test names its own)
+        // and, without TLS, a cluster secret: as a production config would.
+        let token = token.unwrap_or(DEFAULT_TOKEN).to_string();
+        let token_path = dir.path().join("admin-token");
+        meridian_chaos::cluster::write_private(&token_path, &token)?;
+        let token_line = format!("token_file = \"{}\"\n", token_path.display());
+        let secret = if tls {
+            None
+        } else {
+            let secret: String = rand::random::<[u8; 32]>()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            Some(secret)
+        };
+        let security = match &secret {
+            Some(secret) => {
+                let path = dir.path().join("cluster-secret");
+                meridian_chaos::cluster::write_private(&path, secret)?;
+                format!(
+                    "[security]\ncluster_secret_file = \"{}\"\n\n",
+                    path.display()
+                )
             }
             None => String::new(),
         };
+        // Meridian's roles log in with scram-sha-256 and passwords from files, as in
+        // production; the superuser's password is for the tests' own sessions.
+        let secrets = dir.path().join("secrets");
+        std::fs::create_dir_all(&secrets)?;
+        let password_file = |name: &str, value: &str| -> anyhow::Result<String> {
+            let p = secrets.join(name);
+            std::fs::write(&p, format!("{value}\n"))?;
+            Ok(p.display().to_string())
+        };
+        let su_pw = password_file("superuser", SUPERUSER_PASSWORD)?;
+        let repl_pw = password_file("replication", "test-replication-pw")?;
+        let rewind_pw = password_file("rewind", "test-rewind-pw")?;
+        let monitor_pw = password_file("monitor", "test-monitor-pw")?;
+        // Postgres serves TLS to the other members, who verify it fully (verify-full
+        // against the test CA; the certificates name 127.0.0.1).
+        let pg_pki = Pki::new(&dir.path().join("pg-pki"))?;
+        let monitor_section = format!(
+            "[postgres.monitor]\nuser = \"meridian_monitor\"\npassword_file = \"{monitor_pw}\"\n"
+        );
         let mut members = BTreeMap::new();
         for (i, spec) in specs.into_iter().enumerate() {
             let home = dir.path().join(&spec.name);
             std::fs::create_dir_all(&home)?;
+            let addr = addr_of(&spec.name)?;
             members.insert(
                 spec.name.clone(),
                 AgentMember {
                     config_path: home.join("meridian.toml"),
                     log_path: home.join("agent.log"),
                     state_dir: home.join("state"),
-                    grpc: SocketAddr::from(([127, 0, 0, 1], ports[3 * i])),
-                    http: SocketAddr::from(([127, 0, 0, 1], ports[3 * i + 1])),
+                    addr,
+                    grpc: SocketAddr::new(addr, ports[3 * i]),
+                    http: SocketAddr::new(addr, ports[3 * i + 1]),
                     pg_port: if spec.kind == Kind::Data {
                         ports[3 * i + 2]
                     } else {
@@ -318,11 +479,33 @@ impl AgentCluster {
         for (i, m) in members.values().enumerate() {
             book.push_str(&format!("[peers.{}]\napi = \"{}\"\n", m.spec.name, m.grpc));
             if m.spec.kind == Kind::Data {
-                book.push_str(&format!("postgres = \"127.0.0.1:{}\"\n", ports[3 * i + 2]));
+                book.push_str(&format!(
+                    "postgres = \"{}\"\n",
+                    SocketAddr::new(m.addr, ports[3 * i + 2])
+                ));
             }
         }
+        // Where the tests' own sessions come from: loopback, or the bridge's address.
+        let clients: IpAddr = match &netns {
+            Some(h) => IpAddr::V4(h.bridge_addr()),
+            None => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        };
+        let addrs: BTreeMap<String, IpAddr> = members
+            .values()
+            .map(|m| (m.spec.name.clone(), m.addr))
+            .collect();
         for (i, m) in members.values().enumerate() {
             let s = &m.spec;
+            let extra = match &config_hook {
+                Some(hook) => hook(&ConfigContext {
+                    spec: s,
+                    addr: m.addr,
+                    home: m.config_path.parent().unwrap_or(dir.path()),
+                    addrs: &addrs,
+                })
+                .with_context(|| format!("the config hook for {}", s.name))?,
+                None => ConfigExtra::default(),
+            };
             let mut text = format!(
                 "cluster = \"{}\"\nstate_dir = \"{}\"\n\n[member]\nname = \"{}\"\nregion = \"{}\"\nkind = \"{}\"\n\n",
                 s.cluster.as_deref().unwrap_or(&cluster),
@@ -333,17 +516,36 @@ impl AgentCluster {
             );
             if s.kind == Kind::Data {
                 text.push_str(&format!(
-                    "[postgres]\ndata_dir = \"{}\"\nport = {}\n",
+                    "[postgres]\ndata_dir = \"{}\"\nport = {}\nlisten_addr = \"{}\"\n\
+                     password_file = \"{su_pw}\"\n\
+                     hba = [\"host all postgres {clients}/32 scram-sha-256\"]\n\
+                     max_slot_wal_keep_size = \"1GB\"\n",
                     m.pg_data_dir().display(),
-                    ports[3 * i + 2]
+                    ports[3 * i + 2],
+                    m.addr
                 ));
                 if !postgres {
                     text.push_str(&format!("bin_dir = \"{}\"\n", no_pg_bin.display()));
                 }
-                text.push('\n');
+                text.push_str(&extra.postgres_keys);
+                let (cert, key) = pg_pki.issue_server(&s.name, m.addr)?;
+                text.push_str(&format!(
+                    "[postgres.replication]\nuser = \"replicator\"\npassword_file = \"{repl_pw}\"\n\
+                     [postgres.rewind]\nuser = \"rewinder\"\npassword_file = \"{rewind_pw}\"\n\
+                     {monitor_section}\
+                     [postgres.ssl]\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\nsslmode = \"verify-full\"\n\n",
+                    cert.display(),
+                    key.display(),
+                    pg_pki.ca_file().display()
+                ));
+            } else {
+                text.push_str(&format!(
+                    "{monitor_section}[postgres.ssl]\nsslrootcert = \"{}\"\nsslmode = \"verify-full\"\n\n",
+                    pg_pki.ca_file().display()
+                ));
             }
             text.push_str(&format!(
-                "[api]\nlisten = \"{}\"\nhttp_listen = \"{}\"\n{token_line}\n",
+                "[api]\nlisten = \"{}\"\nhttp_listen = \"{}\"\n{token_line}\n{security}",
                 m.grpc, m.http
             ));
             let join: Vec<String> = s.join.iter().map(|j| format!("\"{j}\"")).collect();
@@ -366,6 +568,8 @@ impl AgentCluster {
                     key.display()
                 ));
             }
+            text.push_str(&extra.sections);
+            text.push('\n');
             text.push_str(&book);
             std::fs::write(&m.config_path, text)
                 .with_context(|| format!("writing {}", m.config_path.display()))?;
@@ -388,9 +592,16 @@ impl AgentCluster {
             cluster,
             members,
             client_tls,
-            token: token.unwrap_or_default().to_string(),
+            token,
+            secret,
             dir,
+            hosts: netns,
         })
+    }
+
+    /// The members' hosts, with [`Hosts::Netns`] (partitions: `isolate`, `cut`, `heal`).
+    pub fn hosts(&self) -> Option<&NetnsHosts> {
+        self.hosts.as_ref()
     }
 
     pub fn dir(&self) -> &Path {
@@ -421,6 +632,12 @@ impl AgentCluster {
     /// Spawns `name`'s agent; its stdout and stderr are appended to its log file.
     pub fn start(&mut self, name: &str) -> anyhow::Result<()> {
         let bin = node_binary()?;
+        // On its own host the agent runs inside its namespace (`ip netns exec` execs it:
+        // the child's PID is the agent's).
+        let mut cmd = match &self.hosts {
+            Some(h) => h.command(name, &bin)?,
+            None => Command::new(bin),
+        };
         let m = self.member_mut(name);
         anyhow::ensure!(m.child.is_none(), "{name} is already running");
         let log = File::options()
@@ -428,7 +645,7 @@ impl AgentCluster {
             .append(true)
             .open(&m.log_path)
             .with_context(|| format!("opening {}", m.log_path.display()))?;
-        let child = Command::new(bin)
+        let child = cmd
             .arg("--config")
             .arg(&m.config_path)
             .env_remove("RUST_LOG")

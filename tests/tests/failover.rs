@@ -206,8 +206,9 @@ fn read_write_conninfo(c: &AgentCluster) -> String {
         .collect();
     format!(
         "host=127.0.0.1,127.0.0.1,127.0.0.1 port={} user=postgres dbname=postgres \
-         connect_timeout=2 target_session_attrs=read-write",
-        ports.join(",")
+         password={} connect_timeout=2 target_session_attrs=read-write",
+        ports.join(","),
+        meridian_tests::agents::SUPERUSER_PASSWORD
     )
 }
 
@@ -309,6 +310,47 @@ impl SplitBrainProbe {
         let worst = self.worst.lock().unwrap().clone();
         (self.max_writable.load(Ordering::SeqCst), worst)
     }
+}
+
+/// Acknowledged inserts as (id, when).
+type Acked = Arc<Mutex<Vec<(i64, Instant)>>>;
+
+/// A writer inserting ids from `first` up through `rw`, one session, reconnecting on
+/// error, until `stop` is set (bounded: at most 100k attempts).
+fn spawn_writer(rw: &str, first: i64) -> (Arc<AtomicBool>, Acked, tokio::task::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Acked = Arc::default();
+    let writer = {
+        let (stop, acked, rw) = (stop.clone(), acked.clone(), rw.to_string());
+        tokio::spawn(async move {
+            let mut id = first;
+            let mut client = None;
+            for _ in 0..100_000 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                if client.is_none() {
+                    client = connect(&rw).await.ok();
+                    if client.is_none() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                }
+                let cl = client.as_ref().unwrap();
+                let r = tokio::time::timeout(
+                    SQL,
+                    cl.batch_execute(&format!("INSERT INTO t VALUES ({id})")),
+                )
+                .await;
+                match r {
+                    Ok(Ok(())) => acked.lock().unwrap().push((id, Instant::now())),
+                    _ => client = None,
+                }
+                id += 1;
+            }
+        })
+    };
+    (stop, acked, writer)
 }
 
 /// Inserts `ids` one by one through the read-write connection string; returns the ids
@@ -495,39 +537,7 @@ async fn a_crashed_primary_postgres_fails_over_with_one_writer_at_a_time() {
 async fn a_switchover_under_writes_loses_nothing() {
     let _serial = SERIAL.lock().await;
     let (c, rw) = form_with_table().await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(Mutex::new(Vec::<(i64, Instant)>::new()));
-    let writer = {
-        let (stop, acked, rw) = (stop.clone(), acked.clone(), rw.clone());
-        tokio::spawn(async move {
-            let mut id = 0i64;
-            let mut client = None;
-            // Bounded: at most 100k attempts.
-            for _ in 0..100_000 {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                if client.is_none() {
-                    client = connect(&rw).await.ok();
-                    if client.is_none() {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                }
-                let cl = client.as_ref().unwrap();
-                let r = tokio::time::timeout(
-                    SQL,
-                    cl.batch_execute(&format!("INSERT INTO t VALUES ({id})")),
-                )
-                .await;
-                match r {
-                    Ok(Ok(())) => acked.lock().unwrap().push((id, Instant::now())),
-                    _ => client = None,
-                }
-                id += 1;
-            }
-        })
-    };
+    let (stop, acked, writer) = spawn_writer(&rw, 0);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let w1 = c.member("w1").http;
     // A wrong token is refused; an unsafe operator failover (healthy primary) too.
@@ -708,6 +718,144 @@ async fn a_crashed_primary_without_a_candidate_is_resumed_in_place() {
     assert_eq!(intent(&s).resumed.map(|g| g.0), Some(2));
     assert_eq!(ids_on(&c, "a1").await, BTreeSet::from([1, 2]));
     wait_streaming(&c, &["a2", "b1"], "a1", REJOIN).await;
+    let (max, worst) = probe.finish().await;
+    assert!(max <= 1, "two writable primaries at once: {worst:?}");
+}
+
+/// Stopping the primary's agent on purpose (SIGTERM, as `systemctl stop` does) hands the
+/// primary over first: a switchover to the in-region standby, no acknowledged write lost,
+/// /primary answers on the new primary, and the stopped member's Postgres is down (not a
+/// writable server nobody routes to). Restarted, it rejoins as a standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_primarys_agent_hands_over_before_it_stops() {
+    let _serial = SERIAL.lock().await;
+    let (mut c, rw) = form_with_table().await;
+    let probe = SplitBrainProbe::start(&c);
+    let (stop, acked, writer) = spawn_writer(&rw, 0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let a1_pg = c
+        .member("a1")
+        .postmaster_pid()
+        .expect("a1's postmaster runs");
+    let stopped_at = Instant::now();
+    let status = c.stop("a1").unwrap();
+    assert!(
+        status.success(),
+        "a1's agent exited with {status} on SIGTERM\n{}",
+        c.logs()
+    );
+    eprintln!(
+        "GRACEFUL STOP of the primary's agent took {} ms",
+        stopped_at.elapsed().as_millis()
+    );
+    let s = c.status().await.unwrap();
+    assert_eq!(
+        (s.primary.as_str(), s.generation),
+        ("a2", 2),
+        "the stopped primary handed over to a2\n{}",
+        c.logs()
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{a1_pg}")).exists()
+            || std::fs::read_to_string(format!("/proc/{a1_pg}/stat"))
+                .is_ok_and(|st| st.contains(") Z ")),
+        "a1's Postgres still runs after its agent stopped"
+    );
+    let n_before = acked.lock().unwrap().len();
+    wait_for("writes on the new primary", FAILOVER, || async {
+        (acked.lock().unwrap().len() > n_before + 20).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    stop.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(15), writer)
+        .await
+        .expect("writer stops")
+        .unwrap();
+    let history = intent(&s);
+    assert_eq!(
+        history.history.last().map(|h| h.kind),
+        Some(meridian_node::raft::intent::HistoryKind::Switchover),
+        "the hand-over was a switchover"
+    );
+    let present = ids_on(&c, "a2").await;
+    let lost: Vec<i64> = acked
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| !present.contains(id))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged rows lost: {lost:?}");
+    c.start("a1").unwrap();
+    wait_streaming(&c, &["a1", "b1"], "a2", REJOIN).await;
+    let (max, worst) = probe.finish().await;
+    assert!(max <= 1, "two writable primaries at once: {worst:?}");
+}
+
+/// Issue 12's wedge: the primary's agent and Postgres are killed where nobody may replace
+/// it (failover manual everywhere). The leader has a majority break the lost primary's
+/// lease, and no promotion follows. When the agent comes back, the break must not stand
+/// for ever (the agent would wait for a lease it can never get while the leader waits for
+/// a fence it never reports): the cluster releases the breaks no promotion followed, the
+/// agent renews, and its Postgres takes writes again with every acknowledged row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_primary_with_no_candidate_takes_writes_again_when_its_agent_returns() {
+    use meridian_node::policy::{FailoverMode, Policy, RegionPolicy};
+    let _serial = SERIAL.lock().await;
+    let (mut c, rw) = form_with_table().await;
+    let manual = RegionPolicy {
+        failover: FailoverMode::Manual,
+        ..RegionPolicy::default()
+    };
+    let policy = Policy {
+        regions: [("a".to_string(), manual.clone()), ("b".to_string(), manual)].into(),
+        ..Policy::default()
+    };
+    c.command(
+        "w1",
+        &Command::SetPolicy {
+            expected_version: None,
+            policy,
+            reason: "test: manual failover everywhere".into(),
+            at_unix_ms: 1,
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    let mut acked = BTreeSet::new();
+    for id in 0..50 {
+        exec(&rw, &format!("INSERT INTO t VALUES ({id})"))
+            .await
+            .unwrap_or_else(|e| panic!("insert {id}: {e}"));
+        acked.insert(id);
+    }
+    let probe = SplitBrainProbe::start(&c);
+    c.member("a1").kill_postgres();
+    c.kill("a1").unwrap();
+    // Long enough for the grants to run out (lease 2 s) and a majority to break it.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let s = c.status().await.unwrap();
+    assert_eq!(
+        (s.primary.as_str(), s.generation),
+        ("a1", 1),
+        "nobody may be promoted: {s:?}"
+    );
+    let back_at = Instant::now();
+    c.start("a1").unwrap();
+    insert_until_ok(&rw, 1000, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    eprintln!(
+        "RETURN (primary agent and postgres killed, no candidate): writes again {} ms after the agent restarted",
+        back_at.elapsed().as_millis()
+    );
+    acked.insert(1000);
+    let s = c.status().await.unwrap();
+    assert_eq!(s.primary, "a1", "{s:?}");
+    let present = ids_on(&c, "a1").await;
+    let lost: Vec<_> = acked.difference(&present).collect();
+    assert!(lost.is_empty(), "acknowledged rows lost: {lost:?}");
     let (max, worst) = probe.finish().await;
     assert!(max <= 1, "two writable primaries at once: {worst:?}");
 }

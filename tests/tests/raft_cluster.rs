@@ -262,6 +262,7 @@ async fn a_member_joins_under_writes_one_leaves_and_the_cluster_restarts_intact(
     let writer = {
         let (stop, acked) = (stop.clone(), acked.clone());
         let client = c.admin(&via).await.unwrap();
+        let token = c.token.clone();
         tokio::spawn(async move {
             let mut client = client;
             let mut failures = 0;
@@ -274,7 +275,7 @@ async fn a_member_joins_under_writes_one_leaves_and_the_cluster_restarts_intact(
                     Duration::from_secs(5),
                     client.command(meridian_proto::CommandRequest {
                         command_json: serde_json::to_string(&note(&reason)).unwrap(),
-                        token: String::new(),
+                        token: token.clone(),
                     }),
                 )
                 .await;

@@ -27,11 +27,12 @@ use tonic::{Request, Response as GrpcResponse, Status};
 
 use super::join::{unix_ms, ADMIT_CALL_TIMEOUT};
 use super::Shared;
+use crate::auth::Caller;
 use crate::raft::intent::{Command, MemberKind, MemberTags, Promote, PromotionKind, Response};
 use crate::raft::{MemberNode, NodeId};
 
 /// Marks a request a member forwarded to its leader; it is never forwarded again.
-pub const FORWARDED_HEADER: &str = "x-meridian-forwarded";
+pub const FORWARDED_HEADER: &str = crate::auth::HDR_FORWARDED;
 /// Bound on a forwarded call other than AdmitMember.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on one Raft write (commit by a quorum) made for an admin request.
@@ -65,12 +66,48 @@ impl AdminService {
         AdminServer::new(self)
     }
 
-    fn check_token(&self, token: &str) -> Result<(), Status> {
-        match &self.shared.config.api.token {
-            Some(t) if t.expose() != token => {
-                Err(Status::permission_denied("missing or wrong admin token"))
-            }
-            _ => Ok(()),
+    /// Who may call the admin API's writes: a member (cluster secret or
+    /// member certificate; a forwarded request was authorized by the member that forwarded
+    /// it), a client certificate signed by the cluster CA, or the admin token (in the
+    /// message's `token` field or an `authorization: Bearer` header). Without a configured
+    /// token only `[security] insecure = true` lets anyone else in. Returns how the caller
+    /// was authorized (sent along when the request is forwarded).
+    fn authorize<T>(&self, request: &Request<T>, body_token: &str) -> Result<&'static str, Status> {
+        let caller = request.extensions().get::<Caller>();
+        if let Some(Caller::Member(_)) = caller {
+            return Ok("member");
+        }
+        let given = if body_token.is_empty() {
+            request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::auth::bearer_token)
+        } else {
+            Some(body_token)
+        };
+        let config = &self.shared.config;
+        if let (Some(t), Some(g)) = (&config.api.token, given) {
+            // A presented token must be right, whatever else the caller has.
+            return if crate::auth::token_matches(t.expose(), g) {
+                Ok("token")
+            } else {
+                Err(Status::permission_denied("wrong admin token"))
+            };
+        }
+        if let Some(Caller::Certified) = caller {
+            return Ok("certificate");
+        }
+        match &config.api.token {
+            None if config.security.insecure => Ok("insecure"),
+            Some(_) => Err(Status::unauthenticated(
+                "this admin request needs the admin token (meridianctl --token / MERIDIAN_TOKEN) \
+                 or a client certificate signed by the cluster CA",
+            )),
+            None => Err(Status::unauthenticated(
+                "no admin token is configured on this member ([api] token_file / token_env): \
+                 admin requests need a client certificate signed by the cluster CA",
+            )),
         }
     }
 
@@ -102,7 +139,7 @@ impl AdminService {
         }
     }
 
-    fn client(&self, leader: &str) -> Result<AdminClient<tonic::transport::Channel>, Status> {
+    fn client(&self, leader: &str) -> Result<AdminClient<crate::auth::SignedChannel>, Status> {
         let ch = self
             .shared
             .dialer
@@ -119,12 +156,18 @@ fn not_leader(leader: Option<String>) -> Status {
     }
 }
 
-/// The request to send to the leader: same message, marked forwarded, bounded.
-fn forwarded<T>(message: T, timeout: Duration) -> Request<T> {
+/// The request to send to the leader: same message, marked forwarded with how this member
+/// authorized it, bounded. The leader accepts it because this member signs it (or presents
+/// its member certificate): only requests authorized here are forwarded.
+fn forwarded<T>(message: T, timeout: Duration, authorized_by: &'static str) -> Request<T> {
     let mut r = Request::new(message);
     r.metadata_mut().insert(
         FORWARDED_HEADER,
         tonic::metadata::MetadataValue::from_static("1"),
+    );
+    r.metadata_mut().insert(
+        crate::auth::HDR_AUTHORIZED_BY,
+        tonic::metadata::MetadataValue::from_static(authorized_by),
     );
     r.set_timeout(timeout);
     r
@@ -505,6 +548,7 @@ impl AdminService {
                 .millis_since_quorum_ack
                 .and_then(|ms| i64::try_from(ms).ok())
                 .unwrap_or(-1),
+            insecure: shared.config.security.insecure,
         }
     }
 }
@@ -525,6 +569,9 @@ impl Admin for AdminService {
         &self,
         request: Request<StatusRequest>,
     ) -> Result<GrpcResponse<StatusResponse>, Status> {
+        // Read-only and open, like the HTTP `/cluster` and `/history` endpoints that publish
+        // the same topology and history: it carries no secret (docs/security.md).
+        let how = "read-only";
         if request.get_ref().local {
             return Ok(GrpcResponse::new(self.local_status()));
         }
@@ -534,7 +581,7 @@ impl Admin for AdminService {
                     let mut client = self.client(&leader)?;
                     bounded(
                         FORWARD_TIMEOUT,
-                        client.status(forwarded(request.into_inner(), FORWARD_TIMEOUT)),
+                        client.status(forwarded(request.into_inner(), FORWARD_TIMEOUT, how)),
                     )
                     .await
                 };
@@ -559,13 +606,13 @@ impl Admin for AdminService {
     ) -> Result<GrpcResponse<AddMemberResponse>, Status> {
         let req = request.get_ref();
         self.check_cluster("registration", &req.name, &req.cluster)?;
-        self.check_token(&req.token)?;
+        let how = self.authorize(&request, &req.token)?;
         match self.route(&request)? {
             Some(leader) => {
                 let mut client = self.client(&leader)?;
                 bounded(
                     FORWARD_TIMEOUT,
-                    client.add_member(forwarded(request.into_inner(), FORWARD_TIMEOUT)),
+                    client.add_member(forwarded(request.into_inner(), FORWARD_TIMEOUT, how)),
                 )
                 .await
             }
@@ -581,14 +628,14 @@ impl Admin for AdminService {
     ) -> Result<GrpcResponse<AdmitMemberResponse>, Status> {
         let req = request.get_ref();
         self.check_cluster("admission", &req.name, &req.cluster)?;
-        self.check_token(&req.token)?;
+        let how = self.authorize(&request, &req.token)?;
         match self.route(&request)? {
             Some(leader) => {
                 let mut client = self.client(&leader)?;
                 let bound = ADMIT_CALL_TIMEOUT + FORWARD_TIMEOUT;
                 bounded(
                     bound,
-                    client.admit_member(forwarded(request.into_inner(), bound)),
+                    client.admit_member(forwarded(request.into_inner(), bound, how)),
                 )
                 .await
             }
@@ -603,13 +650,13 @@ impl Admin for AdminService {
         &self,
         request: Request<RemoveMemberRequest>,
     ) -> Result<GrpcResponse<RemoveMemberResponse>, Status> {
-        self.check_token(&request.get_ref().token)?;
+        let how = self.authorize(&request, &request.get_ref().token)?;
         match self.route(&request)? {
             Some(leader) => {
                 let mut client = self.client(&leader)?;
                 bounded(
                     FORWARD_TIMEOUT * 2,
-                    client.remove_member(forwarded(request.into_inner(), FORWARD_TIMEOUT * 2)),
+                    client.remove_member(forwarded(request.into_inner(), FORWARD_TIMEOUT * 2, how)),
                 )
                 .await
             }
@@ -624,7 +671,7 @@ impl Admin for AdminService {
         &self,
         request: Request<CommandRequest>,
     ) -> Result<GrpcResponse<CommandResponse>, Status> {
-        self.check_token(&request.get_ref().token)?;
+        let how = self.authorize(&request, &request.get_ref().token)?;
         let cmd: Command = serde_json::from_str(&request.get_ref().command_json)
             .map_err(|e| Status::invalid_argument(format!("decoding command_json: {e}")))?;
         if matches!(
@@ -640,7 +687,7 @@ impl Admin for AdminService {
                 let mut client = self.client(&leader)?;
                 bounded(
                     FORWARD_TIMEOUT,
-                    client.command(forwarded(request.into_inner(), FORWARD_TIMEOUT)),
+                    client.command(forwarded(request.into_inner(), FORWARD_TIMEOUT, how)),
                 )
                 .await
             }

@@ -5,6 +5,9 @@
 //! cluster's CA, whose DNS name is the member's name; servers require a client certificate
 //! signed by that CA, and clients check that the server's certificate names the member
 //! they meant to reach. A peer without such a certificate is refused at the handshake.
+//!
+//! Cluster secret (`[security]`): every request on these channels is signed (see
+//! [`crate::auth`]); the channel type is [`SignedChannel`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,6 +19,7 @@ use tonic::transport::{
     Certificate, Channel, ClientTlsConfig, Endpoint, Identity as TlsIdentity, ServerTlsConfig,
 };
 
+use crate::auth::{SignedChannel, Signer};
 use crate::config::TlsConfig;
 use crate::raft::network::CONNECT_TIMEOUT_MS;
 use crate::raft::AddressBook;
@@ -74,11 +78,26 @@ pub fn endpoint(
     Ok(ep)
 }
 
+/// Splits an address-book entry `host:port` into host and port; an IPv6 literal may be
+/// written in brackets (`[fd00::2]:5432`), which libpq and tokio-postgres want without.
+pub fn split_host_port(addr: &str) -> Option<(String, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_string(), port.parse().ok()?))
+}
+
 /// Channels to peers by member name.
 #[derive(Clone)]
 pub struct Dialer {
     book: AddressBook,
     tls: Option<ClientTlsConfig>,
+    signer: Option<Signer>,
     cache: Arc<Mutex<HashMap<String, (SocketAddr, Channel)>>>,
 }
 
@@ -87,12 +106,19 @@ impl Dialer {
         Dialer {
             book,
             tls,
+            signer: None,
             cache: Arc::default(),
         }
     }
 
+    /// Signs every request with the cluster secret.
+    pub fn with_signer(mut self, signer: Option<Signer>) -> Self {
+        self.signer = signer;
+        self
+    }
+
     /// The channel to member `name`; connects on first use, reconnects by itself.
-    pub fn channel(&self, name: &str) -> anyhow::Result<Channel> {
+    pub fn channel(&self, name: &str) -> anyhow::Result<SignedChannel> {
         let addr = self
             .book
             .get(name)
@@ -100,11 +126,30 @@ impl Dialer {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((cached, ch)) = cache.get(name) {
             if *cached == addr {
-                return Ok(ch.clone());
+                return Ok(SignedChannel::new(ch.clone(), self.signer.clone(), name));
             }
         }
         let ch = endpoint(name, addr, self.tls.as_ref())?.connect_lazy();
         cache.insert(name.to_string(), (addr, ch.clone()));
-        Ok(ch)
+        Ok(SignedChannel::new(ch, self.signer.clone(), name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_splits_names_ipv4_and_bracketed_ipv6() {
+        let hp = |h: &str, p: u16| Some((h.to_string(), p));
+        assert_eq!(split_host_port("10.77.3.12:5432"), hp("10.77.3.12", 5432));
+        assert_eq!(
+            split_host_port("db-1.example:5433"),
+            hp("db-1.example", 5433)
+        );
+        assert_eq!(split_host_port("[fd00::2]:5432"), hp("fd00::2", 5432));
+        for bad in ["5432", ":5432", "[]:5432", "h:port", "h:70000"] {
+            assert_eq!(split_host_port(bad), None, "{bad}");
+        }
     }
 }

@@ -64,6 +64,7 @@ pub fn command_for(intent: &crate::raft::Intent, req: WriteRequest) -> Result<Co
             new_primary_lsn: None,
             possible_loss_bytes: None,
             old_lease_released: false,
+            lease_break_round: None,
         }),
         WriteRequest::Pause(on) => Command::SetMaintenance { on },
     })

@@ -442,6 +442,8 @@ kind = "witness"
 [api]
 listen = "127.0.0.1:7101"
 http_listen = "127.0.0.1:8101"
+[security]
+insecure = true
 [raft]
 {raft}
 [peers.a1]

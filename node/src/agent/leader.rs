@@ -23,7 +23,7 @@ use crate::decide::{
     cluster_view, decide, observation_from_proto, Action, LeaderBookkeeping, LeaseView, Limits,
     PromoteReason, SwitchoverPhase,
 };
-use crate::raft::intent::{Command, Intent, Promote, PromotionKind, Response};
+use crate::raft::intent::{BreakRound, Command, Intent, Promote, PromotionKind, Response};
 use crate::types::Generation;
 
 /// Bound on one Raft write of the leader loop.
@@ -60,6 +60,21 @@ struct LeaseBreak {
     last: Option<(super::lease::BreakResult, Instant)>,
     /// No new round before this.
     next_at: Option<Instant>,
+    /// This leader's round counter (never reset while it leads, so round ids only grow).
+    seq: u64,
+    /// The last round: its id and when it started.
+    round: Option<(BreakRound, Instant)>,
+    /// The newest round since the last release in which any voter broke the lease.
+    breaks_since_release: Option<(BreakRound, Instant)>,
+}
+
+/// How long a break round's majority may justify a promotion, from the round's start.
+/// Voters keep their breaks until the cluster releases them through Raft
+/// ([`Command::ReleaseLeaseBreaks`]), which this leader commits once a round with breaks
+/// is older than this and no promotion followed; log order then decides: a promotion
+/// relying on a released round is refused.
+fn break_valid(t: &crate::config::TimingConfig) -> Duration {
+    (t.lease_ttl * 2).max(Duration::from_secs(2))
 }
 
 /// Spacing of break rounds when the voters' answers give no better hint.
@@ -139,7 +154,8 @@ async fn round(shared: &Arc<Shared>, tr: &mut Tracker) -> anyhow::Result<()> {
         (None, _) => tr.switchover = None,
     }
     let ms = |at: Instant| shared.ms_since_epoch(at);
-    let lease = lease_view(tr, &intent, &ms);
+    let valid = break_valid(&shared.config.timing);
+    let lease = lease_view(tr, &intent, &ms, valid);
     let book = LeaderBookkeeping {
         elected_at_ms: ms(elected_at),
         lease,
@@ -182,14 +198,19 @@ async fn round(shared: &Arc<Shared>, tr: &mut Tracker) -> anyhow::Result<()> {
     }
     for a in &decision.actions {
         if let Action::BreakLease { member, generation } = a {
-            start_break_round(shared, tr, member, *generation);
+            start_break_round(shared, tr, &intent, member, *generation, valid);
         }
     }
+    let usable_round = lease.broken.then(|| current_round(tr)).flatten();
     let mut commands: Vec<Command> = decision
         .actions
         .iter()
-        .filter_map(|a| command_for(a, &intent, &observations, lease.primary_lsn))
+        .filter_map(|a| command_for(a, &intent, &observations, lease.primary_lsn, usable_round))
         .collect();
+    let promoting = commands.iter().any(|c| matches!(c, Command::Promote(_)));
+    if !promoting {
+        commands.extend(break_releases(tr, &intent, term, valid));
+    }
     if let Some(cmd) = resume_in_place(&decision, &intent, &observations, &view.limits, now_ms) {
         commands.push(cmd);
     }
@@ -253,18 +274,27 @@ async fn round(shared: &Arc<Shared>, tr: &mut Tracker) -> anyhow::Result<()> {
 
 /// The last break round's result for the intent's primary and generation (reset when
 /// they change).
-fn lease_view(tr: &Tracker, intent: &Intent, ms: &dyn Fn(Instant) -> u64) -> LeaseView {
+fn lease_view(
+    tr: &Tracker,
+    intent: &Intent,
+    ms: &dyn Fn(Instant) -> u64,
+    valid: Duration,
+) -> LeaseView {
     let key = intent.primary.clone().map(|p| (p, intent.generation));
     let mut lb = tr.lease_break.lock().unwrap_or_else(|e| e.into_inner());
     if lb.key != key {
         *lb = LeaseBreak {
             key,
+            seq: lb.seq,
             ..LeaseBreak::default()
         };
     }
+    let round_usable = lb.round.is_some_and(|(round, started)| {
+        started.elapsed() < valid && !intent.lease_break_released(intent.generation, round)
+    });
     match &lb.last {
         Some((r, at)) => LeaseView {
-            broken: r.broken,
+            broken: r.broken && round_usable,
             majority_runs_out_at_ms: r.majority_runs_out_in.map(|d| ms(*at + d)),
             primary_lsn: r.primary_lsn,
         },
@@ -274,32 +304,63 @@ fn lease_view(tr: &Tracker, intent: &Intent, ms: &dyn Fn(Instant) -> u64) -> Lea
 
 /// Starts a break round for `member`'s lease of `generation` unless one is running or
 /// the last one said to wait.
-fn start_break_round(shared: &Arc<Shared>, tr: &Tracker, member: &str, generation: Generation) {
+fn start_break_round(
+    shared: &Arc<Shared>,
+    tr: &Tracker,
+    intent: &Intent,
+    member: &str,
+    generation: Generation,
+    valid: Duration,
+) {
     let key = Some((member.to_string(), generation));
     {
         let mut lb = tr.lease_break.lock().unwrap_or_else(|e| e.into_inner());
+        // A broken round stands while it may still justify a promotion; once stale or
+        // released, a new round is needed.
+        let standing = lb.round.is_some_and(|(round, started)| {
+            started.elapsed() < valid && !intent.lease_break_released(generation, round)
+        });
         if lb.key != key
             || lb.in_flight
-            || lb.last.as_ref().is_some_and(|(r, _)| r.broken)
+            || lb.last.as_ref().is_some_and(|(r, _)| r.broken) && standing
             || lb.next_at.is_some_and(|at| Instant::now() < at)
         {
             return;
         }
         lb.in_flight = true;
+        lb.seq += 1;
+        lb.round = Some((
+            BreakRound {
+                term: shared.raft_metrics().current_term,
+                seq: lb.seq,
+            },
+            Instant::now(),
+        ));
     }
+    let Some((round, round_started)) = tr
+        .lease_break
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .round
+    else {
+        return;
+    };
     let shared = shared.clone();
     let state = tr.lease_break.clone();
     let member = member.to_string();
     let t = &shared.config.timing;
     let timeout = t.fence_after.max(Duration::from_millis(500));
     tokio::spawn(async move {
-        let r = super::lease::break_round(&shared, &member, generation, timeout).await;
+        let r = super::lease::break_round(&shared, &member, generation, round, timeout).await;
         let now = Instant::now();
         if r.broken {
-            tracing::info!(primary = %member, %generation, by = ?r.broken_by, "a majority broke the primary's lease");
+            tracing::info!(primary = %member, %generation, %round, by = ?r.broken_by, "a majority broke the primary's lease");
         }
         let mut lb = state.lock().unwrap_or_else(|e| e.into_inner());
         lb.in_flight = false;
+        if lb.key == Some((member.clone(), generation)) && !r.broken_by.is_empty() {
+            lb.breaks_since_release = Some((round, round_started));
+        }
         if lb.key == Some((member, generation)) {
             let wait = r
                 .majority_runs_out_in
@@ -311,6 +372,47 @@ fn start_break_round(shared: &Arc<Shared>, tr: &Tracker, member: &str, generatio
         drop(lb);
         shared.wake_leader.notify_one();
     });
+}
+
+/// The round of the last break round (for the promotion that relies on it).
+fn current_round(tr: &Tracker) -> Option<BreakRound> {
+    let lb = tr.lease_break.lock().unwrap_or_else(|e| e.into_inner());
+    lb.round.map(|(r, _)| r)
+}
+
+/// Releases of lease breaks that no promotion followed: once per leadership, every round
+/// of earlier terms (this leader knows nothing of them); and this leader's own rounds with
+/// breaks once the newest of them is older than `valid`.
+fn break_releases(tr: &Tracker, intent: &Intent, term: u64, valid: Duration) -> Vec<Command> {
+    let generation = intent.generation;
+    let mut out = Vec::new();
+    if intent.primary.is_none() {
+        return out;
+    }
+    let older_terms = BreakRound {
+        term: term.saturating_sub(1),
+        seq: u64::MAX,
+    };
+    if term > 0 && !intent.lease_break_released(generation, older_terms) {
+        out.push(Command::ReleaseLeaseBreaks {
+            generation,
+            upto: older_terms,
+        });
+    }
+    let lb = tr.lease_break.lock().unwrap_or_else(|e| e.into_inner());
+    let key = intent.primary.clone().map(|p| (p, generation));
+    if let Some((round, started)) = lb.breaks_since_release.filter(|_| lb.key == key) {
+        if !lb.in_flight
+            && started.elapsed() >= valid
+            && !intent.lease_break_released(generation, round)
+        {
+            out.push(Command::ReleaseLeaseBreaks {
+                generation,
+                upto: round,
+            });
+        }
+    }
+    out
 }
 
 /// No member may replace a primary whose own agent reports its Postgres stopped and
@@ -378,6 +480,7 @@ fn command_for(
     intent: &Intent,
     observations: &BTreeMap<String, crate::decide::Observation>,
     lease_lsn: Option<crate::types::Lsn>,
+    break_round: Option<BreakRound>,
 ) -> Option<Command> {
     match action {
         Action::Promote {
@@ -422,6 +525,10 @@ fn command_for(
                 // Each reason means the old primary takes no more writes: its lease was
                 // broken by a majority, or its agent confirmed it stopped.
                 old_lease_released: true,
+                lease_break_round: match reason {
+                    PromoteReason::LeaseExpired => break_round,
+                    _ => None,
+                },
             }))
         }
         Action::RecordSyncSet { set, .. } => Some(Command::RecordSyncSet {

@@ -34,7 +34,7 @@ use tokio::task::JoinSet;
 use tonic::Request;
 
 use super::Shared;
-use crate::raft::intent::Intent;
+use crate::raft::intent::{BreakRound, Intent};
 use crate::types::Generation;
 
 /// How long a break round waits for more answers once a majority answered.
@@ -102,8 +102,10 @@ struct GrantInner {
     granted: bool,
     /// Until when a grant of an earlier generation may still run here.
     previous_until: Instant,
-    /// Every generation up to this one is broken here.
+    /// Every generation up to this one is broken here, by the round named (or a later
+    /// one) — unless the applied intent released the breaks of that round.
     broken_upto: Generation,
+    broken_round: BreakRound,
     /// The highest WAL position `generation`'s primary reported here, and the previous
     /// generation's.
     primary_lsn: u64,
@@ -115,12 +117,11 @@ impl Grants {
     /// restarts (None: in memory only, for tests).
     pub fn new(ttl: Duration, state_dir: Option<&std::path::Path>) -> Grants {
         let file = state_dir.map(|d| d.join(BROKEN_FILE));
-        let broken_upto = file
+        let (broken_upto, broken_round) = file
             .as_ref()
             .and_then(|f| std::fs::read_to_string(f).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .map(Generation)
-            .unwrap_or(Generation(0));
+            .and_then(|s| parse_broken(&s))
+            .unwrap_or_default();
         let now = Instant::now();
         Grants {
             ttl,
@@ -132,10 +133,26 @@ impl Grants {
                 // A grant given before a restart may still run.
                 previous_until: now + ttl,
                 broken_upto,
+                broken_round,
                 primary_lsn: 0,
                 previous_primary_lsn: 0,
             }),
         }
+    }
+
+    /// Whether `generation`'s lease is broken here: an older generation always is once a
+    /// newer one was broken; the newest broken one until the intent releases its round.
+    fn is_broken(g: &GrantInner, generation: Generation, intent: &Intent) -> bool {
+        generation < g.broken_upto
+            || (generation == g.broken_upto
+                && generation > Generation(0)
+                && !intent.lease_break_released(generation, g.broken_round))
+    }
+
+    /// The standing break of `generation` here, if any (for status and metrics).
+    pub fn standing_break(&self, intent: &Intent) -> Option<(Generation, BreakRound)> {
+        let g = self.lock();
+        Self::is_broken(&g, g.broken_upto, intent).then_some((g.broken_upto, g.broken_round))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, GrantInner> {
@@ -171,9 +188,10 @@ impl Grants {
     ) -> Result<(), String> {
         let mut g = self.lock();
         self.follow(&mut g, intent, now);
-        if generation <= g.broken_upto {
+        if Self::is_broken(&g, generation, intent) {
             return Err(format!(
-                "the lease of generation {generation} was broken here"
+                "the lease of generation {generation} was broken here (round {})",
+                g.broken_round
             ));
         }
         if intent.generation != generation || intent.primary.as_deref() != Some(member) {
@@ -211,13 +229,31 @@ impl Grants {
         &self,
         member: &str,
         generation: Generation,
+        round: BreakRound,
         intent: &Intent,
         now: Instant,
     ) -> BreakOutcome {
         let mut g = self.lock();
         self.follow(&mut g, intent, now);
-        if generation <= g.broken_upto {
+        if generation < g.broken_upto {
             return BreakOutcome::Broken;
+        }
+        if Self::is_broken(&g, generation, intent) {
+            if round > g.broken_round {
+                // Still broken: it now counts until the newer round is released.
+                if let Some(f) = &self.file {
+                    if let Err(e) = write_durably(f, generation, round) {
+                        return BreakOutcome::Refused(format!("recording the break: {e}"));
+                    }
+                }
+                g.broken_round = round;
+            }
+            return BreakOutcome::Broken;
+        }
+        if intent.lease_break_released(generation, round) {
+            return BreakOutcome::Refused(format!(
+                "break round {round} of generation {generation} was already released"
+            ));
         }
         let runs_until = if intent.generation > generation {
             // Over here; a grant given just before this voter applied the newer
@@ -242,20 +278,35 @@ impl Grants {
         }
         if let Some(f) = &self.file {
             // Durable before it counts: a restarted voter must not grant it again.
-            if let Err(e) = write_durably(f, generation) {
+            if let Err(e) = write_durably(f, generation, round) {
                 return BreakOutcome::Refused(format!("recording the break: {e}"));
             }
         }
         g.broken_upto = generation;
+        g.broken_round = round;
         BreakOutcome::Broken
     }
 }
 
-fn write_durably(path: &std::path::Path, generation: Generation) -> std::io::Result<()> {
+/// `GENERATION [TERM SEQ]` (a file without the round, from an older version, names round
+/// 0.0: released by any release of that generation).
+fn parse_broken(text: &str) -> Option<(Generation, BreakRound)> {
+    let mut parts = text.split_whitespace();
+    let generation = Generation(parts.next()?.parse().ok()?);
+    let term = parts.next().map_or(Some(0), |t| t.parse().ok())?;
+    let seq = parts.next().map_or(Some(0), |t| t.parse().ok())?;
+    Some((generation, BreakRound { term, seq }))
+}
+
+fn write_durably(
+    path: &std::path::Path,
+    generation: Generation,
+    round: BreakRound,
+) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;
-    writeln!(f, "{}", generation.0)?;
+    writeln!(f, "{} {} {}", generation.0, round.term, round.seq)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {
@@ -308,9 +359,14 @@ pub fn handle_break(shared: &Shared, req: BreakLeaseRequest) -> BreakLeaseRespon
     }
     let intent = shared.applied().intent.clone();
     let generation = Generation(req.generation);
-    let outcome = shared
-        .grants
-        .break_lease(&req.member, generation, &intent, Instant::now());
+    let round = BreakRound {
+        term: req.round_term,
+        seq: req.round_seq,
+    };
+    let outcome =
+        shared
+            .grants
+            .break_lease(&req.member, generation, round, &intent, Instant::now());
     let primary_lsn = shared.grants.primary_lsn(generation);
     let mut resp = match outcome {
         BreakOutcome::Broken => {
@@ -450,6 +506,7 @@ pub async fn break_round(
     shared: &Arc<Shared>,
     member: &str,
     generation: Generation,
+    round: BreakRound,
     timeout: Duration,
 ) -> BreakResult {
     let intent = shared.applied().intent.clone();
@@ -459,6 +516,8 @@ pub async fn break_round(
         cluster: shared.config.cluster.clone(),
         member: member.to_string(),
         generation: generation.0,
+        round_term: round.term,
+        round_seq: round.seq,
     };
     let mut broken_by = Vec::new();
     let mut held: Vec<Duration> = Vec::new();
@@ -650,6 +709,16 @@ mod tests {
     use crate::raft::intent::Intent;
 
     const TTL: Duration = Duration::from_millis(2_000);
+    const R1: BreakRound = BreakRound { term: 2, seq: 1 };
+    const R2: BreakRound = BreakRound { term: 2, seq: 2 };
+
+    fn released(mut i: Intent, upto: BreakRound) -> Intent {
+        i.lease_break_release = Some(crate::raft::intent::LeaseBreakRelease {
+            generation: i.generation,
+            upto,
+        });
+        i
+    }
 
     fn intent(primary: &str, generation: u64, released: bool) -> Intent {
         Intent {
@@ -719,7 +788,7 @@ mod tests {
         g.renew("a1", Generation(3), 0, &i, t0).unwrap();
         let ms = Duration::from_millis;
         assert_eq!(
-            g.break_lease("a1", Generation(3), &i, t0 + ms(500)),
+            g.break_lease("a1", Generation(3), R1, &i, t0 + ms(500)),
             BreakOutcome::Held {
                 remaining: ms(1_500)
             }
@@ -727,11 +796,11 @@ mod tests {
         // Renewed later: the grant runs from the last renewal.
         g.renew("a1", Generation(3), 0, &i, t0 + ms(1_000)).unwrap();
         assert_eq!(
-            g.break_lease("a1", Generation(3), &i, t0 + ms(2_500)),
+            g.break_lease("a1", Generation(3), R1, &i, t0 + ms(2_500)),
             BreakOutcome::Held { remaining: ms(500) }
         );
         assert_eq!(
-            g.break_lease("a1", Generation(3), &i, t0 + ms(3_000)),
+            g.break_lease("a1", Generation(3), R1, &i, t0 + ms(3_000)),
             BreakOutcome::Broken
         );
         // Sticky: the primary cannot renew that generation here any more.
@@ -740,7 +809,7 @@ mod tests {
             .unwrap_err();
         assert!(e.contains("broken"), "{e}");
         assert_eq!(
-            g.break_lease("a1", Generation(3), &i, t0 + ms(3_002)),
+            g.break_lease("a1", Generation(3), R1, &i, t0 + ms(3_002)),
             BreakOutcome::Broken
         );
     }
@@ -791,19 +860,19 @@ mod tests {
             .unwrap();
         let newer = intent("a2", 4, false);
         assert_eq!(
-            g.break_lease("a1", Generation(3), &newer, t0 + ms(400)),
+            g.break_lease("a1", Generation(3), R1, &newer, t0 + ms(400)),
             BreakOutcome::Held {
                 remaining: ms(1_600)
             }
         );
         assert_eq!(
-            g.break_lease("a1", Generation(3), &newer, t0 + TTL),
+            g.break_lease("a1", Generation(3), R1, &newer, t0 + TTL),
             BreakOutcome::Broken
         );
         // A generation this voter has not applied yet was never granted here.
         let lagging = intent("a1", 3, false);
         assert_eq!(
-            g.break_lease("a2", Generation(5), &lagging, t0 + TTL),
+            g.break_lease("a2", Generation(5), R1, &lagging, t0 + TTL),
             BreakOutcome::Broken
         );
         let e = g
@@ -837,7 +906,7 @@ mod tests {
         let g = Grants::new(TTL, None);
         let i = intent("a1", 3, false);
         assert!(matches!(
-            g.break_lease("a1", Generation(3), &i, t0),
+            g.break_lease("a1", Generation(3), R1, &i, t0),
             BreakOutcome::Held { .. }
         ));
         // Nor does it grant a primary whose predecessor it may have granted before.
@@ -856,7 +925,7 @@ mod tests {
             g.lock().since = t0 - TTL;
             g.lock().generation = Generation(3);
             assert_eq!(
-                g.break_lease("a1", Generation(3), &i, t0),
+                g.break_lease("a1", Generation(3), R1, &i, t0),
                 BreakOutcome::Broken
             );
         }
@@ -865,5 +934,88 @@ mod tests {
             .renew("a1", Generation(3), 0, &i, t0 + TTL * 3)
             .unwrap_err();
         assert!(e.contains("broken"), "{e}");
+    }
+
+    #[test]
+    fn a_break_no_promotion_followed_is_released_through_the_intent() {
+        let t0 = Instant::now();
+        let g = settled(t0);
+        let i = intent("a1", 3, false);
+        let ms = Duration::from_millis;
+        g.renew("a1", Generation(3), 0, &i, t0).unwrap();
+        assert_eq!(
+            g.break_lease("a1", Generation(3), R1, &i, t0 + ms(3_000)),
+            BreakOutcome::Broken
+        );
+        assert_eq!(g.standing_break(&i), Some((Generation(3), R1)));
+        assert!(g.renew("a1", Generation(3), 0, &i, t0 + ms(3_100)).is_err());
+        // The cluster released round R1 (no promotion followed): the primary may renew.
+        let i = released(i, R1);
+        assert_eq!(g.standing_break(&i), None);
+        g.renew("a1", Generation(3), 0, &i, t0 + ms(3_200)).unwrap();
+        // A late request of the released round breaks nothing.
+        assert!(matches!(
+            g.break_lease("a1", Generation(3), R1, &i, t0 + ms(9_000)),
+            BreakOutcome::Refused(_)
+        ));
+        // A new round breaks it again once the grant ran out.
+        assert_eq!(
+            g.break_lease("a1", Generation(3), R2, &i, t0 + ms(5_300)),
+            BreakOutcome::Broken
+        );
+        assert!(g.renew("a1", Generation(3), 0, &i, t0 + ms(5_400)).is_err());
+    }
+
+    #[test]
+    fn a_break_renewed_by_a_newer_round_outlives_the_release_of_the_older() {
+        let t0 = Instant::now();
+        let g = settled(t0);
+        let i = intent("a1", 3, false);
+        let ms = Duration::from_millis;
+        g.renew("a1", Generation(3), 0, &i, t0).unwrap();
+        assert_eq!(
+            g.break_lease("a1", Generation(3), R1, &i, t0 + ms(3_000)),
+            BreakOutcome::Broken
+        );
+        assert_eq!(
+            g.break_lease("a1", Generation(3), R2, &i, t0 + ms(3_500)),
+            BreakOutcome::Broken
+        );
+        let i = released(i, R1);
+        assert_eq!(g.standing_break(&i), Some((Generation(3), R2)));
+        assert!(g.renew("a1", Generation(3), 0, &i, t0 + ms(3_600)).is_err());
+    }
+
+    #[test]
+    fn a_break_and_its_round_survive_a_restart_and_old_files_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        let i = intent("a1", 3, false);
+        {
+            let g = Grants::new(TTL, Some(dir.path()));
+            g.lock().previous_until = t0;
+            g.lock().since = t0 - TTL;
+            g.lock().generation = Generation(3);
+            assert_eq!(
+                g.break_lease("a1", Generation(3), R2, &i, t0),
+                BreakOutcome::Broken
+            );
+        }
+        let g = Grants::new(TTL, Some(dir.path()));
+        assert_eq!(g.standing_break(&i), Some((Generation(3), R2)));
+        assert_eq!(
+            g.standing_break(&released(i.clone(), R1)),
+            Some((Generation(3), R2))
+        );
+        assert_eq!(g.standing_break(&released(i, R2)), None);
+        assert_eq!(
+            parse_broken("7\n"),
+            Some((Generation(7), BreakRound::default()))
+        );
+        assert_eq!(
+            parse_broken("7 3 9\n"),
+            Some((Generation(7), BreakRound { term: 3, seq: 9 }))
+        );
+        assert_eq!(parse_broken("x"), None);
     }
 }

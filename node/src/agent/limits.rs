@@ -61,12 +61,54 @@ pub fn grpc_incoming(
     )
 }
 
-/// The HTTP listener, bounded the same way (for `axum::serve`).
+/// The HTTP listener, bounded the same way (for `axum::serve`, plain HTTP).
 pub fn http_listener(listener: TcpListener) -> BoundedListener {
     BoundedListener {
         inner: listener,
         permits: Arc::new(Semaphore::new(MAX_HTTP_CONNECTIONS)),
         idle: IDLE_TIMEOUT,
+    }
+}
+
+/// The HTTPS server's bound: axum-server accepts the TCP connections itself, so here a
+/// connection over the limit is held unread until a permit frees (at most the idle
+/// timeout, then it is closed) before its TLS handshake; once served it closes when idle
+/// like a plain one.
+pub fn https_limit() -> HttpsLimit {
+    HttpsLimit {
+        permits: Arc::new(Semaphore::new(MAX_HTTP_CONNECTIONS)),
+        idle: IDLE_TIMEOUT,
+    }
+}
+
+/// The acceptor of [`https_limit`] (runs before the TLS acceptor).
+#[derive(Clone)]
+pub struct HttpsLimit {
+    permits: Arc<Semaphore>,
+    idle: Duration,
+}
+
+impl<S: Send + 'static> axum_server::accept::Accept<TcpStream, S> for HttpsLimit {
+    type Stream = Bounded<TcpStream>;
+    type Service = S;
+    type Future = Pin<Box<dyn Future<Output = io::Result<(Self::Stream, S)>> + Send>>;
+
+    fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
+        let permits = self.permits.clone();
+        let idle = self.idle;
+        Box::pin(async move {
+            let _ = stream.set_nodelay(true);
+            let permit = tokio::time::timeout(idle, permits.acquire_owned())
+                .await
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "too many HTTPS connections held for too long",
+                    )
+                })?
+                .map_err(|_| io::Error::other("the HTTPS connection limit was closed"))?;
+            Ok((Bounded::new(stream, permit, idle), service))
+        })
     }
 }
 
@@ -270,5 +312,41 @@ mod tests {
         )
         .await;
         assert!(second.is_ok());
+    }
+
+    #[tokio::test]
+    async fn https_over_the_limit_waits_for_a_close_at_most_the_idle_timeout() {
+        use axum_server::accept::Accept;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limit = HttpsLimit {
+            permits: Arc::new(Semaphore::new(1)),
+            idle: Duration::from_millis(1500),
+        };
+        let _c1 = TcpStream::connect(addr).await.unwrap();
+        let (s1, _) = listener.accept().await.unwrap();
+        let (first, ()) = limit.accept(s1, ()).await.unwrap();
+        let _c2 = TcpStream::connect(addr).await.unwrap();
+        let (s2, _) = listener.accept().await.unwrap();
+        let mut second = limit.accept(s2, ());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut second)
+                .await
+                .is_err(),
+            "a second HTTPS connection was served over the limit"
+        );
+        drop(first);
+        let second = tokio::time::timeout(Duration::from_secs(5), second).await;
+        assert!(matches!(second, Ok(Ok(_))));
+        // At the limit for longer than the idle timeout: the waiting one is closed.
+        let _c3 = TcpStream::connect(addr).await.unwrap();
+        let (s3, _) = listener.accept().await.unwrap();
+        let started = std::time::Instant::now();
+        let third = tokio::time::timeout(Duration::from_secs(10), limit.accept(s3, ())).await;
+        match third {
+            Ok(Err(e)) => assert_eq!(e.kind(), io::ErrorKind::TimedOut),
+            _ => panic!("an over-limit HTTPS connection was not closed after the idle timeout"),
+        }
+        assert!(started.elapsed() >= Duration::from_millis(1400));
     }
 }

@@ -38,9 +38,13 @@ const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on starting or stopping the local Postgres.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Prefix of the replication slots Meridian owns; slots without it (pg_receivewal, backup
+/// tools, an adopted cluster's own) are never dropped.
+pub const SLOT_PREFIX: &str = "meridian_";
+
 /// The replication slot a member streams through (slot names allow `[a-z0-9_]` only).
 pub fn slot_name(member: &str) -> String {
-    member
+    let tail: String = member
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() {
@@ -49,6 +53,19 @@ pub fn slot_name(member: &str) -> String {
                 '_'
             }
         })
+        .collect();
+    format!("{SLOT_PREFIX}{tail}")
+}
+
+/// The inactive slots a primary drops: Meridian's own (by prefix) that no member wants.
+pub fn slots_to_drop<'a>(
+    inactive: impl IntoIterator<Item = &'a str>,
+    wanted: &std::collections::BTreeSet<String>,
+) -> Vec<String> {
+    inactive
+        .into_iter()
+        .filter(|s| s.starts_with(SLOT_PREFIX) && !wanted.contains(*s))
+        .map(str::to_string)
         .collect()
 }
 
@@ -95,10 +112,8 @@ pub fn pg_addr(shared: &Shared, member: &str) -> anyhow::Result<(String, u16)> {
         .get(member)
         .and_then(|p| p.postgres.clone())
         .with_context(|| format!("no peers.{member}.postgres in this agent's address book"))?;
-    let (host, port) = addr
-        .rsplit_once(':')
-        .with_context(|| format!("peers.{member}.postgres {addr:?} is not host:port"))?;
-    Ok((host.to_string(), port.parse().context("parsing the port")?))
+    super::dial::split_host_port(&addr)
+        .with_context(|| format!("peers.{member}.postgres {addr:?} is not host:port"))
 }
 
 /// Proposes `cmd` to the leader: committed here when this member leads, else sent as
@@ -144,6 +159,9 @@ pub async fn run(shared: Arc<Shared>, pg: PgInstance) {
         unresponsive_since: None,
         slots: None,
         last_error: None,
+        system_identifier: None,
+        conf_checked: false,
+        roles_ensured: false,
     };
     let mut ticker = tokio::time::interval(m.shared.config.timing.observe_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -187,6 +205,23 @@ struct Member {
     /// The slots this primary made sure of, for which generation.
     slots: Option<(Generation, std::collections::BTreeSet<String>)>,
     last_error: Option<String>,
+    /// The local data dir's system identifier, read once per data dir.
+    system_identifier: Option<u64>,
+    /// Meridian's settings were written into the existing data dir since this agent
+    /// started (adoption, or a refresh of a data dir it manages).
+    conf_checked: bool,
+    /// Meridian's roles were made sure of on this primary since this agent started.
+    roles_ensured: bool,
+}
+
+/// Why a data directory is refused: it holds another cluster.
+pub fn foreign_data_dir_message(data_dir: &std::path::Path, local: u64, recorded: u64) -> String {
+    format!(
+        "data directory {} holds another Postgres cluster: its system identifier is {local}, \
+         the cluster's (recorded in the intent) is {recorded}; refusing to use, move or \
+         delete it (point postgres.data_dir elsewhere or remove it by hand)",
+        data_dir.display()
+    )
 }
 
 impl Member {
@@ -204,6 +239,7 @@ impl Member {
         if intent.member(&me).is_none() {
             return Ok(());
         }
+        self.check_data_dir(&intent).await?;
         if intent.generation == Generation(0) && intent.primary.is_none() {
             return self.bootstrap(&intent).await;
         }
@@ -280,6 +316,162 @@ impl Member {
         }
     }
 
+    /// Before anything touches an existing data dir: refuse one of another cluster (its
+    /// system identifier differs from the intent's; nothing is moved or deleted), refuse a
+    /// Postgres older than 13, and write Meridian's settings into it once per agent start.
+    /// A data dir Meridian never managed (no include line) is adopted: its data and
+    /// settings stay, Meridian's go into `meridian.conf`, and a running server is restarted
+    /// under the agent (pg_ctl on its data dir) so the listen addresses, socket and
+    /// `pg_hba.conf` apply and the agent can stop or fence it.
+    async fn check_data_dir(&mut self, intent: &Intent) -> anyhow::Result<()> {
+        if !self.has_data() {
+            self.system_identifier = None;
+            self.conf_checked = false;
+            return Ok(());
+        }
+        let local = match self.system_identifier {
+            Some(id) => id,
+            None => {
+                let id = self
+                    .pg
+                    .system_identifier()
+                    .await
+                    .context("reading the data directory's system identifier")?;
+                self.system_identifier = Some(id);
+                id
+            }
+        };
+        if intent.system_identifier.is_none() && !self.shared.config.raft.bootstrap {
+            // A joining member keeps its hands off an existing data dir until the primary
+            // recorded which cluster it is.
+            self.shared
+                .set_activity("waiting for the primary to record the cluster's system identifier");
+            return Ok(());
+        }
+        if let Some(recorded) = intent.system_identifier {
+            if recorded != local {
+                self.shared
+                    .set_activity("refused: the data directory holds another cluster");
+                anyhow::bail!(foreign_data_dir_message(
+                    self.pg.data_dir(),
+                    local,
+                    recorded
+                ));
+            }
+        }
+        if self.conf_checked {
+            return Ok(());
+        }
+        match self.pg.data_major_version() {
+            Some(v) if v >= 13 => {}
+            Some(v) => anyhow::bail!(
+                "data directory {} holds a PostgreSQL {v} cluster; Meridian needs 13 or newer",
+                self.pg.data_dir().display()
+            ),
+            None => anyhow::bail!(
+                "data directory {} has no readable PG_VERSION",
+                self.pg.data_dir().display()
+            ),
+        }
+        let adopting = !self.pg.has_meridian_include();
+        if adopting {
+            tracing::info!(
+                data_dir = %self.pg.data_dir().display(),
+                system_identifier = local,
+                "adopting an existing Postgres data directory: keeping its data and settings"
+            );
+            self.shared
+                .set_activity("adopting an existing data directory");
+        }
+        self.pg
+            .write_conf()
+            .context("writing Meridian's settings")?;
+        // An adopted standby streams from wherever its DBA pointed it, as whoever they
+        // chose (it may lack Meridian's roles until it streams): point it at the intent's
+        // primary as the replication role, while it is stopped.
+        let repoint = match intent.primary.as_deref() {
+            Some(p) if adopting && p != self.name() && self.pg.has_standby_signal() => {
+                Some(p.to_string())
+            }
+            _ => None,
+        };
+        if self.pg.is_running() {
+            let socket = self
+                .pg
+                .access()
+                .socket_dir
+                .as_ref()
+                .map(|d| d.join(format!(".s.PGSQL.{}", self.pg.port())));
+            if adopting || socket.is_some_and(|s| !s.exists()) {
+                // Running with settings that are not Meridian's (listen addresses, socket):
+                // restart it under the agent's control.
+                tracing::info!("restarting the running Postgres under Meridian's settings");
+                self.pg
+                    .stop(StopMode::Fast, START_TIMEOUT)
+                    .await
+                    .context("stopping the adopted Postgres")?;
+                if let Some(p) = &repoint {
+                    self.repoint_stopped(p).await?;
+                }
+                self.pg
+                    .start(START_TIMEOUT)
+                    .await
+                    .context("starting the adopted Postgres")?;
+            } else {
+                self.pg.reload().await.context("reloading pg_hba.conf")?;
+            }
+        } else if let Some(p) = &repoint {
+            self.repoint_stopped(p).await?;
+        }
+        if adopting {
+            self.shared.set_activity("");
+        }
+        self.conf_checked = true;
+        Ok(())
+    }
+
+    /// Points a stopped standby at `primary` through this member's slot.
+    async fn repoint_stopped(&mut self, primary: &str) -> anyhow::Result<()> {
+        let (host, port) = pg_addr(&self.shared, primary)?;
+        self.pg
+            .configure_standby(&host, port, Some(&slot_name(self.name())))
+            .await
+            .with_context(|| format!("pointing the adopted standby at {primary}"))?;
+        tracing::info!(%primary, "the adopted standby follows the primary");
+        self.upstream = Some(primary.to_string());
+        Ok(())
+    }
+
+    /// Records the local system identifier in the intent when none is (this member is
+    /// the primary).
+    async fn record_system_identifier(&mut self, intent: &Intent) -> anyhow::Result<()> {
+        if intent.system_identifier.is_some() {
+            return Ok(());
+        }
+        let id = match self.system_identifier {
+            Some(id) => id,
+            None => {
+                let id = self.pg.system_identifier().await?;
+                self.system_identifier = Some(id);
+                id
+            }
+        };
+        let cmd = Command::RecordSystemIdentifier {
+            member: self.name().to_string(),
+            system_identifier: id,
+        };
+        match propose(&self.shared, cmd).await? {
+            Response::Applied => {
+                tracing::info!(
+                    system_identifier = id,
+                    "recorded the cluster's system identifier"
+                );
+                Ok(())
+            }
+            other => anyhow::bail!("recording the system identifier: {other:?}"),
+        }
+    }
+
     async fn bootstrap(&mut self, intent: &Intent) -> anyhow::Result<()> {
         let shared = self.shared.clone();
         if !shared.config.raft.bootstrap || shared.id != 1 {
@@ -295,6 +487,12 @@ impl Member {
         if !shared.believes_leader() {
             return Ok(());
         }
+        self.pg
+            .ensure_roles()
+            .await
+            .context("creating Meridian's roles")?;
+        self.roles_ensured = true;
+        self.record_system_identifier(intent).await?;
         let cmd = Command::Promote(Promote {
             member: self.name().to_string(),
             generation: intent.generation.next(),
@@ -306,6 +504,7 @@ impl Member {
             new_primary_lsn: None,
             possible_loss_bytes: None,
             old_lease_released: false,
+            lease_break_round: None,
         });
         match propose(&shared, cmd).await? {
             Response::Applied => {
@@ -333,11 +532,13 @@ impl Member {
         let (host, port) = pg_addr(&self.shared, primary)?;
         self.shared.set_activity(&format!("cloning from {primary}"));
         let slot = slot_name(self.name());
+        self.system_identifier = None;
         if let Err(e) = self.pg.clone_from(&host, port, Some(&slot)).await {
             // Only what this attempt wrote is there (there was no data before).
             let _ = std::fs::remove_dir_all(self.pg.data_dir());
             return Err(e).context(format!("cloning from {primary}"));
         }
+        self.conf_checked = true;
         self.pg
             .start(START_TIMEOUT)
             .await
@@ -454,13 +655,13 @@ impl Member {
     /// for nothing.
     async fn primary_ready(&self, primary: &str) -> anyhow::Result<()> {
         let (host, port) = pg_addr(&self.shared, primary)?;
-        let config = self.pg.client_config_for(&host, port);
         let timeout = self.shared.config.timing.pg_probe_timeout;
-        let (client, conn) = tokio::time::timeout(timeout, config.connect(tokio_postgres::NoTls))
+        let monitor = self.pg.roles().monitor.clone();
+        let (client, conn) = self
+            .pg
+            .connect_remote("primary ready: connect", &host, port, &monitor, timeout)
             .await
-            .with_context(|| format!("{primary}'s Postgres did not answer in time"))?
             .with_context(|| format!("connecting to {primary}'s Postgres"))?;
-        let conn = tokio::spawn(conn);
         let row =
             tokio::time::timeout(timeout, client.query_one("SELECT pg_is_in_recovery()", &[]))
                 .await
@@ -474,7 +675,10 @@ impl Member {
         Ok(())
     }
 
-    fn move_data_aside(&self, why: &str) -> anyhow::Result<std::path::PathBuf> {
+    fn move_data_aside(&mut self, why: &str) -> anyhow::Result<std::path::PathBuf> {
+        // Only reached after check_data_dir accepted this data dir as the cluster's own.
+        self.system_identifier = None;
+        self.conf_checked = false;
         let dir = self.pg.data_dir().to_path_buf();
         let mut aside = dir.clone().into_os_string();
         aside.push(format!(".{why}-{}", unix_ms()));
@@ -552,6 +756,14 @@ impl Member {
         if switchover_phase_from(intent, self.name()) == Some(SwitchoverPhase::StoppingWrites) {
             return self.stop_writes().await;
         }
+        if !self.roles_ensured {
+            self.pg
+                .ensure_roles()
+                .await
+                .context("creating Meridian's roles")?;
+            self.roles_ensured = true;
+        }
+        self.record_system_identifier(intent).await?;
         self.ensure_slots(intent).await?;
         if let Some(target) = intent
             .sync_target
@@ -570,7 +782,8 @@ impl Member {
 
     /// A slot for every other data member, so each can clone and stream from here; the
     /// inactive slots of members no longer in the intent are dropped (they would hold WAL
-    /// forever). Done again whenever the generation or the data members change.
+    /// until `max_slot_wal_keep_size`). Slots Meridian does not own (no `meridian_`
+    /// prefix) are left alone. Done again whenever the generation or the data members change.
     async fn ensure_slots(&mut self, intent: &Intent) -> anyhow::Result<()> {
         let wanted: std::collections::BTreeSet<String> = intent
             .members
@@ -599,12 +812,10 @@ impl Member {
         )
         .await
         .context("listing slots timed out")??;
-        for row in rows {
-            let slot: String = row.get(0);
-            if !key.1.contains(&slot) {
-                tracing::info!(%slot, "dropping the slot of a member that left");
-                self.pg.drop_slot(&slot).await?;
-            }
+        let inactive: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+        for slot in slots_to_drop(inactive.iter().map(String::as_str), &key.1) {
+            tracing::info!(%slot, "dropping the slot of a member that left");
+            self.pg.drop_slot(&slot).await?;
         }
         self.slots = Some(key);
         Ok(())
@@ -799,6 +1010,31 @@ mod tests {
 
     #[test]
     fn slot_names_are_valid_postgres_identifiers() {
-        assert_eq!(slot_name("A-2_x"), "a_2_x");
+        assert_eq!(slot_name("A-2_x"), "meridian_a_2_x");
+    }
+
+    #[test]
+    fn only_meridians_unwanted_slots_are_dropped() {
+        let wanted: std::collections::BTreeSet<String> = [slot_name("b1")].into();
+        let inactive = [
+            "meridian_b1",
+            "meridian_gone",
+            "barman",
+            "pg_receivewal_slot",
+            "b1",
+        ];
+        assert_eq!(
+            slots_to_drop(inactive, &wanted),
+            vec!["meridian_gone".to_string()]
+        );
+    }
+
+    #[test]
+    fn foreign_data_dir_message_names_both_identifiers() {
+        let m = foreign_data_dir_message(std::path::Path::new("/d"), 11, 22);
+        assert!(
+            m.contains("/d") && m.contains("11") && m.contains("22"),
+            "{m}"
+        );
     }
 }

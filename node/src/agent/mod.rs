@@ -22,6 +22,8 @@ pub mod limits;
 pub mod member;
 pub mod observe;
 pub mod peers;
+pub mod pg_access;
+pub mod stop;
 pub mod watchdog;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -167,6 +169,9 @@ pub struct AgentHandle {
     stop: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
+    /// The data member's reconcile loop and its Postgres, for the graceful stop.
+    member_task: Option<JoinHandle<()>>,
+    local_pg: Option<crate::pg::PgInstance>,
 }
 
 pub struct Agent;
@@ -192,7 +197,35 @@ impl Agent {
             Some(t) => Some(dial::TlsFiles::load(t).context("loading TLS files")?),
             None => None,
         };
-        let dialer = Dialer::new(book.clone(), tls.as_ref().map(|t| t.client.clone()));
+        let http_tls = config
+            .api
+            .http_tls
+            .as_ref()
+            .map(http::https_config)
+            .transpose()
+            .context("loading [api] http_tls_cert_file / http_tls_key_file")?;
+        let key = match &config.security.cluster_secret {
+            Some(s) => Some(
+                crate::auth::ClusterKey::new(s.expose().as_bytes())
+                    .map_err(|e| anyhow::anyhow!("[security] cluster secret: {e}"))?,
+            ),
+            None => None,
+        };
+        if let Some(path) = &config.security.cluster_secret_file {
+            warn_if_readable_by_others(path);
+        }
+        if config.security.insecure {
+            tracing::warn!(
+                "[security] insecure = true: member RPCs are not authenticated; anyone who can \
+                 reach {} can change this cluster (local demos only)",
+                config.api.listen
+            );
+        }
+        let signer = key
+            .clone()
+            .map(|k| crate::auth::Signer::new(k, &config.member.name));
+        let dialer = Dialer::new(book.clone(), tls.as_ref().map(|t| t.client.clone()))
+            .with_signer(signer.clone());
 
         let identity = join::establish_identity(&config, &dialer).await?;
         tracing::info!(
@@ -208,7 +241,8 @@ impl Agent {
             millis(config.raft.election_timeout_min),
             millis(config.raft.election_timeout_max),
         )?;
-        let mut network = GrpcNetworkFactory::new(identity.id, &config.cluster, book.clone());
+        let mut network =
+            GrpcNetworkFactory::new(identity.id, &config.cluster, book.clone()).with_signer(signer);
         if let Some(t) = &tls {
             network = network.with_tls(t.client.clone());
         }
@@ -247,7 +281,15 @@ impl Agent {
                 .tls_config(t.server.clone())
                 .context("configuring the gRPC server's TLS")?;
         }
+        let verifier = key.map(|k| Arc::new(crate::auth::Verifier::new(k, &config.member.name)));
+        let names_of = shared.clone();
+        let auth = crate::auth::AuthLayer::new(
+            verifier,
+            config.security.insecure,
+            Arc::new(move || member_names(&names_of)),
+        );
         let router = builder
+            .layer(auth)
             .add_service(RaftGrpcService::new(&config.cluster, raft.clone()).into_server())
             .add_service(observe::AgentService::new(shared.clone()).into_server())
             .add_service(admin::AdminService::new(shared.clone()).into_server());
@@ -278,16 +320,12 @@ impl Agent {
             metrics,
             writes: Some(http_write::write_fn(shared.clone())),
             token: config.api.token.as_ref().map(|t| t.expose().to_string()),
+            insecure: config.security.insecure,
         });
-        let mut stopped = stop.subscribe();
+        let stopped = stop.subscribe();
         servers.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(limits::http_listener(http_listener), app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                })
-                .await
-            {
-                tracing::error!("HTTP server failed: {e}");
+            if let Err(e) = http::serve(http_listener, app, http_tls, stopped).await {
+                tracing::error!("HTTP server failed: {e:#}");
             }
         }));
 
@@ -307,8 +345,9 @@ impl Agent {
         let local = reporter.instance();
         tasks.push(tokio::spawn(reporter.run(health_tx)));
         tasks.push(tokio::spawn(lease::run(shared.clone(), local.clone())));
-        if let Some(pg) = local {
-            tasks.push(tokio::spawn(member::run(shared.clone(), pg)));
+        let mut member_task = None;
+        if let Some(pg) = local.clone() {
+            member_task = Some(tokio::spawn(member::run(shared.clone(), pg)));
             // The watchdog enforces the fence deadline even if this process freezes.
             match watchdog::spawn(&config) {
                 Ok(mut child) => {
@@ -335,7 +374,39 @@ impl Agent {
             stop,
             servers,
             tasks,
+            member_task,
+            local_pg: local,
         })
+    }
+}
+
+/// Every member name this agent knows: itself, its address book, the Raft membership and
+/// the intent's members (the names a member's TLS certificate may carry).
+fn member_names(shared: &Shared) -> Vec<String> {
+    let mut names: std::collections::BTreeSet<String> =
+        shared.config.peers.keys().cloned().collect();
+    names.insert(shared.name().to_string());
+    let metrics = shared.raft_metrics();
+    for (_, n) in metrics.membership_config.membership().nodes() {
+        names.insert(n.name.clone());
+    }
+    names.extend(shared.applied().intent.members.keys().cloned());
+    names.into_iter().collect()
+}
+
+/// The cluster secret is as good as a member's identity: warn when others may read it.
+fn warn_if_readable_by_others(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(path) {
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => tracing::warn!(
+            file = %path.display(),
+            mode = %format!("{:o}", m.permissions().mode() & 0o777),
+            "the cluster secret file is readable by group or others; chmod 600 it"
+        ),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(file = %path.display(), "cannot check the cluster secret file's permissions: {e}")
+        }
     }
 }
 
@@ -351,8 +422,19 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl AgentHandle {
-    /// Stops the background tasks, the servers and Raft, each bounded.
+    /// Stops on purpose: first hands the primary over or fences it and stops the local
+    /// Postgres ([`stop::before_shutdown`]), then the runtime.
+    pub async fn stop_gracefully(mut self) {
+        stop::before_shutdown(&self.shared, self.member_task.take(), self.local_pg.take()).await;
+        self.shutdown().await;
+    }
+
+    /// Stops the background tasks, the servers and Raft, each bounded; the local Postgres
+    /// is left as it is.
     pub async fn shutdown(self) {
+        if let Some(t) = &self.member_task {
+            t.abort();
+        }
         for t in &self.tasks {
             t.abort();
         }

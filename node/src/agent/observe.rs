@@ -169,23 +169,24 @@ async fn local_pg(config: &Config) -> LocalPg {
         Err(e) => return LocalPg::Broken(format!("resolving OS user {}: {e}", pg.os_user)),
     };
     let probe = config.timing.pg_probe_timeout;
-    let mut instance = PgInstance::new(
+    let access = super::pg_access::access(config, pg, &run_as).await;
+    let instance = PgInstance::new(
         bin,
         pg.data_dir.clone(),
         pg.port,
         config.member.name.clone(),
         run_as,
     )
-    .with_superuser(pg.superuser.clone())
     .with_timeouts(PgTimeouts {
         connect: probe,
         probe,
         ..PgTimeouts::default()
-    });
-    if let Some(pw) = &pg.password {
-        instance = instance.with_password(pw.expose());
+    })
+    .with_access(access);
+    match instance {
+        Ok(i) => LocalPg::Data(Box::new(i)),
+        Err(e) => LocalPg::Broken(e.to_string()),
     }
-    LocalPg::Data(Box::new(instance))
 }
 
 fn wal_receiver_status(s: &str) -> WalReceiverStatus {
@@ -354,12 +355,18 @@ impl ClusterSource {
                     .get(&m.name)
                     .and_then(|p| p.postgres.clone())
                     .or_else(|| {
+                        // Without an address-book entry for itself: its first listen
+                        // IP address (`*` names no host).
                         let pg = shared.config.postgres.as_ref().filter(|_| m.name == me)?;
-                        Some(format!("{}:{}", pg.listen_addr, pg.port))
+                        let ip = pg.listen_addr.iter().find_map(|a| match a {
+                            crate::config::ListenAddr::Ip(ip) => Some(*ip),
+                            crate::config::ListenAddr::Any => None,
+                        })?;
+                        Some(std::net::SocketAddr::new(ip, pg.port).to_string())
                     });
-                if let Some((host, port)) = addr.as_deref().and_then(|a| a.rsplit_once(':')) {
+                if let Some((host, port)) = addr.as_deref().and_then(super::dial::split_host_port) {
                     v["host"] = json!(host);
-                    v["port"] = json!(port.parse::<u16>().ok());
+                    v["port"] = json!(port);
                 }
                 if m.name == me {
                     v["api_url"] =
@@ -606,6 +613,13 @@ impl Reporter {
         );
         m.generation
             .set(i64::try_from(intent.generation.0).unwrap_or(i64::MAX));
+        m.lease_break_standing_generation.set(
+            shared
+                .grants
+                .standing_break(intent)
+                .filter(|(g, _)| *g == intent.generation)
+                .map_or(0, |(g, _)| i64::try_from(g.0).unwrap_or(i64::MAX)),
+        );
         let me = shared.name();
         let lease_valid = intent.primary.as_deref() == Some(me)
             && shared

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 
 use super::Shared;
 use crate::config::Config;
@@ -146,9 +146,8 @@ fn targets(config: &Config) -> Vec<(String, String, u16)> {
         .iter()
         .filter(|(name, _)| **name != config.member.name)
         .filter_map(|(name, p)| {
-            let addr = p.postgres.as_deref()?;
-            let (host, port) = addr.rsplit_once(':')?;
-            Some((name.clone(), host.to_string(), port.parse().ok()?))
+            let (host, port) = super::dial::split_host_port(p.postgres.as_deref()?)?;
+            Some((name.clone(), host, port))
         })
         .collect()
 }
@@ -165,16 +164,26 @@ fn client_config(
         .dbname("postgres")
         .application_name("meridian-peer-probe")
         .connect_timeout(timeout);
-    if let Some(pg) = &config.postgres {
-        c.user(&pg.superuser);
-        if let Some(p) = &pg.password {
-            c.password(p.expose());
-        }
-    } else {
-        // A witness has no [postgres] section; the cluster's superuser is the default.
-        c.user("postgres");
+    // The least-privilege monitor role (pg_monitor), on data members and witnesses alike.
+    let monitor = &config.pg_client.monitor;
+    c.user(&monitor.user);
+    if let Some(p) = &monitor.password {
+        c.password(p.expose());
     }
     c
+}
+
+/// The client TLS towards peers' Postgres, built once per process from the config.
+fn peer_tls(config: &Config) -> &'static crate::pg::PgTls {
+    static TLS: std::sync::OnceLock<crate::pg::PgTls> = std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        crate::pg::PgTls::from_client_ssl(&super::pg_access::client_ssl(config)).unwrap_or_else(
+            |e| {
+                tracing::error!("TLS to the peers' Postgres: {e}; probing them in plain text");
+                crate::pg::PgTls::default()
+            },
+        )
+    })
 }
 
 /// The kept session to one peer and its reconnect backoff.
@@ -227,13 +236,8 @@ async fn probe_one(
     let mut connected = false;
     let attempt = async {
         if session.open.is_none() {
-            let (client, conn) = client_config(config, host, port, timeout)
-                .connect(NoTls)
-                .await
-                .ok()?;
-            let task = tokio::spawn(async move {
-                let _ = conn.await;
-            });
+            let c = client_config(config, host, port, timeout);
+            let (client, task) = crate::pg::connect_tls(&c, peer_tls(config)).await.ok()?;
             let stmt = client.prepare(PROBE_SQL).await;
             session.open = Some((client, stmt.ok()?, task));
             connected = true;

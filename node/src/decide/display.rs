@@ -93,6 +93,10 @@ impl fmt::Display for Rejection {
             Rejection::NotInSyncSet => {
                 f.write_str("not in the recorded sync set, and the policy allows no async failover")
             }
+            Rejection::SyncQuorumUnknown => f.write_str(
+                "in the recorded sync set, but too few of the set answered to know whether it \
+                 holds every acknowledged commit",
+            ),
         }
     }
 }

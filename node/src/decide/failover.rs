@@ -204,35 +204,65 @@ fn choose(cx: &Cx, old: &str, allow_async: bool) -> Result<Chosen, NoCandidate> 
             .collect();
         if answered.len() >= needed {
             let quorum_lsn = answered.values().copied().max().unwrap_or(Lsn::ZERO);
-            let (sync_ok, others): (Vec<_>, Vec<_>) = qualified
+            // Holding the quorum's position means holding every commit a sync standby
+            // could have acknowledged, in the set or not.
+            let (safe, others): (Vec<_>, Vec<_>) =
+                qualified.into_iter().partition(|q| q.lsn >= quorum_lsn);
+            let (sync_ok, safe_outside): (Vec<_>, Vec<_>) = safe
                 .into_iter()
-                .partition(|q| sync_names.contains(q.name.as_str()) && q.lsn >= quorum_lsn);
+                .partition(|q| sync_names.contains(q.name.as_str()));
             if !sync_ok.is_empty() {
                 return Ok(best(sync_ok, best_known));
             }
-            if !strict && !others.is_empty() {
-                return Ok(best(others, best_known));
+            if !safe_outside.is_empty() {
+                return Ok(best(safe_outside, best_known));
             }
-            for q in others {
-                let r = if sync_names.contains(q.name.as_str()) {
+            // A recorded sync member known to be behind the quorum is never promoted
+            // automatically; an async one may be where the policy allows the loss.
+            let (behind, outside): (Vec<_>, Vec<_>) = others
+                .into_iter()
+                .partition(|q| sync_names.contains(q.name.as_str()));
+            if !strict && !outside.is_empty() {
+                return Ok(best(outside, best_known));
+            }
+            for q in behind {
+                rejected.insert(
+                    q.name,
                     Rejection::BehindSyncQuorum {
                         lsn: q.lsn,
                         quorum_lsn,
-                    }
-                } else {
-                    Rejection::NotInSyncSet
-                };
-                rejected.insert(q.name, r);
+                    },
+                );
+            }
+            for q in outside {
+                rejected.insert(q.name, Rejection::NotInSyncSet);
             }
             return Err(no_candidate(NoCandidateReason::NoQualifiedMember, rejected));
         }
-        if !strict && !qualified.is_empty() {
-            return Ok(best(qualified, best_known));
+        // Too few of the recorded sync set answered to know who holds the newest
+        // acknowledged commit: none of them may be promoted automatically (that would be a
+        // known shortfall passed off as sync); an async member may be where the policy
+        // allows the loss, and the history records it.
+        let outside: Vec<Qualified> = qualified
+            .iter()
+            .filter(|q| !sync_names.contains(q.name.as_str()))
+            .map(|q| Qualified {
+                name: q.name.clone(),
+                ..*q
+            })
+            .collect();
+        if !strict && !outside.is_empty() {
+            return Ok(best(outside, best_known));
         }
         for q in qualified {
-            if !sync_names.contains(q.name.as_str()) {
-                rejected.insert(q.name, Rejection::NotInSyncSet);
-            }
+            rejected.insert(
+                q.name.clone(),
+                if sync_names.contains(q.name.as_str()) {
+                    Rejection::SyncQuorumUnknown
+                } else {
+                    Rejection::NotInSyncSet
+                },
+            );
         }
         let reason = if strict {
             NoCandidateReason::SyncQuorumNotAnswering {

@@ -186,6 +186,7 @@ mod tests {
                 new_primary_lsn: None,
                 possible_loss_bytes: None,
                 old_lease_released: false,
+                lease_break_round: None,
             }),
             Command::SetPolicy {
                 expected_version: None,
@@ -467,6 +468,7 @@ mod tests {
             new_primary_lsn: Some(Lsn(500)),
             possible_loss_bytes: None,
             old_lease_released: false,
+            lease_break_round: None,
         });
         assert_eq!(i.validate(&promote), Ok(()));
         i.apply(&promote);

@@ -224,6 +224,9 @@ pub enum Rejection {
     },
     /// Not in the recorded sync set, and the policy forbids async failover here.
     NotInSyncSet,
+    /// In the recorded sync set, but too few of the set answered to know whether it holds
+    /// every commit a sync standby acknowledged.
+    SyncQuorumUnknown,
 }
 
 /// What a pending switchover is waiting for.

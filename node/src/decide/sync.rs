@@ -7,8 +7,9 @@
 //! Shrinking: Postgres first, then the record. One step per call.
 //!
 //! Under `durability = required` with fewer than `sync_quorum` healthy sync standbys, the
-//! set is never cut below `k` names (the intent would refuse it): commits wait, and the
-//! core says so ([`Wait::SyncQuorumShort`]).
+//! set is never cut below `k` names (the intent would refuse it) nor emptied (that would
+//! make the primary acknowledge alone): it is filled up with eligible standbys that are
+//! not streaming yet, commits wait, and the core says so ([`Wait::SyncQuorumShort`]).
 
 use std::collections::BTreeSet;
 
@@ -137,11 +138,17 @@ fn target(cx: &Cx, primary: &str, applied: &SyncSet) -> Target {
                 .iter()
                 .map(String::as_str)
                 .filter(|n| eligible.contains(n));
-            let names: BTreeSet<&str> = healthy.iter().copied().chain(kept).collect();
-            // Empty is a valid set (Postgres waits on nobody, and recording that keeps a
-            // later failover from waiting on standbys that acknowledged nothing).
-            let valid = names.is_empty() || names.len() >= k as usize;
-            let set = valid.then(|| SyncSet::new(names, k));
+            let mut names: BTreeSet<&str> = healthy.iter().copied().chain(kept).collect();
+            // Never fewer than k names, and never none: an empty set would let the
+            // primary acknowledge commits nobody else holds. Fill up with eligible
+            // standbys that are not healthy yet; commits wait until k of them stream.
+            for n in &eligible {
+                if names.len() >= k as usize {
+                    break;
+                }
+                names.insert(n);
+            }
+            let set = (names.len() >= k as usize).then(|| SyncSet::new(names, k));
             Target {
                 set,
                 degraded: false,

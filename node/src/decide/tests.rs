@@ -413,9 +413,66 @@ fn sync_quorum_not_answering_means_no_promotion() {
             &[
                 ("e2", stale(5_000)),
                 ("w1", stale(5_000)),
+                ("w2", Rejection::SyncQuorumUnknown),
                 ("x1", Rejection::Witness)
             ],
         )
+    );
+}
+
+/// Issue 12's lost writes: `auto` made every standby sync, ANY 1 (e2, w1, w2); the leader
+/// hears only from e2 (w1, w2 are cut off from it but may still have acknowledged commits
+/// the old primary made after e2's last position). Under the default, non-strict policy
+/// the async fallback must not pick a recorded sync member: that is a known shortfall, not
+/// an async standby. Nobody outside the set exists, so nobody is promoted.
+#[test]
+fn a_sync_member_is_never_promoted_while_the_sync_quorum_is_unknown() {
+    let mut v = base();
+    v.recorded_sync_set = SyncSet::new(["e2", "w1", "w2"], 1);
+    obs(&mut v, "e1").sync_standby_names = Some(SyncSet::new(["e2", "w1", "w2"], 1));
+    lose_primary(&mut v);
+    obs(&mut v, "w1").received_at_ms = STALE;
+    obs(&mut v, "w2").received_at_ms = STALE;
+    assert_eq!(
+        decide(&v, NOW),
+        no_candidate(
+            NoCandidateReason::NoQualifiedMember,
+            &[
+                ("e2", Rejection::SyncQuorumUnknown),
+                ("w1", stale(5_000)),
+                ("w2", stale(5_000)),
+                ("x1", Rejection::Witness)
+            ],
+        )
+    );
+    // Once the whole quorum answered, the member holding its highest position is safe.
+    obs(&mut v, "w1").received_at_ms = FRESH;
+    obs(&mut v, "w2").received_at_ms = FRESH;
+    obs(&mut v, "w2").received_lsn = Some(Lsn(1_000_050));
+    obs(&mut v, "w2").replayed_lsn = Some(Lsn(1_000_050));
+    assert_eq!(
+        decide(&v, NOW),
+        promote("w2", PromoteReason::LeaseExpired, 1_000_100 - 1_000_050)
+    );
+}
+
+/// With the quorum answering, a member outside the sync set that holds the quorum's
+/// position is as safe as a sync member; one behind it is only an async fallback, and a
+/// recorded sync member behind it never.
+#[test]
+fn a_sync_member_behind_the_answering_quorum_is_never_the_async_fallback() {
+    let mut v = base();
+    v.recorded_sync_set = SyncSet::new(["e2", "w1"], 1);
+    lose_primary(&mut v);
+    // e2 and w1 answered (n - k + 1 = 2); w1 is ahead, but down (not qualified).
+    obs(&mut v, "w1").postgres_up = true;
+    obs(&mut v, "w1").received_lsn = Some(Lsn(1_000_090));
+    obs(&mut v, "w1").replayed_lsn = Some(Lsn(1_000_090));
+    obs(&mut v, "w1").fenced = true;
+    // w2 (async, not in the set) is behind: the non-strict fallback may take it, never e2.
+    assert_eq!(
+        decide(&v, NOW),
+        promote("w2", PromoteReason::LeaseExpired, 1_000_100 - 980_000)
     );
 }
 
@@ -776,15 +833,14 @@ fn switchover_walks_its_steps() {
                     member: "w2".into(),
                     to: "w1".into()
                 },
-                // w2 does not stream from w1 yet: nothing to wait on, so the record
-                // shrinks to match Postgres (which waits on nobody).
+                // w2 does not stream from w1 yet: under `required` the new primary's
+                // commits still wait, on w2 (record first, then Postgres), never on nobody.
                 Action::RecordSyncSet {
-                    set: SyncSet::default(),
+                    set: SyncSet::new(["w2"], 1),
                     degraded: false
                 },
             ],
-            // East is out of the budget and w2 not streaming from w1 yet: under
-            // `required`, commits would wait if there were anyone to wait on.
+            // East is out of the budget and w2 not streaming from w1 yet: commits wait.
             wait: Some(short("w1", &[], 1, SyncSet::default())),
         }
     );
@@ -1110,9 +1166,10 @@ fn assert_sync_sets_valid(d: &Decision, recorded: &SyncSet) {
 }
 
 /// `required` durability, sync_quorum 2, west `sync`: the policy asks for two of e2, w1,
-/// w2. With only one healthy and no other name to keep, a set `ANY 2` of one name would
-/// be invalid (the intent refuses it, so nothing would ever progress): the record and
-/// Postgres stay as they are and the core reports that commits wait.
+/// w2. With only one healthy, a set `ANY 2` of one name would be invalid and an empty set
+/// would let the primary acknowledge alone: the set is filled up with an eligible standby
+/// that does not stream yet (record first, then Postgres), commits wait until two stream,
+/// and the core reports it.
 #[test]
 fn required_durability_short_of_quorum_keeps_the_set_and_reports_the_wait() {
     let mut v = base();
@@ -1124,10 +1181,14 @@ fn required_durability_short_of_quorum_keeps_the_set_and_reports_the_wait() {
     obs(&mut v, "w1").wal_receiver_streaming = false;
     obs(&mut v, "w2").postgres_up = false;
     let d = decide(&v, NOW);
+    assert_sync_sets_valid(&d, &v.recorded_sync_set);
     assert_eq!(
         d,
         Decision {
-            actions: vec![],
+            actions: vec![Action::RecordSyncSet {
+                set: SyncSet::new(["e2", "w1"], 2),
+                degraded: false,
+            }],
             wait: Some(short("e1", &["e2"], 2, SyncSet::default())),
         }
     );

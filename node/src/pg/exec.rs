@@ -88,6 +88,14 @@ impl RunAs {
         if let RunAs::User { uid, gid, .. } = self {
             // std drops supplementary groups itself when root sets a uid.
             cmd.uid(*uid).gid(*gid);
+            // Root's HOME is not readable by the user: libpq (with any sslmode) stats
+            // ~/.postgresql/postgresql.crt and fails on "Permission denied". The user's
+            // own home from the passwd database ("/" when it has none).
+            let home = User::from_uid(Uid::from_raw(*uid))
+                .ok()
+                .flatten()
+                .map_or_else(|| std::path::PathBuf::from("/"), |u| u.dir);
+            cmd.env("HOME", home);
         }
     }
 

@@ -14,10 +14,14 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::types::Lsn;
 
+use super::access::{
+    render_hba, render_ident, render_passfile, ClientSsl, HbaSpec, PgRole, PgRoles, ServerSsl,
+};
 use super::binaries::PgBinaries;
 use super::conninfo::{conninfo, quote_conf_value, quote_literal};
 use super::error::{tail, PgError};
 use super::exec::{kill_group, pid_alive, run_tool, RunAs};
+use super::tls::PgTls;
 
 /// Marker file in the data dir of a fenced instance: nothing may start it as a primary.
 pub const FENCE_MARKER: &str = "meridian.fenced";
@@ -68,17 +72,75 @@ impl StopMode {
     }
 }
 
-/// One PostgreSQL instance on 127.0.0.1, managed through its data dir.
+/// How a managed Postgres is reached and who may log in: the agent sets it from its config
+/// ([`PgInstance::with_access`]); without it an instance listens on the loopback address
+/// with `trust` (or scram with a superuser password) for its one superuser (the test
+/// fixtures' setup).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PgAccess {
+    /// `listen_addresses` entries (`*` or IP addresses); never empty.
+    pub listen_addresses: Vec<String>,
+    /// Unix socket directory; when set, the agent's own sessions use it.
+    pub socket_dir: Option<PathBuf>,
+    pub roles: PgRoles,
+    pub hba: HbaSpec,
+    /// TLS of Meridian's sessions to other members' Postgres (libpq and tokio-postgres).
+    pub client_ssl: ClientSsl,
+    /// Postgres' own TLS.
+    pub server_ssl: Option<ServerSsl>,
+    /// Directory (in the agent's state dir) for the passfile and the server's TLS files,
+    /// owned by the Postgres OS user, mode 0700; None = passwords through the environment.
+    pub files_dir: Option<PathBuf>,
+    /// `max_slot_wal_keep_size`; None leaves Postgres' default.
+    pub max_slot_wal_keep_size: Option<String>,
+}
+
+impl PgAccess {
+    /// The fixtures' setup: loopback only, one superuser.
+    pub fn loopback(superuser: &str, password: Option<String>) -> PgAccess {
+        let with_password = password.is_some();
+        PgAccess {
+            listen_addresses: vec![std::net::Ipv4Addr::LOCALHOST.to_string()],
+            socket_dir: None,
+            roles: PgRoles::all_superuser(superuser, password),
+            hba: HbaSpec::loopback(with_password),
+            client_ssl: ClientSsl::default(),
+            server_ssl: None,
+            files_dir: None,
+            max_slot_wal_keep_size: None,
+        }
+    }
+
+    /// Where the agent connects for its own sessions: the socket directory, else the first
+    /// listen address (the loopback address for `*`).
+    pub fn local_host(&self) -> String {
+        if let Some(d) = &self.socket_dir {
+            return d.display().to_string();
+        }
+        match self.listen_addresses.first().map(String::as_str) {
+            Some("*") | Some("0.0.0.0") | None => std::net::Ipv4Addr::LOCALHOST.to_string(),
+            Some("::") => std::net::Ipv6Addr::LOCALHOST.to_string(),
+            Some(a) => a.to_string(),
+        }
+    }
+
+    pub fn passfile(&self) -> Option<PathBuf> {
+        self.files_dir.as_ref().map(|d| d.join("pgpass"))
+    }
+}
+
+/// One PostgreSQL instance, managed through its data dir.
 #[derive(Clone)]
 pub struct PgInstance {
     bin: PgBinaries,
     data_dir: PathBuf,
     log_file: PathBuf,
+    /// Where the agent's own sessions connect ([`PgAccess::local_host`]).
     host: String,
     port: u16,
     run_as: RunAs,
-    superuser: String,
-    password: Option<String>,
+    access: PgAccess,
+    tls: PgTls,
     application_name: String,
     timeouts: PgTimeouts,
     settings: Vec<(String, String)>,
@@ -93,17 +155,17 @@ impl fmt::Debug for PgInstance {
             .field("host", &self.host)
             .field("port", &self.port)
             .field("run_as", &self.run_as)
-            .field("superuser", &self.superuser)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("roles", &self.access.roles)
             .field("application_name", &self.application_name)
             .finish_non_exhaustive()
     }
 }
 
 impl PgInstance {
-    /// An instance with data in `data_dir`, listening on 127.0.0.1:`port`, known to its
-    /// primary as `application_name` (the member name). Superuser `postgres`, no password,
-    /// server log at `<data_dir>.log`.
+    /// An instance with data in `data_dir` on `port`, known to its primary as
+    /// `application_name` (the member name), with the fixtures' access
+    /// ([`PgAccess::loopback`]: superuser `postgres`, no password) until
+    /// [`PgInstance::with_access`]; server log at `<data_dir>.log`.
     pub fn new(
         bin: PgBinaries,
         data_dir: impl Into<PathBuf>,
@@ -118,11 +180,11 @@ impl PgInstance {
             bin,
             data_dir,
             log_file: PathBuf::from(log),
-            host: "127.0.0.1".into(),
+            host: PgAccess::loopback("postgres", None).local_host(),
             port,
             run_as,
-            superuser: "postgres".into(),
-            password: None,
+            access: PgAccess::loopback("postgres", None),
+            tls: PgTls::default(),
             application_name: application_name.into(),
             timeouts: PgTimeouts::default(),
             settings: Vec::new(),
@@ -130,15 +192,40 @@ impl PgInstance {
         }
     }
 
+    /// The fixtures' access for superuser `name` (keeps a password set before).
     pub fn with_superuser(mut self, name: impl Into<String>) -> Self {
-        self.superuser = name.into();
+        let pw = self.access.roles.superuser.password.clone();
+        self.access = PgAccess::loopback(&name.into(), pw);
+        self.host = self.access.local_host();
         self
     }
 
-    /// Password of the superuser: host connections then need scram-sha-256.
+    /// The fixtures' access with a superuser password: host connections then need
+    /// scram-sha-256.
     pub fn with_password(mut self, password: impl Into<String>) -> Self {
-        self.password = Some(password.into());
+        let name = self.access.roles.superuser.name.clone();
+        self.access = PgAccess::loopback(&name, Some(password.into()));
+        self.host = self.access.local_host();
         self
+    }
+
+    /// Listen addresses, roles, `pg_hba.conf`, TLS and the passfile from the agent's
+    /// config. Fails when the client TLS setting cannot be built (unreadable root CA).
+    pub fn with_access(mut self, access: PgAccess) -> Result<Self, PgError> {
+        self.tls = PgTls::from_client_ssl(&access.client_ssl)
+            .map_err(|why| PgError::state("TLS to other members' Postgres", why))?;
+        self.host = access.local_host();
+        self.access = access;
+        Ok(self)
+    }
+
+    pub fn access(&self) -> &PgAccess {
+        &self.access
+    }
+
+    /// The client TLS for sessions to other members' Postgres.
+    pub fn tls(&self) -> &PgTls {
+        &self.tls
     }
 
     pub fn with_log_file(mut self, path: impl Into<PathBuf>) -> Self {
@@ -177,7 +264,10 @@ impl PgInstance {
         &self.run_as
     }
     pub fn superuser(&self) -> &str {
-        &self.superuser
+        &self.access.roles.superuser.name
+    }
+    pub fn roles(&self) -> &PgRoles {
+        &self.access.roles
     }
     pub fn application_name(&self) -> &str {
         &self.application_name
@@ -195,30 +285,52 @@ impl PgInstance {
         conninfo([
             ("host", self.host.as_str()),
             ("port", port.as_str()),
-            ("user", self.superuser.as_str()),
+            ("user", self.superuser()),
             ("dbname", "postgres"),
         ])
     }
 
-    /// tokio-postgres settings for a superuser session (password included).
+    /// tokio-postgres settings for a local superuser session (password included).
     pub fn client_config(&self) -> tokio_postgres::Config {
-        self.client_config_for(&self.host, self.port)
+        self.session_config(&self.host, self.port, &self.access.roles.superuser)
     }
 
-    /// The same session settings for another server (e.g. the primary this instance
-    /// streams from). Note `Config::host` appends: never add a host to `client_config()`.
-    pub fn client_config_for(&self, host: &str, port: u16) -> tokio_postgres::Config {
+    /// tokio-postgres settings for a session as `role` to `host:port` (another member's
+    /// Postgres or this one). Note `Config::host` appends: never add a host to one of these.
+    pub fn session_config(&self, host: &str, port: u16, role: &PgRole) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
         c.host(host)
             .port(port)
-            .user(&self.superuser)
+            .user(&role.name)
             .dbname("postgres")
             .application_name("meridian")
             .connect_timeout(self.timeouts.connect);
-        if let Some(p) = &self.password {
+        if let Some(p) = &role.password {
             c.password(p.as_str());
         }
         c
+    }
+
+    /// A session as `role` to another member's Postgres at `host:port`, over the
+    /// configured client TLS, bounded by `timeout`; the connection task is returned so the
+    /// caller can end it.
+    pub async fn connect_remote(
+        &self,
+        step: &'static str,
+        host: &str,
+        port: u16,
+        role: &PgRole,
+        timeout: Duration,
+    ) -> Result<(Client, tokio::task::JoinHandle<()>), PgError> {
+        let mut config = self.session_config(host, port, role);
+        config.connect_timeout(timeout);
+        tokio::time::timeout(timeout, super::tls::connect(&config, &self.tls))
+            .await
+            .map_err(|_| PgError::Timeout {
+                step,
+                timeout_ms: timeout.as_millis() as u64,
+            })?
+            .map_err(|e| PgError::sql(step, e))
     }
 
     /// A superuser session, bounded by the connect timeout; its connection task is spawned.
@@ -231,7 +343,27 @@ impl PgInstance {
         step: &'static str,
         timeout: Duration,
     ) -> Result<Client, PgError> {
-        let mut config = self.client_config();
+        self.connect_local_as(step, &self.access.roles.superuser, timeout)
+            .await
+    }
+
+    /// A local session as the monitor role (probes).
+    pub(crate) async fn connect_monitor_within(
+        &self,
+        step: &'static str,
+        timeout: Duration,
+    ) -> Result<Client, PgError> {
+        self.connect_local_as(step, &self.access.roles.monitor, timeout)
+            .await
+    }
+
+    async fn connect_local_as(
+        &self,
+        step: &'static str,
+        role: &PgRole,
+        timeout: Duration,
+    ) -> Result<Client, PgError> {
+        let mut config = self.session_config(&self.host, self.port, role);
         config.connect_timeout(timeout);
         let (client, connection) = tokio::time::timeout(timeout, config.connect(NoTls))
             .await
@@ -256,11 +388,90 @@ impl PgInstance {
         self.bin.tool(name)
     }
 
-    fn password_env(&self) -> Vec<(&str, &str)> {
-        match &self.password {
-            Some(p) => vec![("PGPASSWORD", p.as_str())],
+    /// How libpq tools logging in as `role` find its password: the passfile when there is
+    /// one, else `PGPASSWORD`.
+    fn password_env(&self, role: &PgRole) -> Vec<(String, String)> {
+        if let Some(pf) = self.access.passfile() {
+            return vec![("PGPASSFILE".into(), pf.display().to_string())];
+        }
+        match &role.password {
+            Some(p) => vec![("PGPASSWORD".into(), p.clone())],
             None => vec![],
         }
+    }
+
+    /// libpq conninfo for a session as `role` to `host:port` over the client TLS setting,
+    /// without any password (the passfile or the environment provides it).
+    fn remote_conninfo(
+        &self,
+        host: &str,
+        port: u16,
+        role: &PgRole,
+        dbname: Option<&str>,
+    ) -> String {
+        let port = port.to_string();
+        let ssl = self.access.client_ssl.conninfo_pairs();
+        let mut pairs: Vec<(&str, &str)> = vec![
+            ("host", host),
+            ("port", port.as_str()),
+            ("user", role.name.as_str()),
+        ];
+        if let Some(db) = dbname {
+            pairs.push(("dbname", db));
+        }
+        pairs.push(("connect_timeout", "5"));
+        for (k, v) in &ssl {
+            pairs.push((k, v.as_str()));
+        }
+        conninfo(pairs)
+    }
+
+    /// Writes the passfile and the server's TLS files into `files_dir` (a no-op without
+    /// one): the passfile 0600, the key 0600, all owned by the Postgres OS user.
+    pub fn write_files(&self) -> Result<(), PgError> {
+        const STEP: &str = "write passfile and TLS files";
+        let Some(dir) = &self.access.files_dir else {
+            return Ok(());
+        };
+        self.run_as
+            .create_private_dir(dir)
+            .map_err(|e| PgError::io(STEP, dir.clone(), e))?;
+        let pf = dir.join("pgpass");
+        self.run_as
+            .write_file(&pf, render_passfile(&self.access.roles).as_bytes(), 0o600)
+            .map_err(|e| PgError::io(STEP, pf.clone(), e))?;
+        if let Some(ssl) = &self.access.server_ssl {
+            for (src, name, mode) in [
+                (Some(&ssl.cert_file), "server.crt", 0o644),
+                (Some(&ssl.key_file), "server.key", 0o600),
+                (ssl.ca_file.as_ref(), "ca.crt", 0o644),
+            ] {
+                let Some(src) = src else { continue };
+                let bytes = std::fs::read(src).map_err(|e| PgError::io(STEP, src.clone(), e))?;
+                let dst = dir.join(name);
+                self.run_as
+                    .write_file(&dst, &bytes, mode)
+                    .map_err(|e| PgError::io(STEP, dst.clone(), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Postgres' `ssl*` settings for `meridian.conf` (the copies in `files_dir`).
+    fn ssl_settings(&self) -> Vec<(String, String)> {
+        let (Some(ssl), Some(dir)) = (&self.access.server_ssl, &self.access.files_dir) else {
+            return vec![];
+        };
+        let path = |n: &str| quote_conf_value(&dir.join(n).display().to_string());
+        let mut v = vec![
+            ("ssl".to_string(), "on".to_string()),
+            ("ssl_cert_file".into(), path("server.crt")),
+            ("ssl_key_file".into(), path("server.key")),
+        ];
+        if ssl.ca_file.is_some() {
+            v.push(("ssl_ca_file".into(), path("ca.crt")));
+        }
+        v
     }
 
     /// Fails unless the data dir is missing or empty; then creates it 0700 for the OS user.
@@ -281,28 +492,29 @@ impl PgInstance {
             .map_err(|e| PgError::io(step, dir.clone(), e))
     }
 
-    /// Creates the cluster with initdb (data checksums on) and writes Meridian's config.
-    /// With a password, host connections use scram-sha-256; without, trust for 127.0.0.1.
+    /// Creates the cluster with initdb (data checksums on) and writes Meridian's config
+    /// (`pg_hba.conf` from [`PgAccess::hba`] replaces initdb's).
     pub async fn init(&self) -> Result<(), PgError> {
         const STEP: &str = "initdb";
         self.prepare_empty_data_dir(STEP)?;
+        let superuser = &self.access.roles.superuser;
         let mut args: Vec<String> = vec![
             "-D".into(),
             self.data_dir.display().to_string(),
             "-U".into(),
-            self.superuser.clone(),
+            superuser.name.clone(),
             "--encoding=UTF8".into(),
             "--locale=C".into(),
             "--data-checksums".into(),
             "--auth-local=trust".into(),
         ];
         // The password reaches initdb through a 0600 file, never the command line.
-        let pwfile = self.password.as_ref().map(|_| {
+        let pwfile = superuser.password.as_ref().map(|_| {
             let mut p = self.data_dir.clone().into_os_string();
             p.push(".pwfile");
             PathBuf::from(p)
         });
-        if let (Some(pw), Some(path)) = (&self.password, &pwfile) {
+        if let (Some(pw), Some(path)) = (&superuser.password, &pwfile) {
             self.run_as
                 .write_file(path, format!("{pw}\n").as_bytes(), 0o600)
                 .map_err(|e| PgError::io(STEP, path.clone(), e))?;
@@ -327,16 +539,39 @@ impl PgInstance {
         self.write_conf()
     }
 
-    /// (Re)writes `meridian.conf`, its include line in `postgresql.conf`, and `pg_hba.conf`.
-    /// Needed after anything that copies another instance's config (clone, rewind).
+    /// (Re)writes `meridian.conf`, its include line in `postgresql.conf` (appended once),
+    /// `pg_hba.conf`, `pg_ident.conf`, the passfile and the TLS files: the one writer of
+    /// Meridian's settings, after init, clone, rewind, re-clone and adoption alike.
     pub fn write_conf(&self) -> Result<(), PgError> {
         const STEP: &str = "write config";
+        self.write_files()?;
+        let mut extra = vec![
+            (
+                "hba_file".to_string(),
+                quote_conf_value(&self.path("pg_hba.conf").display().to_string()),
+            ),
+            (
+                "ident_file".to_string(),
+                quote_conf_value(&self.path("pg_ident.conf").display().to_string()),
+            ),
+        ];
+        if let Some(sz) = &self.access.max_slot_wal_keep_size {
+            extra.push(("max_slot_wal_keep_size".into(), quote_conf_value(sz)));
+        }
+        extra.extend(self.ssl_settings());
+        extra.extend(self.settings.iter().cloned());
         let conf = render_meridian_conf(
-            &self.host,
+            &self.access.listen_addresses.join(","),
+            self.access.socket_dir.as_deref(),
             self.port,
             &self.application_name,
-            &self.settings,
+            &extra,
         );
+        if let Some(dir) = &self.access.socket_dir {
+            self.run_as
+                .create_private_dir(dir)
+                .map_err(|e| PgError::io(STEP, dir.clone(), e))?;
+        }
         let p = self.path(MERIDIAN_CONF);
         self.run_as
             .write_file(&p, conf.as_bytes(), 0o600)
@@ -345,24 +580,29 @@ impl PgInstance {
         let pg_conf = self.path("postgresql.conf");
         let current =
             std::fs::read_to_string(&pg_conf).map_err(|e| PgError::io(STEP, pg_conf.clone(), e))?;
-        if !current.lines().any(|l| l.trim() == INCLUDE_LINE) {
-            let mut next = current;
-            if !next.ends_with('\n') {
-                next.push('\n');
-            }
-            next.push_str("# Meridian's settings (later lines win)\n");
-            next.push_str(INCLUDE_LINE);
-            next.push('\n');
+        if let Some(next) = with_include_line(&current) {
             self.run_as
                 .write_file(&pg_conf, next.as_bytes(), 0o600)
                 .map_err(|e| PgError::io(STEP, pg_conf.clone(), e))?;
         }
 
-        let hba = render_hba(self.password.is_some());
+        let hba = render_hba(&self.access.hba, &self.access.roles);
         let p = self.path("pg_hba.conf");
         self.run_as
             .write_file(&p, hba.as_bytes(), 0o600)
+            .map_err(|e| PgError::io(STEP, p.clone(), e))?;
+        let ident = render_ident(&self.access.hba, &self.access.roles);
+        let p = self.path("pg_ident.conf");
+        self.run_as
+            .write_file(&p, ident.as_bytes(), 0o600)
             .map_err(|e| PgError::io(STEP, p.clone(), e))
+    }
+
+    /// True when `postgresql.conf` already includes Meridian's settings (a data dir
+    /// Meridian created or adopted before).
+    pub fn has_meridian_include(&self) -> bool {
+        std::fs::read_to_string(self.path("postgresql.conf"))
+            .is_ok_and(|c| with_include_line(&c).is_none())
     }
 
     /// The postmaster's pid from `postmaster.pid`, if the file is there.
@@ -606,19 +846,29 @@ impl PgInstance {
             .map_err(|e| PgError::sql(step, e))
     }
 
-    /// The `primary_conninfo` that makes this instance stream from `host:port` under its own
-    /// application_name (the password, if any, is included: the file is 0600).
+    /// The `primary_conninfo` that makes this instance stream from `host:port` as the
+    /// replication role under its own application_name, over the client TLS setting. With a
+    /// passfile the password stays in it (`passfile=`); only the fixtures, which have none,
+    /// put a password here.
     pub fn primary_conninfo(&self, host: &str, port: u16) -> String {
+        let role = &self.access.roles.replication;
         let port = port.to_string();
-        let mut pairs = vec![
+        let passfile = self.access.passfile().map(|p| p.display().to_string());
+        let ssl = self.access.client_ssl.conninfo_pairs();
+        let mut pairs: Vec<(&str, &str)> = vec![
             ("host", host),
             ("port", port.as_str()),
-            ("user", self.superuser.as_str()),
+            ("user", role.name.as_str()),
             ("application_name", self.application_name.as_str()),
             ("connect_timeout", "2"),
         ];
-        if let Some(p) = &self.password {
-            pairs.push(("password", p.as_str()));
+        for (k, v) in &ssl {
+            pairs.push((k, v.as_str()));
+        }
+        match (&passfile, &role.password) {
+            (Some(pf), _) => pairs.push(("passfile", pf.as_str())),
+            (None, Some(p)) => pairs.push(("password", p.as_str())),
+            (None, None) => {}
         }
         conninfo(pairs)
     }
@@ -776,15 +1026,14 @@ impl PgInstance {
     ) -> Result<(), PgError> {
         const STEP: &str = "clone: pg_basebackup";
         self.prepare_empty_data_dir(STEP)?;
+        self.write_files()?;
+        let role = &self.access.roles.replication;
+        let source = self.remote_conninfo(primary_host, primary_port, role, None);
         let mut args = vec![
             "-D".to_string(),
             self.data_dir.display().to_string(),
-            "-h".into(),
-            primary_host.into(),
-            "-p".into(),
-            primary_port.to_string(),
-            "-U".into(),
-            self.superuser.clone(),
+            "-d".into(),
+            source,
             "-X".into(),
             "stream".into(),
             "-R".into(),
@@ -796,12 +1045,14 @@ impl PgInstance {
             args.push("-S".into());
             args.push(s.into());
         }
+        let env = self.password_env(role);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         run_tool(
             STEP,
             &self.tool("pg_basebackup"),
             &args,
             &self.run_as,
-            &self.password_env(),
+            &env,
             self.timeouts.tool,
         )
         .await?;
@@ -846,25 +1097,22 @@ impl PgInstance {
         // end-of-recovery checkpoint is done; pg_rewind reads that and would wrongly find
         // "no rewind required". A CHECKPOINT on the source settles it.
         self.checkpoint_source(source_host, source_port).await?;
-        let port_text = source_port.to_string();
-        let source = conninfo([
-            ("host", source_host),
-            ("port", port_text.as_str()),
-            ("user", self.superuser.as_str()),
-            ("dbname", "postgres"),
-            ("connect_timeout", "5"),
-        ]);
+        self.write_files()?;
+        let role = &self.access.roles.rewind;
+        let source = self.remote_conninfo(source_host, source_port, role, Some("postgres"));
         let args = [
             "-D".to_string(),
             self.data_dir.display().to_string(),
             format!("--source-server={source}"),
         ];
+        let env = self.password_env(role);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         run_tool(
             STEP,
             &self.tool("pg_rewind"),
             &args,
             &self.run_as,
-            &self.password_env(),
+            &env,
             self.timeouts.tool,
         )
         .await?;
@@ -876,24 +1124,30 @@ impl PgInstance {
         self.configure_standby(source_host, source_port, slot).await
     }
 
+    /// CHECKPOINT on the rewind source as the rewind role (`pg_checkpoint`, PG 15+). On an
+    /// older source that refuses it, pg_rewind runs anyway: its "no rewind required" may
+    /// then be wrong and the standby is re-cloned when it does not stream.
     async fn checkpoint_source(&self, host: &str, port: u16) -> Result<(), PgError> {
         const STEP: &str = "rewind: CHECKPOINT on the source";
-        let config = self.client_config_for(host, port);
-        let timeout = self.timeouts.connect;
-        let (client, connection) = tokio::time::timeout(timeout, config.connect(NoTls))
-            .await
-            .map_err(|_| PgError::Timeout {
-                step: STEP,
-                timeout_ms: timeout.as_millis() as u64,
-            })?
-            .map_err(|e| PgError::sql(STEP, e))?;
-        let conn = tokio::spawn(connection);
+        let role = self.access.roles.rewind.clone();
+        let (client, conn) = self
+            .connect_remote(STEP, host, port, &role, self.timeouts.connect)
+            .await?;
         let res = self
             .bounded_sql(STEP, self.timeouts.tool, client.batch_execute("CHECKPOINT"))
             .await;
         drop(client);
-        let _ = tokio::time::timeout(timeout, conn).await;
-        res
+        let _ = tokio::time::timeout(self.timeouts.connect, conn).await;
+        match res {
+            Err(ref e)
+                if e.sql_state()
+                    == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) =>
+            {
+                tracing::warn!("the rewind source refused CHECKPOINT to {} (Postgres before 15?): rewinding without it", role.name);
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     /// True when the fence marker is present.
@@ -999,6 +1253,123 @@ impl PgInstance {
         self.checkpoint_lsn().await
     }
 
+    /// Creates Meridian's roles on this running primary where missing and sets their
+    /// passwords (as SCRAM verifiers computed here, so no clear-text password reaches the
+    /// server or its log): the replication role `LOGIN REPLICATION`, the rewind role with
+    /// EXECUTE on the four functions pg_rewind calls (and `pg_checkpoint` on PG 15+), the
+    /// monitor role in `pg_monitor`. None of them is a superuser. A no-op when every role
+    /// is the superuser.
+    pub async fn ensure_roles(&self) -> Result<(), PgError> {
+        const STEP: &str = "create Meridian's roles";
+        let managed = self.access.roles.managed();
+        if managed.is_empty() {
+            return Ok(());
+        }
+        let client = self
+            .connect_within("create roles: connect", self.timeouts.connect)
+            .await?;
+        let version: i32 = self
+            .bounded_sql(STEP, self.timeouts.sql, async {
+                client
+                    .query_one("SELECT current_setting('server_version_num')::int", &[])
+                    .await
+            })
+            .await?
+            .get(0);
+        // Role changes are made again at every primary start, so they need not wait for
+        // the sync standbys: a new primary whose sync set still names a dead member (commits
+        // wait until the leader reshapes it) must not block its own reconcile loop here.
+        let mut statements: Vec<String> = vec!["SET synchronous_commit = local".into()];
+        for (kind, role) in &managed {
+            let ident = quote_ident(&role.name);
+            statements.push(format!(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {}) \
+                 THEN CREATE ROLE {ident}; END IF; END $$",
+                quote_literal(&role.name)
+            ));
+            let repl = if *kind == "replication" {
+                "REPLICATION"
+            } else {
+                "NOREPLICATION"
+            };
+            let password = match &role.password {
+                Some(p) => format!(
+                    " PASSWORD {}",
+                    quote_literal(&postgres_protocol::password::scram_sha_256(p.as_bytes()))
+                ),
+                None => String::new(),
+            };
+            statements.push(format!(
+                "ALTER ROLE {ident} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE {repl}{password}"
+            ));
+            match *kind {
+                "rewind" => {
+                    for f in [
+                        "pg_catalog.pg_ls_dir(text, boolean, boolean)",
+                        "pg_catalog.pg_stat_file(text, boolean)",
+                        "pg_catalog.pg_read_binary_file(text)",
+                        "pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean)",
+                    ] {
+                        statements.push(format!("GRANT EXECUTE ON FUNCTION {f} TO {ident}"));
+                    }
+                    if version >= 150000 {
+                        statements.push(format!("GRANT pg_checkpoint TO {ident}"));
+                    }
+                }
+                "monitor" => {
+                    statements.push(format!("GRANT pg_monitor TO {ident}"));
+                    statements.push(format!(
+                        "GRANT EXECUTE ON FUNCTION pg_catalog.pg_control_checkpoint() TO {ident}"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        let refs: Vec<&str> = statements.iter().map(String::as_str).collect();
+        self.run_each(STEP, &client, &refs).await
+    }
+
+    /// "Database system identifier" of this data dir, from `pg_controldata` (works on a
+    /// running or a stopped server).
+    pub async fn system_identifier(&self) -> Result<u64, PgError> {
+        const STEP: &str = "pg_controldata: system identifier";
+        let out = run_tool(
+            STEP,
+            &self.tool("pg_controldata"),
+            &["-D".to_string(), self.data_dir.display().to_string()],
+            &self.run_as,
+            &[],
+            self.timeouts.sql,
+        )
+        .await?;
+        out.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("Database system identifier:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| PgError::state(STEP, "no \"Database system identifier\" in its output"))
+    }
+
+    /// The major version in `PG_VERSION`, if the data dir has one.
+    pub fn data_major_version(&self) -> Option<u32> {
+        std::fs::read_to_string(self.path("PG_VERSION"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Reloads the configuration of the running server (a no-op when stopped).
+    pub async fn reload(&self) -> Result<(), PgError> {
+        if !self.is_running() {
+            return Ok(());
+        }
+        let client = self
+            .connect_within("reload: connect", self.timeouts.connect)
+            .await?;
+        self.run_each("reload", &client, &["SELECT pg_reload_conf()"])
+            .await
+    }
+
     /// "Latest checkpoint location" of a stopped server, from `pg_controldata`.
     pub async fn checkpoint_lsn(&self) -> Result<Lsn, PgError> {
         const STEP: &str = "pg_controldata";
@@ -1037,20 +1408,25 @@ impl PgInstance {
 
 /// The contents of `meridian.conf`.
 fn render_meridian_conf(
-    host: &str,
+    listen_addresses: &str,
+    socket_dir: Option<&Path>,
     port: u16,
     application_name: &str,
     extra: &[(String, String)],
 ) -> String {
     let mut s = String::from(
-        "# Written by Meridian; rewritten on init, clone and rewind.\n\
+        "# Written by Meridian; rewritten on init, clone, rewind and adoption.\n\
          # ALTER SYSTEM settings (postgresql.auto.conf) override these.\n",
     );
+    let socket = match socket_dir {
+        Some(d) => quote_conf_value(&d.display().to_string()),
+        // No socket: the agent connects over TCP (the fixtures).
+        None => "''".into(),
+    };
     let lines = [
-        ("listen_addresses", quote_conf_value(host)),
+        ("listen_addresses", quote_conf_value(listen_addresses)),
         ("port", port.to_string()),
-        // No Unix socket: /var/run/postgresql may not be writable by the OS user.
-        ("unix_socket_directories", "''".into()),
+        ("unix_socket_directories", socket),
         ("cluster_name", quote_conf_value(application_name)),
         ("wal_level", "replica".into()),
         // Redundant with data checksums, but pg_rewind accepts either.
@@ -1075,19 +1451,24 @@ fn render_meridian_conf(
     s
 }
 
-/// The contents of `pg_hba.conf`: 127.0.0.1 only, for sessions and replication.
-fn render_hba(with_password: bool) -> String {
-    let method = if with_password {
-        "scram-sha-256"
-    } else {
-        "trust"
-    };
-    format!(
-        "# Written by Meridian.\n\
-         # TYPE DATABASE     USER ADDRESS      METHOD\n\
-         host   all          all  127.0.0.1/32 {method}\n\
-         host   replication  all  127.0.0.1/32 {method}\n"
-    )
+/// A SQL identifier in double quotes.
+fn quote_ident(v: &str) -> String {
+    format!("\"{}\"", v.replace('"', "\"\""))
+}
+
+/// `postgresql.conf` with Meridian's include line appended, or None when it is there.
+fn with_include_line(current: &str) -> Option<String> {
+    if current.lines().any(|l| l.trim() == INCLUDE_LINE) {
+        return None;
+    }
+    let mut next = current.to_string();
+    if !next.is_empty() && !next.ends_with('\n') {
+        next.push('\n');
+    }
+    next.push_str("# Meridian's settings (later lines win)\n");
+    next.push_str(INCLUDE_LINE);
+    next.push('\n');
+    Some(next)
 }
 
 /// `postgresql.auto.conf` with each key in `kv` removed and, when Some, re-added at the
@@ -1144,31 +1525,93 @@ mod tests {
     }
 
     #[test]
-    fn hba_uses_scram_only_with_a_password() {
-        assert!(render_hba(true).contains("replication  all  127.0.0.1/32 scram-sha-256"));
-        assert!(render_hba(false).contains("all          all  127.0.0.1/32 trust"));
-        assert!(!render_hba(false).contains("0.0.0.0"));
+    fn meridian_conf_is_exact() {
+        let c = render_meridian_conf(
+            "10.0.0.1,127.0.0.1",
+            Some(Path::new("/var/lib/meridian/pg-socket")),
+            6543,
+            "s1",
+            &[("max_slot_wal_keep_size".into(), "'4GB'".into())],
+        );
+        let want = "\
+# Written by Meridian; rewritten on init, clone, rewind and adoption.
+# ALTER SYSTEM settings (postgresql.auto.conf) override these.
+listen_addresses = '10.0.0.1,127.0.0.1'
+port = 6543
+unix_socket_directories = '/var/lib/meridian/pg-socket'
+cluster_name = 's1'
+wal_level = replica
+wal_log_hints = on
+max_wal_senders = 16
+max_replication_slots = 16
+hot_standby = on
+wal_keep_size = '256MB'
+wal_receiver_status_interval = '1s'
+wal_retrieve_retry_interval = '500ms'
+password_encryption = 'scram-sha-256'
+max_slot_wal_keep_size = '4GB'
+";
+        assert_eq!(c, want);
+        assert!(
+            render_meridian_conf("*", None, 1, "x", &[]).contains("unix_socket_directories = ''\n")
+        );
     }
 
     #[test]
-    fn meridian_conf_has_port_and_replication_settings() {
-        let c = render_meridian_conf(
-            "127.0.0.1",
-            6543,
-            "s1",
-            &[("shared_buffers".into(), "'16MB'".into())],
+    fn include_line_is_appended_once() {
+        let once = with_include_line("shared_buffers = 1MB").unwrap();
+        assert_eq!(
+            once,
+            "shared_buffers = 1MB\n# Meridian's settings (later lines win)\ninclude_if_exists = 'meridian.conf'\n"
         );
-        for want in [
-            "listen_addresses = '127.0.0.1'",
-            "port = 6543",
-            "unix_socket_directories = ''",
-            "wal_level = replica",
-            "wal_log_hints = on",
-            "hot_standby = on",
-            "shared_buffers = '16MB'",
-        ] {
-            assert!(c.contains(want), "missing {want} in {c}");
-        }
+        assert_eq!(with_include_line(&once), None);
+    }
+
+    fn agent_instance() -> PgInstance {
+        let bin = PgBinaries::for_tests("/nonexistent");
+        let roles = PgRoles {
+            superuser: PgRole::new("postgres", Some("su".into())),
+            replication: PgRole::new("replicator", Some("hunter2".into())),
+            rewind: PgRole::new("rewinder", Some("rw".into())),
+            monitor: PgRole::new("meridian_monitor", Some("mon".into())),
+        };
+        let access = PgAccess {
+            listen_addresses: vec!["10.0.0.1".into()],
+            socket_dir: Some("/run/m/sock".into()),
+            roles,
+            hba: HbaSpec::loopback(true),
+            client_ssl: ClientSsl {
+                mode: super::super::access::SslMode::Require,
+                root_cert: None,
+            },
+            server_ssl: None,
+            files_dir: Some("/run/m/files".into()),
+            max_slot_wal_keep_size: None,
+        };
+        PgInstance::new(bin, "/tmp/x", 5432, "s1", RunAs::CurrentUser)
+            .with_access(access)
+            .unwrap()
+    }
+
+    #[test]
+    fn primary_conninfo_uses_the_passfile_and_tls_never_a_password() {
+        let i = agent_instance();
+        let info = i.primary_conninfo("10.0.0.2", 5433);
+        assert_eq!(
+            info,
+            "host=10.0.0.2 port=5433 user=replicator application_name=s1 connect_timeout=2 \
+             sslmode=require passfile=/run/m/files/pgpass"
+        );
+        assert!(!info.contains("hunter2"));
+        assert_eq!(
+            i.remote_conninfo("10.0.0.2", 5433, &i.roles().rewind.clone(), Some("postgres")),
+            "host=10.0.0.2 port=5433 user=rewinder dbname=postgres connect_timeout=5 sslmode=require"
+        );
+        assert_eq!(i.host(), "/run/m/sock");
+        assert_eq!(
+            i.password_env(&i.roles().replication.clone()),
+            vec![("PGPASSFILE".to_string(), "/run/m/files/pgpass".to_string())]
+        );
     }
 
     #[test]
@@ -1179,6 +1622,7 @@ mod tests {
         });
         let i =
             PgInstance::new(bin, "/tmp/x", 1, "s1", RunAs::CurrentUser).with_password("hunter2");
+        assert_eq!(i.host(), "127.0.0.1");
         let d = format!("{i:?}");
         assert!(!d.contains("hunter2") && d.contains("redacted"), "{d}");
         assert!(!i.conninfo().contains("hunter2"));

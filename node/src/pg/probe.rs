@@ -7,7 +7,7 @@
 //! is the newer of the WAL receiver's `received_tli` and the last checkpoint's.
 //!
 //! Also owns the instance's kept session ([`KeptSession`]): probes and setting reads
-//! reuse one open superuser session with prepared statements instead of a new session per
+//! reuse one open monitor-role session with prepared statements instead of a new session per
 //! round.
 
 use std::str::FromStr;
@@ -121,7 +121,7 @@ const SETTING_SQL: &str = "SELECT current_setting($1)";
 const RECONNECT_BASE: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_millis(500);
 
-/// The kept-open superuser session of one instance, shared by its clones: the probes of
+/// The kept-open monitor-role session (local socket) of one instance, shared by its clones: the probes of
 /// the observe loop, the member loop and the lease go over it, so an idle agent opens no
 /// new Postgres session per round. A session whose query fails or times out is dropped
 /// and reopened (at once, then with a bounded backoff while connects keep failing).
@@ -173,7 +173,10 @@ impl PgInstance {
             ));
         }
         let opened = async {
-            let client = self.connect_within("probe: connect", bound).await?;
+            let connect_bound = self.timeouts().connect.min(bound);
+            let client = self
+                .connect_monitor_within("probe: connect", connect_bound)
+                .await?;
             let status = client
                 .prepare(STATUS_SQL)
                 .await

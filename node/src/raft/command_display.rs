@@ -66,6 +66,17 @@ impl fmt::Display for Command {
             ),
             Command::Reinit { name } => write!(f, "re-clone {name}"),
             Command::ReinitDone { name } => write!(f, "{name} finished its re-clone"),
+            Command::ReleaseLeaseBreaks { generation, upto } => write!(
+                f,
+                "release the breaks of generation {generation}'s lease up to round {upto}"
+            ),
+            Command::RecordSystemIdentifier {
+                member,
+                system_identifier,
+            } => write!(
+                f,
+                "record the Postgres system identifier {system_identifier}, reported by {member}"
+            ),
             Command::RecordWritePause {
                 generation,
                 write_pause_ms,

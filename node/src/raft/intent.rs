@@ -151,6 +151,36 @@ pub struct Promote {
     /// the new primary's lease at once instead of waiting out the old one locally.
     #[serde(default)]
     pub old_lease_released: bool,
+    /// The break round whose majority released the old lease (failovers of an unreachable
+    /// primary). Refused once that round's breaks were released: the old primary may have
+    /// renewed since.
+    #[serde(default)]
+    pub lease_break_round: Option<BreakRound>,
+}
+
+/// Identifies one round of lease breaking: the term of the leader that ran it and that
+/// leader's round counter. Ordered, so a release "up to" a round covers every earlier one,
+/// whichever leader ran it (terms only grow).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct BreakRound {
+    pub term: u64,
+    pub seq: u64,
+}
+
+impl std::fmt::Display for BreakRound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.term, self.seq)
+    }
+}
+
+/// Lease breaks of `generation` made in rounds up to `upto` no longer count: no promotion
+/// followed them ([`Command::ReleaseLeaseBreaks`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseBreakRelease {
+    pub generation: Generation,
+    pub upto: BreakRound,
 }
 
 /// Every change to the intent. Apply is deterministic: no clocks, no I/O, no randomness.
@@ -235,6 +265,13 @@ pub enum Command {
     Reinit {
         name: String,
     },
+    /// Breaks of the current primary's lease that no promotion followed stop counting: the
+    /// voters that broke it may grant it again (a break by a minority, or one whose
+    /// failover never came, must not fence the primary later).
+    ReleaseLeaseBreaks {
+        generation: Generation,
+        upto: BreakRound,
+    },
     /// The member finished its re-clone.
     ReinitDone {
         name: String,
@@ -254,6 +291,14 @@ pub enum Command {
         generation: Generation,
         reason: String,
         at_unix_ms: i64,
+    },
+    /// Records the Postgres cluster's system identifier (`pg_controldata`'s "Database
+    /// system identifier"), reported by the primary: from then on a member whose data
+    /// directory holds another one refuses to touch it. Set once; the same value again is
+    /// a no-op, another value is refused.
+    RecordSystemIdentifier {
+        member: String,
+        system_identifier: u64,
     },
 }
 
@@ -337,6 +382,25 @@ pub enum Refused {
     StalePolicyVersion { expected: u64, current: u64 },
     #[error("no switchover promotion at generation {0} awaits its write pause")]
     NoWritePauseToRecord(Generation),
+    #[error(
+        "the lease break round {round} this promotion relies on was released (the old \
+         primary may have renewed its lease since); break it again"
+    )]
+    LeaseBreakReleased { round: BreakRound },
+    #[error("lease breaks of generation {got} cannot be released: the generation is {current}")]
+    LeaseBreakReleaseStale {
+        current: Generation,
+        got: Generation,
+    },
+    #[error(
+        "the cluster's Postgres system identifier is {recorded}; {member:?} reported {got}: \
+         its data directory belongs to another cluster"
+    )]
+    ForeignSystemIdentifier {
+        member: String,
+        recorded: u64,
+        got: u64,
+    },
 }
 
 /// What the state machine answers for each applied log entry.
@@ -383,6 +447,13 @@ pub struct Intent {
     /// holder's lease was released (see [`Promote::old_lease_released`]).
     #[serde(default)]
     pub lease_released: bool,
+    /// Breaks of the current generation's lease that no longer count.
+    #[serde(default)]
+    pub lease_break_release: Option<LeaseBreakRelease>,
+    /// The Postgres cluster's system identifier, once the primary reported it
+    /// ([`Command::RecordSystemIdentifier`]); `None` in logs written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_identifier: Option<u64>,
 }
 
 /// `synchronous_standby_names` for one generation's primary.
@@ -410,7 +481,17 @@ impl Default for Intent {
             reinit: std::collections::BTreeSet::new(),
             resumed: None,
             lease_released: false,
+            lease_break_release: None,
+            system_identifier: None,
         }
+    }
+}
+
+impl Intent {
+    /// Whether a break of `generation`'s lease made in `round` was released.
+    pub fn lease_break_released(&self, generation: Generation, round: BreakRound) -> bool {
+        self.lease_break_release
+            .is_some_and(|r| r.generation == generation && round <= r.upto)
     }
 }
 
@@ -704,6 +785,15 @@ impl Intent {
                 }
                 Ok(())
             }
+            Command::ReleaseLeaseBreaks { generation, .. } => {
+                if *generation != self.generation {
+                    return Err(Refused::LeaseBreakReleaseStale {
+                        current: self.generation,
+                        got: *generation,
+                    });
+                }
+                Ok(())
+            }
             Command::ReinitDone { name } => {
                 if !self.reinit.contains(name) {
                     return Err(Refused::NoReinitPending(name.clone()));
@@ -728,6 +818,22 @@ impl Intent {
                     return Err(Refused::NotPrimary(member.clone()));
                 }
                 Ok(())
+            }
+            Command::RecordSystemIdentifier {
+                member,
+                system_identifier,
+            } => {
+                self.data_member(member)?;
+                match self.system_identifier {
+                    Some(recorded) if recorded != *system_identifier => {
+                        Err(Refused::ForeignSystemIdentifier {
+                            member: member.clone(),
+                            recorded,
+                            got: *system_identifier,
+                        })
+                    }
+                    _ => Ok(()),
+                }
             }
         }
     }
@@ -765,6 +871,11 @@ impl Intent {
                 }
             }
             PromotionKind::Manual => {}
+        }
+        if let Some(round) = p.lease_break_round {
+            if self.lease_break_released(self.generation, round) {
+                return Err(Refused::LeaseBreakReleased { round });
+            }
         }
         if !p.force {
             if member.tags.nofailover {
@@ -842,6 +953,32 @@ impl Intent {
                 // the leader grows a fresh set (record first, then Postgres).
                 let mut carried = self.sync_set.clone();
                 carried.names.remove(&p.member);
+                if carried.k > 0
+                    && carried.names.len() < carried.k as usize
+                    && self.policy.durability == Durability::Required
+                {
+                    // Required durability: the new primary never starts acknowledging
+                    // alone. Fill the set up to k with the old primary (it rejoins as a
+                    // standby), then other data members; commits wait until k stream, and
+                    // the leader then shapes the set by the policy.
+                    let fill: Vec<String> = old
+                        .iter()
+                        .cloned()
+                        .chain(
+                            self.members
+                                .values()
+                                .filter(|m| m.kind == MemberKind::Data)
+                                .map(|m| m.name.clone()),
+                        )
+                        .filter(|n| *n != p.member)
+                        .collect();
+                    for n in fill {
+                        if carried.names.len() >= carried.k as usize {
+                            break;
+                        }
+                        carried.names.insert(n);
+                    }
+                }
                 if carried.k == 0 || carried.names.len() < carried.k as usize {
                     carried = SyncSet::default();
                 }
@@ -953,8 +1090,23 @@ impl Intent {
             Command::Reinit { name } => {
                 self.reinit.insert(name.clone());
             }
+            Command::ReleaseLeaseBreaks { generation, upto } => {
+                let upto = self
+                    .lease_break_release
+                    .filter(|r| r.generation == *generation)
+                    .map_or(*upto, |r| r.upto.max(*upto));
+                self.lease_break_release = Some(LeaseBreakRelease {
+                    generation: *generation,
+                    upto,
+                });
+            }
             Command::ReinitDone { name } => {
                 self.reinit.remove(name);
+            }
+            Command::RecordSystemIdentifier {
+                system_identifier, ..
+            } => {
+                self.system_identifier = Some(*system_identifier);
             }
             Command::Resume {
                 member,
@@ -1052,6 +1204,7 @@ mod tests {
             new_primary_lsn: None,
             possible_loss_bytes: None,
             old_lease_released: false,
+            lease_break_round: None,
         })
     }
 
@@ -1076,6 +1229,43 @@ mod tests {
         assert_eq!(intent.apply(&cmd), Response::Refused(err.clone()));
         assert_eq!(*intent, before, "a refused command changed the intent");
         err
+    }
+
+    #[test]
+    fn a_promotion_relying_on_a_released_break_round_is_refused() {
+        let mut i = cluster();
+        let r = |term, seq| BreakRound { term, seq };
+        let release = |g: u64, upto| Command::ReleaseLeaseBreaks {
+            generation: Generation(g),
+            upto,
+        };
+        assert_eq!(
+            refused(&mut i, release(7, r(3, 1))),
+            Refused::LeaseBreakReleaseStale {
+                current: Generation(1),
+                got: Generation(7)
+            }
+        );
+        assert_eq!(i.apply(&release(1, r(3, 2))), Response::Applied);
+        // The mark only moves forward.
+        assert_eq!(i.apply(&release(1, r(2, 9))), Response::Applied);
+        assert!(i.lease_break_released(Generation(1), r(3, 2)));
+        assert!(!i.lease_break_released(Generation(1), r(3, 3)));
+        let relying_on = |round| {
+            let Command::Promote(mut p) = promote("a2", 2, PromotionKind::Failover) else {
+                unreachable!()
+            };
+            p.old_lease_released = true;
+            p.lease_break_round = Some(round);
+            Command::Promote(p)
+        };
+        assert_eq!(
+            refused(&mut i, relying_on(r(3, 2))),
+            Refused::LeaseBreakReleased { round: r(3, 2) }
+        );
+        assert_eq!(i.apply(&relying_on(r(3, 3))), Response::Applied);
+        // Releases are per generation: the new one starts with none.
+        assert!(!i.lease_break_released(Generation(2), r(0, 0)));
     }
 
     #[test]
@@ -1792,6 +1982,34 @@ mod tests {
         );
     }
 
+    /// Under `required` durability (the default) a promotion of the only recorded name
+    /// does not leave the new primary acknowledging alone: its first target waits on the
+    /// old primary (it rejoins as a standby) until the leader shapes the set.
+    #[test]
+    fn under_required_durability_a_new_primary_never_starts_without_a_sync_standby() {
+        let mut i = cluster();
+        assert_eq!(i.policy.durability, Durability::Required);
+        assert_eq!(
+            i.apply(&Command::RecordSyncSet {
+                generation: Generation(1),
+                set: SyncSet::new(["a2"], 1),
+            }),
+            Response::Applied
+        );
+        assert_eq!(
+            i.apply(&promote("a2", 2, PromotionKind::Manual)),
+            Response::Applied
+        );
+        assert_eq!(i.sync_set, SyncSet::new(["a1"], 1));
+        assert_eq!(
+            i.sync_target,
+            Some(SyncTarget {
+                generation: Generation(2),
+                set: SyncSet::new(["a1"], 1)
+            })
+        );
+    }
+
     #[test]
     fn a_promotion_carries_the_sync_set_minus_the_new_primary() {
         let mut i = cluster();
@@ -1905,6 +2123,32 @@ mod tests {
             refused(&mut i, Command::ReinitDone { name: "a2".into() }),
             Refused::NoReinitPending("a2".into())
         );
+    }
+
+    #[test]
+    fn system_identifier_is_recorded_once_and_old_intents_decode() {
+        let mut i = cluster();
+        let rec = |id: u64| Command::RecordSystemIdentifier {
+            member: "a1".into(),
+            system_identifier: id,
+        };
+        assert_eq!(i.apply(&rec(7)), Response::Applied);
+        assert_eq!(i.system_identifier, Some(7));
+        assert_eq!(i.apply(&rec(7)), Response::Applied);
+        assert_eq!(
+            refused(&mut i, rec(8)),
+            Refused::ForeignSystemIdentifier {
+                member: "a1".into(),
+                recorded: 7,
+                got: 8
+            }
+        );
+        assert_eq!(i.system_identifier, Some(7));
+        // An intent serialized before the field existed still decodes.
+        let mut v = serde_json::to_value(cluster()).unwrap();
+        v.as_object_mut().unwrap().remove("system_identifier");
+        let old: Intent = serde_json::from_value(v).unwrap();
+        assert_eq!(old.system_identifier, None);
     }
 
     #[test]

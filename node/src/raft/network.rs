@@ -9,6 +9,10 @@
 //! One long-lived tonic `Channel` per peer (re-created only when the peer's address changes),
 //! and every RPC is bounded by openraft's `RPCOption`: the soft TTL travels as the gRPC
 //! deadline (so the server gives up too), the hard TTL cuts the call locally.
+//!
+//! Every request is authenticated as from this member (see [`crate::auth`]): signed with the
+//! cluster secret when there is one, and over mutual TLS when `[tls]` is configured. The
+//! server side's check is [`crate::auth::AuthLayer`], in front of this service.
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -34,6 +38,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
 use super::{MemberNode, MeridianRaft, NodeId, TypeConfig};
+use crate::auth::{SignedChannel, Signer};
 
 /// Largest gRPC message either side accepts. Snapshot chunks (`snapshot_max_chunk_size`, see
 /// [`super::raft_config`]) grow ~4x as JSON byte arrays; this leaves room for that.
@@ -86,6 +91,7 @@ pub struct GrpcNetworkFactory {
     book: AddressBook,
     channels: ChannelCache,
     tls: Option<ClientTlsConfig>,
+    signer: Option<Signer>,
 }
 
 impl GrpcNetworkFactory {
@@ -96,7 +102,14 @@ impl GrpcNetworkFactory {
             book,
             channels: Arc::default(),
             tls: None,
+            signer: None,
         }
+    }
+
+    /// Signs every request with the cluster secret.
+    pub fn with_signer(mut self, signer: Option<Signer>) -> Self {
+        self.signer = signer;
+        self
     }
 
     /// Dials peers over TLS: presents `tls`'s identity and checks that each peer's
@@ -119,6 +132,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetworkFactory {
             book: self.book.clone(),
             channels: self.channels.clone(),
             tls: self.tls.clone(),
+            signer: self.signer.clone(),
         }
     }
 }
@@ -132,6 +146,7 @@ pub struct GrpcNetwork {
     book: AddressBook,
     channels: ChannelCache,
     tls: Option<ClientTlsConfig>,
+    signer: Option<Signer>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +169,12 @@ enum LinkError {
 }
 
 impl GrpcNetwork {
-    fn channel(&self) -> Result<Channel, LinkError> {
+    fn channel(&self) -> Result<SignedChannel, LinkError> {
+        let ch = self.plain_channel()?;
+        Ok(SignedChannel::new(ch, self.signer.clone(), &self.node.name))
+    }
+
+    fn plain_channel(&self) -> Result<Channel, LinkError> {
         let name = &self.node.name;
         let addr = self
             .book

@@ -68,6 +68,7 @@ fn promote(member: &str, generation: u64) -> Command {
         new_primary_lsn: None,
         possible_loss_bytes: None,
         old_lease_released: false,
+        lease_break_round: None,
     })
 }
 

@@ -1,13 +1,18 @@
-//! Client-side checks before a switchover or a manual failover, from the leader's
-//! observations: is the candidate a healthy standby, how far behind is it, and what could
-//! a promotion lose. The cluster validates again when the command is committed; these
-//! checks exist so an operator hears "no, because..." before anything is written.
+//! Checks before a switchover or a manual failover, from the leader's status (its
+//! observations): is the candidate a healthy standby, how far behind is it, and what could
+//! a promotion lose, and which standby a switchover should go to. Used by meridianctl (an
+//! operator hears "no, because..." before anything is written) and by the agent's graceful
+//! stop (which hands over to the best standby). The cluster validates again when the
+//! command is committed.
 
-use meridian_node::raft::intent::MemberKind;
-use meridian_node::raft::Intent;
 use meridian_proto::{MemberStatus, PostgresObservation, StatusResponse};
 
-use crate::view::STALE_AFTER_MS;
+use crate::raft::intent::MemberKind;
+use crate::raft::Intent;
+
+/// How old (on the leader's clock) a member's last report may be for these checks to
+/// trust it; generous, since a status answer itself takes a round trip to the leader.
+pub const STALE_AFTER_MS: i64 = 3_000;
 
 fn pg_of(m: &MemberStatus) -> Option<&PostgresObservation> {
     m.observation.as_ref().and_then(|o| o.postgres.as_ref())
@@ -242,10 +247,11 @@ pub fn switchover_candidate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::four_member_intent;
     use meridian_proto::Observation;
 
     fn intent() -> Intent {
-        crate::test_support::four_member_intent()
+        four_member_intent()
     }
 
     fn member(name: &str, pg: Option<PostgresObservation>) -> MemberStatus {
