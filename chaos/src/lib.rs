@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod cluster;
+pub mod idle_bench;
 pub mod mesh;
 pub mod netns;
 pub mod pg_cluster;

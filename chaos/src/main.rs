@@ -100,6 +100,23 @@ enum Command {
         #[command(flatten)]
         cluster: ClusterArgs,
     },
+    /// Measure what a healthy idle cluster costs (agent and watchdog CPU, the probes' CPU
+    /// on Postgres against a plain Postgres, new sessions per second, agent RSS after a
+    /// connection churn); exit 1 when a target of issue 14 is missed.
+    IdleBench {
+        /// Length of each measurement window, in seconds.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(5..=3600))]
+        seconds: u64,
+        /// gRPC and HTTP connections (each) opened and closed against one agent.
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+        churn: u64,
+        /// Regions and members.
+        #[arg(long, default_value = meridian_chaos::idle_bench::IDLE_TOPOLOGY)]
+        topology: Topology,
+        /// Directory holding meridian-node (default: next to this executable).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+    },
     /// Repeat a scenario with seeds 1..=N; print min/p50/p99/max of each timing.
     Bench {
         #[arg(long)]
@@ -208,6 +225,32 @@ async fn execute(command: Command) -> anyhow::Result<bool> {
                 println!("{}", summary_line(&cards));
             }
             Ok(cards.iter().all(Scorecard::passed))
+        }
+        Command::IdleBench {
+            seconds,
+            churn,
+            topology,
+            bin_dir,
+        } => {
+            let opts = meridian_chaos::idle_bench::IdleBenchOptions {
+                window: Duration::from_secs(seconds),
+                churn: usize::try_from(churn)?,
+                cluster: ClusterOptions {
+                    topology,
+                    bin_dir,
+                    ..ClusterOptions::default()
+                },
+            };
+            let report = meridian_chaos::idle_bench::run(&opts).await?;
+            print!("{}", report.render());
+            let misses = report.misses();
+            for m in &misses {
+                println!("MISSED: {m}");
+            }
+            if misses.is_empty() {
+                println!("all targets met");
+            }
+            Ok(misses.is_empty())
         }
         Command::Bench {
             scenario,

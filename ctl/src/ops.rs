@@ -21,6 +21,36 @@ use crate::client::{Client, Snapshot};
 use crate::view::{self, history_rows};
 use crate::{Command, ConnArgs, Failure, WatchArgs};
 
+/// Writes to stdout. A closed pipe (`meridianctl list --watch 1 | head -1`) ends the
+/// program quietly with exit 0: the reader has what it wanted. Other write errors are
+/// ignored as `println!` would not (it panics).
+fn write_stdout(args: std::fmt::Arguments<'_>, newline: bool) {
+    let mut o = std::io::stdout().lock();
+    let r = o
+        .write_fmt(args)
+        .and_then(|()| if newline { o.write_all(b"\n") } else { Ok(()) })
+        .and_then(|()| o.flush());
+    exit_on_broken_pipe(r);
+}
+
+/// Exit 0 at once when stdout's reader went away.
+fn exit_on_broken_pipe(r: std::io::Result<()>) {
+    if let Err(e) = r {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
+}
+
+macro_rules! outln {
+    () => { write_stdout(format_args!(""), true) };
+    ($($t:tt)*) => { write_stdout(format_args!($($t)*), true) };
+}
+
+macro_rules! out {
+    ($($t:tt)*) => { write_stdout(format_args!($($t)*), false) };
+}
+
 /// How often switchover / failover progress is polled.
 const POLL_EVERY: Duration = Duration::from_millis(250);
 /// Finer during a switchover: the write pause it reports is measured by these polls.
@@ -41,7 +71,7 @@ fn now_unix_ms() -> i64 {
 
 fn print_json(v: &impl serde::Serialize) -> Result<(), Failure> {
     let text = serde_json::to_string_pretty(v).context("encoding JSON output")?;
-    println!("{text}");
+    outln!("{text}");
     Ok(())
 }
 
@@ -124,7 +154,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Fa
             if json {
                 print_json(&rows)
             } else {
-                print!("{}", view::render_history(&rows));
+                out!("{}", view::render_history(&rows));
                 Ok(())
             }
         }
@@ -149,7 +179,7 @@ async fn render_once(client: &Client, json: bool, tree: bool) -> Result<(), Fail
     if json {
         print_json(&v)
     } else {
-        print!(
+        out!(
             "{}",
             if tree {
                 view::render_topology(&v)
@@ -171,10 +201,10 @@ async fn watch_loop(client: &Client, w: WatchArgs, json: bool, tree: bool) -> Re
     tokio::pin!(ctrl_c);
     for i in 0..refreshes {
         if clear {
-            print!("\x1b[2J\x1b[H");
+            out!("\x1b[2J\x1b[H");
         }
         if !json {
-            println!(
+            outln!(
                 "{}  (every {every} s, Ctrl-C to stop)",
                 view::time_of(now_unix_ms())
             );
@@ -188,7 +218,7 @@ async fn watch_loop(client: &Client, w: WatchArgs, json: bool, tree: bool) -> Re
             };
             eprintln!("error: {}", crate::client::one_line(&msg));
         }
-        let _ = std::io::stdout().flush();
+        exit_on_broken_pipe(std::io::stdout().flush());
         if i + 1 == refreshes {
             break;
         }
@@ -218,13 +248,13 @@ async fn maintenance(client: &Client, on: bool, json: bool) -> Result<(), Failur
         );
     }
     match (log_index, on) {
-        (None, true) => println!("Cluster {} is already paused (maintenance mode).", snap.status.cluster),
-        (None, false) => println!("Cluster {} is not paused.", snap.status.cluster),
-        (Some(_), true) => println!(
+        (None, true) => outln!("Cluster {} is already paused (maintenance mode).", snap.status.cluster),
+        (None, false) => outln!("Cluster {} is not paused.", snap.status.cluster),
+        (Some(_), true) => outln!(
             "Cluster {} {word}: maintenance mode is on, no automatic failover until `meridianctl resume`.",
             snap.status.cluster
         ),
-        (Some(_), false) => println!(
+        (Some(_), false) => outln!(
             "Cluster {} {word}: maintenance mode is off, automatic failover is back on.",
             snap.status.cluster
         ),
@@ -238,8 +268,8 @@ fn show_policy(p: &Policy, version: u64, json: bool) -> Result<(), Failure> {
     }
     let text = toml::to_string(p).context("encoding the policy as TOML")?;
     // A TOML comment, so the output still parses as the policy.
-    println!("# policy version {version}");
-    print!("{text}");
+    outln!("# policy version {version}");
+    out!("{text}");
     Ok(())
 }
 
@@ -351,16 +381,16 @@ async fn edit_config(
         }));
     }
     if diff.is_empty() {
-        println!("Policy unchanged: it already has these values.");
+        outln!("Policy unchanged: it already has these values.");
         return Ok(());
     }
     for d in &diff {
-        println!("  {d}");
+        outln!("  {d}");
     }
     if dry_run {
-        println!("Dry run: nothing committed.");
+        outln!("Dry run: nothing committed.");
     } else {
-        println!("Policy updated to version {version}.");
+        outln!("Policy updated to version {version}.");
     }
     Ok(())
 }
@@ -389,7 +419,7 @@ async fn remove(client: &Client, name: &str, force: bool, json: bool) -> Result<
     if json {
         return print_json(&json!({"ok": true, "removed": name}));
     }
-    println!(
+    outln!(
         "Member {name} removed from cluster {}.",
         snap.status.cluster
     );
@@ -453,11 +483,11 @@ async fn reinit(
                 &json!({"ok": true, "reinit": name, "done": false, "log_index": log_index}),
             );
         }
-        println!("Reinit of {name} requested; watch it with `meridianctl list`.");
+        outln!("Reinit of {name} requested; watch it with `meridianctl list`.");
         return Ok(());
     }
     if !json {
-        println!("Reinit of {name} requested; waiting up to {wait_s} s for it to re-clone from {primary} and stream...");
+        outln!("Reinit of {name} requested; waiting up to {wait_s} s for it to re-clone from {primary} and stream...");
     }
     let deadline = started + Duration::from_secs(wait_s);
     let mut last: String;
@@ -491,7 +521,7 @@ async fn reinit(
                                 "elapsed_ms": elapsed_ms, "log_index": log_index,
                             }));
                         }
-                        println!(
+                        outln!(
                             "Reinit of {name} done: re-cloned and streaming from {now_primary} ({:.1} s).",
                             elapsed_ms as f64 / 1000.0
                         );
@@ -537,7 +567,7 @@ pub async fn version(conn: &ConnArgs, json: bool) -> Result<(), Failure> {
         if json {
             return print_json(&json!({"meridianctl": ctl, "members": {}}));
         }
-        println!("meridianctl {ctl}");
+        outln!("meridianctl {ctl}");
         return Ok(());
     }
     let client = crate::connect(conn)?;
@@ -560,9 +590,9 @@ pub async fn version(conn: &ConnArgs, json: bool) -> Result<(), Failure> {
     if json {
         return print_json(&json!({"meridianctl": ctl, "members": members}));
     }
-    println!("meridianctl {ctl}");
+    outln!("meridianctl {ctl}");
     for l in lines {
-        println!("{l}");
+        outln!("{l}");
     }
     Ok(())
 }
@@ -598,13 +628,13 @@ async fn switchover(
         .find(|m| m.name == to)
         .and_then(|m| m.lag_bytes);
     if !json {
-        println!(
+        outln!(
             "Switchover plan: primary {from} ({}) -> {to} ({}), generation {generation} -> {}.",
             region(&from),
             region(&to),
             generation.next()
         );
-        println!(
+        outln!(
             "  {to} is {} behind. Writes on {from} stop until {to} has received its last WAL; \
              {from} then rejoins as a standby of {to}.",
             lag.map_or("an unknown number of bytes".into(), |l| format!(
@@ -620,7 +650,7 @@ async fn switchover(
     let started = Instant::now();
     client.command(&cmd, false).await?;
     if !json {
-        println!("Switchover requested; waiting up to {wait_s} s for {to} to take over...");
+        outln!("Switchover requested; waiting up to {wait_s} s for {to} to take over...");
     }
     let deadline = started + Duration::from_secs(wait_s);
     let mut last_phase = String::from("requested");
@@ -662,7 +692,7 @@ async fn switchover(
                     } else {
                         format!("writes paused about {pause_ms} ms as seen through the admin API")
                     };
-                    println!(
+                    outln!(
                         "Switchover complete: {to} is the primary at generation {} ({:.1} s end to end, {how}).",
                         i.generation,
                         elapsed_ms as f64 / 1000.0,
@@ -748,17 +778,21 @@ async fn cancel_switchover(client: &Client, wait_s: u64, json: bool) -> Result<(
                 "writes_stopped": false, "log_index": log_index,
             }));
         }
-        println!(
+        outln!(
             "Switchover from {} to {} cancelled before writes stopped; {} stays the primary.",
-            sw.from, sw.to, sw.from
+            sw.from,
+            sw.to,
+            sw.from
         );
         return Ok(());
     }
     if !json {
-        println!(
+        outln!(
             "Switchover from {} to {} cancelled; writes had been asked to stop on {}: waiting up \
              to {wait_s} s for it to take writes again...",
-            sw.from, sw.to, sw.from
+            sw.from,
+            sw.to,
+            sw.from
         );
     }
     let deadline = started + Duration::from_secs(wait_s);
@@ -785,7 +819,7 @@ async fn cancel_switchover(client: &Client, wait_s: u64, json: bool) -> Result<(
                             "log_index": log_index,
                         }));
                     }
-                    println!(
+                    outln!(
                         "{} takes writes again at generation {generation} ({resumed_ms} ms after the cancel).",
                         sw.from
                     );
@@ -898,22 +932,22 @@ async fn failover(
     });
     validate_locally(&snap, &cmd)?;
     if !json {
-        println!(
+        outln!(
             "Failover plan: promote {candidate} at generation {generation} (primary now: {}).",
             snap.intent.primary.as_deref().unwrap_or("none")
         );
         for r in &check.unsafe_reasons {
-            println!("  UNSAFE (allowed by --allow-data-loss): {r}");
+            outln!("  UNSAFE (allowed by --allow-data-loss): {r}");
         }
         if let Some(loss) = check.possible_loss_bytes {
-            println!("  Possible loss: {loss} bytes.");
+            outln!("  Possible loss: {loss} bytes.");
         }
     }
     confirm(&format!("Promote {candidate}?"), force, "fail over")?;
     let started = Instant::now();
     client.command(&cmd, false).await?;
     if !json {
-        println!("Promotion of {candidate} committed at generation {generation}; waiting up to {wait_s} s for it to accept writes...");
+        outln!("Promotion of {candidate} committed at generation {generation}; waiting up to {wait_s} s for it to accept writes...");
     }
     let deadline = started + Duration::from_secs(wait_s);
     loop {
@@ -941,7 +975,7 @@ async fn failover(
                         "possible_loss_bytes": check.possible_loss_bytes, "elapsed_ms": elapsed_ms,
                     }));
                 }
-                println!(
+                outln!(
                     "Failover complete: {candidate} accepts writes at generation {generation} ({:.1} s).",
                     elapsed_ms as f64 / 1000.0
                 );

@@ -74,23 +74,22 @@ fn non_empty(s: &str) -> Option<String> {
 }
 
 /// The best position the cluster knows: the primary's own, else the furthest standby's.
+/// The primary's current WAL position from its own observation, when that observation is
+/// fresh (no older than [`STALE_AFTER_MS`] at the leader); None otherwise: a lag measured
+/// against an old position would look smaller than it is.
 fn primary_lsn(status: &StatusResponse, intent: &Intent) -> Option<u64> {
-    fn of(m: &MemberStatus) -> Option<&meridian_proto::PostgresObservation> {
-        m.observation.as_ref().and_then(|o| o.postgres.as_ref())
+    let p = intent.primary.as_deref()?;
+    let m = status.members.iter().find(|m| m.name == p)?;
+    let pg = fresh_pg(m)?;
+    (pg.up && !pg.in_recovery && pg.current_lsn > 0).then_some(pg.current_lsn)
+}
+
+/// A member's Postgres observation if the leader received it recently.
+fn fresh_pg(m: &MemberStatus) -> Option<&meridian_proto::PostgresObservation> {
+    if !(0..=STALE_AFTER_MS).contains(&m.observation_age_ms) {
+        return None;
     }
-    if let Some(p) = intent.primary.as_deref() {
-        let pg = status.members.iter().find(|m| m.name == p).and_then(of);
-        if let Some(pg) = pg.filter(|pg| pg.up && !pg.in_recovery && pg.current_lsn > 0) {
-            return Some(pg.current_lsn);
-        }
-    }
-    status
-        .members
-        .iter()
-        .filter_map(of)
-        .map(|pg| pg.received_lsn.max(pg.replayed_lsn).max(pg.current_lsn))
-        .filter(|l| *l > 0)
-        .max()
+    m.observation.as_ref().and_then(|o| o.postgres.as_ref())
 }
 
 pub fn member_row(m: &MemberStatus, intent: &Intent, status: &StatusResponse) -> MemberRow {
@@ -144,9 +143,12 @@ pub fn member_row(m: &MemberStatus, intent: &Intent, status: &StatusResponse) ->
         }
     };
     let up_pg = pg.filter(|pg| pg.up);
-    let lag_bytes = match up_pg {
-        Some(pg) if pg.in_recovery => primary_lsn(status, intent)
-            .map(|p| p.saturating_sub(pg.received_lsn.max(pg.replayed_lsn))),
+    // What reads on the standby see: the primary's current position minus its replay
+    // position, both freshly observed (the same definition as `/replica?lag=`).
+    let lag_bytes = match fresh_pg(m).filter(|pg| pg.up) {
+        Some(pg) if pg.in_recovery => {
+            primary_lsn(status, intent).map(|p| p.saturating_sub(pg.replayed_lsn))
+        }
         _ => None,
     };
     MemberRow {
@@ -648,7 +650,10 @@ mod tests {
             by["b1"].state, "unreachable",
             "a 9 s old observation is stale"
         );
-        assert_eq!(by["b1"].lag_bytes, Some(600));
+        assert_eq!(
+            by["b1"].lag_bytes, None,
+            "the lag of a standby last heard of 9 s ago is unknown"
+        );
         assert_eq!(by["w1"].role, "witness");
         assert_eq!(by["w1"].state, "unreachable");
         assert_eq!(by["w1"].last_seen_ms, None);
@@ -656,6 +661,27 @@ mod tests {
         // 2 of 4 voters in east: losing east leaves 2, a majority needs 3.
         assert_eq!(v.warnings.len(), 1, "{:?}", v.warnings);
         assert!(v.warnings[0].contains("east (2 of 4)"), "{:?}", v.warnings);
+    }
+
+    #[test]
+    fn lag_is_unknown_when_the_primary_was_not_heard_of_recently() {
+        let mut st = status();
+        st.members[0].observation_age_ms = STALE_AFTER_MS + 1;
+        let v = cluster_view(&st, &intent());
+        let a2 = v.members.iter().find(|m| m.name == "a2").unwrap();
+        assert_eq!(a2.lag_bytes, None);
+        // Fresh again, behind by what it has not replayed.
+        let mut st = status();
+        if let Some(pg) = st.members[1]
+            .observation
+            .as_mut()
+            .and_then(|o| o.postgres.as_mut())
+        {
+            pg.replayed_lsn = 300;
+        }
+        let v = cluster_view(&st, &intent());
+        let a2 = v.members.iter().find(|m| m.name == "a2").unwrap();
+        assert_eq!(a2.lag_bytes, Some(700));
     }
 
     #[test]

@@ -140,6 +140,8 @@ pub struct MemberConfig {
     pub priority: i32,
     /// Never promote this member automatically.
     pub nofailover: bool,
+    /// Take no read traffic: `/replica` (and `/read-only` as a standby) answer 503.
+    pub noloadbalance: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -401,6 +403,8 @@ struct RawMember {
     priority: i32,
     #[serde(default)]
     nofailover: bool,
+    #[serde(default)]
+    noloadbalance: bool,
 }
 
 #[derive(Deserialize)]
@@ -902,6 +906,7 @@ impl RawConfig {
                 kind: self.member.kind,
                 priority: self.member.priority,
                 nofailover: self.member.nofailover,
+                noloadbalance: self.member.noloadbalance,
             },
             state_dir,
             postgres,

@@ -61,17 +61,46 @@ pub struct NodeHealth {
     pub fenced: bool,
     pub timeline: u32,
     pub generation: u64,
-    /// Bytes this standby is behind the primary's last known position.
+    /// Bytes this standby's replay position is behind the primary's current position
+    /// (read within `peers::primary_position_max_age`); None when unknown.
     pub lag_bytes: Option<u64>,
+    /// A standby whose WAL receiver is streaming (only those are healthy replicas).
+    pub streaming: bool,
     pub paused: bool,
     pub noloadbalance: bool,
     pub version: String,
-    /// The cluster topology as the leader last reported it (for `/cluster`).
+    /// The cluster as this member sees it (for `/cluster`), built on request.
     #[serde(skip)]
-    pub cluster_json: serde_json::Value,
-    /// History entries (for `/history`).
+    pub cluster_json: LazyJson,
+    /// History entries (for `/history`), built on request.
     #[serde(skip)]
-    pub history_json: serde_json::Value,
+    pub history_json: LazyJson,
+}
+
+/// A JSON document built when it is asked for, not each time health is published.
+#[derive(Clone)]
+pub struct LazyJson(Arc<dyn Fn() -> serde_json::Value + Send + Sync>);
+
+impl LazyJson {
+    pub fn new(f: impl Fn() -> serde_json::Value + Send + Sync + 'static) -> Self {
+        LazyJson(Arc::new(f))
+    }
+
+    pub fn get(&self) -> serde_json::Value {
+        (self.0)()
+    }
+}
+
+impl Default for LazyJson {
+    fn default() -> Self {
+        LazyJson::new(|| serde_json::Value::Null)
+    }
+}
+
+impl std::fmt::Debug for LazyJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LazyJson")
+    }
 }
 
 #[derive(Clone)]
@@ -180,8 +209,12 @@ fn lag_ok(h: &NodeHealth, q: &CheckQuery) -> bool {
     }
 }
 
+/// A running standby whose WAL receiver streams, not tagged `noloadbalance`, within the
+/// `?lag=` bound if one is given. Stricter than Patroni, which answers 200 for any running
+/// replica: one whose receiver stopped falls behind without bound, so it stops being a
+/// replica at the first observation that sees it not streaming.
 fn is_replica(h: &NodeHealth, q: &CheckQuery) -> bool {
-    is_standby(h) && !h.noloadbalance && lag_ok(h, q)
+    is_standby(h) && h.streaming && !h.noloadbalance && lag_ok(h, q)
 }
 
 fn is_read_only(h: &NodeHealth, q: &CheckQuery) -> bool {
@@ -364,13 +397,13 @@ async fn resume(
 }
 
 async fn cluster(State(s): State<HttpState>) -> Response {
-    let v = s.health.borrow().cluster_json.clone();
-    Json(v).into_response()
+    let view = s.health.borrow().cluster_json.clone();
+    Json(view.get()).into_response()
 }
 
 async fn history(State(s): State<HttpState>) -> Response {
-    let v = s.health.borrow().history_json.clone();
-    Json(v).into_response()
+    let view = s.health.borrow().history_json.clone();
+    Json(view.get()).into_response()
 }
 
 async fn metrics(State(s): State<HttpState>) -> Response {
@@ -399,9 +432,10 @@ pub async fn serve(
     tls: Option<rustls::ServerConfig>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    use crate::agent::limits;
     use anyhow::Context;
     let Some(tls) = tls else {
-        axum::serve(listener, app)
+        axum::serve(limits::http_listener(listener), app)
             .with_graceful_shutdown(async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
@@ -418,14 +452,16 @@ pub async fn serve(
     let listener = listener
         .into_std()
         .context("taking over the HTTP listener")?;
-    axum_server::from_tcp_rustls(
-        listener,
+    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(
         axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(config)),
     )
-    .handle(handle)
-    .serve(app.into_make_service())
-    .await
-    .context("serving HTTPS")
+    .acceptor(limits::https_limit());
+    axum_server::from_tcp(listener)
+        .acceptor(acceptor)
+        .handle(handle)
+        .serve(app.into_make_service())
+        .await
+        .context("serving HTTPS")
 }
 
 /// The rustls server configuration of the HTTPS endpoint (ring provider, no client auth).
@@ -468,6 +504,7 @@ mod tests {
             role,
             running: true,
             in_recovery: true,
+            streaming: true,
             lag_bytes: Some(lag),
             ..Default::default()
         }
@@ -503,6 +540,29 @@ mod tests {
         assert!(!is_replica(&s, &q(Some("lots"))));
         assert!(!is_replica(&primary(), &q(None)));
         assert!(is_read_only(&primary(), &q(None)));
+    }
+
+    #[test]
+    fn a_replica_streams_is_load_balanced_and_has_a_known_lag() {
+        let s = standby(Role::AsyncStandby, 0);
+        assert!(is_replica(&s, &q(Some("1MB"))));
+        let stopped = NodeHealth {
+            streaming: false,
+            ..s.clone()
+        };
+        assert!(!is_replica(&stopped, &q(None)), "receiver stopped");
+        assert!(!is_read_only(&stopped, &q(None)));
+        let unknown = NodeHealth {
+            lag_bytes: None,
+            ..s.clone()
+        };
+        assert!(is_replica(&unknown, &q(None)));
+        assert!(!is_replica(&unknown, &q(Some("1MB"))), "unknown lag");
+        let excluded = NodeHealth {
+            noloadbalance: true,
+            ..s
+        };
+        assert!(!is_replica(&excluded, &q(None)), "noloadbalance");
     }
 
     #[test]

@@ -95,9 +95,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// The default log filter: info; openraft's own chatter only from warn; and tonic's
-/// refused TLS handshakes (a peer with a bad certificate), which tonic logs at debug.
-pub const DEFAULT_LOG_FILTER: &str = "info,openraft=warn,tonic::transport::server::io_stream=debug";
+/// The default log filter: info; openraft's own chatter only from warn, except its core's
+/// notices of a stale message ignored after a vote or membership change (a warning on
+/// every leader change, nothing to act on), which need `error`; and tonic's refused TLS
+/// handshakes (a peer with a bad certificate), which tonic logs at debug.
+pub const DEFAULT_LOG_FILTER: &str =
+    "info,openraft=warn,openraft::core::raft_core=error,tonic::transport::server::io_stream=debug";
 
 /// One line per event on stderr; `RUST_LOG` overrides the default.
 fn init_logging() {
@@ -122,4 +125,50 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!("{which} received; stopping");
     agent.stop_gracefully().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::DEFAULT_LOG_FILTER;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_default_filter_hides_openraft_vote_changed_notices_only() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER))
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(
+                target: "openraft::core::raft_core",
+                "A message will be ignored because vote changed"
+            );
+            tracing::warn!(target: "openraft::replication", "replication warning");
+            tracing::info!(target: "openraft::engine", "openraft info");
+            tracing::info!(target: "meridian_node::agent", "agent info");
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(!text.contains("vote changed"), "{text}");
+        assert!(!text.contains("openraft info"), "{text}");
+        assert!(text.contains("replication warning"), "{text}");
+        assert!(text.contains("agent info"), "{text}");
+    }
 }

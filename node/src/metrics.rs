@@ -23,6 +23,10 @@ pub struct Metrics {
     /// Per standby (on the primary): bytes between the primary's position and the
     /// standby's replay position.
     pub replication_lag_bytes: Family<Labels, Gauge>,
+    /// On a standby: bytes from the primary's current position (read no longer ago than
+    /// the bound of `peers::primary_position_max_age`) to this standby's replay position;
+    /// absent when unknown.
+    pub standby_lag_bytes: Family<Labels, Gauge>,
     pub failovers: Counter,
     pub switchovers: Counter,
     pub raft_term: Gauge,
@@ -51,6 +55,7 @@ impl Metrics {
             generation: Gauge::default(),
             lease_remaining_seconds: Gauge::default(),
             replication_lag_bytes: Family::default(),
+            standby_lag_bytes: Family::default(),
             failovers: Counter::default(),
             switchovers: Counter::default(),
             raft_term: Gauge::default(),
@@ -84,6 +89,11 @@ impl Metrics {
             "replication_lag_bytes",
             "Replication lag of each standby, in bytes, as seen by the primary",
             m.replication_lag_bytes.clone(),
+        );
+        registry.register(
+            "standby_lag_bytes",
+            "This standby's lag behind the primary's current position, in bytes (absent when unknown)",
+            m.standby_lag_bytes.clone(),
         );
         registry.register(
             "failovers",

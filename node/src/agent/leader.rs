@@ -182,7 +182,7 @@ async fn round(shared: &Arc<Shared>, tr: &mut Tracker) -> anyhow::Result<()> {
     let view = cluster_view(&intent, &book, &observations, rtt, limits(shared));
     let now_ms = ms(Instant::now());
     let decision = decide(&view, now_ms);
-    let wait = decision.wait.as_ref().map(|w| format!("{w:?}"));
+    let wait = decision.wait.as_ref().map(|w| w.to_string());
     // Logged when the kind of wait changes, not when only its countdowns move.
     let wait_key = wait.as_ref().map(|w| {
         w.chars()
@@ -237,7 +237,7 @@ async fn round(shared: &Arc<Shared>, tr: &mut Tracker) -> anyhow::Result<()> {
                 .context("confirming leadership")?;
             wrote = true;
         }
-        let what = format!("{cmd:?}");
+        let what = cmd.to_string();
         let w = tokio::time::timeout(WRITE_TIMEOUT, shared.raft.client_write(cmd.clone()))
             .await
             .context("the write was not committed in time")?
@@ -261,7 +261,7 @@ async fn round(shared: &Arc<Shared>, tr: &mut Tracker) -> anyhow::Result<()> {
                 }
             }
             Response::Refused(r) => anyhow::bail!("{what} refused: {r}"),
-            other => anyhow::bail!("{what}: unexpected {other:?}"),
+            other => anyhow::bail!("{what}: unexpected answer {other:?}"),
         };
     }
     tr.last_refusal = None;
@@ -444,8 +444,8 @@ fn resume_in_place(
         member: nc.failed_primary.clone(),
         generation: intent.generation.next(),
         reason: format!(
-            "{} stopped and no member may replace it ({:?}): resumed in place",
-            nc.failed_primary, nc.reason
+            "{} stopped and no member may replace it ({nc}): resumed in place",
+            nc.failed_primary
         ),
         at_unix_ms: unix_ms(),
     })

@@ -166,6 +166,7 @@ pub async fn run(shared: Arc<Shared>, pg: PgInstance) {
     let mut ticker = tokio::time::interval(m.shared.config.timing.observe_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut applied = m.shared.applied.clone();
+    let mut errors = super::errlog::ErrorLog::default();
     loop {
         // A committed change (promotion, switchover phase) is acted on at once.
         tokio::select! {
@@ -178,13 +179,11 @@ pub async fn run(shared: Arc<Shared>, pg: PgInstance) {
             // Tell the leader what changed without waiting for the next report.
             m.shared.wake_reporter.notify_one();
         }
-        match (&result, &m.last_error) {
-            (Err(e), Some(prev)) if format!("{e:#}") == *prev => {}
-            (Err(e), _) => tracing::warn!("reconciling the local Postgres: {e:#}"),
-            (Ok(()), Some(_)) => tracing::info!("reconciling the local Postgres works again"),
-            (Ok(()), None) => {}
-        }
         m.last_error = result.err().map(|e| format!("{e:#}"));
+        errors.log(
+            "reconciling the local Postgres",
+            m.last_error.as_deref().map_or(Ok(()), Err),
+        );
     }
 }
 
@@ -772,14 +771,7 @@ impl Member {
             .filter(|t| t.generation == generation)
         {
             let want = render_sync_standby_names(&target.set);
-            let client = self.pg.connect().await?;
-            let shown: String = tokio::time::timeout(
-                Duration::from_secs(2),
-                client.query_one("SHOW synchronous_standby_names", &[]),
-            )
-            .await
-            .context("SHOW synchronous_standby_names timed out")??
-            .get(0);
+            let shown = self.pg.setting("synchronous_standby_names").await?;
             if parse_sync_standby_names(&shown) != target.set {
                 tracing::info!(from = %shown, to = %want, "setting synchronous_standby_names");
                 self.pg.set_synchronous_standby_names(&want).await?;
@@ -965,6 +957,15 @@ impl Member {
         match propose(&self.shared, cmd).await? {
             Response::Applied => {
                 tracing::info!(%primary, "reinit done");
+                // Committed is not yet applied here: the next round must not read the old
+                // intent and re-clone again (bounded; a later round sees it anyway).
+                let me = self.name().to_string();
+                let mut applied = self.shared.applied.clone();
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    applied.wait_for(|a| !a.intent.reinit.contains(&me)),
+                )
+                .await;
                 Ok(())
             }
             other => anyhow::bail!("recording reinit done: {other:?}"),

@@ -12,11 +12,13 @@
 
 pub mod admin;
 pub mod dial;
+pub mod errlog;
 pub mod handoff;
 pub mod http_write;
 pub mod join;
 pub mod leader;
 pub mod lease;
+pub mod limits;
 pub mod member;
 pub mod observe;
 pub mod peers;
@@ -33,7 +35,6 @@ use openraft::{RaftMetrics, ServerState};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 
 use crate::config::{Config, MemberKind};
 use crate::http::{self, HttpState, NodeHealth, Role};
@@ -274,7 +275,7 @@ impl Agent {
         let mut servers = Vec::new();
 
         // gRPC: Raft transport, observations, admin API.
-        let mut builder = tonic::transport::Server::builder();
+        let mut builder = limits::grpc_server(tonic::transport::Server::builder());
         if let Some(t) = &tls {
             builder = builder
                 .tls_config(t.server.clone())
@@ -294,7 +295,7 @@ impl Agent {
             .add_service(admin::AdminService::new(shared.clone()).into_server());
         let mut stopped = stop.subscribe();
         servers.push(tokio::spawn(async move {
-            let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+            let incoming = limits::grpc_incoming(grpc_listener);
             if let Err(e) = router
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.wait_for(|s| *s).await;

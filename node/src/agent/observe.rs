@@ -235,18 +235,9 @@ pub fn postgres_observation(s: &PgStatus, fenced: bool) -> PostgresObservation {
     }
 }
 
-/// What the primary's Postgres has in `synchronous_standby_names`, parsed; None when it
-/// cannot be read.
-async fn sync_standby_names(instance: &PgInstance) -> Option<meridian_proto::SyncStandbyNames> {
-    let client = instance.connect().await.ok()?;
-    let row = tokio::time::timeout(
-        instance.timeouts().probe,
-        client.query_one("SHOW synchronous_standby_names", &[]),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    let set = super::member::parse_sync_standby_names(&row.get::<_, String>(0));
+/// The primary's `synchronous_standby_names` as its probe read it, parsed.
+fn sync_standby_names(status: &PgStatus) -> Option<meridian_proto::SyncStandbyNames> {
+    let set = super::member::parse_sync_standby_names(status.synchronous_standby_names.as_deref()?);
     Some(meridian_proto::SyncStandbyNames {
         names: set.names.into_iter().collect(),
         k: set.k,
@@ -263,6 +254,148 @@ fn member_at(config: &Config, host: &str, port: u16) -> Option<String> {
         .map(|(name, _)| name.clone())
 }
 
+/// Bytes from the primary's position (a fresh answered probe of it, taking writes) to a
+/// standby's replay position; None when that position is unknown.
+fn lag_against(replayed_lsn: u64, primary: Option<&super::peers::PeerResult>) -> Option<u64> {
+    let current = primary?.current_lsn?;
+    Some(current.0.saturating_sub(replayed_lsn))
+}
+
+/// What `/cluster` is built from, on request (not every round).
+struct ClusterSource {
+    shared: Arc<Shared>,
+    local: Arc<Mutex<Option<PostgresObservation>>>,
+    peers: super::peers::PeerProbes,
+}
+
+impl ClusterSource {
+    /// `/cluster` in Patroni's shape: `members` (name, role `leader` for the primary,
+    /// `sync_standby`, `replica` or `witness`; state `running`, `streaming`, `in archive
+    /// recovery`, `stopped`, `fenced` or `unknown`; host and port of its Postgres as this
+    /// agent reaches it; timeline; lag in bytes or `"unknown"`), `scope`, and Meridian's
+    /// additions: `raft_leader`, `term`, `primary`, `generation`.
+    fn to_json(&self) -> serde_json::Value {
+        use serde_json::{json, Value};
+        let shared = &self.shared;
+        let intent = shared.applied().intent.clone();
+        let me = shared.name();
+        let timing = &shared.config.timing;
+        let max_age = super::peers::primary_position_max_age(timing);
+        let probes = self.peers.fresh(max_age);
+        let local = self.local.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let primary = intent.primary.clone();
+        let primary_lsn: Option<u64> = match primary.as_deref() {
+            Some(p) if p == me => local
+                .as_ref()
+                .filter(|o| o.up && !o.in_recovery && o.current_lsn > 0)
+                .map(|o| o.current_lsn),
+            Some(p) => probes.get(p).and_then(|r| r.current_lsn).map(|l| l.0),
+            None => None,
+        };
+        let members: Vec<Value> = intent
+            .members
+            .values()
+            .map(|m| {
+                let is_primary = primary.as_deref() == Some(m.name.as_str());
+                let role = match m.kind {
+                    crate::config::MemberKind::Witness => "witness",
+                    _ if is_primary => "leader",
+                    _ if intent.sync_set.names.contains(&m.name) => "sync_standby",
+                    _ => "replica",
+                };
+                // (state, timeline, replayed position) as seen from here.
+                let (state, timeline, replayed): (&str, Option<u32>, Option<u64>) =
+                    if m.kind == crate::config::MemberKind::Witness {
+                        ("unknown", None, None)
+                    } else if m.name == me {
+                        match &local {
+                            None => ("unknown", None, None),
+                            Some(o) if o.fenced => ("fenced", None, None),
+                            Some(o) if !o.up => ("stopped", None, None),
+                            Some(o) if !o.in_recovery => ("running", Some(o.timeline), None),
+                            Some(o) => (
+                                if o.wal_receiver == WalReceiverStatus::Streaming as i32 {
+                                    "streaming"
+                                } else {
+                                    "in archive recovery"
+                                },
+                                Some(o.timeline),
+                                Some(o.replayed_lsn),
+                            ),
+                        }
+                    } else {
+                        match probes.get(&m.name) {
+                            Some(r) if r.rtt_us.is_none() => ("unknown", None, None),
+                            None => ("unknown", None, None),
+                            Some(r) if r.writable => ("running", r.timeline, None),
+                            Some(r) => (
+                                if r.streaming {
+                                    "streaming"
+                                } else {
+                                    "in archive recovery"
+                                },
+                                None,
+                                r.replayed_lsn.map(|l| l.0),
+                            ),
+                        }
+                    };
+                let mut v = json!({
+                    "name": m.name,
+                    "role": role,
+                    "state": state,
+                    "region": m.region,
+                    "tags": {
+                        "priority": m.tags.priority,
+                        "nofailover": m.tags.nofailover,
+                    },
+                });
+                let addr = shared
+                    .config
+                    .peers
+                    .get(&m.name)
+                    .and_then(|p| p.postgres.clone())
+                    .or_else(|| {
+                        // Without an address-book entry for itself: its first listen
+                        // IP address (`*` names no host).
+                        let pg = shared.config.postgres.as_ref().filter(|_| m.name == me)?;
+                        let ip = pg.listen_addr.iter().find_map(|a| match a {
+                            crate::config::ListenAddr::Ip(ip) => Some(*ip),
+                            crate::config::ListenAddr::Any => None,
+                        })?;
+                        Some(std::net::SocketAddr::new(ip, pg.port).to_string())
+                    });
+                if let Some((host, port)) = addr.as_deref().and_then(super::dial::split_host_port) {
+                    v["host"] = json!(host);
+                    v["port"] = json!(port);
+                }
+                if m.name == me {
+                    v["api_url"] =
+                        json!(format!("http://{}/patroni", shared.config.api.http_listen));
+                }
+                if let Some(t) = timeline.filter(|t| *t > 0) {
+                    v["timeline"] = json!(t);
+                }
+                if !is_primary && m.kind == crate::config::MemberKind::Data {
+                    v["lag"] = match (primary_lsn, replayed) {
+                        (Some(p), Some(r)) => json!(p.saturating_sub(r)),
+                        _ => json!("unknown"),
+                    };
+                }
+                v
+            })
+            .collect();
+        json!({
+            "members": members,
+            "scope": shared.config.cluster,
+            "raft_leader": shared.leader().map(|l| l.1),
+            "term": shared.raft_metrics().current_term,
+            "primary": intent.primary,
+            "generation": intent.generation,
+            "pause": intent.maintenance,
+        })
+    }
+}
+
 /// The loop that observes, reports and publishes.
 pub struct Reporter {
     shared: Arc<Shared>,
@@ -271,6 +404,8 @@ pub struct Reporter {
     streamed_tli: Mutex<Option<(i32, u32)>>,
     /// What the peer prober last saw of the other members' Postgres.
     peers: super::peers::PeerProbes,
+    /// The latest observation of the local Postgres (for `/cluster`, built on request).
+    local: Arc<Mutex<Option<PostgresObservation>>>,
 }
 
 impl Reporter {
@@ -292,6 +427,7 @@ impl Reporter {
             pg,
             peers,
             streamed_tli: Mutex::new(None),
+            local: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -330,7 +466,7 @@ impl Reporter {
                     }
                 }
                 if status.up && !status.in_recovery {
-                    o.sync_standby_names = sync_standby_names(instance).await;
+                    o.sync_standby_names = sync_standby_names(&status);
                     self.shared
                         .local_wal_lsn
                         .fetch_max(o.current_lsn, std::sync::atomic::Ordering::Relaxed);
@@ -360,6 +496,18 @@ impl Reporter {
         let mut last_error: Option<String> = None;
         // A probe older than a few rounds says nothing about now.
         let probe_max_age = interval * 4;
+        let view = ClusterSource {
+            shared: self.shared.clone(),
+            local: self.local.clone(),
+            peers: self.peers.clone(),
+        };
+        let history = self.shared.clone();
+        health.send_modify(|h| {
+            h.cluster_json = crate::http::LazyJson::new(move || view.to_json());
+            h.history_json = crate::http::LazyJson::new(move || {
+                serde_json::to_value(&history.applied().intent.history).unwrap_or_default()
+            });
+        });
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
@@ -506,13 +654,26 @@ impl Reporter {
                     .set(i64::try_from(lag).unwrap_or(i64::MAX));
             }
         }
-        // A standby's own view of its lag: what it received and has not replayed yet
-        // (unknown when its WAL receiver is not streaming).
-        let lag_bytes = pg
-            .filter(|p| {
-                p.up && p.in_recovery && p.wal_receiver == WalReceiverStatus::Streaming as i32
-            })
-            .map(|p| p.received_lsn.saturating_sub(p.replayed_lsn));
+        // A standby's lag: the primary's current position, as this agent's probe of it read
+        // it no longer ago than the bound, minus what this standby replayed (what reads
+        // here see). Unknown when that position is unknown or too old.
+        let max_age = super::peers::primary_position_max_age(&shared.config.timing);
+        let lag_bytes = pg.filter(|p| p.up && p.in_recovery).and_then(|p| {
+            let primary = intent.primary.as_deref().filter(|p| *p != me)?;
+            lag_against(
+                p.replayed_lsn,
+                self.peers.answered(primary, max_age).as_ref(),
+            )
+        });
+        let streaming = pg.is_some_and(|p| {
+            p.up && p.in_recovery && p.wal_receiver == WalReceiverStatus::Streaming as i32
+        });
+        m.standby_lag_bytes.clear();
+        if let Some(lag) = lag_bytes {
+            m.standby_lag_bytes
+                .get_or_create(&vec![("member".to_string(), me.to_string())])
+                .set(i64::try_from(lag).unwrap_or(i64::MAX));
+        }
         m.lease_remaining_seconds.set(
             shared
                 .lease
@@ -528,20 +689,6 @@ impl Reporter {
                 })
                 .unwrap_or(0.0),
         );
-        let cluster_json = serde_json::json!({
-            "cluster": shared.config.cluster,
-            "leader": shared.leader().map(|l| l.1),
-            "term": metrics.current_term,
-            "members": intent.members.values().map(|mm| serde_json::json!({
-                "name": mm.name,
-                "id": mm.id,
-                "region": mm.region,
-                "kind": mm.kind,
-            })).collect::<Vec<_>>(),
-            "primary": intent.primary,
-            "generation": intent.generation,
-        });
-        let history_json = serde_json::to_value(&intent.history).unwrap_or_default();
         health.send_modify(|h| {
             h.role = role;
             h.running = pg.is_some_and(|p| p.up);
@@ -552,9 +699,10 @@ impl Reporter {
             h.paused = intent.maintenance;
             h.lease_valid = lease_valid;
             h.lag_bytes = lag_bytes;
-            h.cluster_json = cluster_json;
-            h.history_json = history_json;
+            h.streaming = streaming;
+            h.noloadbalance = shared.config.member.noloadbalance;
         });
+        *self.local.lock().unwrap_or_else(|e| e.into_inner()) = pg.cloned();
     }
 }
 
@@ -612,6 +760,29 @@ mod tests {
         let o = postgres_observation(&down, false);
         assert!(!o.up);
         assert_eq!(o.error, "connection refused");
+    }
+
+    #[test]
+    fn a_standbys_lag_is_against_the_primarys_current_position() {
+        use crate::agent::peers::PeerResult;
+        let now = Instant::now();
+        let primary = PeerResult {
+            writable: true,
+            rtt_us: Some(100),
+            current_lsn: Some(Lsn(0x300_0000)),
+            ..PeerResult::unanswered(now)
+        };
+        // Received = replayed (a frozen receiver): still 32 MB behind the primary.
+        assert_eq!(lag_against(0x100_0000, Some(&primary)), Some(0x200_0000));
+        // Ahead of an older reading: no lag, not a negative one.
+        assert_eq!(lag_against(0x400_0000, Some(&primary)), Some(0));
+        // Unknown position (no fresh answer, or the primary does not take writes).
+        assert_eq!(lag_against(0x100_0000, None), None);
+        let not_writable = PeerResult {
+            current_lsn: None,
+            ..primary
+        };
+        assert_eq!(lag_against(0x100_0000, Some(&not_writable)), None);
     }
 
     #[test]

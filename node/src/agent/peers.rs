@@ -14,10 +14,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
 use super::Shared;
 use crate::config::Config;
+use crate::types::Lsn;
 
 /// The latest probe of one peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +30,30 @@ pub struct PeerResult {
     pub rtt_us: Option<u64>,
     /// When it takes writes: the timeline it writes on.
     pub timeline: Option<u32>,
+    /// When it takes writes: its current WAL position (`pg_current_wal_lsn()`), read no
+    /// earlier than `lsn_at`. Standbys measure their lag against it.
+    pub current_lsn: Option<Lsn>,
+    /// When the probe query was sent (the position is at least this fresh).
+    pub lsn_at: Instant,
+    /// In recovery: its replay position and whether its WAL receiver streams.
+    pub replayed_lsn: Option<Lsn>,
+    pub streaming: bool,
+}
+
+impl PeerResult {
+    /// A probe that got no answer.
+    pub fn unanswered(at: Instant) -> PeerResult {
+        PeerResult {
+            at,
+            writable: false,
+            rtt_us: None,
+            timeline: None,
+            current_lsn: None,
+            lsn_at: at,
+            replayed_lsn: None,
+            streaming: false,
+        }
+    }
 }
 
 /// Round trips kept per peer: the reported one is their median, so one slow probe on a
@@ -76,6 +101,14 @@ impl PeerProbes {
                 Some((n.clone(), r))
             })
             .collect()
+    }
+
+    /// The latest answered probe of `name` whose position is no older than `max_age`.
+    pub fn answered(&self, name: &str, max_age: Duration) -> Option<PeerResult> {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.get(name)?
+            .last
+            .filter(|r| r.rtt_us.is_some() && r.lsn_at.elapsed() <= max_age)
     }
 
     /// The proto form for an observation: probe results and round trips.
@@ -153,58 +186,128 @@ fn peer_tls(config: &Config) -> &'static crate::pg::PgTls {
     })
 }
 
-/// One probe, on the kept session if there is one. Bounded by `timeout` overall.
+/// The kept session to one peer and its reconnect backoff.
+#[derive(Default)]
+struct PeerSession {
+    open: Option<(Client, Statement, tokio::task::JoinHandle<()>)>,
+    /// Connects that failed in a row and when the next may be tried.
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+/// Reconnect backoff after consecutive failed connects: the first retry comes the next
+/// round, then the wait doubles from this, capped at [`RECONNECT_MAX`].
+const RECONNECT_BASE: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_millis(500);
+
+impl PeerSession {
+    fn drop_open(&mut self) {
+        if let Some((_, _, task)) = self.open.take() {
+            task.abort();
+        }
+    }
+
+    fn connect_failed(&mut self) {
+        self.failures = self.failures.saturating_add(1);
+        let shift = self.failures.saturating_sub(2).min(16);
+        let wait = if self.failures < 2 {
+            Duration::ZERO
+        } else {
+            RECONNECT_BASE
+                .saturating_mul(1u32 << shift)
+                .min(RECONNECT_MAX)
+        };
+        self.retry_at = Some(Instant::now() + wait);
+    }
+}
+
+/// One probe, on the kept session (opened when there is none). Bounded by `timeout`
+/// overall; a session that failed or hung is closed and reopened.
 async fn probe_one(
     config: &Config,
     host: &str,
     port: u16,
-    session: &mut Option<(Client, tokio::task::JoinHandle<()>)>,
+    session: &mut PeerSession,
     timeout: Duration,
 ) -> PeerResult {
+    if session.open.is_none() && session.retry_at.is_some_and(|at| Instant::now() < at) {
+        return PeerResult::unanswered(Instant::now());
+    }
+    let mut connected = false;
     let attempt = async {
-        if session.is_none() {
+        if session.open.is_none() {
             let c = client_config(config, host, port, timeout);
             let (client, task) = crate::pg::connect_tls(&c, peer_tls(config)).await.ok()?;
-            *session = Some((client, task));
+            let stmt = client.prepare(PROBE_SQL).await;
+            session.open = Some((client, stmt.ok()?, task));
+            connected = true;
         }
-        let (client, _) = session.as_ref()?;
-        let started = Instant::now();
-        let row = client.query_one(PROBE_SQL, &[]).await.ok()?;
-        let rtt = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        let timeline = row
-            .get::<_, Option<String>>(1)
-            .and_then(|w| timeline_of_walfile(&w));
-        Some((!row.get::<_, bool>(0), rtt, timeline))
+        let (client, stmt, _) = session.open.as_ref()?;
+        let sent = Instant::now();
+        let row = client.query_one(stmt, &[]).await.ok()?;
+        let rtt = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Some((row, rtt, sent))
     };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(Some((writable, rtt, timeline))) => PeerResult {
-            at: Instant::now(),
-            writable,
-            rtt_us: Some(rtt),
-            timeline: timeline.filter(|_| writable),
-        },
-        _ => {
-            // A session that failed or hung is not trusted again: reconnect next round.
-            if let Some((_, task)) = session.take() {
-                task.abort();
-            }
-            PeerResult {
-                at: Instant::now(),
-                writable: false,
-                rtt_us: None,
-                timeline: None,
-            }
+    let answer = tokio::time::timeout(timeout, attempt).await.ok().flatten();
+    let Some((row, rtt, sent)) = answer else {
+        // A session that failed or hung is not trusted again: reconnect (with backoff).
+        let had_session = session.open.is_some() && !connected;
+        session.drop_open();
+        if had_session {
+            session.failures = 0;
+            session.retry_at = None;
+        } else {
+            session.connect_failed();
         }
+        return PeerResult::unanswered(Instant::now());
+    };
+    session.failures = 0;
+    session.retry_at = None;
+    let writable = !row.get::<_, bool>(0);
+    let timeline = row
+        .get::<_, Option<String>>(1)
+        .and_then(|w| timeline_of_walfile(&w));
+    let lsn = |i: usize| {
+        row.get::<_, Option<String>>(i)
+            .and_then(|s| s.parse::<Lsn>().ok())
+    };
+    PeerResult {
+        at: Instant::now(),
+        writable,
+        rtt_us: Some(rtt),
+        timeline: timeline.filter(|_| writable),
+        current_lsn: lsn(2).filter(|_| writable),
+        lsn_at: sent,
+        replayed_lsn: lsn(3).filter(|_| !writable),
+        streaming: row.get::<_, Option<bool>>(4).unwrap_or(false),
     }
 }
 
-/// Whether the peer takes writes, and then the WAL file it writes (its timeline).
+/// Whether the peer takes writes, the WAL file it writes (its timeline) and its current
+/// position; in recovery, its replay position and whether its WAL receiver streams.
 const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
-     CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END";
+     CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END, \
+     CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END, \
+     pg_last_wal_replay_lsn()::text, \
+     EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming')";
 
 /// The timeline in a WAL file name (its first 8 hex digits).
 fn timeline_of_walfile(name: &str) -> Option<u32> {
     u32::from_str_radix(name.get(..8)?, 16).ok()
+}
+
+/// Bound on one peer probe: room for a cross-region round trip under a latency spike, but
+/// below the lease.
+pub fn probe_timeout(t: &crate::config::TimingConfig) -> Duration {
+    t.pg_probe_timeout.min(t.lease_ttl / 2)
+}
+
+/// How old the primary's position, as a peer probe read it, may be for a standby to
+/// measure its lag against it: a probe each `observe_interval`, taking up to the probe
+/// timeout, read by a reporter that publishes each `observe_interval`. Older (or never
+/// read): the lag is unknown and `/replica?lag=` answers 503.
+pub fn primary_position_max_age(t: &crate::config::TimingConfig) -> Duration {
+    t.observe_interval * 2 + probe_timeout(t)
 }
 
 /// Probes every peer each `timing.observe_interval`, all at once, each bounded so a
@@ -212,14 +315,9 @@ fn timeline_of_walfile(name: &str) -> Option<u32> {
 pub async fn run(shared: Arc<Shared>, probes: PeerProbes) {
     let config = &shared.config;
     let interval = config.timing.observe_interval;
-    // Room for a cross-region round trip under a latency spike, but below the lease.
-    let timeout = config
-        .timing
-        .pg_probe_timeout
-        .min(config.timing.lease_ttl / 2);
+    let timeout = probe_timeout(&config.timing);
     let targets = targets(config);
-    let mut sessions: Vec<Option<(Client, tokio::task::JoinHandle<()>)>> =
-        targets.iter().map(|_| None).collect();
+    let mut sessions: Vec<PeerSession> = targets.iter().map(|_| PeerSession::default()).collect();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -250,6 +348,7 @@ mod tests {
                 writable: true,
                 rtt_us: Some(5),
                 timeline: None,
+                ..PeerResult::unanswered(old)
             },
         );
         p.set(
@@ -259,6 +358,7 @@ mod tests {
                 writable: true,
                 rtt_us: Some(70_000),
                 timeline: None,
+                ..PeerResult::unanswered(Instant::now())
             },
         );
         p.set(
@@ -268,6 +368,7 @@ mod tests {
                 writable: false,
                 rtt_us: None,
                 timeline: None,
+                ..PeerResult::unanswered(Instant::now())
             },
         );
         let (probes, rtts) = p.to_proto(Duration::from_secs(1));
@@ -279,6 +380,29 @@ mod tests {
     }
 
     #[test]
+    fn the_primary_position_is_used_only_while_fresh() {
+        let p = PeerProbes::default();
+        let at = Instant::now() - Duration::from_millis(500);
+        p.set(
+            "a1",
+            PeerResult {
+                writable: true,
+                rtt_us: Some(100),
+                current_lsn: Some(Lsn(42)),
+                ..PeerResult::unanswered(at)
+            },
+        );
+        assert_eq!(
+            p.answered("a1", Duration::from_secs(1))
+                .and_then(|r| r.current_lsn),
+            Some(Lsn(42))
+        );
+        assert_eq!(p.answered("a1", Duration::from_millis(100)), None);
+        p.set("a1", PeerResult::unanswered(Instant::now()));
+        assert_eq!(p.answered("a1", Duration::from_secs(1)), None, "no answer");
+    }
+
+    #[test]
     fn round_trips_are_the_median_of_the_recent_answers() {
         let p = PeerProbes::default();
         let answer = |rtt_us| PeerResult {
@@ -286,6 +410,7 @@ mod tests {
             writable: false,
             rtt_us: Some(rtt_us),
             timeline: None,
+            ..PeerResult::unanswered(Instant::now())
         };
         for rtt in [900, 1_000, 50_000, 1_100, 1_200, 60_000] {
             p.set("e2", answer(rtt));
@@ -301,6 +426,7 @@ mod tests {
                 writable: false,
                 rtt_us: None,
                 timeline: None,
+                ..PeerResult::unanswered(Instant::now())
             },
         );
         let (_, rtts) = p.to_proto(Duration::from_secs(1));

@@ -19,6 +19,7 @@
 //! - **No surprise loss.** When no member is safe, the answer is no promotion and a
 //!   reason ([`Wait::NoCandidate`]), never a guess.
 
+mod display;
 mod failover;
 pub mod from_intent;
 mod switchover;

@@ -144,6 +144,8 @@ pub struct PgInstance {
     application_name: String,
     timeouts: PgTimeouts,
     settings: Vec<(String, String)>,
+    /// The kept probe session, shared by clones (`probe.rs`).
+    kept: std::sync::Arc<super::probe::KeptSession>,
 }
 
 impl fmt::Debug for PgInstance {
@@ -186,6 +188,7 @@ impl PgInstance {
             application_name: application_name.into(),
             timeouts: PgTimeouts::default(),
             settings: Vec::new(),
+            kept: Default::default(),
         }
     }
 
@@ -271,6 +274,9 @@ impl PgInstance {
     }
     pub fn timeouts(&self) -> PgTimeouts {
         self.timeouts
+    }
+    pub(crate) fn kept(&self) -> &super::probe::KeptSession {
+        &self.kept
     }
 
     /// libpq conninfo for a superuser session to this instance (without the password).

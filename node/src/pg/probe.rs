@@ -5,10 +5,16 @@
 //! timeline until the end-of-recovery checkpoint completes, so a primary's timeline is read
 //! from the WAL file name of its insert position, which switches at promotion. A standby's
 //! is the newer of the WAL receiver's `received_tli` and the last checkpoint's.
+//!
+//! Also owns the instance's kept session ([`KeptSession`]): probes and setting reads
+//! reuse one open monitor-role session with prepared statements instead of a new session per
+//! round.
 
 use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
 use super::error::PgError;
 use super::instance::PgInstance;
@@ -31,6 +37,8 @@ pub struct PgStatus {
     pub wal_receiver: Option<WalReceiverInfo>,
     /// Walsenders of this server (`pg_stat_replication`), sorted by application_name.
     pub standbys: Vec<StandbyInfo>,
+    /// `synchronous_standby_names` as the server has it now (unparsed).
+    pub synchronous_standby_names: Option<String>,
 }
 
 /// A standby's WAL receiver (`pg_stat_wal_receiver`).
@@ -88,38 +96,230 @@ impl PgStatus {
     }
 }
 
+/// Everything a probe reads, in one statement (one round trip, prepared once per kept
+/// session): role, positions, timeline, the WAL receiver (at most one row), the
+/// `synchronous_standby_names` in effect and the walsenders as JSON.
 const STATUS_SQL: &str = "SELECT pg_is_in_recovery(), \
      CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END, \
      CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END, \
      pg_last_wal_receive_lsn()::text, \
      pg_last_wal_replay_lsn()::text, \
-     (SELECT timeline_id FROM pg_control_checkpoint())";
+     (SELECT timeline_id FROM pg_control_checkpoint()), \
+     r.pid, r.status, r.received_tli, r.flushed_lsn::text, r.sender_host, r.sender_port, \
+     r.slot_name, current_setting('synchronous_standby_names'), \
+     (SELECT coalesce(json_agg(json_build_array(coalesce(application_name, ''), \
+        coalesce(state, ''), coalesce(sync_state, ''), sent_lsn::text, write_lsn::text, \
+        flush_lsn::text, replay_lsn::text) ORDER BY application_name), '[]')::text \
+      FROM pg_stat_replication) \
+     FROM (SELECT 1) AS one LEFT JOIN pg_stat_wal_receiver AS r ON true";
 
-const RECEIVER_SQL: &str = "SELECT status, received_tli, flushed_lsn::text, sender_host, \
-     sender_port, slot_name FROM pg_stat_wal_receiver";
+/// One setting's current value on the kept session.
+const SETTING_SQL: &str = "SELECT current_setting($1)";
 
-const REPLICATION_SQL: &str = "SELECT coalesce(application_name, ''), coalesce(state, ''), \
-     coalesce(sync_state, ''), sent_lsn::text, write_lsn::text, flush_lsn::text, \
-     replay_lsn::text FROM pg_stat_replication ORDER BY application_name";
+/// Reconnect backoff of a kept session after consecutive failed connects: first retry at
+/// once, then doubling from this, capped at [`RECONNECT_MAX`].
+const RECONNECT_BASE: Duration = Duration::from_millis(50);
+const RECONNECT_MAX: Duration = Duration::from_millis(500);
+
+/// The kept-open monitor-role session (local socket) of one instance, shared by its clones: the probes of
+/// the observe loop, the member loop and the lease go over it, so an idle agent opens no
+/// new Postgres session per round. A session whose query fails or times out is dropped
+/// and reopened (at once, then with a bounded backoff while connects keep failing).
+#[derive(Default)]
+pub(crate) struct KeptSession {
+    state: tokio::sync::Mutex<KeptState>,
+}
+
+#[derive(Default)]
+struct KeptState {
+    session: Option<Arc<Session>>,
+    /// Connects that failed in a row, when the next may be tried, and why the last failed.
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: String,
+}
+
+struct Session {
+    client: Client,
+    status: Statement,
+    setting: Statement,
+}
+
+impl KeptState {
+    fn backoff(&self) -> Duration {
+        let shift = self.failures.saturating_sub(1).min(16);
+        RECONNECT_BASE
+            .saturating_mul(1u32 << shift)
+            .min(RECONNECT_MAX)
+    }
+}
 
 impl PgInstance {
-    /// Probes the instance within the probe timeout (2 s by default). Never fails: an
-    /// unreachable or misbehaving server gives `up == false` with the reason.
-    pub async fn probe(&self) -> PgStatus {
-        let bound = self.timeouts().probe;
-        let connect_bound = self.timeouts().connect.min(bound);
-        let fut = async {
+    /// The open kept session (and `true`), or a new one (bounded by `bound`, and `false`).
+    async fn kept_session(&self, bound: Duration) -> Result<(Arc<Session>, bool), PgError> {
+        let mut st = self.kept().state.lock().await;
+        if let Some(s) = st.session.as_ref().filter(|s| !s.client.is_closed()) {
+            return Ok((s.clone(), true));
+        }
+        st.session = None;
+        if let Some(at) = st.retry_at.filter(|at| Instant::now() < *at) {
+            return Err(PgError::state(
+                "probe: connect",
+                format!(
+                    "{} (next attempt in {} ms)",
+                    st.last_error,
+                    at.saturating_duration_since(Instant::now()).as_millis()
+                ),
+            ));
+        }
+        let opened = async {
+            let connect_bound = self.timeouts().connect.min(bound);
             let client = self
                 .connect_monitor_within("probe: connect", connect_bound)
                 .await?;
-            probe_with(&client).await
+            let status = client
+                .prepare(STATUS_SQL)
+                .await
+                .map_err(|e| PgError::sql("probe: prepare", e))?;
+            let setting = client
+                .prepare(SETTING_SQL)
+                .await
+                .map_err(|e| PgError::sql("probe: prepare", e))?;
+            Ok::<_, PgError>(Session {
+                client,
+                status,
+                setting,
+            })
         };
-        match tokio::time::timeout(bound, fut).await {
-            Ok(Ok(status)) => status,
-            Ok(Err(e)) => PgStatus::down(e.to_string()),
-            Err(_) => PgStatus::down(format!("probe: no answer within {} ms", bound.as_millis())),
+        let opened = match tokio::time::timeout(bound, opened).await {
+            Ok(r) => r,
+            Err(_) => Err(PgError::Timeout {
+                step: "probe: connect",
+                timeout_ms: bound.as_millis() as u64,
+            }),
+        };
+        match opened {
+            Ok(s) => {
+                let s = Arc::new(s);
+                st.session = Some(s.clone());
+                st.failures = 0;
+                st.retry_at = None;
+                Ok((s, false))
+            }
+            Err(e) => {
+                st.failures = st.failures.saturating_add(1);
+                st.last_error = e.to_string();
+                st.retry_at = Some(Instant::now() + st.backoff());
+                Err(e)
+            }
         }
     }
+
+    /// Drops `s` if it is still the kept session (it failed or hung: not trusted again).
+    async fn drop_kept(&self, s: &Arc<Session>) {
+        let mut st = self.kept().state.lock().await;
+        if st.session.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, s)) {
+            st.session = None;
+        }
+    }
+
+    /// Runs `f` on the kept session within `bound`. A session that was open before this
+    /// call and fails is dropped and `f` is tried once more on a fresh one (the server
+    /// may have restarted since the last round).
+    async fn on_kept<T, F, Fut>(&self, bound: Duration, f: F) -> Result<T, PgError>
+    where
+        F: Fn(Arc<Session>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, PgError>>,
+    {
+        let deadline = Instant::now() + bound;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let timeout = || PgError::Timeout {
+            step: "probe",
+            timeout_ms: bound.as_millis() as u64,
+        };
+        for attempt in 0..2 {
+            let (s, was_open) = match tokio::time::timeout(left(), self.kept_session(left())).await
+            {
+                Ok(r) => r?,
+                Err(_) => return Err(timeout()),
+            };
+            let reused = attempt == 0 && was_open;
+            match tokio::time::timeout(left(), f(s.clone())).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => {
+                    self.drop_kept(&s).await;
+                    if !reused || left().is_zero() {
+                        return Err(e);
+                    }
+                }
+                Err(_) => {
+                    self.drop_kept(&s).await;
+                    return Err(timeout());
+                }
+            }
+        }
+        Err(timeout())
+    }
+
+    /// Probes the instance within the probe timeout (2 s by default), on the kept session.
+    /// Never fails: an unreachable or misbehaving server gives `up == false` with the
+    /// reason.
+    ///
+    /// A kept session answers even when the postmaster is frozen (SIGSTOP): its backend
+    /// runs on and may still commit, while no new session can start. A fresh session per
+    /// probe used to reveal that; now the postmaster's process state does, so a frozen
+    /// primary is still seen unresponsive and fenced.
+    pub async fn probe(&self) -> PgStatus {
+        if let Some(pid) = self.postmaster_pid() {
+            if process_stopped(pid) {
+                return PgStatus::down(format!(
+                    "probe: the postmaster (pid {pid}) is stopped and accepts no sessions"
+                ));
+            }
+        }
+        let bound = self.timeouts().probe;
+        let r = self
+            .on_kept(
+                bound,
+                |s| async move { probe_with(&s.client, &s.status).await },
+            )
+            .await;
+        match r {
+            Ok(status) => status,
+            Err(e) => PgStatus::down(e.to_string()),
+        }
+    }
+
+    /// The current value of one server setting (`current_setting(name)`), on the kept
+    /// session, bounded by the probe timeout.
+    pub async fn setting(&self, name: &str) -> Result<String, PgError> {
+        let bound = self.timeouts().probe;
+        self.on_kept(bound, |s| async move {
+            let row = s
+                .client
+                .query_one(&s.setting, &[&name])
+                .await
+                .map_err(|e| PgError::sql("read setting", e))?;
+            Ok(row.get::<_, String>(0))
+        })
+        .await
+    }
+}
+
+/// Whether process `pid` is stopped by a signal or traced (`T`/`t` in `/proc/PID/stat`).
+fn process_stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_string();
+            Some(state == "T" || state == "t")
+        })
+        .unwrap_or(false)
 }
 
 fn lsn(s: Option<String>) -> Option<Lsn> {
@@ -131,9 +331,36 @@ pub(crate) fn timeline_of_walfile(name: &str) -> Option<u32> {
     u32::from_str_radix(name.get(..8)?, 16).ok()
 }
 
-async fn probe_with(client: &Client) -> Result<PgStatus, PgError> {
+/// The walsenders from the probe's JSON column: arrays of application_name, state,
+/// sync_state, sent, write, flush and replay LSN.
+fn standbys_from_json(json: &str, current_lsn: Option<Lsn>) -> Result<Vec<StandbyInfo>, String> {
+    let rows: Vec<Vec<Option<String>>> =
+        serde_json::from_str(json).map_err(|e| format!("probe: replication rows: {e}"))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let col = |i: usize| r.get(i).cloned().flatten();
+            let replay_lsn = lsn(col(6));
+            StandbyInfo {
+                application_name: col(0).unwrap_or_default(),
+                state: col(1).unwrap_or_default(),
+                sync_state: col(2).unwrap_or_default(),
+                sent_lsn: lsn(col(3)),
+                write_lsn: lsn(col(4)),
+                flush_lsn: lsn(col(5)),
+                replay_lsn,
+                lag_bytes: match (current_lsn, replay_lsn) {
+                    (Some(cur), Some(rep)) => Some(cur.bytes_after(rep)),
+                    _ => None,
+                },
+            }
+        })
+        .collect())
+}
+
+async fn probe_with(client: &Client, status: &Statement) -> Result<PgStatus, PgError> {
     let row = client
-        .query_one(STATUS_SQL, &[])
+        .query_one(status, &[])
         .await
         .map_err(|e| PgError::sql("probe: status", e))?;
     let in_recovery: bool = row.get(0);
@@ -143,18 +370,15 @@ async fn probe_with(client: &Client) -> Result<PgStatus, PgError> {
     let replayed_lsn = lsn(row.get(4));
     let checkpoint_tli: Option<i32> = row.get(5);
 
-    let wal_receiver = client
-        .query_opt(RECEIVER_SQL, &[])
-        .await
-        .map_err(|e| PgError::sql("probe: wal receiver", e))?
-        .map(|r| WalReceiverInfo {
-            status: r.get::<_, Option<String>>(0).unwrap_or_default(),
-            received_tli: r.get::<_, Option<i32>>(1).map(|t| t as u32),
-            flushed_lsn: lsn(r.get(2)),
-            sender_host: r.get(3),
-            sender_port: r.get::<_, Option<i32>>(4).map(|p| p as u16),
-            slot_name: r.get(5),
-        });
+    let wal_receiver = row.get::<_, Option<i32>>(6).map(|_pid| WalReceiverInfo {
+        status: row.get::<_, Option<String>>(7).unwrap_or_default(),
+        received_tli: row.get::<_, Option<i32>>(8).map(|t| t as u32),
+        flushed_lsn: lsn(row.get(9)),
+        sender_host: row.get(10),
+        sender_port: row.get::<_, Option<i32>>(11).map(|p| p as u16),
+        slot_name: row.get(12),
+    });
+    let synchronous_standby_names: Option<String> = row.get(13);
 
     let timeline = if in_recovery {
         let rx = wal_receiver
@@ -167,28 +391,8 @@ async fn probe_with(client: &Client) -> Result<PgStatus, PgError> {
         walfile.as_deref().and_then(timeline_of_walfile)
     };
 
-    let standbys = client
-        .query(REPLICATION_SQL, &[])
-        .await
-        .map_err(|e| PgError::sql("probe: replication", e))?
-        .into_iter()
-        .map(|r| {
-            let replay_lsn = lsn(r.get(6));
-            StandbyInfo {
-                application_name: r.get(0),
-                state: r.get(1),
-                sync_state: r.get(2),
-                sent_lsn: lsn(r.get(3)),
-                write_lsn: lsn(r.get(4)),
-                flush_lsn: lsn(r.get(5)),
-                replay_lsn,
-                lag_bytes: match (current_lsn, replay_lsn) {
-                    (Some(cur), Some(rep)) => Some(cur.bytes_after(rep)),
-                    _ => None,
-                },
-            }
-        })
-        .collect();
+    let standbys = standbys_from_json(&row.get::<_, String>(14), current_lsn)
+        .map_err(|what| PgError::state("probe: replication", what))?;
 
     Ok(PgStatus {
         up: true,
@@ -200,6 +404,7 @@ async fn probe_with(client: &Client) -> Result<PgStatus, PgError> {
         replayed_lsn,
         wal_receiver,
         standbys,
+        synchronous_standby_names,
     })
 }
 
@@ -212,6 +417,24 @@ mod tests {
         assert_eq!(timeline_of_walfile("000000020000000000000003"), Some(2));
         assert_eq!(timeline_of_walfile("0000001A0000000000000003"), Some(26));
         assert_eq!(timeline_of_walfile("xyz"), None);
+    }
+
+    #[test]
+    fn a_stopped_process_is_seen_stopped() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id() as i32;
+        assert!(!process_stopped(pid));
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGSTOP).unwrap();
+        let seen = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            process_stopped(pid)
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(seen, "a SIGSTOPped process was not seen stopped");
     }
 
     #[test]

@@ -265,7 +265,6 @@ pub enum Command {
     Reinit {
         name: String,
     },
-    /// The member finished its re-clone.
     /// Breaks of the current primary's lease that no promotion followed stop counting: the
     /// voters that broke it may grant it again (a break by a minority, or one whose
     /// failover never came, must not fence the primary later).
@@ -273,6 +272,7 @@ pub enum Command {
         generation: Generation,
         upto: BreakRound,
     },
+    /// The member finished its re-clone.
     ReinitDone {
         name: String,
     },
@@ -1038,7 +1038,7 @@ impl Intent {
                     *at_unix_ms,
                     HistoryKind::Switchover,
                     format!(
-                        "switchover from {} to {to} abandoned: {reason:?}",
+                        "switchover from {} to {to} abandoned: {reason}",
                         from.as_deref().unwrap_or("?")
                     ),
                 );
@@ -1062,7 +1062,7 @@ impl Intent {
                         }),
                     ),
                     SwitchoverPhase::Aborting(why) => (
-                        format!("{what} while already aborting ({why:?})"),
+                        format!("{what} while already aborting ({why})"),
                         Some(sw.clone()),
                     ),
                 };
@@ -1642,8 +1642,8 @@ mod tests {
         assert_eq!(last.kind, HistoryKind::Switchover);
         assert_eq!(
             last.reason,
-            "switchover from a1 to b1 abandoned: TargetNotReady(LagTooHigh { lag_bytes: 10, \
-             max_bytes: 5 })"
+            "switchover from a1 to b1 abandoned: the target is not ready: 10 bytes behind \
+             (at most 5 allowed)"
         );
         assert_eq!(last.at_unix_ms, 11);
         assert_eq!(i.primary.as_deref(), Some("a1"));
@@ -1755,7 +1755,7 @@ mod tests {
             i.history.last(),
             Some(&entry(
                 "switchover from a1 to b1 cancelled by operator while already aborting \
-                 (CancelledByOperator)"
+                 (cancelled by the operator)"
             ))
         );
         // Once a1 takes writes again the decision core drops it.
@@ -1770,7 +1770,7 @@ mod tests {
         assert_eq!(i.pending_switchover, None);
         assert_eq!(
             i.history.last().map(|h| h.reason.as_str()),
-            Some("switchover from a1 to b1 abandoned: CancelledByOperator")
+            Some("switchover from a1 to b1 abandoned: cancelled by the operator")
         );
 
         // A cancel that comes after the promotion finds nothing to cancel.

@@ -3,6 +3,7 @@
 //!
 //! Raft knows members by id and name only; addresses live in each agent's local config.
 
+mod command_display;
 pub mod intent;
 pub mod log_store;
 pub mod network;
