@@ -774,6 +774,35 @@ impl AgentCluster {
         v["log_index"].as_u64().context("result has no log_index")
     }
 
+    /// Commits a policy that is the default except for `region` (every region named gets
+    /// the same settings), through `via`; panics with the members' logs when refused.
+    pub async fn set_region_policy(
+        &self,
+        via: &str,
+        regions: &[&str],
+        region: meridian_node::policy::RegionPolicy,
+        reason: &str,
+    ) {
+        let policy = meridian_node::policy::Policy {
+            regions: regions
+                .iter()
+                .map(|r| (r.to_string(), region.clone()))
+                .collect(),
+            ..meridian_node::policy::Policy::default()
+        };
+        self.command(
+            via,
+            &IntentCommand::SetPolicy {
+                expected_version: None,
+                policy,
+                reason: reason.into(),
+                at_unix_ms: 1,
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", self.logs()));
+    }
+
     /// `Admin.RemoveMember` through `via`.
     pub async fn remove(&self, via: &str, name: &str) -> anyhow::Result<()> {
         let mut c = self.admin(via).await?;

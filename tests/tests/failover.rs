@@ -680,28 +680,20 @@ async fn a_switchover_under_writes_loses_nothing() {
 /// primary in place, in a new generation, and writes come back on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_primary_without_a_candidate_is_resumed_in_place() {
-    use meridian_node::policy::{FailoverMode, Policy, RegionPolicy};
+    use meridian_node::policy::{FailoverMode, RegionPolicy};
     let _serial = SERIAL.lock().await;
     let (c, rw) = form_with_table().await;
     let manual = RegionPolicy {
         failover: FailoverMode::Manual,
         ..RegionPolicy::default()
     };
-    let policy = Policy {
-        regions: [("a".to_string(), manual.clone()), ("b".to_string(), manual)].into(),
-        ..Policy::default()
-    };
-    c.command(
+    c.set_region_policy(
         "w1",
-        &Command::SetPolicy {
-            expected_version: None,
-            policy,
-            reason: "test: manual failover everywhere".into(),
-            at_unix_ms: 1,
-        },
+        &["a", "b"],
+        manual,
+        "test: manual failover everywhere",
     )
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    .await;
     exec(&rw, "INSERT INTO t VALUES (1)").await.unwrap();
     let probe = SplitBrainProbe::start(&c);
     let killed_at = Instant::now();
@@ -801,28 +793,20 @@ async fn stopping_the_primarys_agent_hands_over_before_it_stops() {
 /// agent renews, and its Postgres takes writes again with every acknowledged row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_primary_with_no_candidate_takes_writes_again_when_its_agent_returns() {
-    use meridian_node::policy::{FailoverMode, Policy, RegionPolicy};
+    use meridian_node::policy::{FailoverMode, RegionPolicy};
     let _serial = SERIAL.lock().await;
     let (mut c, rw) = form_with_table().await;
     let manual = RegionPolicy {
         failover: FailoverMode::Manual,
         ..RegionPolicy::default()
     };
-    let policy = Policy {
-        regions: [("a".to_string(), manual.clone()), ("b".to_string(), manual)].into(),
-        ..Policy::default()
-    };
-    c.command(
+    c.set_region_policy(
         "w1",
-        &Command::SetPolicy {
-            expected_version: None,
-            policy,
-            reason: "test: manual failover everywhere".into(),
-            at_unix_ms: 1,
-        },
+        &["a", "b"],
+        manual,
+        "test: manual failover everywhere",
     )
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    .await;
     let mut acked = BTreeSet::new();
     for id in 0..50 {
         exec(&rw, &format!("INSERT INTO t VALUES ({id})"))

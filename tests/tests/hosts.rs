@@ -535,30 +535,18 @@ async fn postgres_fails_over_across_hosts() {
     // the standbys turn async, and an async failover may lose the last commits — allowed by
     // that policy, and recorded in the history.)
     {
-        use meridian_node::policy::{Policy, RegionPolicy, SyncMode};
+        use meridian_node::policy::{RegionPolicy, SyncMode};
         let sync = RegionPolicy {
             mode: SyncMode::Sync,
             ..RegionPolicy::default()
         };
-        let policy = Policy {
-            regions: [
-                ("us-east".to_string(), sync.clone()),
-                ("us-west".to_string(), sync),
-            ]
-            .into(),
-            ..Policy::default()
-        };
-        c.command(
+        c.set_region_policy(
             "w1",
-            &Command::SetPolicy {
-                expected_version: None,
-                policy,
-                reason: "test: zero loss across hosts".into(),
-                at_unix_ms: 1,
-            },
+            &["us-east", "us-west"],
+            sync,
+            "test: zero loss across hosts",
         )
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+        .await;
     }
     let rw = read_write_conninfo(&c);
     exec(&rw, "CREATE TABLE t (id bigint PRIMARY KEY)")
