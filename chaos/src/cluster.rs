@@ -813,6 +813,17 @@ impl Cluster {
         })
     }
 
+    /// Cuts the member links between `a` and `b`, both ways (a partial partition is made
+    /// of such cuts); clients still reach both.
+    pub fn cut_members(&self, a: &str, b: &str) -> anyhow::Result<usize> {
+        self.member(a)?;
+        self.member(b)?;
+        Ok(match &self.netns {
+            Some(h) => h.cut(a, b)?,
+            None => self.mesh.cut_members(a, b)?,
+        })
+    }
+
     /// Cuts every link between a region of `a` and a region of `b`, both ways.
     pub fn partition(&self, a: &[&str], b: &[&str]) -> anyhow::Result<usize> {
         let Some(h) = &self.netns else {
@@ -866,6 +877,12 @@ impl Cluster {
             None => Command::new(bin),
         };
         let m = self.member_mut(name)?;
+        // An agent that exited by itself (a graceful stop) is reaped and started again.
+        if let Some(c) = m.child.as_mut() {
+            if c.try_wait().ok().flatten().is_some() {
+                m.child = None;
+            }
+        }
         if m.child.is_some() {
             return Ok(());
         }
@@ -902,6 +919,61 @@ impl Cluster {
         }
         m.agent_stopped = false;
         Ok(())
+    }
+
+    /// SIGTERM `name`'s agent (a graceful stop: it hands over or fences, then exits by
+    /// itself; `revive_all` reaps it).
+    pub fn term_agent(&mut self, name: &str) -> anyhow::Result<()> {
+        let m = self.member_mut(name)?;
+        let pid = m
+            .agent_pid()
+            .with_context(|| format!("{name}'s agent is not running"))?;
+        kill(Pid::from_raw(pid), Signal::SIGTERM).with_context(|| format!("SIGTERM {name}"))?;
+        Ok(())
+    }
+
+    /// Removes `name` from the membership through any responsive member (forwarded to the
+    /// Raft leader), retrying for a bounded window. Returns the member that did it, or
+    /// `Err(refusal)` inside `Ok` when the cluster refused the change as it stands (e.g. the
+    /// member is in the recorded sync set): a refusal changes nothing.
+    pub async fn remove_member(&self, name: &str) -> anyhow::Result<Result<String, String>> {
+        self.member(name)?;
+        let deadline = Instant::now() + COMMAND_RETRY_WINDOW;
+        let mut last = anyhow::anyhow!("no member is running");
+        loop {
+            for via in self.responsive().into_iter().filter(|v| v != name) {
+                let attempt = async {
+                    let mut c = self.admin(&via).await?;
+                    let r = tokio::time::timeout(
+                        CALL_TIMEOUT * 4,
+                        c.remove_member(meridian_proto::RemoveMemberRequest {
+                            name: name.to_string(),
+                            token: ADMIN_TOKEN.to_string(),
+                        }),
+                    )
+                    .await
+                    .with_context(|| format!("removing {name} via {via}: timed out"))?;
+                    anyhow::Ok(r)
+                };
+                match attempt.await {
+                    Ok(Ok(_)) => return Ok(Ok(via)),
+                    Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                        return Ok(Err(status.message().to_string()));
+                    }
+                    Ok(Err(status)) => {
+                        last = anyhow::anyhow!("removing {name} via {via}: {}", status.message())
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(last.context(format!(
+                    "no member removed {name} within {} s",
+                    COMMAND_RETRY_WINDOW.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// SIGSTOP `name`'s agent (a frozen process: sockets open, nothing answers).
@@ -1146,7 +1218,13 @@ impl Cluster {
                 let s = self.status().await.ok()?;
                 let primary = s.primary()?.to_string();
                 s.primary_timeline()?;
-                let mut expected = data.clone();
+                // A member removed from the membership (a scenario may remove one) is
+                // no longer expected to stream.
+                let mut expected: BTreeSet<String> = data
+                    .iter()
+                    .filter(|n| s.member(n).is_some())
+                    .cloned()
+                    .collect();
                 expected.remove(&primary);
                 (s.streaming_standbys() == expected).then_some(s)
             },

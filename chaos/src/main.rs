@@ -86,7 +86,8 @@ enum Command {
     Run {
         /// A scenario name or `all`: primary-kill, postgres-crash, agent-crash,
         /// primary-partition, region-loss, region-partition, latency-spike, flapping,
-        /// switchover, raft-leader-kill.
+        /// switchover, raft-leader-kill, partial-partition, agent-freeze-partition,
+        /// agent-kill-partition, cascade-kill, membership-partition, graceful-stop.
         #[arg(long)]
         scenario: String,
         #[arg(long, default_value_t = 1)]

@@ -331,6 +331,25 @@ impl Mesh {
         Ok(n)
     }
 
+    /// Blackholes the member links between `a` and `b`, both ways (clients keep reaching
+    /// both). Returns the number of links blackholed.
+    pub fn cut_members(&self, a: &str, b: &str) -> Result<usize, MeshError> {
+        self.region_of(a)?;
+        self.region_of(b)?;
+        let mut n = 0;
+        for (key, proxy) in &self.proxies {
+            let cut = match &key.source {
+                Source::Member(m) => (m == a && key.dest == b) || (m == b && key.dest == a),
+                Source::Clients(_) => false,
+            };
+            if cut {
+                proxy.blackhole();
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Cuts `member` off: every member-to-member link from or to it, and the links from other
     /// regions' clients to it, are blackholed. Clients in its own region still reach it (as when
     /// one machine's uplink dies but the local load balancer still sees it). Returns the number

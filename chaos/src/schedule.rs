@@ -23,7 +23,8 @@ pub enum Scenario {
     PrimaryKill,
     /// SIGKILL the primary's Postgres only; its agent sees it and reports.
     PostgresCrash,
-    /// SIGKILL the primary's agent only; Postgres keeps running unsupervised.
+    /// SIGKILL the primary's agent only; its watchdog fences the Postgres at the lease
+    /// deadline and the cluster fails over; the agent comes back as a standby.
     AgentCrash,
     /// Network-isolate the primary member, heal later.
     PrimaryPartition,
@@ -39,10 +40,29 @@ pub enum Scenario {
     Switchover,
     /// SIGKILL the Raft leader when it is not the primary's member, restart it later.
     RaftLeaderKill,
+    /// A partial partition: the members in a seeded ring (the primary first), each link
+    /// between non-neighbours cut, so every member still sees a majority (itself and its
+    /// two neighbours of five) but no two see the same one; heal later.
+    PartialPartition,
+    /// SIGSTOP the primary's agent, then partition its region from the others; heal,
+    /// SIGCONT. Its region's peers keep seeing its Postgres; the majority does not.
+    AgentFreezePartition,
+    /// SIGKILL the primary's agent, then partition its region from the others; heal,
+    /// restart the agent.
+    AgentKillPartition,
+    /// Kill a streaming standby, then the primary, then the new primary, a lease apart
+    /// each; everything restarts at the end (the zero-rpo policy's hardest sequence).
+    CascadeKill,
+    /// Partition the primary's region from the others, then remove the primary's
+    /// in-region peer from the membership through the majority side; heal.
+    MembershipPartition,
+    /// SIGTERM the primary's agent (`systemctl stop`): it hands over, then stops; start
+    /// it again later.
+    GracefulStop,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 16] = [
         Scenario::PrimaryKill,
         Scenario::PostgresCrash,
         Scenario::AgentCrash,
@@ -53,6 +73,12 @@ impl Scenario {
         Scenario::Flapping,
         Scenario::Switchover,
         Scenario::RaftLeaderKill,
+        Scenario::PartialPartition,
+        Scenario::AgentFreezePartition,
+        Scenario::AgentKillPartition,
+        Scenario::CascadeKill,
+        Scenario::MembershipPartition,
+        Scenario::GracefulStop,
     ];
 
     /// Whether the scenario's faults include latency, which only the proxy mesh injects
@@ -73,6 +99,12 @@ impl Scenario {
             Scenario::Flapping => "flapping",
             Scenario::Switchover => "switchover",
             Scenario::RaftLeaderKill => "raft-leader-kill",
+            Scenario::PartialPartition => "partial-partition",
+            Scenario::AgentFreezePartition => "agent-freeze-partition",
+            Scenario::AgentKillPartition => "agent-kill-partition",
+            Scenario::CascadeKill => "cascade-kill",
+            Scenario::MembershipPartition => "membership-partition",
+            Scenario::GracefulStop => "graceful-stop",
         }
     }
 }
@@ -112,6 +144,9 @@ pub enum Target {
     Standby(u32),
     /// A member by name.
     Member(String),
+    /// Another member of the primary's region (data or witness, in name order); the first
+    /// streaming standby when the primary's region has no other member.
+    PeerOfPrimary,
 }
 
 /// A set of regions, resolved when the step fires.
@@ -185,6 +220,13 @@ pub enum Action {
     KillRegion { regions: RegionSet },
     /// Heal the regions' links and restart their members.
     RestartRegion { regions: RegionSet },
+    /// A partial partition: order the members in a ring, the primary first and the others
+    /// shuffled by `order_seed`, and cut every member link between non-neighbours.
+    Ring { order_seed: u64 },
+    /// SIGTERM the agent (a graceful stop, as `systemctl stop` sends).
+    TermAgent { target: Target },
+    /// Remove the member from the cluster's membership (through the Raft leader).
+    RemoveMember { target: Target },
 }
 
 /// An action at an offset from the start of the run.
@@ -355,6 +397,120 @@ impl Schedule {
                     start,
                     Action::Switchover {
                         to: Some(Target::Standby(n)),
+                    },
+                );
+            }
+            Scenario::PartialPartition => {
+                at(
+                    start,
+                    Action::Ring {
+                        order_seed: seeded::range_inclusive(&mut rng, 0, u32::MAX as u64),
+                    },
+                );
+                // Long enough for a lease break, a promotion and a second break round.
+                at(
+                    start + 5 * lease + seeded::range_inclusive(&mut rng, 0, 4_000),
+                    Action::Heal,
+                );
+            }
+            Scenario::AgentFreezePartition => {
+                at(
+                    start,
+                    Action::StopAgent {
+                        target: Target::Primary,
+                    },
+                );
+                let cut = start + seeded::range_inclusive(&mut rng, lease / 4, lease / 2);
+                at(
+                    cut,
+                    Action::Partition {
+                        a: RegionSet::PrimaryRegion,
+                        b: RegionSet::OtherThanPrimary,
+                    },
+                );
+                let heal = cut + outage(&mut rng);
+                at(heal, Action::Heal);
+                at(
+                    heal + seeded::range_inclusive(&mut rng, 0, lease),
+                    Action::ContAgent {
+                        target: Target::Victim,
+                    },
+                );
+            }
+            Scenario::AgentKillPartition => {
+                at(
+                    start,
+                    Action::KillAgent {
+                        target: Target::Primary,
+                    },
+                );
+                let cut = start + seeded::range_inclusive(&mut rng, lease / 4, lease / 2);
+                at(
+                    cut,
+                    Action::Partition {
+                        a: RegionSet::PrimaryRegion,
+                        b: RegionSet::OtherThanPrimary,
+                    },
+                );
+                let heal = cut + outage(&mut rng);
+                at(heal, Action::Heal);
+                at(
+                    heal + seeded::range_inclusive(&mut rng, 0, lease),
+                    Action::RestartAgent {
+                        target: Target::Victim,
+                    },
+                );
+            }
+            Scenario::CascadeKill => {
+                at(
+                    start,
+                    Action::KillMember {
+                        target: Target::Standby(seeded::range_inclusive(&mut rng, 0, 3) as u32),
+                    },
+                );
+                let second = start + seeded::range_inclusive(&mut rng, lease, 2 * lease);
+                at(
+                    second,
+                    Action::KillMember {
+                        target: Target::Primary,
+                    },
+                );
+                // After the failover that the second kill caused (a few leases).
+                let third = second + outage(&mut rng);
+                at(
+                    third,
+                    Action::KillMember {
+                        target: Target::Primary,
+                    },
+                );
+            }
+            Scenario::MembershipPartition => {
+                at(
+                    start,
+                    Action::Partition {
+                        a: RegionSet::PrimaryRegion,
+                        b: RegionSet::OtherThanPrimary,
+                    },
+                );
+                at(
+                    start + seeded::range_inclusive(&mut rng, lease / 2, 2 * lease),
+                    Action::RemoveMember {
+                        target: Target::PeerOfPrimary,
+                    },
+                );
+                at(start + outage(&mut rng) + lease, Action::Heal);
+            }
+            Scenario::GracefulStop => {
+                at(
+                    start,
+                    Action::TermAgent {
+                        target: Target::Primary,
+                    },
+                );
+                at(
+                    start + outage(&mut rng),
+                    Action::RestartAgent {
+                        target: Target::Victim,
                     },
                 );
             }

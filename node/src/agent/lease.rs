@@ -613,19 +613,26 @@ pub async fn run(shared: Arc<Shared>, pg: Option<crate::pg::PgInstance>) {
     let mut last_error: Option<String> = None;
     // When this loop first saw this member named primary of a generation.
     let mut named_since: Option<(Generation, Instant)> = None;
+    // Whether this loop disarmed the watchdog since it last saw this member primary. It
+    // starts false: a deadline armed by a previous agent of this member is disarmed as
+    // soon as the applied intent (which may still be catching up at start) names another.
+    let mut disarmed = false;
     loop {
         ticker.tick().await;
         let intent = shared.applied().intent.clone();
         if intent.primary.as_deref() != Some(shared.name()) {
             last_error = None;
-            if named_since.take().is_some() && pg.is_some() {
-                // Not the primary any more: nothing for the watchdog to enforce.
-                if let Err(e) = super::watchdog::write(&shared.config.state_dir, None) {
-                    tracing::warn!("disarming the watchdog: {e}");
+            named_since = None;
+            if !disarmed && pg.is_some() {
+                // Not the primary: nothing for the watchdog to enforce.
+                match super::watchdog::write(&shared.config.state_dir, None) {
+                    Ok(()) => disarmed = true,
+                    Err(e) => tracing::warn!("disarming the watchdog: {e}"),
                 }
             }
             continue;
         }
+        disarmed = false;
         let generation = intent.generation;
         if named_since.is_none_or(|(g, _)| g != generation) {
             named_since = Some((generation, Instant::now()));

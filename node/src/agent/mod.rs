@@ -349,7 +349,13 @@ impl Agent {
         if let Some(pg) = local.clone() {
             member_task = Some(tokio::spawn(member::run(shared.clone(), pg)));
             // The watchdog enforces the fence deadline even if this process freezes.
-            match watchdog::spawn(&config) {
+            // A deadline left armed by a previous agent is kept only while this member is
+            // still the primary in the applied intent: otherwise nothing here takes
+            // writes under a lease, and a stale deadline would fence the standby this
+            // agent is about to start or rewind.
+            let named_primary =
+                shared.applied().intent.primary.as_deref() == Some(config.member.name.as_str());
+            match watchdog::spawn(&config, named_primary) {
                 Ok(mut child) => {
                     std::thread::spawn(move || {
                         let _ = child.wait();

@@ -2,14 +2,20 @@
 //! enforces the primary's fence deadline even when the agent itself cannot — frozen
 //! (SIGSTOP), killed, or starved. The agent arms it after every accepted lease renewal by
 //! writing the deadline (send time + `timing.fence_after`, on the system-wide
-//! `CLOCK_MONOTONIC`, the same clock in both processes) to `state_dir/watchdog`, and
-//! disarms it when it is not the primary. Past an armed deadline the watchdog fences the
-//! local Postgres (marker, then kill) — unless other members' agents still probe it (their
-//! `meridian-peer-probe` sessions ran a query within two observe intervals): the leader
-//! never promotes while a fresh observer sees this Postgres take writes, so it may keep
-//! serving (an agent crash alone must not take the primary down). It exits once its agent
-//! is gone and nothing is left to enforce, so it never outlives its agent by more than one
-//! deadline.
+//! `CLOCK_MONOTONIC`, the same clock in both processes), the boot it belongs to and the
+//! arming agent's pid to `state_dir/watchdog`, and disarms it when it is not the primary.
+//! Past an armed deadline the watchdog fences the local Postgres (marker, then kill of the
+//! postmaster and every backend), whatever else anyone observes: the design's "fencing is
+//! absolute". An agent that dies therefore costs its primary the lease once `fence_after`
+//! passes, and the cluster fails over; systemd restarts the agent within a second
+//! (`deploy/systemd`), and a restarted agent keeps the armed deadline of its predecessor
+//! (it never disarms on start), so a restart inside `fence_after` keeps the primary and a
+//! longer one is fenced. A watchdog whose agent is gone exits once the deadline it guards
+//! was enforced or a newer agent re-armed the file.
+//!
+//! An earlier rule skipped the fence while other members' agents still probed this
+//! Postgres. The probing member may itself be cut off from the Raft leader together with
+//! this host (the majority side then promotes), so that rule made two writers; it is gone.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -39,27 +45,75 @@ pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(FILE)
 }
 
-/// Arms the watchdog with `deadline_ms` (CLOCK_MONOTONIC) or disarms it (None). Atomic
-/// (write then rename), so the watchdog never reads half a line.
-pub fn write(state_dir: &Path, deadline_ms: Option<u64>) -> std::io::Result<()> {
-    let text = match deadline_ms {
-        Some(d) => format!("armed {d}\n"),
+/// This boot's id: a CLOCK_MONOTONIC deadline from another boot means nothing (the clock
+/// restarts at boot), so such a deadline counts as passed.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// An armed deadline as the file holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Armed {
+    /// CLOCK_MONOTONIC, in milliseconds.
+    pub deadline_ms: u64,
+    /// The agent process that armed it.
+    pub agent_pid: i32,
+    /// The boot the deadline's clock belongs to (empty where the kernel tells none).
+    pub boot_id: String,
+}
+
+impl Armed {
+    /// Whether the deadline passed at `now_ms` (this boot's CLOCK_MONOTONIC): a deadline of
+    /// another boot always has.
+    pub fn passed(&self, now_ms: u64, this_boot: &str) -> bool {
+        self.boot_id != this_boot || now_ms >= self.deadline_ms
+    }
+}
+
+fn render(deadline_ms: Option<u64>, agent_pid: i32, boot: &str) -> String {
+    match deadline_ms {
+        Some(d) => format!("armed {d} {agent_pid} {boot}\n"),
         None => "disarmed\n".to_string(),
-    };
+    }
+}
+
+fn parse(text: &str) -> Option<Armed> {
+    let mut words = text.strip_prefix("armed ")?.split_whitespace();
+    let deadline_ms = words.next()?.parse().ok()?;
+    // Files written before the pid and boot were recorded: owner unknown, this boot.
+    let agent_pid = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+    let boot_id = words.next().map_or_else(boot_id, str::to_string);
+    Some(Armed {
+        deadline_ms,
+        agent_pid,
+        boot_id,
+    })
+}
+
+/// Arms the watchdog with `deadline_ms` (CLOCK_MONOTONIC) or disarms it (None), in the
+/// name of this process. Atomic (write then rename), so the watchdog never reads half a
+/// line.
+pub fn write(state_dir: &Path, deadline_ms: Option<u64>) -> std::io::Result<()> {
+    let text = render(deadline_ms, std::process::id() as i32, &boot_id());
     let tmp = state_dir.join(format!("{FILE}.tmp"));
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path(state_dir))
 }
 
 /// The armed deadline, if armed.
-pub fn read(state_dir: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(path(state_dir)).ok()?;
-    text.strip_prefix("armed ")?.trim().parse().ok()
+pub fn read(state_dir: &Path) -> Option<Armed> {
+    parse(&std::fs::read_to_string(path(state_dir)).ok()?)
 }
 
-/// Spawns the watchdog process of this agent (same binary, same config).
-pub fn spawn(config: &Config) -> anyhow::Result<std::process::Child> {
-    write(&config.state_dir, None).context("disarming the watchdog file")?;
+/// Spawns the watchdog process of this agent (same binary, same config). While the
+/// applied intent still names this member primary, a deadline armed by a previous agent
+/// stays armed (this agent renews it or it is enforced); otherwise it is disarmed.
+pub fn spawn(config: &Config, named_primary: bool) -> anyhow::Result<std::process::Child> {
+    if !named_primary {
+        write(&config.state_dir, None).context("disarming the watchdog file")?;
+    }
     let exe = std::env::current_exe().context("locating the agent's binary")?;
     std::process::Command::new(exe)
         .arg("--config")
@@ -71,25 +125,18 @@ pub fn spawn(config: &Config) -> anyhow::Result<std::process::Child> {
         .context("spawning the watchdog")
 }
 
-/// How long ago another member's agent last probed this Postgres (the end of its last
-/// query on a `meridian-peer-probe` session); None when none does or the server does not
-/// answer in time (a frozen postmaster is then fenced).
-async fn last_peer_probe(pg: &PgInstance) -> Option<Duration> {
+/// Whether the local Postgres answered, within a short bound, that it is in recovery: a
+/// standby takes no writes, so there is nothing to fence. Anything else (no answer, a
+/// frozen postmaster, an error) counts as possibly writable.
+async fn surely_in_recovery(pg: &PgInstance) -> bool {
     let bound = Duration::from_millis(300);
-    let client = tokio::time::timeout(bound, pg.connect()).await.ok()?.ok()?;
-    let row = tokio::time::timeout(
-        bound,
-        client.query_one(
-            "SELECT (extract(epoch FROM now() - max(state_change)) * 1000)::float8 \
-             FROM pg_stat_activity WHERE application_name = 'meridian-peer-probe'",
-            &[],
-        ),
+    let Ok(Ok(client)) = tokio::time::timeout(bound, pg.connect()).await else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(bound, client.query_one("SELECT pg_is_in_recovery()", &[])).await,
+        Ok(Ok(row)) if row.get::<_, bool>(0)
     )
-    .await
-    .ok()?
-    .ok()?;
-    let ms: Option<f64> = row.get(0);
-    ms.map(|m| Duration::from_millis(m.max(0.0) as u64))
 }
 
 /// The watchdog's loop (in its own process).
@@ -98,19 +145,15 @@ pub async fn run(config: Config, agent_pid: i32) -> anyhow::Result<()> {
         .await
         .context("this member manages no Postgres")?;
     let fence_timeout = config.timing.pg_probe_timeout * 2;
+    let this_boot = boot_id();
     tracing::info!(agent_pid, "watchdog running");
     loop {
         tokio::time::sleep(CHECK_EVERY).await;
-        let deadline = read(&config.state_dir);
+        let armed = read(&config.state_dir);
         let agent_alive = crate::pg::pid_alive(agent_pid);
-        match deadline {
-            Some(d) if monotonic_ms() >= d => {
-                let watched = pg.is_running()
-                    && !pg.is_fenced()
-                    && last_peer_probe(&pg)
-                        .await
-                        .is_some_and(|age| age < config.timing.observe_interval * 2);
-                if !watched && pg.is_running() && !pg.is_fenced() {
+        match armed {
+            Some(a) if a.passed(monotonic_ms(), &this_boot) => {
+                if pg.is_running() && !pg.is_fenced() && !surely_in_recovery(&pg).await {
                     tracing::error!(
                         "watchdog: the primary's lease deadline passed without a renewal; fencing the local Postgres"
                     );
@@ -122,9 +165,48 @@ pub async fn run(config: Config, agent_pid: i32) -> anyhow::Result<()> {
                     return Ok(());
                 }
             }
+            // A newer agent armed it: its own watchdog guards it now.
+            Some(a) if !agent_alive && a.agent_pid != agent_pid && a.agent_pid != 0 => {
+                return Ok(());
+            }
             Some(_) => {}
             None if !agent_alive => return Ok(()),
             None => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn armed_file_round_trips_with_owner_and_boot() {
+        let text = render(Some(1234), 77, "boot-a");
+        assert_eq!(
+            parse(&text),
+            Some(Armed {
+                deadline_ms: 1234,
+                agent_pid: 77,
+                boot_id: "boot-a".into()
+            })
+        );
+        assert_eq!(parse(&render(None, 77, "boot-a")), None);
+        assert_eq!(parse("garbage"), None);
+    }
+
+    #[test]
+    fn a_deadline_of_another_boot_has_passed() {
+        let a = Armed {
+            deadline_ms: 10_000,
+            agent_pid: 1,
+            boot_id: "old".into(),
+        };
+        assert!(!a.passed(5_000, "old"));
+        assert!(a.passed(10_000, "old"));
+        assert!(
+            a.passed(5_000, "new"),
+            "the monotonic clock restarted at boot"
+        );
     }
 }

@@ -266,13 +266,54 @@ pub fn pid_alive(pid: i32) -> bool {
     }
 }
 
-/// SIGKILLs `pid` and its process group (the postmaster leads its own group, so this takes
-/// its backends too; a frozen, SIGSTOPped postmaster dies as well).
+/// The direct children of `pid` (from `/proc/*/stat`'s parent field).
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        if parent_in_stat(&stat) == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+/// The parent pid in a `/proc/PID/stat` line: the second field after the parenthesised
+/// command name (which may itself hold ')' or spaces).
+fn parent_in_stat(stat: &str) -> Option<i32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let _state = fields.next()?;
+    fields.next()?.parse().ok()
+}
+
+/// SIGKILLs a postmaster and every one of its backends at once. Each backend is its own
+/// process group leader (Postgres' `InitPostmasterChild` calls `setsid`), so killing the
+/// postmaster's group does not reach them, and a backend in the middle of a statement
+/// would finish it — and acknowledge its commit — before it noticed the postmaster's
+/// death. The postmaster is stopped first, so it forks nothing between the listing of its
+/// children and their end; a frozen (SIGSTOPped) postmaster and its backends die too.
 pub(crate) fn kill_group(pid: i32) {
     if pid <= 0 {
         return;
     }
     let p = Pid::from_raw(pid);
+    let _ = kill(p, Signal::SIGSTOP);
+    for child in children_of(pid) {
+        let _ = kill(Pid::from_raw(child), Signal::SIGKILL);
+    }
     let _ = killpg(p, Signal::SIGKILL);
     let _ = kill(p, Signal::SIGKILL);
 }
@@ -287,6 +328,13 @@ mod tests {
             "root" => Some((0, 0)),
             _ => None,
         }
+    }
+
+    #[test]
+    fn parent_pid_is_read_after_the_command_name() {
+        assert_eq!(parent_in_stat("123 (postgres) S 42 123 123 0"), Some(42));
+        assert_eq!(parent_in_stat("9 (a) b) (c) R 7 9 9"), Some(7));
+        assert_eq!(parent_in_stat("garbage"), None);
     }
 
     #[test]

@@ -1178,36 +1178,19 @@ impl PgInstance {
     }
 
     /// Stops this instance from accepting writes for real, within `timeout`: writes the
-    /// fence marker first (so a crash mid-way still leaves it), then `pg_ctl stop -m
-    /// immediate` with half the budget, then SIGKILL of the postmaster's process group
-    /// (which also ends a SIGSTOPped postmaster and its backends).
+    /// fence marker first (so a crash mid-way still leaves it), then SIGKILL of the
+    /// postmaster and each of its backends (which also ends a SIGSTOPped postmaster),
+    /// then waits for the postmaster to be gone.
     pub async fn fence(&self, timeout: Duration) -> Result<(), PgError> {
-        const STEP: &str = "fence";
-        self.write_fence_marker(STEP)?;
+        self.write_fence_marker("fence")?;
         let Some(pid) = self.postmaster_pid().filter(|p| pid_alive(*p)) else {
             return Ok(());
         };
         let started = Instant::now();
-        let half = timeout / 2;
-        let secs = half.as_secs().max(1).to_string();
-        let args = [
-            "stop".to_string(),
-            "-D".into(),
-            self.data_dir.display().to_string(),
-            "-m".into(),
-            "immediate".into(),
-            "-w".into(),
-            "-t".into(),
-            secs,
-            "-s".into(),
-        ];
-        let stopped = run_tool(STEP, &self.tool("pg_ctl"), &args, &self.run_as, &[], half).await;
-        if let Err(e) = &stopped {
-            tracing::warn!(error = %e, pid, "immediate stop did not finish; killing the postmaster");
-        }
-        if stopped.is_err() || pid_alive(pid) {
-            kill_group(pid);
-        }
+        // No `pg_ctl stop -m immediate` first: it signals a postmaster that may be frozen
+        // and waits on it, while backends keep acknowledging; a fence is a crash anyway
+        // (the next start recovers), so it kills the postmaster and its backends at once.
+        kill_group(pid);
         let deadline = started + timeout.max(Duration::from_millis(500));
         while pid_alive(pid) {
             if Instant::now() >= deadline {
