@@ -101,7 +101,13 @@ pub struct Policy {
     /// k in `synchronous_standby_names = 'ANY k (...)'`.
     pub sync_quorum: u32,
     pub durability: Durability,
-    /// May an automatic failover promote a standby outside the sync quorum?
+    /// May an automatic failover promote a member that may lack commits the recorded sync
+    /// set acknowledged (too few of the set answered, or every candidate is behind the
+    /// answering quorum)? Off by default: that loss breaks the promise the sync set made
+    /// to clients. On, it trades those commits for availability, bounded by
+    /// `max_lag_on_failover_bytes` and recorded in the history as possible loss. With no
+    /// sync set recorded (every standby async by policy) nothing was promised, and a
+    /// failover within `max_lag_on_failover_bytes` needs no permission.
     pub async_failover: bool,
     /// Bound on the lag (against the best known LSN of the old primary) of any
     /// automatically promoted standby.
@@ -116,7 +122,7 @@ impl Default for Policy {
             commit_latency_budget_ms: DEFAULT_COMMIT_LATENCY_BUDGET_MS,
             sync_quorum: 1,
             durability: Durability::Required,
-            async_failover: true,
+            async_failover: false,
             max_lag_on_failover_bytes: DEFAULT_MAX_LAG_ON_FAILOVER_BYTES,
             regions: BTreeMap::new(),
         }
@@ -320,7 +326,7 @@ mod tests {
         assert_eq!(p.commit_latency_budget_ms, 10);
         assert_eq!(p.sync_quorum, 1);
         assert_eq!(p.durability, Durability::Required);
-        assert!(p.async_failover);
+        assert!(!p.async_failover);
         assert_eq!(p.max_lag_on_failover_bytes, 16 << 20);
         assert_eq!(p.region("anywhere"), RegionPolicy::default());
         assert_eq!(p.region("anywhere").mode, SyncMode::Auto);
@@ -374,7 +380,7 @@ mod tests {
         p.set("regions.us-west.mode", "sync").unwrap();
         p.set("sync_quorum", "2").unwrap();
         p.set("durability", "preferred").unwrap();
-        p.set("async_failover", "false").unwrap();
+        p.set("async_failover", "true").unwrap();
         p.set("max_lag_on_failover_bytes", "1MiB").unwrap();
         p.set("regions.eu.failover", "manual").unwrap();
         p.set("regions.eu.priority", "-3").unwrap();
@@ -382,7 +388,7 @@ mod tests {
         assert_eq!(p.region("us-west").mode, SyncMode::Sync);
         assert_eq!(p.sync_quorum, 2);
         assert_eq!(p.durability, Durability::Preferred);
-        assert!(!p.async_failover);
+        assert!(p.async_failover);
         assert_eq!(p.max_lag_on_failover_bytes, 1 << 20);
         assert_eq!(p.region("eu").failover, FailoverMode::Manual);
         assert_eq!(p.region("eu").priority, -3);

@@ -642,31 +642,52 @@ async fn a_switchover_under_writes_loses_nothing() {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
 
-    // A frozen agent (SIGSTOP) of the primary: its watchdog process sees the other
-    // members still probing its Postgres, so it does not fence it, and the leader promotes
-    // nobody while they see it take writes: writes go on, no second writer.
+    // A frozen agent (SIGSTOP) of the primary: fencing is absolute, so its watchdog
+    // process fences its Postgres at the lease deadline (whoever still probes it), the
+    // cluster fails over, every write a2 acknowledged survives, and there is never a
+    // second writer.
     let probe = SplitBrainProbe::start(&c);
     let agent = nix::unistd::Pid::from_raw(c.member("a2").pid().unwrap() as i32);
     nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGSTOP).unwrap();
     let a2_pg = c.member("a2").pg_conninfo();
-    let mut frozen_result = Ok(());
-    for i in 0..8 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        if let Err(e) = exec(&a2_pg, &format!("INSERT INTO t VALUES ({})", 2_000_000 + i)).await {
-            frozen_result = Err(format!(
-                "a2 stopped taking writes while its agent was frozen: {e}"
-            ));
+    let mut frozen_acked = Vec::new();
+    let mut fenced = false;
+    for i in 0..200 {
+        if exec(&a2_pg, &format!("INSERT INTO t VALUES ({})", 2_000_000 + i))
+            .await
+            .is_err()
+        {
+            fenced = true;
             break;
         }
-        if let Ok(s) = c.status().await {
-            if (s.primary.as_str(), s.generation) != ("a2", 2) {
-                frozen_result = Err(format!("promoted while a2 took writes: {s:?}"));
-                break;
-            }
-        }
+        frozen_acked.push(2_000_000 + i);
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let replaced = wait_for("a primary other than the frozen a2", FAILOVER, || async {
+        let s = c.status().await.ok()?;
+        (s.primary != "a2" && !s.primary.is_empty() && s.generation > 2).then(|| s.primary.clone())
+    })
+    .await;
     nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGCONT).unwrap();
-    frozen_result.unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    assert!(
+        fenced,
+        "a2's Postgres took writes for 10 s with its agent frozen\n{}",
+        c.logs()
+    );
+    let replaced = replaced.unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    insert_until_ok(&rw, 3_000_000, FAILOVER)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let present = ids_on(&c, &replaced).await;
+    let lost: Vec<i64> = frozen_acked
+        .iter()
+        .copied()
+        .filter(|id| !present.contains(id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged rows lost after the freeze: {lost:?}"
+    );
     // The thawed agent may disrupt the Raft group (a new election); whatever happens
     // next, the cluster settles with one primary and two streaming standbys.
     let settled = settle(&c, REJOIN).await;

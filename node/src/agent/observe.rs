@@ -79,6 +79,16 @@ fn known_member(shared: &Shared, name: &str) -> bool {
         .any(|(_, n)| n.name == name)
 }
 
+/// Whether this leader heard from a quorum within `fence_after`: the one bound on a leader
+/// taking observations (remote and local) as heard.
+fn leader_has_fresh_quorum(shared: &Shared) -> bool {
+    let bound = shared.config.timing.fence_after.as_millis() as u64;
+    !shared
+        .raft_metrics()
+        .millis_since_quorum_ack
+        .is_some_and(|ms| ms > bound)
+}
+
 #[tonic::async_trait]
 impl AgentRpc for AgentService {
     async fn report(
@@ -105,6 +115,17 @@ impl AgentRpc for AgentService {
                 "{:?} is not a member of this cluster",
                 obs.member
             )));
+        }
+        // A leader cut off from its quorum does not step down by itself: it keeps the
+        // observation but does not accept it, as the local path does, so the reporter
+        // counts itself unheard (a standby nobody with a quorum hears stops acknowledging
+        // synchronous commits).
+        if !leader_has_fresh_quorum(&self.shared) {
+            self.shared.observations.record(obs);
+            return Ok(Response::new(ObservationAck {
+                accepted: false,
+                leader: String::new(),
+            }));
         }
         self.shared.observations.record(obs);
         self.shared.wake_leader.notify_one();
@@ -549,9 +570,7 @@ impl Reporter {
         if self.shared.believes_leader() {
             let shared = &self.shared;
             // A leader cut off from its quorum does not step down by itself.
-            let quorum_ms = shared.raft_metrics().millis_since_quorum_ack;
-            let bound = shared.config.timing.fence_after.as_millis() as u64;
-            if quorum_ms.is_some_and(|ms| ms > bound) {
+            if !leader_has_fresh_quorum(shared) {
                 shared.observations.record(obs);
                 return Err("this leader has no recent quorum acknowledgement".into());
             }
@@ -586,8 +605,13 @@ impl Reporter {
             .map_err(|s| format!("leader {leader}: {}", super::join::describe(&s)))?
             .into_inner();
         if !ack.accepted {
-            // Leadership moved; the next round follows the new leader.
-            return Err(format!("{leader} is no longer the leader"));
+            // Leadership moved (the next round follows the new leader), or the leader lost
+            // its quorum (it names no leader then).
+            return Err(if ack.leader.is_empty() && self.shared.leader().is_some() {
+                format!("leader {leader} has no recent quorum acknowledgement")
+            } else {
+                format!("{leader} is no longer the leader")
+            });
         }
         Ok(())
     }

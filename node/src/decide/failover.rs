@@ -276,8 +276,10 @@ fn choose(cx: &Cx, old: &str, allow_async: bool) -> Result<Chosen, NoCandidate> 
         return Err(no_candidate(reason, rejected));
     }
 
-    // No sync set recorded: every standby is async.
-    if allow_async && view.policy.async_failover && !qualified.is_empty() {
+    // No sync set recorded: every standby is async by policy and no commit waited for
+    // one, so the policy promised nothing beyond `max_lag_on_failover_bytes` (checked per
+    // member).
+    if allow_async && !qualified.is_empty() {
         return Ok(best(qualified, best_known));
     }
     for q in qualified {

@@ -197,6 +197,8 @@ fn lease_broken_by_a_majority_promotes_the_best_candidate_at_the_next_generation
 #[test]
 fn a_new_leader_hears_from_every_data_member_before_choosing() {
     let mut v = base();
+    // Ordering among async fallbacks, which the user allowed.
+    v.policy.async_failover = true;
     lose_primary(&mut v);
     v.leader_since_ms = NOW - 200;
     // e2 (the sync standby) has not reported to this leader yet.
@@ -332,11 +334,36 @@ fn no_promotion_while_another_member_still_sees_the_primary_writable() {
 // ------------------------------------------------------------------ candidates
 
 #[test]
-fn whole_region_lost_under_default_policy_fails_over_async_and_reports_the_loss() {
+fn whole_region_lost_under_the_default_policy_promotes_nobody() {
     let mut v = base();
     lose_primary(&mut v);
     obs(&mut v, "e2").received_at_ms = STALE;
-    // Sync set {e2} does not answer; `auto` only, async_failover on: best async standby.
+    // Sync set {e2} does not answer: w1 and w2 may lack commits e2 acknowledged.
+    assert_eq!(
+        decide(&v, NOW),
+        no_candidate(
+            NoCandidateReason::SyncQuorumNotAnswering {
+                answered: Default::default(),
+                needed: 1,
+                of: 1
+            },
+            &[
+                ("e2", stale(5_000)),
+                ("w1", Rejection::NotInSyncSet),
+                ("w2", Rejection::NotInSyncSet),
+                ("x1", Rejection::Witness),
+            ],
+        )
+    );
+}
+
+#[test]
+fn whole_region_lost_with_async_failover_on_fails_over_async_and_reports_the_loss() {
+    let mut v = base();
+    v.policy.async_failover = true;
+    lose_primary(&mut v);
+    obs(&mut v, "e2").received_at_ms = STALE;
+    // Sync set {e2} does not answer; the user traded it for availability: best async.
     assert_eq!(
         decide(&v, NOW),
         promote("w1", PromoteReason::LeaseExpired, 1_000_100 - 990_000)
@@ -436,7 +463,11 @@ fn a_sync_member_is_never_promoted_while_the_sync_quorum_is_unknown() {
     assert_eq!(
         decide(&v, NOW),
         no_candidate(
-            NoCandidateReason::NoQualifiedMember,
+            NoCandidateReason::SyncQuorumNotAnswering {
+                answered: ["e2".to_string()].into(),
+                needed: 3,
+                of: 3
+            },
             &[
                 ("e2", Rejection::SyncQuorumUnknown),
                 ("w1", stale(5_000)),
@@ -469,7 +500,10 @@ fn a_sync_member_behind_the_answering_quorum_is_never_the_async_fallback() {
     obs(&mut v, "w1").received_lsn = Some(Lsn(1_000_090));
     obs(&mut v, "w1").replayed_lsn = Some(Lsn(1_000_090));
     obs(&mut v, "w1").fenced = true;
-    // w2 (async, not in the set) is behind: the non-strict fallback may take it, never e2.
+    // w2 (async, not in the set) is behind: a fallback the default refuses; with
+    // async_failover on it may take w2, never e2.
+    assert!(decide(&v, NOW).actions.is_empty());
+    v.policy.async_failover = true;
     assert_eq!(
         decide(&v, NOW),
         promote("w2", PromoteReason::LeaseExpired, 1_000_100 - 980_000)
@@ -523,6 +557,8 @@ fn same_region_is_preferred_over_a_higher_lsn() {
 #[test]
 fn region_priority_comes_before_lsn() {
     let mut v = base();
+    // Ordering among async fallbacks, which the user allowed.
+    v.policy.async_failover = true;
     lose_primary(&mut v);
     obs(&mut v, "e2").received_at_ms = STALE;
     v.members
@@ -554,6 +590,8 @@ fn nofailover_member_is_never_promoted() {
 #[test]
 fn lag_above_the_bound_excludes_a_standby() {
     let mut v = base();
+    // Ordering among async fallbacks, which the user allowed.
+    v.policy.async_failover = true;
     lose_primary(&mut v);
     obs(&mut v, "e2").received_at_ms = STALE;
     v.policy.set("max_lag_on_failover_bytes", "15000").unwrap();
@@ -649,6 +687,8 @@ fn region_with_manual_failover_is_excluded() {
 #[test]
 fn ties_break_by_member_priority_then_name() {
     let mut v = base();
+    // Ordering among async fallbacks, which the user allowed.
+    v.policy.async_failover = true;
     lose_primary(&mut v);
     obs(&mut v, "e2").received_at_ms = STALE;
     for n in ["w1", "w2"] {
