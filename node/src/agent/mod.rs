@@ -11,6 +11,7 @@
 //! used to route a request, never to decide that a change happened.
 
 pub mod admin;
+pub mod backup_admin;
 pub mod dial;
 pub mod errlog;
 pub mod handoff;
