@@ -261,13 +261,14 @@ async fn archive_backups_replicas_and_pitr_survive_a_failover() {
         .output()
         .unwrap();
     assert!(out.status.success(), "stopping b1: {out:?}");
-    sql(
-        &a1,
-        "ALTER SYSTEM SET wal_keep_size = 0; ALTER SYSTEM SET max_slot_wal_keep_size = '32MB'; \
-         SELECT pg_reload_conf()",
-    )
-    .await
-    .unwrap();
+    // (ALTER SYSTEM cannot run in a multi-statement batch: one at a time.)
+    for q in [
+        "ALTER SYSTEM SET wal_keep_size = 0",
+        "ALTER SYSTEM SET max_slot_wal_keep_size = '32MB'",
+        "SELECT pg_reload_conf()",
+    ] {
+        sql(&a1, q).await.unwrap();
+    }
     wait_for("b1's slot lost on a1", CHANGE, || async {
         sql(
             &a1,

@@ -576,7 +576,10 @@ impl Member {
                 true
             }
             Err(e) => {
-                tracing::warn!("restoring from the repository failed ({e}); cloning with pg_basebackup");
+                tracing::warn!(
+                    "restoring from the repository failed ({}); cloning with pg_basebackup",
+                    crate::agent::errlog::one_line(&e.to_string())
+                );
                 let _ = std::fs::remove_dir_all(self.pg.data_dir());
                 false
             }

@@ -235,7 +235,8 @@ async fn check(br: &Pgbackrest, pg: &PgInstance, member: &str) -> anyhow::Result
         br.cfg.command_timeout,
         client.query_one(
             "SELECT pg_walfile_name(pg_switch_wal()), \
-             current_setting('wal_segment_size')::bigint, pg_is_in_recovery()",
+             (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'), \
+             pg_is_in_recovery()",
             &[],
         ),
     )
