@@ -73,6 +73,14 @@ impl Client {
             .with_context(|| format!("endpoint {}", ep.label()))?
             .connect_timeout(connect)
             .timeout(request_timeout);
+        if request_timeout > self.timeout() {
+            // A long call (backup, restore) must outlive the members' 30 s idle limit on
+            // connections: HTTP/2 pings keep this one in use.
+            e = e
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .keep_alive_while_idle(true);
+        }
         if let Some(tls) = &self.tls {
             let mut tls = tls.clone();
             if let Some(name) = &ep.server_name {

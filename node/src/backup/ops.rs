@@ -368,6 +368,7 @@ async fn restore(
         .with_context(|| format!("creating {}", dir.display()))?;
     let mut args = target.pgbackrest_args();
     args.push("--archive-mode=off".into());
+    tracing::info!(target_dir = %dir.display(), ?target, "point-in-time restore: restoring");
     br.restore(dir, &args).await.context("restoring")?;
     for f in ["standby.signal", FENCE_MARKER, "postmaster.pid"] {
         let _ = std::fs::remove_file(dir.join(f));
@@ -427,6 +428,7 @@ async fn restore(
             Err(e) => return Err(e).context("the restored instance does not answer"),
         }
     };
+    tracing::info!(target_dir = %dir.display(), %lsn, port, "point-in-time restore: recovered, running for inspection");
     Ok(serde_json::json!({
         "member": config.member.name,
         "target_dir": dir,
