@@ -318,7 +318,9 @@ async fn archive_backups_replicas_and_pitr_survive_a_failover() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let before_drop = text(&a1, "SELECT clock_timestamp()::text").await.unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    sql(&a1, "DROP TABLE precious; SELECT pg_switch_wal()").await.unwrap();
+    sql(&a1, "DROP TABLE precious").await.unwrap();
+    // The commit after the target must reach the archive: recovery stops there.
+    sql(&a1, "SELECT pg_switch_wal()").await.unwrap();
     let target_dir = repo_root.path().join("pitr");
     let port = free_ports(1).unwrap()[0].to_string();
     let r = ctl(

@@ -8,11 +8,13 @@
 //! - `archive.rs`: archive continuity as a pure function (segments and history files).
 //! - `ops.rs`: the admin operations (`backup`, `backup list`, `backup check`,
 //!   `restore-point`, `restore`) an agent runs for `meridianctl`.
+//! - `metrics.rs`: last good backup age, WAL waiting to be archived, archive failures.
 //! - `replica.rs`: a standby restored from the repository; the old primary's unarchived
 //!   WAL pushed before it is rewound.
 
 pub mod archive;
 pub mod config;
+pub mod metrics;
 pub mod ops;
 pub mod pgbackrest;
 pub mod replica;

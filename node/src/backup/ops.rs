@@ -415,6 +415,17 @@ async fn restore(
             Ok::<_, crate::pg::PgError>((row.get::<_, bool>(0), row.get::<_, String>(1)))
         }
         .await;
+        if state.is_err() && !restored.is_running() {
+            let log = std::fs::read_to_string(restored.log_file()).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(6).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            anyhow::bail!(
+                "the restored instance stopped during recovery (is the WAL up to the target \
+                 archived yet?); its log ({}) ends: {}",
+                restored.log_file().display(),
+                tail.join(" | ")
+            );
+        }
         match state {
             Ok((false, lsn)) => break lsn,
             Ok((true, _)) | Err(_) if Instant::now() < deadline => {
