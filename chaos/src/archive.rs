@@ -53,8 +53,11 @@ async fn check(c: &Cluster) -> anyhow::Result<CheckResult> {
             timeout_ms: CHECK_TIMEOUT.as_millis() as u64,
         });
         req.set_timeout(CHECK_TIMEOUT + Duration::from_secs(2));
-        match tokio::time::timeout(CHECK_TIMEOUT + Duration::from_secs(5), client.backup_op(req))
-            .await
+        match tokio::time::timeout(
+            CHECK_TIMEOUT + Duration::from_secs(5),
+            client.backup_op(req),
+        )
+        .await
         {
             Ok(Ok(r)) => return Ok(serde_json::from_str(&r.into_inner().result_json)?),
             Ok(Err(s)) => last = Some(anyhow::anyhow!("{name}: {}", s.message())),

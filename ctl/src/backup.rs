@@ -239,7 +239,9 @@ async fn check(client: &Client, wait: u64, json: bool) -> Result<(), Failure> {
 pub async fn restore(client: &Client, args: RestoreArgs, json: bool) -> Result<(), Failure> {
     let target = parse_target(&args.to).map_err(Failure::Usage)?;
     if !args.target_dir.is_absolute() {
-        return Err(Failure::Usage("--target-dir must be an absolute path".into()));
+        return Err(Failure::Usage(
+            "--target-dir must be an absolute path".into(),
+        ));
     }
     let op = BackupOp::Restore {
         target,

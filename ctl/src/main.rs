@@ -189,9 +189,7 @@ pub enum Command {
     /// Point-in-time restore into a new directory, started standalone for inspection.
     Restore(backup::RestoreArgs),
     /// A named restore point (pg_create_restore_point) on the primary, before risky work.
-    RestorePoint {
-        name: String,
-    },
+    RestorePoint { name: String },
 }
 
 /// How a command ended badly.

@@ -903,7 +903,10 @@ impl RawConfig {
         let backup = match self.backup {
             None => None,
             Some(_) if self.member.kind == MemberKind::Witness => {
-                return refuse("backup", "a witness runs no Postgres: it has nothing to archive")
+                return refuse(
+                    "backup",
+                    "a witness runs no Postgres: it has nothing to archive",
+                )
             }
             Some(raw) => Some(
                 raw.validate(base, &self.cluster)

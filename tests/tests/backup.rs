@@ -57,7 +57,14 @@ async fn ctl(c: &AgentCluster, args: &[&str]) -> CtlRun {
         .map(|n| format!("{n}={}", c.member(n).grpc))
         .collect();
     let eps = eps.join(",");
-    let mut all = vec!["--endpoint", &eps, "--token", TOKEN, "--timeout-ms", "10000"];
+    let mut all = vec![
+        "--endpoint",
+        &eps,
+        "--token",
+        TOKEN,
+        "--timeout-ms",
+        "10000",
+    ];
     all.extend_from_slice(args);
     run_ctl_env(&all, &[], Duration::from_secs(300))
         .await
@@ -66,7 +73,12 @@ async fn ctl(c: &AgentCluster, args: &[&str]) -> CtlRun {
 
 async fn ctl_ok(c: &AgentCluster, args: &[&str]) -> CtlRun {
     let r = ctl(c, args).await;
-    assert_eq!(r.code, Some(0), "meridianctl {args:?}: {r:#?}\n{}", c.logs());
+    assert_eq!(
+        r.code,
+        Some(0),
+        "meridianctl {args:?}: {r:#?}\n{}",
+        c.logs()
+    );
     r
 }
 
@@ -133,7 +145,14 @@ struct Standalone(PathBuf);
 impl Drop for Standalone {
     fn drop(&mut self) {
         let _ = as_postgres("/usr/lib/postgresql/15/bin/pg_ctl")
-            .args(["-D", &self.0.display().to_string(), "stop", "-m", "immediate", "-w"])
+            .args([
+                "-D",
+                &self.0.display().to_string(),
+                "stop",
+                "-m",
+                "immediate",
+                "-w",
+            ])
             .output();
     }
 }
@@ -144,7 +163,10 @@ async fn check_green(c: &AgentCluster, what: &str) -> serde_json::Value {
     assert_eq!(r.code, Some(0), "{what}: {r:#?}\n{}", c.logs());
     let v = r.json();
     assert!(v["report"]["first_missing"].is_null(), "{what}: {v}");
-    assert!(v["report"]["checked"].as_u64().unwrap_or(0) >= 1, "{what}: {v}");
+    assert!(
+        v["report"]["checked"].as_u64().unwrap_or(0) >= 1,
+        "{what}: {v}"
+    );
     v
 }
 
@@ -167,8 +189,7 @@ async fn archive_backups_replicas_and_pitr_survive_a_failover() {
     std::fs::create_dir_all(&repo).unwrap();
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(repo_root.path(), std::fs::Permissions::from_mode(0o755))
-            .unwrap();
+        std::fs::set_permissions(repo_root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     chown_to_postgres(&repo);
     let section = format!(
@@ -215,9 +236,12 @@ async fn archive_backups_replicas_and_pitr_survive_a_failover() {
     wait_streaming(&c, &["a2", "b1"], "a1").await;
     eprintln!("formed in {} ms", started.elapsed().as_millis());
     let a1 = c.member("a1").pg_conninfo();
-    sql(&a1, "CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 1000)")
-        .await
-        .unwrap();
+    sql(
+        &a1,
+        "CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 1000)",
+    )
+    .await
+    .unwrap();
 
     // 1. A full backup, the list, and a green check on the running cluster.
     let r = ctl_ok(&c, &["backup", "--type", "full", "--json"]).await;
@@ -248,7 +272,10 @@ async fn archive_backups_replicas_and_pitr_survive_a_failover() {
     })
     .await
     .unwrap();
-    eprintln!("replica from the repository at {} ms", started.elapsed().as_millis());
+    eprintln!(
+        "replica from the repository at {} ms",
+        started.elapsed().as_millis()
+    );
 
     // 3. b1 down while the primary lets go of the WAL b1's slot needs: b1 catches up from
     // the archive (restore_command) and streams again, without a re-clone.
@@ -257,7 +284,14 @@ async fn archive_backups_replicas_and_pitr_survive_a_failover() {
     c.kill("b1").unwrap();
     let b1_data = c.member("b1").pg_data_dir();
     let out = as_postgres("/usr/lib/postgresql/15/bin/pg_ctl")
-        .args(["-D", &b1_data.display().to_string(), "stop", "-m", "fast", "-w"])
+        .args([
+            "-D",
+            &b1_data.display().to_string(),
+            "stop",
+            "-m",
+            "fast",
+            "-w",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "stopping b1: {out:?}");
@@ -288,7 +322,9 @@ async fn archive_backups_replicas_and_pitr_survive_a_failover() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
-    sql(&a1, "CREATE TABLE after_gap AS SELECT 42 AS v").await.unwrap();
+    sql(&a1, "CREATE TABLE after_gap AS SELECT 42 AS v")
+        .await
+        .unwrap();
     let b1_log_before = c.member("b1").log().len();
     c.start("b1").unwrap();
     wait_streaming(&c, &["a2", "b1"], "a1").await;
@@ -297,7 +333,11 @@ async fn archive_backups_replicas_and_pitr_survive_a_failover() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
-    assert!(marker.exists(), "b1 was re-cloned:\n{}", c.member("b1").log());
+    assert!(
+        marker.exists(),
+        "b1 was re-cloned:\n{}",
+        c.member("b1").log()
+    );
     let since = &c.member("b1").log()[b1_log_before..];
     assert!(
         !since.contains("cloning") && !since.contains("rewinding"),
@@ -312,9 +352,12 @@ async fn archive_backups_replicas_and_pitr_survive_a_failover() {
 
     // 4. Point-in-time recovery to just before a DROP TABLE, into a separate directory,
     // while the cluster keeps running.
-    sql(&a1, "CREATE TABLE precious AS SELECT generate_series(1, 500) AS id")
-        .await
-        .unwrap();
+    sql(
+        &a1,
+        "CREATE TABLE precious AS SELECT generate_series(1, 500) AS id",
+    )
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let before_drop = text(&a1, "SELECT clock_timestamp()::text").await.unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -346,7 +389,9 @@ async fn archive_backups_replicas_and_pitr_survive_a_failover() {
         meridian_tests::agents::SUPERUSER_PASSWORD
     );
     assert_eq!(
-        text(&restored, "SELECT count(*)::text FROM precious").await.unwrap(),
+        text(&restored, "SELECT count(*)::text FROM precious")
+            .await
+            .unwrap(),
         "500"
     );
     // The cluster kept running: the primary takes writes, the restore is no member.
@@ -392,7 +437,9 @@ async fn archive_backups_replicas_and_pitr_survive_a_failover() {
     .unwrap();
     c.start("a1").unwrap();
     wait_streaming(&c, &["a1", "b1"], "a2").await;
-    sql(&a2, "INSERT INTO t SELECT generate_series(1, 1000)").await.unwrap();
+    sql(&a2, "INSERT INTO t SELECT generate_series(1, 1000)")
+        .await
+        .unwrap();
     let v = check_green(&c, "check after the failover").await;
     assert_eq!(v["member"], "a2", "{v}");
     assert!(v["timeline"].as_u64().unwrap() >= 2, "{v}");
@@ -466,7 +513,10 @@ async fn archive_backups_replicas_and_pitr_survive_a_failover() {
         let _ = std::fs::remove_file(&dest);
         fetched += 1;
     }
-    assert!(fetched >= 5, "only {fetched} segments between {from} and {to}");
+    assert!(
+        fetched >= 5,
+        "only {fetched} segments between {from} and {to}"
+    );
     // The history records the backup.
     let r = ctl_ok(&c, &["history", "--all", "--json"]).await;
     assert!(r.stdout.contains(&label), "{r:#?}");

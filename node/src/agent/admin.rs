@@ -18,9 +18,8 @@ use meridian_proto::admin_client::AdminClient;
 use meridian_proto::admin_server::{Admin, AdminServer};
 use meridian_proto::{
     AddMemberRequest, AddMemberResponse, AdmitMemberRequest, AdmitMemberResponse, BackupOpRequest,
-    BackupOpResponse, CommandRequest,
-    CommandResponse, MemberStatus, RemoveMemberRequest, RemoveMemberResponse, StatusRequest,
-    StatusResponse,
+    BackupOpResponse, CommandRequest, CommandResponse, MemberStatus, RemoveMemberRequest,
+    RemoveMemberResponse, StatusRequest, StatusResponse,
 };
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
@@ -160,7 +159,11 @@ fn not_leader(leader: Option<String>) -> Status {
 /// The request to send to the leader: same message, marked forwarded with how this member
 /// authorized it, bounded. The leader accepts it because this member signs it (or presents
 /// its member certificate): only requests authorized here are forwarded.
-pub(super) fn forwarded<T>(message: T, timeout: Duration, authorized_by: &'static str) -> Request<T> {
+pub(super) fn forwarded<T>(
+    message: T,
+    timeout: Duration,
+    authorized_by: &'static str,
+) -> Request<T> {
     let mut r = Request::new(message);
     r.metadata_mut().insert(
         FORWARDED_HEADER,

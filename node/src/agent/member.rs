@@ -536,7 +536,10 @@ impl Member {
         self.shared.set_activity(&format!("cloning from {primary}"));
         let slot = slot_name(self.name());
         self.system_identifier = None;
-        if self.restore_from_repository(primary, &host, port, &slot).await {
+        if self
+            .restore_from_repository(primary, &host, port, &slot)
+            .await
+        {
             return self.start_clone(primary).await;
         }
         if let Err(e) = self.pg.clone_from(&host, port, Some(&slot)).await {
@@ -568,8 +571,9 @@ impl Member {
         let Some(Ok(br)) = crate::backup::Pgbackrest::from_config(config) else {
             return false;
         };
-        self.shared
-            .set_activity(&format!("restoring from the repository (then following {primary})"));
+        self.shared.set_activity(&format!(
+            "restoring from the repository (then following {primary})"
+        ));
         match crate::backup::replica::restore_standby(&br, &self.pg, host, port, slot).await {
             Ok(()) => {
                 tracing::info!(%primary, "replica restored from the pgBackRest repository");
@@ -707,7 +711,8 @@ impl Member {
         let Some(Ok(br)) = crate::backup::Pgbackrest::from_config(&self.shared.config) else {
             return;
         };
-        self.shared.set_activity("archiving WAL the old primary had not archived");
+        self.shared
+            .set_activity("archiving WAL the old primary had not archived");
         let out = crate::backup::replica::push_unarchived(&br, &self.pg).await;
         if !out.pushed.is_empty() {
             tracing::info!(segments = ?out.pushed, "archived WAL left unarchived before the failover");

@@ -189,9 +189,8 @@ pub fn check_continuity(
     let histories: Vec<u32> = starts.iter().map(|(t, _)| *t).filter(|t| *t > 1).collect();
     for t in &histories {
         if !listing.histories.contains(t) {
-            if first_missing.is_none() {
-                first_missing = Some(format!("{t:08X}.history"));
-            }
+            missing_count += 1;
+            first_missing.get_or_insert_with(|| format!("{t:08X}.history"));
         }
     }
     let mut checked = 0;

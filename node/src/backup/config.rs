@@ -135,7 +135,11 @@ fn resolve(base: &Path, p: PathBuf) -> PathBuf {
 
 impl RawBackup {
     /// Validates the table; `Err((key, reason))` names the offending key under `backup.`.
-    pub(crate) fn validate(self, base: &Path, cluster: &str) -> Result<BackupConfig, (String, String)> {
+    pub(crate) fn validate(
+        self,
+        base: &Path,
+        cluster: &str,
+    ) -> Result<BackupConfig, (String, String)> {
         let bad = |k: &str, why: String| Err((format!("backup.{k}"), why));
         let stanza = self.stanza.unwrap_or_else(|| cluster.to_string());
         if stanza.is_empty()

@@ -359,7 +359,11 @@ async fn restore(
         .first()
         .cloned()
         .unwrap_or_else(|| std::net::Ipv4Addr::LOCALHOST.to_string());
-    let bind_host = if listen == "*" { "0.0.0.0" } else { listen.as_str() };
+    let bind_host = if listen == "*" {
+        "0.0.0.0"
+    } else {
+        listen.as_str()
+    };
     std::net::TcpListener::bind((bind_host, port))
         .with_context(|| format!("port {port} on {listen} is not free"))?;
     let run_as: &RunAs = pg.run_as();
@@ -472,7 +476,11 @@ mod tests {
     fn restore_targets_map_to_pgbackrest_options() {
         assert_eq!(
             RestoreTarget::Lsn("0/3000000".into()).pgbackrest_args(),
-            ["--type=lsn", "--target=0/3000000", "--target-action=promote"]
+            [
+                "--type=lsn",
+                "--target=0/3000000",
+                "--target-action=promote"
+            ]
         );
         assert_eq!(RestoreTarget::Latest.pgbackrest_args(), ["--type=default"]);
     }

@@ -93,7 +93,9 @@ impl Pgbackrest {
     /// The contents of `pgbackrest.conf`.
     pub fn render_conf(&self) -> String {
         let c = &self.cfg;
-        let mut s = String::from("# Written by Meridian from its [backup] config; rewritten at every start.\n[global]\n");
+        let mut s = String::from(
+            "# Written by Meridian from its [backup] config; rewritten at every start.\n[global]\n",
+        );
         let mut kv = |k: &str, v: String| s.push_str(&format!("{k}={v}\n"));
         kv("repo1-path", c.repo_path.display().to_string());
         if let Some(h) = &c.repo_host {
@@ -217,9 +219,13 @@ impl Pgbackrest {
 
     /// `stanza-create` (a no-op for an existing stanza of this cluster).
     pub async fn stanza_create(&self) -> Result<(), PgError> {
-        self.run("pgbackrest stanza-create", &["stanza-create".into()], self.short())
-            .await
-            .map(|_| ())
+        self.run(
+            "pgbackrest stanza-create",
+            &["stanza-create".into()],
+            self.short(),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// `check`: the configuration is sound and a forced WAL switch reaches the archive.
@@ -246,8 +252,9 @@ impl Pgbackrest {
         let out = self
             .run(STEP, &["info".into(), "--output=json".into()], self.short())
             .await?;
-        let mut all: Vec<StanzaInfo> = serde_json::from_str(&out.stdout)
-            .map_err(|e| PgError::state(STEP, format!("unexpected JSON from pgbackrest info: {e}")))?;
+        let mut all: Vec<StanzaInfo> = serde_json::from_str(&out.stdout).map_err(|e| {
+            PgError::state(STEP, format!("unexpected JSON from pgbackrest info: {e}"))
+        })?;
         all.pop()
             .ok_or_else(|| PgError::state(STEP, "pgbackrest info listed no stanza"))
     }
@@ -269,7 +276,10 @@ impl Pgbackrest {
             .await?;
         let map: std::collections::BTreeMap<String, serde_json::Value> =
             serde_json::from_str(&out.stdout).map_err(|e| {
-                PgError::state(STEP, format!("unexpected JSON from pgbackrest repo-ls: {e}"))
+                PgError::state(
+                    STEP,
+                    format!("unexpected JSON from pgbackrest repo-ls: {e}"),
+                )
             })?;
         Ok(map
             .into_iter()
@@ -395,7 +405,10 @@ mod tests {
         let v: Vec<StanzaInfo> = serde_json::from_str(INFO).unwrap();
         let s = &v[0];
         assert_eq!(s.name, "s1");
-        assert_eq!(s.archive[0].min.as_deref(), Some("000000010000000000000001"));
+        assert_eq!(
+            s.archive[0].min.as_deref(),
+            Some("000000010000000000000001")
+        );
         let b = &s.backup[0];
         assert_eq!(b.label, "20261201-122036F");
         assert_eq!(b.kind, "full");
