@@ -1700,6 +1700,19 @@ postgres = "127.0.0.1:5434"
     }
 
     #[test]
+    fn backup_section_is_validated_and_named_after_the_cluster() {
+        let text = format!("{GOOD}\n[backup]\nrepo_path = \"/var/lib/pgbackrest\"\n");
+        let c = load(&text).unwrap();
+        let b = c.backup.expect("[backup] loaded");
+        assert_eq!(b.stanza, c.cluster);
+        expect_invalid(
+            &format!("{GOOD}\n[backup]\nrepo_path = \"relative\"\n"),
+            "backup.repo_path",
+            "absolute",
+        );
+    }
+
+    #[test]
     fn data_member_needs_postgres() {
         let start = GOOD.find("[postgres]").unwrap();
         let end = GOOD.find("[api]").unwrap();
