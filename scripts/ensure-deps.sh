@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what building and testing Meridian needs on a fresh Debian machine:
-# PostgreSQL server binaries (>= 13), iproute2 and iptables (as root, for the separate-host
+# PostgreSQL server binaries (>= 13), pgBackRest (backups and WAL archiving), iproute2 and iptables (as root, for the separate-host
 # tests) and the rustfmt/clippy components. Idempotent.
 set -euo pipefail
 
@@ -17,6 +17,15 @@ if ! have_pg; then
   $SUDO apt-get install -y -qq postgresql >/dev/null
   # The Debian package starts a default cluster on 5432; Meridian needs none of it.
   $SUDO systemctl stop postgresql >/dev/null 2>&1 || $SUDO service postgresql stop >/dev/null 2>&1 || true
+fi
+
+# Backups, WAL archiving and point-in-time recovery ([backup], tests/tests/backup.rs).
+if ! command -v pgbackrest >/dev/null 2>&1; then
+  echo "ensure-deps: installing pgBackRest (Debian package pgbackrest)"
+  if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq pgbackrest >/dev/null
 fi
 
 # Separate-host tests (tests/tests/hosts.rs, meridian-chaos --hosts netns) build network

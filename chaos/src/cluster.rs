@@ -247,6 +247,9 @@ pub struct ClusterOptions {
     /// `RUST_LOG` for the agents (their default filter when `None`).
     pub agent_log_filter: Option<String>,
     pub hosts: HostsMode,
+    /// A pgBackRest repository (owned by the Postgres OS user): the data members archive
+    /// into it and the scorecard gets `archive_gap` (`archive.rs`).
+    pub backup_repo: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -261,6 +264,7 @@ impl Default for ClusterOptions {
             keep_dir: false,
             agent_log_filter: None,
             hosts: HostsMode::Loopback,
+            backup_repo: None,
         }
     }
 }
@@ -676,6 +680,9 @@ impl Cluster {
                     data_dir.display(),
                     m.addr
                 ));
+                if let Some(repo) = &self.options.backup_repo {
+                    text.push_str(&crate::archive::backup_section(repo));
+                }
             } else {
                 text.push_str(&format!("{monitor_only}\n"));
             }

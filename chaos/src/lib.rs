@@ -1,6 +1,7 @@
 //! meridian-chaos as a library: the proxy mesh, fault schedules, workload and scorecard,
 //! shared with the end-to-end tests.
 
+pub mod archive;
 pub mod check;
 pub mod cluster;
 pub mod idle_bench;

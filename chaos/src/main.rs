@@ -51,6 +51,10 @@ struct ClusterArgs {
     /// partitions by packet filter, no latency injection).
     #[arg(long, default_value = "loopback")]
     hosts: HostsMode,
+    /// pgBackRest repository directory (must be writable by the Postgres OS user): the
+    /// data members archive into it and each scorecard gets `archive_gap`.
+    #[arg(long, value_name = "DIR")]
+    backup_repo: Option<PathBuf>,
 }
 
 impl ClusterArgs {
@@ -62,6 +66,7 @@ impl ClusterArgs {
             bin_dir: self.bin_dir.clone(),
             keep_dir: self.keep_run_dir,
             hosts: self.hosts,
+            backup_repo: self.backup_repo.clone(),
             ..ClusterOptions::default()
         }
     }

@@ -779,6 +779,13 @@ pub async fn run_scenario(opts: &RunOptions) -> anyhow::Result<Scorecard> {
         ));
     }
     card.violations.extend(scenario_expectations(sc, &card));
+    if opts.cluster.backup_repo.is_some() {
+        let gap = crate::archive::archive_gap(&c).await;
+        if gap != "none" {
+            card.violations.push(format!("archive gap: {gap}"));
+        }
+        card.archive_gap = Some(gap);
+    }
     if !card.passed() {
         eprintln!("[{sc}] FAILED; agent logs:\n{}", c.log_tails(25));
     }

@@ -44,6 +44,10 @@ pub struct Scorecard {
     pub commit_p50_ms: BTreeMap<String, f64>,
     pub commit_p99_ms: BTreeMap<String, f64>,
     pub violations: Vec<String>,
+    /// With a backup repository: `none`, or the first missing WAL segment / history file
+    /// of the archive after the scenario (`archive.rs`). Absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_gap: Option<String>,
 }
 
 fn default_hosts() -> String {
@@ -115,7 +119,7 @@ impl Scorecard {
                 .collect::<Vec<_>>()
                 .join(", ")
         }
-        let rows: Vec<(&str, String)> = vec![
+        let mut rows: Vec<(&str, String)> = vec![
             ("scenario", self.scenario.clone()),
             ("seed", self.seed.to_string()),
             ("policy", self.policy.clone()),
@@ -147,6 +151,9 @@ impl Scorecard {
                 if self.passed() { "PASS" } else { "FAIL" }.to_string(),
             ),
         ];
+        if let Some(gap) = &self.archive_gap {
+            rows.insert(rows.len() - 1, ("archive gap", gap.clone()));
+        }
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         let mut out = String::new();
         for (k, v) in rows {

@@ -58,12 +58,29 @@ impl Client {
     }
 
     async fn connect(&self, ep: &Endpoint) -> anyhow::Result<AdminClient<Channel>> {
+        self.connect_with(ep, self.timeout()).await
+    }
+
+    /// Like `connect`, with a request bound of its own (a backup outlasts `timeout_ms`).
+    async fn connect_with(
+        &self,
+        ep: &Endpoint,
+        request_timeout: Duration,
+    ) -> anyhow::Result<AdminClient<Channel>> {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let connect = Duration::from_millis(self.settings.timeout_ms.min(MAX_CONNECT_MS));
         let mut e = tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", ep.address))
             .with_context(|| format!("endpoint {}", ep.label()))?
             .connect_timeout(connect)
-            .timeout(self.timeout());
+            .timeout(request_timeout);
+        if request_timeout > self.timeout() {
+            // A long call (backup, restore) must outlive the members' 30 s idle limit on
+            // connections: HTTP/2 pings keep this one in use.
+            e = e
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .keep_alive_while_idle(true);
+        }
         if let Some(tls) = &self.tls {
             let mut tls = tls.clone();
             if let Some(name) = &ep.server_name {
@@ -207,6 +224,46 @@ impl Client {
 }
 
 impl Client {
+    /// `Admin.BackupOp` (ctl/src/backup.rs): runs on `member` (empty: the cluster picks),
+    /// bounded by `bound`. Returns the member that ran it and its JSON result.
+    pub async fn backup_op(
+        &self,
+        member: &str,
+        op_json: &str,
+        bound: Duration,
+    ) -> anyhow::Result<(String, serde_json::Value)> {
+        let mut failures = Vec::new();
+        let mut client = None;
+        for ep in &self.settings.endpoints {
+            match self.connect_with(ep, bound).await {
+                Ok(c) => {
+                    client = Some((ep.clone(), c));
+                    break;
+                }
+                Err(e) => failures.push(format!("{}: {e:#}", ep.label())),
+            }
+        }
+        let Some((ep, mut c)) = client else {
+            anyhow::bail!("no endpoint answered ({})", failures.join("; "));
+        };
+        let mut req = tonic::Request::new(meridian_proto::BackupOpRequest {
+            token: self.settings.token.clone(),
+            member: member.to_string(),
+            op_json: op_json.to_string(),
+            timeout_ms: bound.as_millis() as u64,
+        });
+        req.set_timeout(bound + Duration::from_secs(1));
+        let r = tokio::time::timeout(bound + Duration::from_secs(2), c.backup_op(req))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("{} did not answer within {} s", ep.label(), bound.as_secs())
+            })?
+            .map_err(|s| anyhow::anyhow!("{}", describe_status(&s)))?
+            .into_inner();
+        let v = serde_json::from_str(&r.result_json).context("decoding the member's answer")?;
+        Ok((r.member, v))
+    }
+
     /// A status request carrying the admin token (status needs it too: see the agent's
     /// admin API), as `authorization: Bearer`.
     fn status_request(&self) -> tonic::Request<StatusRequest> {

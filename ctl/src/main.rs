@@ -2,6 +2,7 @@
 //! member forwards to the Raft leader). Owns argument parsing, exit codes and the mapping
 //! of failures to one-line reasons; the commands live in `ops`.
 
+mod backup;
 mod client;
 mod ops;
 mod settings;
@@ -183,6 +184,12 @@ pub enum Command {
     },
     /// meridianctl's version and every member's.
     Version,
+    /// pgBackRest backup (`--type full|diff|incr`); `backup list`, `backup check`.
+    Backup(backup::BackupArgs),
+    /// Point-in-time restore into a new directory, started standalone for inspection.
+    Restore(backup::RestoreArgs),
+    /// A named restore point (pg_create_restore_point) on the primary, before risky work.
+    RestorePoint { name: String },
 }
 
 /// How a command ended badly.
@@ -238,7 +245,12 @@ async fn run(args: Args) -> Result<(), Failure> {
         return ops::version(&args.conn, args.json).await;
     }
     let client = connect(&args.conn)?;
-    ops::run(&client, args.command, args.json).await
+    match args.command {
+        Command::Backup(b) => backup::backup(&client, b, args.json).await,
+        Command::Restore(r) => backup::restore(&client, r, args.json).await,
+        Command::RestorePoint { name } => backup::restore_point(&client, &name, args.json).await,
+        command => ops::run(&client, command, args.json).await,
+    }
 }
 
 fn overrides(c: &ConnArgs) -> settings::Overrides {

@@ -170,6 +170,10 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Fa
         Command::Remove { name, force } => remove(client, &name, force, json).await,
         Command::Reinit { name, force, wait } => reinit(client, &name, force, wait, json).await,
         Command::Version => unreachable!("handled before connecting"),
+        // ctl/src/backup.rs
+        Command::Backup(_) | Command::Restore(_) | Command::RestorePoint { .. } => {
+            unreachable!("handled in main")
+        }
     }
 }
 

@@ -97,6 +97,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// How members prove themselves to each other (see `crate::auth`).
     pub security: SecurityConfig,
+    /// `[backup]`: WAL archiving, backups and restores through pgBackRest (`backup/`).
+    pub backup: Option<crate::backup::BackupConfig>,
 }
 
 /// What a primary's agent does with its Postgres when it is stopped on purpose (SIGTERM,
@@ -366,6 +368,7 @@ struct RawConfig {
     shutdown: RawShutdown,
     #[serde(default)]
     security: RawSecurity,
+    backup: Option<crate::backup::config::RawBackup>,
 }
 
 #[derive(Deserialize)]
@@ -897,6 +900,20 @@ impl RawConfig {
             insecure: sec.insecure,
         };
 
+        let backup = match self.backup {
+            None => None,
+            Some(_) if self.member.kind == MemberKind::Witness => {
+                return refuse(
+                    "backup",
+                    "a witness runs no Postgres: it has nothing to archive",
+                )
+            }
+            Some(raw) => Some(
+                raw.validate(base, &self.cluster)
+                    .map_err(|(key, reason)| Refusal { key, reason })?,
+            ),
+        };
+
         Ok(Config {
             source: PathBuf::new(),
             cluster: self.cluster,
@@ -939,6 +956,7 @@ impl RawConfig {
             },
             pg_client,
             security,
+            backup,
         })
     }
 }
@@ -1679,6 +1697,19 @@ postgres = "127.0.0.1:5434"
     fn witness_with_postgres_is_refused() {
         let text = GOOD.replace("kind = \"data\"", "kind = \"witness\"");
         expect_invalid(&text, "postgres", "witness");
+    }
+
+    #[test]
+    fn backup_section_is_validated_and_named_after_the_cluster() {
+        let text = format!("{GOOD}\n[backup]\nrepo_path = \"/var/lib/pgbackrest\"\n");
+        let c = load(&text).unwrap();
+        let b = c.backup.expect("[backup] loaded");
+        assert_eq!(b.stanza, c.cluster);
+        expect_invalid(
+            &format!("{GOOD}\n[backup]\nrepo_path = \"relative\"\n"),
+            "backup.repo_path",
+            "absolute",
+        );
     }
 
     #[test]

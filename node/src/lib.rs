@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod backup;
 pub mod config;
 pub mod decide;
 #[doc(hidden)]

@@ -39,6 +39,8 @@ pub struct Metrics {
     /// The generation whose lease this voter holds broken (0: none standing): a break no
     /// promotion followed is released by the cluster; one that stays is worth a look.
     pub lease_break_standing_generation: Gauge,
+    /// `[backup]` gauges (`backup/metrics.rs`).
+    pub backup: crate::backup::metrics::BackupMetrics,
 }
 
 impl Default for Metrics {
@@ -63,8 +65,10 @@ impl Metrics {
             raft_leader_id: Gauge::default(),
             decision_latency_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             lease_break_standing_generation: Gauge::default(),
+            backup: Default::default(),
             registry: Registry::default(),
         };
+        m.backup.register(&mut registry);
         registry.register(
             "role",
             "Current role of this member (1 = current)",

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use meridian_proto::admin_client::AdminClient;
 use meridian_proto::admin_server::{Admin, AdminServer};
 use meridian_proto::{
-    AddMemberRequest, AddMemberResponse, AdmitMemberRequest, AdmitMemberResponse, CommandRequest,
-    CommandResponse, MemberStatus, RemoveMemberRequest, RemoveMemberResponse, StatusRequest,
-    StatusResponse,
+    AddMemberRequest, AddMemberResponse, AdmitMemberRequest, AdmitMemberResponse, BackupOpRequest,
+    BackupOpResponse, CommandRequest, CommandResponse, MemberStatus, RemoveMemberRequest,
+    RemoveMemberResponse, StatusRequest, StatusResponse,
 };
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
@@ -159,7 +159,11 @@ fn not_leader(leader: Option<String>) -> Status {
 /// The request to send to the leader: same message, marked forwarded with how this member
 /// authorized it, bounded. The leader accepts it because this member signs it (or presents
 /// its member certificate): only requests authorized here are forwarded.
-fn forwarded<T>(message: T, timeout: Duration, authorized_by: &'static str) -> Request<T> {
+pub(super) fn forwarded<T>(
+    message: T,
+    timeout: Duration,
+    authorized_by: &'static str,
+) -> Request<T> {
     let mut r = Request::new(message);
     r.metadata_mut().insert(
         FORWARDED_HEADER,
@@ -712,6 +716,14 @@ impl Admin for AdminService {
                 }))
             }
         }
+    }
+
+    async fn backup_op(
+        &self,
+        request: Request<BackupOpRequest>,
+    ) -> Result<GrpcResponse<BackupOpResponse>, Status> {
+        let how = self.authorize(&request, &request.get_ref().token)?;
+        super::backup_admin::serve(self.shared.clone(), request, how).await
     }
 }
 

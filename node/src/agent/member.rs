@@ -162,6 +162,7 @@ pub async fn run(shared: Arc<Shared>, pg: PgInstance) {
         system_identifier: None,
         conf_checked: false,
         roles_ensured: false,
+        stanza: Default::default(),
     };
     let mut ticker = tokio::time::interval(m.shared.config.timing.observe_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -212,6 +213,8 @@ struct Member {
     conf_checked: bool,
     /// Meridian's roles were made sure of on this primary since this agent started.
     roles_ensured: bool,
+    /// `[backup]`: the pgBackRest stanza exists (made sure of as the primary).
+    stanza: crate::backup::replica::StanzaGuard,
 }
 
 /// Why a data directory is refused: it holds another cluster.
@@ -533,11 +536,61 @@ impl Member {
         self.shared.set_activity(&format!("cloning from {primary}"));
         let slot = slot_name(self.name());
         self.system_identifier = None;
+        if self
+            .restore_from_repository(primary, &host, port, &slot)
+            .await
+        {
+            return self.start_clone(primary).await;
+        }
         if let Err(e) = self.pg.clone_from(&host, port, Some(&slot)).await {
             // Only what this attempt wrote is there (there was no data before).
             let _ = std::fs::remove_dir_all(self.pg.data_dir());
             return Err(e).context(format!("cloning from {primary}"));
         }
+        self.start_clone(primary).await
+    }
+
+    /// `[backup] create_replica_methods` starting with `pgbackrest`: restore the newest
+    /// backup as a standby of `primary`. False (nothing left behind) when not configured
+    /// or when it fails, so `pg_basebackup` follows.
+    async fn restore_from_repository(
+        &mut self,
+        primary: &str,
+        host: &str,
+        port: u16,
+        slot: &str,
+    ) -> bool {
+        let config = &self.shared.config;
+        let first = config
+            .backup
+            .as_ref()
+            .and_then(|b| b.create_replica_methods.first().copied());
+        if first != Some(crate::backup::ReplicaMethod::Pgbackrest) {
+            return false;
+        }
+        let Some(Ok(br)) = crate::backup::Pgbackrest::from_config(config) else {
+            return false;
+        };
+        self.shared.set_activity(&format!(
+            "restoring from the repository (then following {primary})"
+        ));
+        match crate::backup::replica::restore_standby(&br, &self.pg, host, port, slot).await {
+            Ok(()) => {
+                tracing::info!(%primary, "replica restored from the pgBackRest repository");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "restoring from the repository failed ({}); cloning with pg_basebackup",
+                    crate::agent::errlog::one_line(&e.to_string())
+                );
+                let _ = std::fs::remove_dir_all(self.pg.data_dir());
+                false
+            }
+        }
+    }
+
+    async fn start_clone(&mut self, primary: &str) -> anyhow::Result<()> {
         self.conf_checked = true;
         self.pg
             .start(START_TIMEOUT)
@@ -621,6 +674,7 @@ impl Member {
         self.primary_ready(primary).await?;
         let (host, port) = pg_addr(&self.shared, primary)?;
         let slot = slot_name(self.name());
+        self.push_unarchived_wal().await;
         self.shared
             .set_activity(&format!("rewinding from {primary}"));
         match self.pg.rewind(&host, port, Some(&slot)).await {
@@ -647,6 +701,48 @@ impl Member {
                 tracing::warn!("the old data directory is kept at {}", kept.display());
                 self.clone_from(primary).await
             }
+        }
+    }
+
+    /// `[backup]`: before a rewind throws this old primary's WAL away, what it had not
+    /// archived yet goes to the repository; what cannot is reported lost, in the log and
+    /// in the cluster history.
+    async fn push_unarchived_wal(&mut self) {
+        let Some(Ok(br)) = crate::backup::Pgbackrest::from_config(&self.shared.config) else {
+            return;
+        };
+        self.shared
+            .set_activity("archiving WAL the old primary had not archived");
+        let out = crate::backup::replica::push_unarchived(&br, &self.pg).await;
+        if !out.pushed.is_empty() {
+            tracing::info!(segments = ?out.pushed, "archived WAL left unarchived before the failover");
+        }
+        if out.lost.is_empty() {
+            return;
+        }
+        let names: Vec<&str> = out.lost.iter().map(|(n, _)| n.as_str()).collect();
+        tracing::error!(segments = ?names, why = %out.lost[0].1, "WAL of the old primary could not be archived: lost from the archive");
+        let intent = self.shared.applied().intent.clone();
+        let cmd = Command::AppendHistory(crate::raft::intent::HistoryEntry {
+            at_unix_ms: unix_ms(),
+            kind: crate::raft::intent::HistoryKind::Note,
+            reason: format!(
+                "archive gap: {} could not archive {} (first {}): {}",
+                self.name(),
+                names.join(", "),
+                names[0],
+                crate::agent::errlog::one_line(&out.lost[0].1)
+            ),
+            old_primary: Some(self.name().to_string()),
+            new_primary: intent.primary.clone(),
+            generation: intent.generation,
+            old_primary_lsn: None,
+            new_primary_lsn: None,
+            possible_loss_bytes: None,
+            write_pause_ms: None,
+        });
+        if let Err(e) = propose(&self.shared, cmd).await {
+            tracing::warn!("recording the archive gap in the history: {e:#}");
         }
     }
 
@@ -777,6 +873,7 @@ impl Member {
                 self.pg.set_synchronous_standby_names(&want).await?;
             }
         }
+        self.stanza.ensure(&self.shared.config).await;
         Ok(())
     }
 

@@ -11,6 +11,7 @@
 //! used to route a request, never to decide that a change happened.
 
 pub mod admin;
+pub mod backup_admin;
 pub mod dial;
 pub mod errlog;
 pub mod handoff;
@@ -365,6 +366,7 @@ impl Agent {
             }
         }
         tasks.push(tokio::spawn(leader::run(shared.clone())));
+        tasks.push(tokio::spawn(crate::backup::metrics::run(shared.clone())));
 
         tracing::info!(
             grpc = %grpc_addr, http = %http_addr,

@@ -205,8 +205,25 @@ async fn local_pg(config: &Config) -> LocalPg {
     })
     .with_access(access);
     match instance {
-        Ok(i) => LocalPg::Data(Box::new(i)),
+        // `[backup]`: archive_command / restore_command and pgbackrest.conf.
+        Ok(i) => match crate::backup::with_archiving(config, i) {
+            Ok(i) => LocalPg::Data(Box::new(i)),
+            Err(why) => LocalPg::Broken(why),
+        },
         Err(e) => LocalPg::Broken(e.to_string()),
+    }
+}
+
+/// Like [`local_instance`], saying why there is none (for admin operations that run SQL
+/// or tools on it, e.g. `backup/ops.rs`).
+pub async fn local_instance_or_why(config: &Config) -> Result<PgInstance, String> {
+    match local_pg(config).await {
+        LocalPg::Data(i) => Ok(*i),
+        LocalPg::Witness => Err(format!(
+            "{} is a witness: it runs no Postgres",
+            config.member.name
+        )),
+        LocalPg::Broken(why) => Err(why),
     }
 }
 

@@ -19,6 +19,7 @@ pub use access::{
 pub use binaries::{PgBinaries, REQUIRED_TOOLS};
 pub use conninfo::{conninfo, quote_conf_value, quote_conninfo_value, quote_literal};
 pub use error::PgError;
+pub(crate) use exec::run_tool;
 pub use exec::{pid_alive, RunAs, ToolOutput, DEFAULT_OS_USER};
 pub use instance::{PgAccess, PgInstance, PgTimeouts, StopMode, FENCE_MARKER};
 pub use probe::{PgStatus, StandbyInfo, WalReceiverInfo};

@@ -1,0 +1,355 @@
+//! The agent config's `[backup]` table: where the pgBackRest repository is (a path, or a
+//! repository host served by `pgbackrest server` over TLS), S3-compatible settings passed
+//! through, retention, `archive_mode`, how replicas are created, and the bounds on every
+//! pgBackRest call. Validated here so the rest of `backup/` can trust it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// `archive_mode` on the data members.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArchiveMode {
+    /// Only the primary archives.
+    On,
+    /// Standbys archive what they receive too (pgBackRest skips identical segments), so a
+    /// segment the old primary never pushed is in the archive anyway.
+    Always,
+}
+
+impl ArchiveMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArchiveMode::On => "on",
+            ArchiveMode::Always => "always",
+        }
+    }
+}
+
+/// How a new or re-cloned member gets its data, tried in the configured order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaMethod {
+    /// `pgbackrest restore --type=standby` from the repository, then archive and streaming.
+    Pgbackrest,
+    /// `pg_basebackup` from the primary.
+    Basebackup,
+}
+
+/// A repository host (`pgbackrest server`) reached over TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RepoHost {
+    pub host: String,
+    pub port: u16,
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// The OS user pgBackRest runs as on the repository host.
+    pub user: Option<String>,
+}
+
+/// The validated `[backup]` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupConfig {
+    /// The stanza: the cluster's name unless set.
+    pub stanza: String,
+    /// `repo1-path`: on this host (or mounted), or on the repository host.
+    pub repo_path: PathBuf,
+    pub repo_host: Option<RepoHost>,
+    /// `repo1-retention-full` (count of full backups kept).
+    pub retention_full: u32,
+    /// `repo1-retention-diff`, when set.
+    pub retention_diff: Option<u32>,
+    pub archive_mode: ArchiveMode,
+    pub create_replica_methods: Vec<ReplicaMethod>,
+    /// Extra pgBackRest options written verbatim into `[global]` (S3 and the like:
+    /// `repo1-type = "s3"`, `repo1-s3-bucket = ...`). Secrets belong in the environment
+    /// (`PGBACKREST_REPO1_S3_KEY`, ...), not here.
+    pub options: BTreeMap<String, String>,
+    /// Bound on a backup or a restore.
+    pub backup_timeout: Duration,
+    /// Bound on every other pgBackRest call (info, check, archive-push, archive-get, ls).
+    pub command_timeout: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBackup {
+    stanza: Option<String>,
+    repo_path: Option<PathBuf>,
+    repo_host: Option<String>,
+    repo_host_port: Option<u16>,
+    repo_host_ca_file: Option<PathBuf>,
+    repo_host_cert_file: Option<PathBuf>,
+    repo_host_key_file: Option<PathBuf>,
+    repo_host_user: Option<String>,
+    retention_full: Option<u32>,
+    retention_diff: Option<u32>,
+    archive_mode: Option<ArchiveMode>,
+    create_replica_methods: Option<Vec<ReplicaMethod>>,
+    #[serde(default)]
+    options: BTreeMap<String, String>,
+    #[serde(default, with = "humantime_serde_opt")]
+    backup_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    command_timeout: Option<Duration>,
+}
+
+mod humantime_serde_opt {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(de)?;
+        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// Options Meridian writes itself: setting them through `options` would contradict it.
+const OWNED_OPTIONS: &[&str] = &[
+    "repo1-path",
+    "repo1-host",
+    "repo1-retention-full",
+    "repo1-retention-diff",
+    "pg1-path",
+    "pg1-port",
+    "pg1-socket-path",
+    "pg1-user",
+    "log-path",
+    "lock-path",
+    "spool-path",
+    "stanza",
+];
+
+fn resolve(base: &Path, p: PathBuf) -> PathBuf {
+    if p.is_absolute() {
+        p
+    } else {
+        base.join(p)
+    }
+}
+
+impl RawBackup {
+    /// Validates the table; `Err((key, reason))` names the offending key under `backup.`.
+    pub(crate) fn validate(
+        self,
+        base: &Path,
+        cluster: &str,
+    ) -> Result<BackupConfig, (String, String)> {
+        let bad = |k: &str, why: String| Err((format!("backup.{k}"), why));
+        let stanza = self.stanza.unwrap_or_else(|| cluster.to_string());
+        if stanza.is_empty()
+            || !stanza
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return bad(
+                "stanza",
+                format!("{stanza:?} must be letters, digits, '-' or '_'"),
+            );
+        }
+        let Some(repo_path) = self.repo_path else {
+            return bad(
+                "repo_path",
+                "is required: the repository's path (on this host, or on repo_host)".into(),
+            );
+        };
+        if !repo_path.is_absolute() {
+            return bad("repo_path", "must be an absolute path".into());
+        }
+        let repo_host = match self.repo_host {
+            None => {
+                for (k, set) in [
+                    ("repo_host_port", self.repo_host_port.is_some()),
+                    ("repo_host_ca_file", self.repo_host_ca_file.is_some()),
+                    ("repo_host_cert_file", self.repo_host_cert_file.is_some()),
+                    ("repo_host_key_file", self.repo_host_key_file.is_some()),
+                    ("repo_host_user", self.repo_host_user.is_some()),
+                ] {
+                    if set {
+                        return bad(k, "only applies with backup.repo_host".into());
+                    }
+                }
+                None
+            }
+            Some(host) => {
+                let files = [
+                    ("repo_host_ca_file", self.repo_host_ca_file),
+                    ("repo_host_cert_file", self.repo_host_cert_file),
+                    ("repo_host_key_file", self.repo_host_key_file),
+                ];
+                let mut resolved = Vec::new();
+                for (k, f) in files {
+                    match f {
+                        None => {
+                            return bad(
+                                k,
+                                "is required with backup.repo_host (pgbackrest server speaks TLS with client certificates)".into(),
+                            )
+                        }
+                        Some(f) => {
+                            let f = resolve(base, f);
+                            if !f.is_file() {
+                                return bad(k, format!("{} does not exist", f.display()));
+                            }
+                            resolved.push(f);
+                        }
+                    }
+                }
+                let key_file = resolved.pop().unwrap_or_default();
+                let cert_file = resolved.pop().unwrap_or_default();
+                let ca_file = resolved.pop().unwrap_or_default();
+                Some(RepoHost {
+                    host,
+                    port: self.repo_host_port.unwrap_or(8432),
+                    ca_file,
+                    cert_file,
+                    key_file,
+                    user: self.repo_host_user,
+                })
+            }
+        };
+        let retention_full = self.retention_full.unwrap_or(2);
+        if retention_full == 0 {
+            return bad("retention_full", "must be at least 1".into());
+        }
+        if self.retention_diff == Some(0) {
+            return bad("retention_diff", "must be at least 1".into());
+        }
+        let methods = self
+            .create_replica_methods
+            .unwrap_or_else(|| vec![ReplicaMethod::Basebackup]);
+        if methods.is_empty() {
+            return bad(
+                "create_replica_methods",
+                "needs at least one of \"pgbackrest\", \"basebackup\"".into(),
+            );
+        }
+        for (i, m) in methods.iter().enumerate() {
+            if methods[..i].contains(m) {
+                return bad(
+                    &format!("create_replica_methods[{i}]"),
+                    format!("{m:?} is listed twice"),
+                );
+            }
+        }
+        for (k, v) in &self.options {
+            if k.is_empty()
+                || !k
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            {
+                return bad(
+                    &format!("options.{k}"),
+                    "pgBackRest option names are lowercase letters, digits and '-'".into(),
+                );
+            }
+            if OWNED_OPTIONS.contains(&k.as_str()) {
+                return bad(
+                    &format!("options.{k}"),
+                    "is written by Meridian from the [backup] and [postgres] keys".into(),
+                );
+            }
+            if v.contains('\n') || v.contains('\r') {
+                return bad(&format!("options.{k}"), "must be one line".into());
+            }
+        }
+        let backup_timeout = self.backup_timeout.unwrap_or(Duration::from_secs(3600));
+        let command_timeout = self.command_timeout.unwrap_or(Duration::from_secs(60));
+        if backup_timeout.is_zero() {
+            return bad("backup_timeout", "must be greater than 0".into());
+        }
+        if command_timeout.is_zero() {
+            return bad("command_timeout", "must be greater than 0".into());
+        }
+        Ok(BackupConfig {
+            stanza,
+            repo_path,
+            repo_host,
+            retention_full,
+            retention_diff: self.retention_diff,
+            archive_mode: self.archive_mode.unwrap_or(ArchiveMode::On),
+            create_replica_methods: methods,
+            options: self.options,
+            backup_timeout,
+            command_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<BackupConfig, (String, String)> {
+        let raw: RawBackup = toml::from_str(text).expect("toml");
+        raw.validate(Path::new("/etc/meridian"), "prod")
+    }
+
+    #[test]
+    fn defaults_name_the_stanza_after_the_cluster() {
+        let c = parse("repo_path = \"/var/lib/pgbackrest\"").unwrap();
+        assert_eq!(c.stanza, "prod");
+        assert_eq!(c.retention_full, 2);
+        assert_eq!(c.archive_mode, ArchiveMode::On);
+        assert_eq!(c.create_replica_methods, vec![ReplicaMethod::Basebackup]);
+        assert_eq!(c.command_timeout, Duration::from_secs(60));
+        assert!(c.repo_host.is_none());
+    }
+
+    #[test]
+    fn bad_tables_name_the_key() {
+        let key = |t: &str| parse(t).unwrap_err().0;
+        assert_eq!(key("stanza = \"a b\"\nrepo_path = \"/r\""), "backup.stanza");
+        assert_eq!(key("retention_full = 1"), "backup.repo_path");
+        assert_eq!(key("repo_path = \"r\""), "backup.repo_path");
+        assert_eq!(
+            key("repo_path = \"/r\"\nrepo_host_port = 1"),
+            "backup.repo_host_port"
+        );
+        assert_eq!(
+            key("repo_path = \"/r\"\nrepo_host = \"h\""),
+            "backup.repo_host_ca_file"
+        );
+        assert_eq!(
+            key("repo_path = \"/r\"\ncreate_replica_methods = []"),
+            "backup.create_replica_methods"
+        );
+        assert_eq!(
+            key("repo_path = \"/r\"\ncreate_replica_methods = [\"pgbackrest\", \"pgbackrest\"]"),
+            "backup.create_replica_methods[1]"
+        );
+        assert_eq!(
+            key("repo_path = \"/r\"\n[options]\n\"repo1-path\" = \"/x\""),
+            "backup.options.repo1-path"
+        );
+        assert_eq!(
+            key("repo_path = \"/r\"\n[options]\n\"Repo1_S3\" = \"x\""),
+            "backup.options.Repo1_S3"
+        );
+        assert_eq!(
+            key("repo_path = \"/r\"\nretention_full = 0"),
+            "backup.retention_full"
+        );
+    }
+
+    #[test]
+    fn s3_options_pass_through() {
+        let c = parse(
+            "repo_path = \"/meridian\"\narchive_mode = \"always\"\n\
+             create_replica_methods = [\"pgbackrest\", \"basebackup\"]\n\
+             [options]\n\"repo1-type\" = \"s3\"\n\"repo1-s3-bucket\" = \"b\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.options.get("repo1-type").map(String::as_str), Some("s3"));
+        assert_eq!(c.archive_mode, ArchiveMode::Always);
+        assert_eq!(
+            c.create_replica_methods,
+            vec![ReplicaMethod::Pgbackrest, ReplicaMethod::Basebackup]
+        );
+    }
+}
