@@ -13,6 +13,8 @@
 #   CHAOS_SEEDS="1 2 3 4 5"   CHAOS_POLICIES="default zero-rpo"
 #   CHAOS_PROFILE=release builds and uses release binaries (default: debug).
 #   CHAOS_HOSTS=netns runs every member in its own network namespace (root only).
+#   CHAOS_BIN_DIR=DIR uses the meridian-chaos and meridian-node binaries in DIR as they
+#   are (no build), e.g. a copy, so a rebuild during a long campaign changes nothing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: scripts/chaos-campaign.sh OUT_DIR}"
@@ -24,12 +26,15 @@ seeds="${CHAOS_SEEDS:-1 2 3 4 5}"
 policies="${CHAOS_POLICIES:-default zero-rpo}"
 hosts="${CHAOS_HOSTS:-loopback}"
 mkdir -p "$out"
-if [ "$profile" = release ]; then
+if [ -n "${CHAOS_BIN_DIR:-}" ]; then
+  bin="$CHAOS_BIN_DIR"
+elif [ "$profile" = release ]; then
   cargo build --release -p meridian-node -p meridian-chaos || exit 1
+  bin="$target/release"
 else
   cargo build -p meridian-node -p meridian-chaos || exit 1
+  bin="$target/debug"
 fi
-bin="$target/$profile"
 summary="$out/summary.tsv"
 [ -s "$summary" ] || printf 'scenario\tseed\tpolicy\tverdict\trto_ms\tacked_lost\tsplit_brain_ms\tfailovers\n' >"$summary"
 status=0
@@ -40,7 +45,8 @@ for scenario in $scenarios; do
       rm -f "$base.json"
       verdict=PASS
       if ! timeout -k 30 "$per_run_timeout" "$bin/meridian-chaos" run --scenario "$scenario" \
-          --seed "$seed" --policy "$policy" --hosts "$hosts" --json "$base.json" 2>"$base.log"; then
+          --seed "$seed" --policy "$policy" --hosts "$hosts" --bin-dir "$bin" \
+          --json "$base.json" 2>"$base.log"; then
         verdict=FAIL
       fi
       if [ ! -s "$base.json" ] || ! grep -q '"violations": \[\]' "$base.json" \
