@@ -15,7 +15,9 @@
 //!   records the restarts;
 //! - callbacks: across that switchover `on_role_change` fired exactly once on the new
 //!   primary (role primary) and once on the old one (role replica), never on b1;
-//! - `--unset` takes the parameter away again.
+//! - `--unset` takes the parameter away again;
+//! - b1 is tagged `nosync`: on 127.0.0.1 its region would be sync under `auto`, but only
+//!   a2 (then a1) is ever in the sync set.
 //!
 //! Needs the binaries built first: `cargo build -p meridian-node -p meridianctl`.
 
@@ -139,11 +141,15 @@ async fn parameters_restart_and_callbacks_on_a_real_cluster() {
             "[callbacks]\non_start = [\"{s}\"]\non_stop = [\"{s}\"]\non_role_change = [\"{s}\"]\ntimeout = \"5s\"\n",
             s = script_s
         );
+        let mut member_keys = String::new();
         if ctx.spec.name == "b1" {
             sections.push_str("[postgres.parameters]\nwork_mem = \"7MB\"\n");
+            // On 127.0.0.1 every region is within the commit budget: b1 would be sync.
+            member_keys.push_str("nosync = true\n");
         }
         Ok(ConfigExtra {
             postgres_keys: String::new(),
+            member_keys,
             sections,
         })
     });
@@ -177,6 +183,14 @@ async fn parameters_restart_and_callbacks_on_a_real_cluster() {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     eprintln!("formed in {} ms", started.elapsed().as_millis());
+    // nosync: a2 (same region) is the sync standby, b1 (tagged) never is.
+    wait_until("a2 in the sync set", CHANGE, || async {
+        try_list(&eps)
+            .await
+            .is_some_and(|v| v["sync_standbys"] == serde_json::json!(["a2"]))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
 
     // ---- refusals: each names the problem, nothing is committed
     let before = ctl(&eps, &["show-config", "--json"]).await.json();
