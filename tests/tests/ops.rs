@@ -16,6 +16,7 @@
 //! - callbacks: across that switchover `on_role_change` fired exactly once on the new
 //!   primary (role primary) and once on the old one (role replica), never on b1;
 //! - `--unset` takes the parameter away again;
+//! - b2 joins last and clones from b1 (tagged `clonefrom`), then streams from the primary;
 //! - b1 is tagged `nosync`: on 127.0.0.1 its region would be sync under `auto`, but only
 //!   a2 (then a1) is ever in the sync set.
 //!
@@ -145,7 +146,7 @@ async fn parameters_restart_and_callbacks_on_a_real_cluster() {
         if ctx.spec.name == "b1" {
             sections.push_str("[postgres.parameters]\nwork_mem = \"7MB\"\n");
             // On 127.0.0.1 every region is within the commit budget: b1 would be sync.
-            member_keys.push_str("nosync = true\n");
+            member_keys.push_str("nosync = true\nclonefrom = true\n");
         }
         Ok(ConfigExtra {
             postgres_keys: String::new(),
@@ -158,6 +159,7 @@ async fn parameters_restart_and_callbacks_on_a_real_cluster() {
             MemberSpec::data("a1", "east").bootstrap(),
             MemberSpec::data("a2", "east").join("a1"),
             MemberSpec::data("b1", "west").join("a1"),
+            MemberSpec::data("b2", "west").join("a1"),
         ],
         ClusterSetup {
             token: Some(TOKEN.into()),
@@ -167,6 +169,7 @@ async fn parameters_restart_and_callbacks_on_a_real_cluster() {
         },
     )
     .unwrap();
+    // b2 joins at the end (its clone comes from b1, tagged clonefrom).
     for n in ["a1", "a2", "b1"] {
         c.start(n).unwrap();
     }
@@ -504,6 +507,21 @@ async fn parameters_restart_and_callbacks_on_a_real_cluster() {
     )
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    // ---- clonefrom: a new member copies from b1 (tagged), then streams from the primary
+    c.start("b2").unwrap();
+    let eps = endpoints(&c);
+    wait_until("b2 cloned and streaming from a2", FORM_PG, || async {
+        try_list(&eps).await.is_some_and(|v| {
+            row(&v, "b2")["state"] == "streaming" && row(&v, "b2")["upstream"] == "a2"
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let b2 = c.member("b2").log();
+    assert!(
+        b2.contains("cloning from b1") && !b2.contains("cloning from a2"),
+        "b2 cloned from b1, not the primary:\n{b2}"
+    );
     eprintln!("ops test took {} ms", started.elapsed().as_millis());
     drop(c);
 }

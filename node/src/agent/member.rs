@@ -163,6 +163,7 @@ pub async fn run(shared: Arc<Shared>, pg: PgInstance) {
         conf_checked: false,
         roles_ensured: false,
         pending_checked_at: None,
+        started: Instant::now(),
     };
     let mut restarts = m.shared.take_restart_rx();
     let mut ticker = tokio::time::interval(m.shared.config.timing.observe_interval);
@@ -227,7 +228,14 @@ struct Member {
     roles_ensured: bool,
     /// When `pg_settings.pending_restart` was last read (None: read it next round).
     pending_checked_at: Option<Instant>,
+    /// When this member loop started (a fresh clone waits a little for its peer probes
+    /// to find a `clonefrom` standby).
+    started: Instant,
 }
+
+/// How long a fresh clone waits for this agent's probes of the `clonefrom` standbys
+/// before it copies from the primary instead.
+const CLONE_SOURCE_WAIT: Duration = Duration::from_secs(5);
 
 /// How often the member loop re-reads which parameters wait for a restart (and at once
 /// after it applied new ones or restarted).
@@ -690,6 +698,18 @@ impl Member {
         };
         if primary == self.name() {
             anyhow::bail!("this member is the primary but has no data directory");
+        }
+        let tagged = intent
+            .members
+            .values()
+            .any(|m| m.tags.clonefrom && m.name != self.name() && m.name != primary);
+        if tagged
+            && self.clone_source(&primary).is_none()
+            && self.started.elapsed() < CLONE_SOURCE_WAIT
+        {
+            self.shared
+                .set_activity("waiting for a clonefrom standby to answer its probe");
+            return Ok(());
         }
         self.clone_from(&primary).await
     }
