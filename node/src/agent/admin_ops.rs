@@ -85,7 +85,11 @@ pub async fn member_action(
             let (reply, answer) = tokio::sync::oneshot::channel();
             shared
                 .restart_tx
-                .try_send(super::member::RestartJob { reply })
+                .try_send(super::member::RestartJob {
+                    reply,
+                    // Leaves the restart itself (stop, start, answer) time to finish.
+                    start_by: Instant::now() + Duration::from_secs(20),
+                })
                 .map_err(|_| {
                     Status::unavailable(format!("a restart of {me}'s Postgres is already waiting"))
                 })?;

@@ -181,6 +181,10 @@ pub async fn run(shared: Arc<Shared>, pg: PgInstance) {
                     None => std::future::pending().await,
                 }
             } => {
+                if Instant::now() > job.start_by || job.reply.is_closed() {
+                    tracing::warn!("a restart request expired before the member loop could run it; not restarting");
+                    continue;
+                }
                 let r = m.restart_now().await.map_err(|e| format!("{e:#}"));
                 m.shared.wake_reporter.notify_one();
                 let _ = job.reply.send(r);
@@ -245,6 +249,9 @@ const PENDING_RESTART_EVERY: Duration = Duration::from_secs(5);
 /// answers on `reply` (Ok: what it did).
 pub struct RestartJob {
     pub reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    /// Not started after this: whoever asked has given up waiting (a restart nobody
+    /// waits for any more must not happen later by surprise).
+    pub start_by: Instant,
 }
 
 /// Why a data directory is refused: it holds another cluster.
