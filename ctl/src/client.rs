@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use meridian_node::raft::{Command, Intent, Response};
 use meridian_proto::admin_client::AdminClient;
-use meridian_proto::{CommandRequest, RemoveMemberRequest, StatusRequest, StatusResponse};
+use meridian_proto::{
+    CommandRequest, MemberActionRequest, MemberActionResponse, PgCatalogRequest, QueryRequest,
+    QueryResponse, RemoveMemberRequest, StatusRequest, StatusResponse,
+};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::settings::{Endpoint, Settings};
@@ -262,6 +265,90 @@ impl Client {
             .into_inner();
         let v = serde_json::from_str(&r.result_json).context("decoding the member's answer")?;
         Ok((r.member, v))
+    }
+
+    /// One unary call on the first endpoint that answers, bounded by `bound`.
+    async fn call<T, R, F, Fut>(&self, bound: Duration, message: T, f: F) -> anyhow::Result<R>
+    where
+        F: FnOnce(AdminClient<Channel>, tonic::Request<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        let (ep, c) = self.first().await?;
+        let mut req = tonic::Request::new(message);
+        req.set_timeout(bound);
+        let r = tokio::time::timeout(bound, f(c, req))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "{} did not answer within {} ms",
+                    ep.label(),
+                    bound.as_millis()
+                )
+            })?
+            .map_err(|s| anyhow::anyhow!("{}", describe_status(&s)))?;
+        Ok(r.into_inner())
+    }
+
+    /// The `pg_settings` rows of `names` from `member`'s Postgres (empty: whichever
+    /// member answers, or the primary's), and who answered.
+    pub async fn pg_catalog(
+        &self,
+        names: &[String],
+        member: &str,
+    ) -> anyhow::Result<(Vec<meridian_node::pgparams::CatalogEntry>, String)> {
+        let msg = PgCatalogRequest {
+            names: names.to_vec(),
+            member: member.to_string(),
+            token: self.settings.token.clone(),
+        };
+        let r = self
+            .call(self.timeout(), msg, |mut c, r| async move {
+                c.pg_catalog(r).await
+            })
+            .await?;
+        let entries = serde_json::from_str(&r.entries_json)
+            .with_context(|| format!("decoding the catalog from {}", r.answered_by))?;
+        Ok((entries, r.answered_by))
+    }
+
+    /// `reload` or `restart` of one member's Postgres, executed by its agent.
+    pub async fn member_action(
+        &self,
+        member: &str,
+        action: &str,
+        bound: Duration,
+    ) -> anyhow::Result<MemberActionResponse> {
+        let msg = MemberActionRequest {
+            member: member.to_string(),
+            action: action.to_string(),
+            token: self.settings.token.clone(),
+        };
+        self.call(
+            bound,
+            msg,
+            |mut c, r| async move { c.member_action(r).await },
+        )
+        .await
+    }
+
+    pub async fn query(
+        &self,
+        member: &str,
+        sql: &str,
+        max_rows: u32,
+        timeout: Duration,
+    ) -> anyhow::Result<QueryResponse> {
+        let msg = QueryRequest {
+            member: member.to_string(),
+            sql: sql.to_string(),
+            token: self.settings.token.clone(),
+            max_rows,
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        self.call(timeout + self.timeout(), msg, |mut c, r| async move {
+            c.query(r).await
+        })
+        .await
     }
 
     /// A status request carrying the admin token (status needs it too: see the agent's

@@ -4,6 +4,7 @@
 
 mod backup;
 mod client;
+mod day2;
 mod ops;
 mod settings;
 #[cfg(test)]
@@ -123,6 +124,78 @@ pub enum Command {
         /// How long to wait for the switchover to finish.
         #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
         wait: u64,
+        /// Switch over at this time (RFC 3339, e.g. 2026-12-01T03:00:00Z), at most 24 h
+        /// ahead: meridianctl waits until then, re-checks the candidate and goes ahead.
+        #[arg(long, value_name = "TIME", conflicts_with = "cancel")]
+        scheduled: Option<String>,
+    },
+    /// Reload the Postgres configuration of members (all data members by default).
+    Reload {
+        /// Members to reload [default: every data member].
+        members: Vec<String>,
+        /// Do not ask for confirmation (required when stdin is not a terminal).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Rolling restart of members' Postgres: standbys first, one at a time, each back
+    /// streaming before the next; the primary last, by a switchover when a healthy
+    /// candidate exists (or in place with --in-place).
+    Restart {
+        /// Members to restart [default: every data member].
+        members: Vec<String>,
+        /// Only members with a parameter change waiting for a restart.
+        #[arg(long)]
+        pending: bool,
+        /// Only members in this role.
+        #[arg(long, value_name = "ROLE", value_parser = ["primary", "replica"])]
+        role: Option<String>,
+        /// Start at this time (RFC 3339), at most 24 h ahead: meridianctl waits until then.
+        #[arg(long, value_name = "TIME")]
+        scheduled: Option<String>,
+        /// Restart the primary in place (a short outage) instead of switching over first.
+        #[arg(long)]
+        in_place: bool,
+        /// Do not ask for confirmation (required when stdin is not a terminal).
+        #[arg(long)]
+        force: bool,
+        /// Bound on each member's restart and return to streaming.
+        #[arg(long, value_name = "SECONDS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        wait: u64,
+    },
+    /// A libpq connection string for a member's Postgres, or for the members in a role.
+    Dsn {
+        /// The member.
+        #[arg(required_unless_present = "role", conflicts_with = "role")]
+        member: Option<String>,
+        /// Every member in this role (primary first in a multi-host string for replica).
+        #[arg(long, value_name = "ROLE", value_parser = ["primary", "replica", "any"])]
+        role: Option<String>,
+        /// dbname in the string.
+        #[arg(long, value_name = "NAME", default_value = "postgres")]
+        dbname: String,
+        /// user in the string [default: none, libpq's default].
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+    },
+    /// Run SQL on a member's Postgres (as its superuser, through the member's agent).
+    Query {
+        /// The SQL text (several statements: the last one's rows are shown).
+        sql: String,
+        /// The member to run it on [default: the primary].
+        #[arg(long, value_name = "NAME", conflicts_with = "role")]
+        member: Option<String>,
+        /// Run it on the first healthy member in this role.
+        #[arg(long, value_name = "ROLE", value_parser = ["primary", "replica"])]
+        role: Option<String>,
+        /// Output format.
+        #[arg(long, value_name = "FORMAT", default_value = "table", value_parser = ["table", "json", "csv"])]
+        format: String,
+        /// Bound on the statement (also its statement_timeout).
+        #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+        timeout: u64,
+        /// Most rows shown.
+        #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10000))]
+        max_rows: u32,
     },
     /// Manual promotion of a standby (when the primary is gone).
     Failover {
@@ -152,10 +225,20 @@ pub enum Command {
     /// The cluster-wide replication policy.
     ShowConfig,
     /// Change the policy: validated locally and by the cluster before it is committed.
+    /// `postgresql.parameters.NAME` are Postgres parameters every member applies, checked
+    /// against a member's pg_settings (name, type, unit, range, enum values).
     EditConfig {
-        /// KEY=VALUE, e.g. sync_quorum=2 or regions.us-west.mode=sync; repeatable.
-        #[arg(long = "set", value_name = "KEY=VALUE", required = true)]
+        /// KEY=VALUE, e.g. sync_quorum=2, regions.us-west.mode=sync or
+        /// postgresql.parameters.work_mem=64MB; repeatable.
+        #[arg(
+            long = "set",
+            value_name = "KEY=VALUE",
+            required_unless_present = "unset"
+        )]
         set: Vec<String>,
+        /// Remove a Postgres parameter: postgresql.parameters.NAME; repeatable.
+        #[arg(long = "unset", value_name = "KEY")]
+        unset: Vec<String>,
         /// Show the change without committing it.
         #[arg(long)]
         dry_run: bool,

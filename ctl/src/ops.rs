@@ -24,7 +24,7 @@ use crate::{Command, ConnArgs, Failure, WatchArgs};
 /// Writes to stdout. A closed pipe (`meridianctl list --watch 1 | head -1`) ends the
 /// program quietly with exit 0: the reader has what it wanted. Other write errors are
 /// ignored as `println!` would not (it panics).
-fn write_stdout(args: std::fmt::Arguments<'_>, newline: bool) {
+pub(crate) fn write_stdout(args: std::fmt::Arguments<'_>, newline: bool) {
     let mut o = std::io::stdout().lock();
     let r = o
         .write_fmt(args)
@@ -58,25 +58,25 @@ const SWITCHOVER_POLL: Duration = Duration::from_millis(50);
 /// `--watch` without `--count` still stops eventually (a week at one refresh a second).
 const MAX_WATCH_REFRESHES: u64 = 7 * 24 * 3600;
 
-fn failed(msg: impl Into<String>) -> Failure {
+pub(crate) fn failed(msg: impl Into<String>) -> Failure {
     Failure::Failed(anyhow::anyhow!(msg.into()))
 }
 
-fn now_unix_ms() -> i64 {
+pub(crate) fn now_unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 
-fn print_json(v: &impl serde::Serialize) -> Result<(), Failure> {
+pub(crate) fn print_json(v: &impl serde::Serialize) -> Result<(), Failure> {
     let text = serde_json::to_string_pretty(v).context("encoding JSON output")?;
     outln!("{text}");
     Ok(())
 }
 
 /// Asks on the terminal; `--force` skips it, and without a terminal `--force` is required.
-fn confirm(question: &str, force: bool, what: &str) -> Result<(), Failure> {
+pub(crate) fn confirm(question: &str, force: bool, what: &str) -> Result<(), Failure> {
     if force {
         return Ok(());
     }
@@ -99,7 +99,7 @@ fn confirm(question: &str, force: bool, what: &str) -> Result<(), Failure> {
 }
 
 /// Refuses locally what the cluster would refuse, with the same reason.
-fn validate_locally(snap: &Snapshot, cmd: &IntentCommand) -> Result<(), Failure> {
+pub(crate) fn validate_locally(snap: &Snapshot, cmd: &IntentCommand) -> Result<(), Failure> {
     snap.intent
         .validate(cmd)
         .map_err(|r| failed(format!("refused: {r}")))
@@ -126,6 +126,10 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Fa
         Command::Failover { force, .. } => require_force_without_terminal(*force, "fail over")?,
         Command::Remove { force, .. } => require_force_without_terminal(*force, "remove a member")?,
         Command::Reinit { force, .. } => require_force_without_terminal(*force, "reinit a member")?,
+        Command::Restart { force, .. } => {
+            require_force_without_terminal(*force, "restart members")?
+        }
+        Command::Reload { force, .. } => require_force_without_terminal(*force, "reload members")?,
         _ => {}
     }
     match command {
@@ -138,8 +142,53 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Fa
             candidate,
             force,
             wait,
+            scheduled,
             ..
-        } => switchover(client, candidate.as_deref(), force, wait, json).await,
+        } => {
+            if let Some(at) = scheduled {
+                crate::day2::wait_until(&at, "switchover", json).await?;
+            }
+            switchover(client, candidate.as_deref(), force, wait, json).await
+        }
+        Command::Reload { members, force } => {
+            crate::day2::reload(client, &members, force, json).await
+        }
+        Command::Restart {
+            members,
+            pending,
+            role,
+            scheduled,
+            in_place,
+            force,
+            wait,
+        } => {
+            let plan = crate::day2::RestartArgs {
+                members,
+                pending,
+                role,
+                in_place,
+                force,
+                wait_s: wait,
+            };
+            if let Some(at) = scheduled {
+                crate::day2::wait_until(&at, "restart", json).await?;
+            }
+            crate::day2::restart(client, plan, json).await
+        }
+        Command::Dsn {
+            member,
+            role,
+            dbname,
+            user,
+        } => crate::day2::dsn(client, member, role, &dbname, user.as_deref(), json).await,
+        Command::Query {
+            sql,
+            member,
+            role,
+            format,
+            timeout,
+            max_rows,
+        } => crate::day2::query(client, &sql, member, role, &format, timeout, max_rows).await,
         Command::Failover {
             candidate,
             allow_data_loss,
@@ -164,9 +213,10 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Fa
         }
         Command::EditConfig {
             set,
+            unset,
             dry_run,
             expected_version,
-        } => edit_config(client, &set, dry_run, expected_version, json).await,
+        } => edit_config(client, &set, &unset, dry_run, expected_version, json).await,
         Command::Remove { name, force } => remove(client, &name, force, json).await,
         Command::Reinit { name, force, wait } => reinit(client, &name, force, wait, json).await,
         Command::Version => unreachable!("handled before connecting"),
@@ -288,11 +338,21 @@ pub fn parse_set(s: &str) -> Result<(&str, &str), String> {
 }
 
 /// Applies every edit to a copy of `policy`; the first bad one is the error.
+#[cfg(test)]
 pub fn apply_sets(policy: &Policy, sets: &[String]) -> Result<Policy, String> {
+    apply_edits(policy, sets, &[])
+}
+
+/// Applies the sets, then the unsets, to a copy of `policy`; the first bad one is the
+/// error.
+pub fn apply_edits(policy: &Policy, sets: &[String], unsets: &[String]) -> Result<Policy, String> {
     let mut next = policy.clone();
     for s in sets {
         let (k, v) = parse_set(s)?;
         next.set(k, v).map_err(|e| e.to_string())?;
+    }
+    for k in unsets {
+        next.unset(k.trim()).map_err(|e| e.to_string())?;
     }
     Ok(next)
 }
@@ -340,6 +400,7 @@ pub fn policy_diff(old: &Policy, new: &Policy) -> Vec<String> {
 async fn edit_config(
     client: &Client,
     sets: &[String],
+    unsets: &[String],
     dry_run: bool,
     expected_version: Option<u64>,
     json: bool,
@@ -348,12 +409,43 @@ async fn edit_config(
     for s in sets {
         parse_set(s).map_err(failed)?;
     }
-    apply_sets(&Policy::default(), sets).map_err(|e| failed(format!("edit-config: {e}")))?;
+    apply_edits(&Policy::default(), sets, unsets)
+        .map_err(|e| failed(format!("edit-config: {e}")))?;
+    // Postgres parameters: checked against a running member's pg_settings.
+    let param_sets: Vec<(String, String)> = sets
+        .iter()
+        .filter_map(|s| parse_set(s).ok())
+        .filter_map(|(k, v)| {
+            let name = k.strip_prefix("postgresql.parameters.")?;
+            Some((name.to_ascii_lowercase(), v.to_string()))
+        })
+        .collect();
+    let mut restart_needed = Vec::new();
+    if !param_sets.is_empty() {
+        let names: Vec<String> = param_sets.iter().map(|(n, _)| n.clone()).collect();
+        let (catalog, answered_by) = client
+            .pg_catalog(&names, "")
+            .await
+            .map_err(|e| failed(format!("edit-config: reading pg_settings: {e:#}")))?;
+        for (name, value) in &param_sets {
+            let entry = catalog.iter().find(|e| e.name == *name);
+            meridian_node::pgparams::validate(name, value, entry).map_err(|e| {
+                failed(format!(
+                    "edit-config: postgresql.parameters.{name}: {e} (checked against {answered_by}'s pg_settings)"
+                ))
+            })?;
+            if entry.is_some_and(|e| e.needs_restart()) {
+                restart_needed.push(name.clone());
+            }
+        }
+    }
     let snap = client.status().await?;
     let old = &snap.intent.policy;
-    let new = apply_sets(old, sets).map_err(|e| failed(format!("edit-config: {e}")))?;
+    let new = apply_edits(old, sets, unsets).map_err(|e| failed(format!("edit-config: {e}")))?;
     let diff = policy_diff(old, &new);
-    let mut reason = format!("meridianctl edit-config {}", sets.join(" "));
+    let mut words: Vec<String> = sets.iter().map(|s| format!("--set {s}")).collect();
+    words.extend(unsets.iter().map(|u| format!("--unset {u}")));
+    let mut reason = format!("meridianctl edit-config {}", words.join(" "));
     if reason.len() > MAX_REASON_LEN {
         let mut cut = MAX_REASON_LEN;
         while !reason.is_char_boundary(cut) {
@@ -381,7 +473,7 @@ async fn edit_config(
         return print_json(&json!({
             "ok": true, "changed": log_index.is_some(), "dry_run": dry_run,
             "changes": diff, "policy": new, "log_index": log_index,
-            "policy_version": version,
+            "policy_version": version, "restart_needed": restart_needed,
         }));
     }
     if diff.is_empty() {
@@ -395,6 +487,12 @@ async fn edit_config(
         outln!("Dry run: nothing committed.");
     } else {
         outln!("Policy updated to version {version}.");
+    }
+    if !restart_needed.is_empty() {
+        outln!(
+            "Takes effect after a restart: {} (see `meridianctl list`; `meridianctl restart --pending` restarts the members that wait).",
+            restart_needed.join(", ")
+        );
     }
     Ok(())
 }
@@ -601,12 +699,33 @@ pub async fn version(conn: &ConnArgs, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
+/// A switchover to `to` with nothing printed (a step of `restart`); Ok once `to` takes
+/// writes.
+pub(crate) async fn switchover_quiet(
+    client: &Client,
+    to: &str,
+    wait_s: u64,
+) -> Result<(), Failure> {
+    switchover_with(client, Some(to), true, wait_s, false, true).await
+}
+
 async fn switchover(
     client: &Client,
     candidate: Option<&str>,
     force: bool,
     wait_s: u64,
     json: bool,
+) -> Result<(), Failure> {
+    switchover_with(client, candidate, force, wait_s, json, false).await
+}
+
+async fn switchover_with(
+    client: &Client,
+    candidate: Option<&str>,
+    force: bool,
+    wait_s: u64,
+    json: bool,
+    quiet: bool,
 ) -> Result<(), Failure> {
     let snap = client.status().await?;
     let to = precheck::switchover_candidate(&snap.status, &snap.intent, candidate)
@@ -631,7 +750,7 @@ async fn switchover(
         .into_iter()
         .find(|m| m.name == to)
         .and_then(|m| m.lag_bytes);
-    if !json {
+    if !json && !quiet {
         outln!(
             "Switchover plan: primary {from} ({}) -> {to} ({}), generation {generation} -> {}.",
             region(&from),
@@ -653,7 +772,7 @@ async fn switchover(
     )?;
     let started = Instant::now();
     client.command(&cmd, false).await?;
-    if !json {
+    if !json && !quiet {
         outln!("Switchover requested; waiting up to {wait_s} s for {to} to take over...");
     }
     let deadline = started + Duration::from_secs(wait_s);
@@ -684,6 +803,9 @@ async fn switchover(
                     let recorded_ms =
                         recorded_write_pause(client, i.clone(), s.intent_raw.clone(), &to).await;
                     let pause_ms = recorded_ms.unwrap_or(observed_ms);
+                    if quiet {
+                        return Ok(());
+                    }
                     if json {
                         return print_json(&json!({
                             "ok": true, "from": from, "to": to, "generation": i.generation.0,

@@ -40,6 +40,10 @@ pub struct MemberRow {
     pub activity: Option<String>,
     /// `meridianctl reinit` asked for a re-clone that has not finished yet.
     pub reinit_pending: bool,
+    /// Parameters whose change waits for a restart of this member's Postgres
+    /// (`pg_settings.pending_restart`); `meridianctl restart --pending` clears them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pending_restart: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -167,6 +171,10 @@ pub fn member_row(m: &MemberStatus, intent: &Intent, status: &StatusResponse) ->
         error: pg.and_then(|pg| non_empty(&pg.error)),
         activity,
         reinit_pending,
+        pending_restart: up_pg
+            .filter(|_| fresh)
+            .map(|pg| pg.pending_restart.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -348,6 +356,12 @@ fn state_cell(m: &MemberRow) -> String {
         Some(a) if *a != m.state => s.push_str(&format!(" ({a})")),
         None if m.reinit_pending => s.push_str(" (reinit pending)"),
         _ => {}
+    }
+    if !m.pending_restart.is_empty() {
+        s.push_str(&format!(
+            " [pending restart: {}]",
+            m.pending_restart.join(", ")
+        ));
     }
     s
 }

@@ -99,6 +99,21 @@ pub struct Config {
     pub security: SecurityConfig,
     /// `[backup]`: WAL archiving, backups and restores through pgBackRest (`backup/`).
     pub backup: Option<crate::backup::BackupConfig>,
+    /// `[callbacks]`: programs run on Postgres start, stop and role change.
+    pub callbacks: CallbacksConfig,
+}
+
+/// `[callbacks]`: like Patroni's, each an executable and its leading arguments; Meridian
+/// appends the action (`on_start`, `on_stop`, `on_role_change`), the role (`primary`,
+/// `replica`), the cluster and the member name. Run one at a time per member, each
+/// bounded by `timeout`.
+#[derive(Clone, Debug, Default)]
+pub struct CallbacksConfig {
+    pub on_start: Option<Vec<String>>,
+    pub on_stop: Option<Vec<String>>,
+    pub on_role_change: Option<Vec<String>>,
+    /// A callback still running after this is killed (and counted as failed).
+    pub timeout: Duration,
 }
 
 /// What a primary's agent does with its Postgres when it is stopped on purpose (SIGTERM,
@@ -144,6 +159,10 @@ pub struct MemberConfig {
     pub nofailover: bool,
     /// Take no read traffic: `/replica` (and `/read-only` as a standby) answer 503.
     pub noloadbalance: bool,
+    /// Never a synchronous standby.
+    pub nosync: bool,
+    /// Preferred source when another member clones its Postgres.
+    pub clonefrom: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -175,6 +194,9 @@ pub struct PostgresConfig {
     pub rewind: RoleConfig,
     /// Postgres' own TLS (`ssl = on`); None = off.
     pub server_ssl: Option<ServerSslConfig>,
+    /// `[postgres.parameters]`: this member's overrides of the cluster's Postgres
+    /// parameters (lowercase names, values as Postgres reads them).
+    pub parameters: BTreeMap<String, String>,
 }
 
 /// One address in `postgres.listen_addr`.
@@ -369,6 +391,18 @@ struct RawConfig {
     #[serde(default)]
     security: RawSecurity,
     backup: Option<crate::backup::config::RawBackup>,
+    #[serde(default)]
+    callbacks: RawCallbacks,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawCallbacks {
+    on_start: Option<Vec<String>>,
+    on_stop: Option<Vec<String>>,
+    on_role_change: Option<Vec<String>>,
+    #[serde(deserialize_with = "opt_duration")]
+    timeout: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -408,6 +442,10 @@ struct RawMember {
     nofailover: bool,
     #[serde(default)]
     noloadbalance: bool,
+    #[serde(default)]
+    nosync: bool,
+    #[serde(default)]
+    clonefrom: bool,
 }
 
 #[derive(Deserialize)]
@@ -431,6 +469,7 @@ struct RawPostgres {
     rewind: Option<RawRole>,
     monitor: Option<RawRole>,
     ssl: Option<RawPgSsl>,
+    parameters: Option<BTreeMap<String, toml::Value>>,
 }
 
 /// A string or a list of strings.
@@ -572,6 +611,11 @@ fn duration<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
             "invalid duration {s:?} ({e}); write it like \"250ms\", \"2s\" or \"1m\""
         ))
     })
+}
+
+/// serde adapter: an optional humantime duration (absent = None).
+fn opt_duration<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Duration>, D::Error> {
+    duration(de).map(Some)
 }
 
 // ---------------------------------------------------------------- validation
@@ -856,6 +900,7 @@ impl RawConfig {
             }
         }
 
+        let callbacks = load_callbacks(base, self.callbacks)?;
         let sec = self.security;
         let cluster_secret = load_secret(
             base,
@@ -924,6 +969,8 @@ impl RawConfig {
                 priority: self.member.priority,
                 nofailover: self.member.nofailover,
                 noloadbalance: self.member.noloadbalance,
+                nosync: self.member.nosync,
+                clonefrom: self.member.clonefrom,
             },
             state_dir,
             postgres,
@@ -957,8 +1004,74 @@ impl RawConfig {
             pg_client,
             security,
             backup,
+            callbacks,
         })
     }
+}
+
+/// Default bound on one callback run.
+pub const DEFAULT_CALLBACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest bound a callback may be given (a callback must never hold the queue for long).
+pub const MAX_CALLBACK_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn load_callbacks(base: &Path, raw: RawCallbacks) -> Result<CallbacksConfig, Refusal> {
+    let one = |key: &str, v: Option<Vec<String>>| -> Result<Option<Vec<String>>, Refusal> {
+        let Some(mut argv) = v else { return Ok(None) };
+        let Some(first) = argv.first_mut() else {
+            return refuse(
+                key,
+                "needs at least the executable, e.g. [\"/usr/local/bin/vip\"]",
+            );
+        };
+        let exe = resolve_path(base, PathBuf::from(first.as_str()));
+        if !exe.is_file() {
+            return refuse(key, format!("{} does not exist", exe.display()));
+        }
+        *first = exe.display().to_string();
+        Ok(Some(argv))
+    };
+    let on_start = one("callbacks.on_start", raw.on_start)?;
+    let on_stop = one("callbacks.on_stop", raw.on_stop)?;
+    let on_role_change = one("callbacks.on_role_change", raw.on_role_change)?;
+    let timeout = raw.timeout.unwrap_or(DEFAULT_CALLBACK_TIMEOUT);
+    if timeout.is_zero() || timeout > MAX_CALLBACK_TIMEOUT {
+        return refuse(
+            "callbacks.timeout",
+            format!(
+                "must be between 1 ms and {} s",
+                MAX_CALLBACK_TIMEOUT.as_secs()
+            ),
+        );
+    }
+    Ok(CallbacksConfig {
+        on_start,
+        on_stop,
+        on_role_change,
+        timeout,
+    })
+}
+
+/// `[postgres.parameters]`: names checked like the cluster's (Meridian's own refused),
+/// values TOML strings, integers, floats or booleans, kept as Postgres reads them.
+fn load_parameters(
+    raw: Option<BTreeMap<String, toml::Value>>,
+) -> Result<BTreeMap<String, String>, Refusal> {
+    let mut out = BTreeMap::new();
+    for (name, v) in raw.unwrap_or_default() {
+        let key = format!("postgres.parameters.{name}");
+        let value = match v {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => if b { "on" } else { "off" }.to_string(),
+            _ => return refuse(&key, "expected a string, a number or a boolean"),
+        };
+        if let Err(e) = crate::pgparams::check_offline(&name, &value) {
+            return refuse(&key, e.to_string());
+        }
+        out.insert(name.to_ascii_lowercase(), value);
+    }
+    Ok(out)
 }
 
 fn load_role(
@@ -1115,6 +1228,7 @@ fn validate_postgres(
             || pg.max_slot_wal_keep_size.is_some()
             || pg.replication.is_some()
             || pg.rewind.is_some()
+            || pg.parameters.is_some()
             || ssl.cert_file.is_some()
             || ssl.key_file.is_some();
         if data_keys {
@@ -1237,6 +1351,7 @@ fn validate_postgres(
             return refuse(&format!("postgres.hba[{i}]"), format!("{line:?} {why}"));
         }
     }
+    let parameters = load_parameters(pg.parameters)?;
     let max_slot_wal_keep_size = pg
         .max_slot_wal_keep_size
         .unwrap_or_else(|| DEFAULT_MAX_SLOT_WAL_KEEP_SIZE.into());
@@ -1339,6 +1454,7 @@ fn validate_postgres(
             replication,
             rewind,
             server_ssl,
+            parameters,
         }),
         client,
     ))

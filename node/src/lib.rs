@@ -11,6 +11,7 @@ pub mod fixtures;
 pub mod http;
 pub mod metrics;
 pub mod pg;
+pub mod pgparams;
 pub mod policy;
 pub mod precheck;
 pub mod raft;

@@ -41,6 +41,29 @@ pub struct Metrics {
     pub lease_break_standing_generation: Gauge,
     /// `[backup]` gauges (`backup/metrics.rs`).
     pub backup: crate::backup::metrics::BackupMetrics,
+    // ---- for an HA dashboard (deploy/grafana/meridian-ha.json)
+    /// Always 1, labelled with version, cluster, member and region.
+    pub info: Family<Labels, Gauge>,
+    /// 1 when the local Postgres answers probes (data members).
+    pub postgres_up: Gauge,
+    /// Timeline of the local Postgres (0: unknown).
+    pub postgres_timeline: Gauge,
+    /// 1 while the cluster is in maintenance mode.
+    pub paused: Gauge,
+    /// 1 while the agent holds its Postgres fenced.
+    pub fenced: Gauge,
+    /// 1 when a changed parameter waits for a restart (`pg_settings.pending_restart`).
+    pub pending_restart: Gauge,
+    /// WAL positions of the local Postgres as byte offsets: current (primary), received
+    /// and replayed (standby); absent when not applicable.
+    pub wal_position_bytes: Family<Labels, Gauge>,
+    /// On a standby: seconds since the last transaction it replayed was committed on the
+    /// primary, 0 when it has replayed everything it received; absent when unknown.
+    pub standby_lag_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
+    /// Callbacks run to a successful end, by action.
+    pub callback_runs: Family<Labels, Counter>,
+    /// Callbacks that failed (exit status, spawn error, timeout, dropped), by action and kind.
+    pub callback_failures: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -66,9 +89,69 @@ impl Metrics {
             decision_latency_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             lease_break_standing_generation: Gauge::default(),
             backup: Default::default(),
+            info: Family::default(),
+            postgres_up: Gauge::default(),
+            postgres_timeline: Gauge::default(),
+            paused: Gauge::default(),
+            fenced: Gauge::default(),
+            pending_restart: Gauge::default(),
+            wal_position_bytes: Family::default(),
+            standby_lag_seconds: Family::default(),
+            callback_runs: Family::default(),
+            callback_failures: Family::default(),
             registry: Registry::default(),
         };
         m.backup.register(&mut registry);
+        registry.register(
+            "info",
+            "Always 1: this agent's version, cluster, member and region",
+            m.info.clone(),
+        );
+        registry.register(
+            "postgres_up",
+            "1 when the local Postgres answers probes",
+            m.postgres_up.clone(),
+        );
+        registry.register(
+            "postgres_timeline",
+            "Timeline of the local Postgres (0 = unknown)",
+            m.postgres_timeline.clone(),
+        );
+        registry.register(
+            "paused",
+            "1 while the cluster is in maintenance mode (no automatic failover)",
+            m.paused.clone(),
+        );
+        registry.register(
+            "fenced",
+            "1 while the agent holds its Postgres fenced",
+            m.fenced.clone(),
+        );
+        registry.register(
+            "pending_restart",
+            "1 when a changed Postgres parameter waits for a restart (pg_settings.pending_restart)",
+            m.pending_restart.clone(),
+        );
+        registry.register(
+            "wal_position_bytes",
+            "WAL position of the local Postgres as a byte offset (kind = current | received | replayed)",
+            m.wal_position_bytes.clone(),
+        );
+        registry.register(
+            "standby_lag_seconds",
+            "This standby's replay delay in seconds (0 when it replayed all it received; absent when unknown)",
+            m.standby_lag_seconds.clone(),
+        );
+        registry.register(
+            "callback_runs",
+            "Callbacks that ran to a successful end, by action",
+            m.callback_runs.clone(),
+        );
+        registry.register(
+            "callback_failures",
+            "Callbacks that failed, by action and kind (exit, spawn, timeout, dropped)",
+            m.callback_failures.clone(),
+        );
         registry.register(
             "role",
             "Current role of this member (1 = current)",
@@ -144,6 +227,34 @@ impl Metrics {
         }
     }
 
+    /// Sets the info metric's labels (once, at start).
+    pub fn set_info(&self, version: &str, cluster: &str, member: &str, region: &str) {
+        self.info.clear();
+        self.info
+            .get_or_create(&vec![
+                ("version".to_string(), version.to_string()),
+                ("cluster".to_string(), cluster.to_string()),
+                ("member".to_string(), member.to_string()),
+                ("region".to_string(), region.to_string()),
+            ])
+            .set(1);
+    }
+
+    pub fn callback_ran(&self, action: &str) {
+        self.callback_runs
+            .get_or_create(&vec![("action".to_string(), action.to_string())])
+            .inc();
+    }
+
+    pub fn callback_failed(&self, action: &str, kind: &str) {
+        self.callback_failures
+            .get_or_create(&vec![
+                ("action".to_string(), action.to_string()),
+                ("kind".to_string(), kind.to_string()),
+            ])
+            .inc();
+    }
+
     /// The OpenMetrics text exposition of every metric.
     pub fn render(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
@@ -175,5 +286,63 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("meridian_raft_leader_id -1"), "{text}");
+        m.set_info("0.1.0", "c", "a1", "east");
+        m.callback_failed("on_start", "timeout");
+        m.pending_restart.set(1);
+        let text = m.render().unwrap();
+        assert!(
+            text.contains(
+                "meridian_info{version=\"0.1.0\",cluster=\"c\",member=\"a1\",region=\"east\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "meridian_callback_failures_total{action=\"on_start\",kind=\"timeout\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("meridian_pending_restart 1"), "{text}");
+    }
+
+    #[test]
+    fn the_dashboard_uses_only_metrics_that_exist() {
+        let dashboard = include_str!("../../deploy/grafana/meridian-ha.json");
+        let _: serde_json::Value = serde_json::from_str(dashboard).expect("dashboard is JSON");
+        let m = Metrics::new();
+        // Families render only once they have a member.
+        m.set_info("v", "c", "m", "r");
+        m.callback_ran("on_start");
+        m.callback_failed("on_start", "exit");
+        for f in [
+            &m.wal_position_bytes,
+            &m.standby_lag_bytes,
+            &m.replication_lag_bytes,
+        ] {
+            f.get_or_create(&vec![("kind".to_string(), "x".to_string())])
+                .set(1);
+        }
+        m.standby_lag_seconds
+            .get_or_create(&vec![("member".to_string(), "x".to_string())])
+            .set(1.0);
+        m.set_role("primary");
+        let text = m.render().unwrap();
+        let mut seen = 0;
+        for (i, _) in dashboard.match_indices("meridian_") {
+            let name: String = dashboard[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            if name.len() <= "meridian_".len() {
+                continue;
+            }
+            let family = name.strip_suffix("_total").unwrap_or(&name);
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "the dashboard uses {name}, which this agent does not export"
+            );
+            seen += 1;
+        }
+        assert!(seen > 10, "{seen}");
     }
 }

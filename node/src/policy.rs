@@ -16,6 +16,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::pgparams::PostgresqlPolicy;
+
 /// Default commit-latency budget for `auto` regions: fits a same-region round trip,
 /// not a cross-region one.
 pub const DEFAULT_COMMIT_LATENCY_BUDGET_MS: u64 = 10;
@@ -114,6 +116,10 @@ pub struct Policy {
     pub max_lag_on_failover_bytes: u64,
     /// Per-region overrides, by region name.
     pub regions: BTreeMap<String, RegionPolicy>,
+    /// Cluster-wide Postgres parameters (`postgresql.parameters.NAME`); absent in
+    /// policies written before they existed.
+    #[serde(default, skip_serializing_if = "PostgresqlPolicy::is_empty")]
+    pub postgresql: PostgresqlPolicy,
 }
 
 impl Default for Policy {
@@ -125,6 +131,7 @@ impl Default for Policy {
             async_failover: false,
             max_lag_on_failover_bytes: DEFAULT_MAX_LAG_ON_FAILOVER_BYTES,
             regions: BTreeMap::new(),
+            postgresql: PostgresqlPolicy::default(),
         }
     }
 }
@@ -161,7 +168,48 @@ impl Policy {
         for name in self.regions.keys() {
             check_region_name(name)?;
         }
+        if self.postgresql.parameters.len() > crate::pgparams::MAX_PARAMETERS {
+            return Err(PolicyError::new(
+                "postgresql.parameters",
+                None,
+                crate::pgparams::ParamError::TooMany.to_string(),
+            ));
+        }
+        for (name, value) in &self.postgresql.parameters {
+            crate::pgparams::check_offline(name, value).map_err(|e| {
+                PolicyError::new(
+                    format!("postgresql.parameters.{name}"),
+                    Some(value),
+                    e.to_string(),
+                )
+            })?;
+            if *name != name.to_ascii_lowercase() {
+                return Err(PolicyError::new(
+                    format!("postgresql.parameters.{name}"),
+                    Some(value),
+                    "parameter names are kept in lowercase",
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Removes one `postgresql.parameters.NAME` (the only keys that can be unset: the
+    /// others always have a value). Unsetting a parameter that is not set is a no-op.
+    pub fn unset(&mut self, key: &str) -> Result<(), PolicyError> {
+        match key.strip_prefix("postgresql.parameters.") {
+            Some(name) if !name.is_empty() => {
+                let name = crate::pgparams::check_name(name)
+                    .map_err(|e| PolicyError::new(key, None, e.to_string()))?;
+                self.postgresql.parameters.remove(&name);
+                Ok(())
+            }
+            _ => Err(PolicyError::new(
+                key,
+                None,
+                "only postgresql.parameters.NAME can be unset; set the other keys to a value",
+            )),
+        }
     }
 
     /// Parses a policy from TOML and validates it.
@@ -232,10 +280,19 @@ impl Policy {
                     _ => return Err(bad(format!("unknown region setting {field:?}; known: mode, failover, priority"))),
                 }
             }
+            ["postgresql", "parameters", name] | ["postgresql", "parameters", name, _] => {
+                // A custom (extension) parameter has a dot of its own: rejoin it.
+                let name = key.strip_prefix("postgresql.parameters.").unwrap_or(name);
+                let name = crate::pgparams::check_name(name).map_err(|e| bad(e.to_string()))?;
+                next.postgresql
+                    .parameters
+                    .insert(name, value.trim().to_string());
+            }
             _ => {
                 return Err(bad(
                     "unknown key; known: commit_latency_budget_ms, sync_quorum, durability, \
-                     async_failover, max_lag_on_failover_bytes, regions.REGION.{mode,failover,priority}"
+                     async_failover, max_lag_on_failover_bytes, regions.REGION.{mode,failover,priority}, \
+                     postgresql.parameters.NAME"
                         .into(),
                 ))
             }
@@ -393,6 +450,27 @@ mod tests {
         assert_eq!(p.region("eu").failover, FailoverMode::Manual);
         assert_eq!(p.region("eu").priority, -3);
         assert_eq!(p.commit_latency_budget_ms, 25);
+    }
+
+    #[test]
+    fn postgres_parameters_are_set_unset_and_round_trip() {
+        let mut p = Policy::default();
+        p.set("postgresql.parameters.Work_Mem", "64MB").unwrap();
+        p.set("postgresql.parameters.pg_stat_statements.max", "5000")
+            .unwrap();
+        assert_eq!(p.postgresql.parameters["work_mem"], "64MB");
+        assert_eq!(p.postgresql.parameters["pg_stat_statements.max"], "5000");
+        let e = p.set("postgresql.parameters.port", "6000").unwrap_err();
+        assert!(e.reason.contains("managed by Meridian"), "{e}");
+        let toml_text = toml::to_string(&p).unwrap();
+        assert_eq!(Policy::from_toml_str(&toml_text).unwrap(), p);
+        p.unset("postgresql.parameters.work_mem").unwrap();
+        assert!(!p.postgresql.parameters.contains_key("work_mem"));
+        assert!(p.unset("sync_quorum").is_err());
+        // A policy without parameters serializes as before they existed.
+        assert!(!serde_json::to_string(&Policy::default())
+            .unwrap()
+            .contains("postgresql"));
     }
 
     #[test]

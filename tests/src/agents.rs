@@ -273,6 +273,8 @@ pub struct ConfigContext<'a> {
 pub struct ConfigExtra {
     /// Lines appended to a data member's `[postgres]` table.
     pub postgres_keys: String,
+    /// Lines appended to the `[member]` table (tags such as `nosync = true`).
+    pub member_keys: String,
     /// Whole tables (each starting with its `[header]`) appended to the config.
     pub sections: String,
 }
@@ -514,6 +516,12 @@ impl AgentCluster {
                 s.region,
                 if s.kind == Kind::Data { "data" } else { "witness" },
             );
+            if !extra.member_keys.is_empty() {
+                // After the blank line that ends [member]: still its keys.
+                text.truncate(text.trim_end().len() + 1);
+                text.push_str(&extra.member_keys);
+                text.push('\n');
+            }
             if s.kind == Kind::Data {
                 text.push_str(&format!(
                     "[postgres]\ndata_dir = \"{}\"\nport = {}\nlisten_addr = \"{}\"\n\

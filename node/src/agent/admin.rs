@@ -18,8 +18,9 @@ use meridian_proto::admin_client::AdminClient;
 use meridian_proto::admin_server::{Admin, AdminServer};
 use meridian_proto::{
     AddMemberRequest, AddMemberResponse, AdmitMemberRequest, AdmitMemberResponse, BackupOpRequest,
-    BackupOpResponse, CommandRequest, CommandResponse, MemberStatus, RemoveMemberRequest,
-    RemoveMemberResponse, StatusRequest, StatusResponse,
+    BackupOpResponse, CommandRequest, CommandResponse, MemberActionRequest, MemberActionResponse,
+    MemberStatus, PgCatalogRequest, PgCatalogResponse, QueryRequest, QueryResponse,
+    RemoveMemberRequest, RemoveMemberResponse, StatusRequest, StatusResponse,
 };
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
@@ -137,6 +138,28 @@ impl AdminService {
             Some((id, name)) if id != self.shared.id => Ok(Some(name)),
             other => Err(not_leader(other.map(|l| l.1))),
         }
+    }
+
+    /// `None`: serve here (`member` is this member, or empty). `Some(name)`: forward to
+    /// that member's agent, once.
+    fn route_to_member<T>(
+        &self,
+        request: &Request<T>,
+        member: &str,
+    ) -> Result<Option<String>, Status> {
+        if member.is_empty() || member == self.shared.name() {
+            return Ok(None);
+        }
+        if request.metadata().get(FORWARDED_HEADER).is_some() {
+            return Err(Status::failed_precondition(format!(
+                "this is {}, not {member}: a forwarded request is not forwarded again",
+                self.shared.name()
+            )));
+        }
+        if self.shared.applied().intent.member(member).is_none() {
+            return Err(Status::not_found(format!("no member named {member:?}")));
+        }
+        Ok(Some(member.to_string()))
     }
 
     fn client(&self, leader: &str) -> Result<AdminClient<crate::auth::SignedChannel>, Status> {
@@ -258,6 +281,16 @@ fn parse_tags(tags: &HashMap<String, String>) -> Result<MemberTags, Status> {
                 t.nofailover = v
                     .parse()
                     .map_err(|_| Status::invalid_argument(format!("tag nofailover={v:?}")))?
+            }
+            "nosync" => {
+                t.nosync = v
+                    .parse()
+                    .map_err(|_| Status::invalid_argument(format!("tag nosync={v:?}")))?
+            }
+            "clonefrom" => {
+                t.clonefrom = v
+                    .parse()
+                    .map_err(|_| Status::invalid_argument(format!("tag clonefrom={v:?}")))?
             }
             other => return Err(Status::invalid_argument(format!("unknown tag {other:?}"))),
         }
@@ -510,8 +543,17 @@ impl AdminService {
                     tags: [
                         ("priority".to_string(), m.tags.priority.to_string()),
                         ("nofailover".to_string(), m.tags.nofailover.to_string()),
+                        ("nosync".to_string(), m.tags.nosync.to_string()),
+                        ("clonefrom".to_string(), m.tags.clonefrom.to_string()),
                     ]
                     .into(),
+                    postgres_addr: self
+                        .shared
+                        .config
+                        .peers
+                        .get(&m.name)
+                        .and_then(|p| p.postgres.clone())
+                        .unwrap_or_default(),
                 }
             })
             .collect();
@@ -671,6 +713,80 @@ impl Admin for AdminService {
         }
     }
 
+    async fn pg_catalog(
+        &self,
+        request: Request<PgCatalogRequest>,
+    ) -> Result<GrpcResponse<PgCatalogResponse>, Status> {
+        let how = self.authorize(&request, &request.get_ref().token)?;
+        let mut target = request.get_ref().member.clone();
+        if target.is_empty() && !super::admin_ops::has_running_pg(&self.shared) {
+            // No Postgres here (a witness, or down): the primary's has the catalog.
+            target = self
+                .shared
+                .applied()
+                .intent
+                .primary
+                .clone()
+                .unwrap_or_default();
+            if request.metadata().get(FORWARDED_HEADER).is_some() {
+                target.clear();
+            }
+        }
+        match self.route_to_member(&request, &target)? {
+            Some(m) => {
+                let mut client = self.client(&m)?;
+                bounded(
+                    FORWARD_TIMEOUT,
+                    client.pg_catalog(forwarded(request.into_inner(), FORWARD_TIMEOUT, how)),
+                )
+                .await
+            }
+            None => Ok(GrpcResponse::new(
+                super::admin_ops::pg_catalog(&self.shared, request.get_ref()).await?,
+            )),
+        }
+    }
+
+    async fn member_action(
+        &self,
+        request: Request<MemberActionRequest>,
+    ) -> Result<GrpcResponse<MemberActionResponse>, Status> {
+        let how = self.authorize(&request, &request.get_ref().token)?;
+        let target = request.get_ref().member.clone();
+        match self.route_to_member(&request, &target)? {
+            Some(m) => {
+                let t = super::admin_ops::ACTION_TIMEOUT;
+                let mut client = self.client(&m)?;
+                bounded(
+                    t,
+                    client.member_action(forwarded(request.into_inner(), t, how)),
+                )
+                .await
+            }
+            None => Ok(GrpcResponse::new(
+                super::admin_ops::member_action(&self.shared, request.get_ref()).await?,
+            )),
+        }
+    }
+
+    async fn query(
+        &self,
+        request: Request<QueryRequest>,
+    ) -> Result<GrpcResponse<QueryResponse>, Status> {
+        let how = self.authorize(&request, &request.get_ref().token)?;
+        let target = request.get_ref().member.clone();
+        match self.route_to_member(&request, &target)? {
+            Some(m) => {
+                let t = super::admin_ops::query_timeout(request.get_ref()) + FORWARD_TIMEOUT;
+                let mut client = self.client(&m)?;
+                bounded(t, client.query(forwarded(request.into_inner(), t, how))).await
+            }
+            None => Ok(GrpcResponse::new(
+                super::admin_ops::query(&self.shared, request.get_ref()).await?,
+            )),
+        }
+    }
+
     async fn command(
         &self,
         request: Request<CommandRequest>,
@@ -804,7 +920,8 @@ mod tests {
             parse_tags(&tags).unwrap(),
             MemberTags {
                 priority: 5,
-                nofailover: true
+                nofailover: true,
+                ..MemberTags::default()
             }
         );
         let bad = HashMap::from([("colour".to_string(), "red".to_string())]);

@@ -194,14 +194,24 @@ async fn register(config: &Config, dialer: &Dialer) -> anyhow::Result<NodeId> {
             name: config.member.name.clone(),
             region: config.member.region.clone(),
             kind: config.member.kind.to_string(),
-            tags: [
-                ("priority".to_string(), config.member.priority.to_string()),
-                (
-                    "nofailover".to_string(),
-                    config.member.nofailover.to_string(),
-                ),
-            ]
-            .into(),
+            tags: {
+                let mut tags: std::collections::HashMap<String, String> = [
+                    ("priority".to_string(), config.member.priority.to_string()),
+                    (
+                        "nofailover".to_string(),
+                        config.member.nofailover.to_string(),
+                    ),
+                ]
+                .into();
+                // Sent only when set: a leader of an older version refuses unknown tags.
+                if config.member.nosync {
+                    tags.insert("nosync".into(), "true".into());
+                }
+                if config.member.clonefrom {
+                    tags.insert("clonefrom".into(), "true".into());
+                }
+                tags
+            },
             cluster: config.cluster.clone(),
             token: token(config),
         };
@@ -388,6 +398,8 @@ async fn bootstrap_inner(shared: &Shared) -> anyhow::Result<()> {
                 tags: MemberTags {
                     priority: shared.config.member.priority,
                     nofailover: shared.config.member.nofailover,
+                    nosync: shared.config.member.nosync,
+                    clonefrom: shared.config.member.clonefrom,
                 },
                 at_unix_ms: unix_ms(),
             };

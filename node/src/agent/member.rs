@@ -163,7 +163,10 @@ pub async fn run(shared: Arc<Shared>, pg: PgInstance) {
         conf_checked: false,
         roles_ensured: false,
         stanza: Default::default(),
+        pending_checked_at: None,
+        started: Instant::now(),
     };
+    let mut restarts = m.shared.take_restart_rx();
     let mut ticker = tokio::time::interval(m.shared.config.timing.observe_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut applied = m.shared.applied.clone();
@@ -173,6 +176,21 @@ pub async fn run(shared: Arc<Shared>, pg: PgInstance) {
         tokio::select! {
             _ = ticker.tick() => {}
             r = applied.changed() => if r.is_err() { ticker.tick().await; },
+            Some(job) = async {
+                match restarts.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if Instant::now() > job.start_by || job.reply.is_closed() {
+                    tracing::warn!("a restart request expired before the member loop could run it; not restarting");
+                    continue;
+                }
+                let r = m.restart_now().await.map_err(|e| format!("{e:#}"));
+                m.shared.wake_reporter.notify_one();
+                let _ = job.reply.send(r);
+                continue;
+            }
         }
         let before = (m.pg.is_running(), m.pg.is_fenced(), m.shared.activity());
         let result = m.tick().await;
@@ -215,6 +233,28 @@ struct Member {
     roles_ensured: bool,
     /// `[backup]`: the pgBackRest stanza exists (made sure of as the primary).
     stanza: crate::backup::replica::StanzaGuard,
+    /// When `pg_settings.pending_restart` was last read (None: read it next round).
+    pending_checked_at: Option<Instant>,
+    /// When this member loop started (a fresh clone waits a little for its peer probes
+    /// to find a `clonefrom` standby).
+    started: Instant,
+}
+
+/// How long a fresh clone waits for this agent's probes of the `clonefrom` standbys
+/// before it copies from the primary instead.
+const CLONE_SOURCE_WAIT: Duration = Duration::from_secs(5);
+
+/// How often the member loop re-reads which parameters wait for a restart (and at once
+/// after it applied new ones or restarted).
+const PENDING_RESTART_EVERY: Duration = Duration::from_secs(5);
+
+/// A restart of the local Postgres asked for through the admin API; the member loop
+/// answers on `reply` (Ok: what it did).
+pub struct RestartJob {
+    pub reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    /// Not started after this: whoever asked has given up waiting (a restart nobody
+    /// waits for any more must not happen later by surprise).
+    pub start_by: Instant,
 }
 
 /// Why a data directory is refused: it holds another cluster.
@@ -242,7 +282,23 @@ impl Member {
         if intent.member(&me).is_none() {
             return Ok(());
         }
+        // The cluster's parameters with this member's overrides: every later write of
+        // meridian.conf (init, clone, rewind, adoption) carries them.
+        let overrides = self
+            .shared
+            .config
+            .postgres
+            .as_ref()
+            .map(|p| p.parameters.clone())
+            .unwrap_or_default();
+        let wanted = crate::pgparams::effective(&intent.policy.postgresql.parameters, &overrides);
+        let changed = self.pg.set_parameters(wanted);
+        let conf_was_checked = self.conf_checked;
         self.check_data_dir(&intent).await?;
+        if changed && conf_was_checked && self.has_data() {
+            self.apply_parameters().await?;
+        }
+        self.check_pending_restart().await;
         if intent.generation == Generation(0) && intent.primary.is_none() {
             return self.bootstrap(&intent).await;
         }
@@ -433,6 +489,132 @@ impl Member {
         Ok(())
     }
 
+    /// Rewrites meridian.conf with the new parameters and reloads a running server; what
+    /// needs a restart shows up as pending (read at once).
+    async fn apply_parameters(&mut self) -> anyhow::Result<()> {
+        self.pg
+            .write_conf()
+            .context("writing the new Postgres parameters")?;
+        if self.pg.is_running() {
+            self.pg
+                .reload()
+                .await
+                .context("reloading the new Postgres parameters")?;
+        }
+        let list: Vec<String> = self
+            .pg
+            .parameters()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        tracing::info!(parameters = %list.join(", "), "applied the Postgres parameters");
+        // The server applies a reload asynchronously: read pending_restart after it had
+        // a moment (next round, and again a few seconds later).
+        self.pending_checked_at = None;
+        Ok(())
+    }
+
+    /// Reads `pg_settings.pending_restart` every few seconds (and at once after a change
+    /// or restart) into what the observations report. Down: nothing pending.
+    async fn check_pending_restart(&mut self) {
+        if !self.pg.is_running() {
+            self.shared
+                .pending_restart
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+            self.pending_checked_at = None;
+            return;
+        }
+        if self
+            .pending_checked_at
+            .is_some_and(|at| at.elapsed() < PENDING_RESTART_EVERY)
+        {
+            return;
+        }
+        if let Ok(names) = self.pg.pending_restart().await {
+            let mut cur = self
+                .shared
+                .pending_restart
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if *cur != names {
+                if !names.is_empty() {
+                    tracing::info!(parameters = %names.join(", "), "parameters wait for a restart");
+                }
+                *cur = names;
+                self.shared.wake_reporter.notify_one();
+            }
+            self.pending_checked_at = Some(Instant::now());
+        }
+    }
+
+    /// The admin API's restart: fast stop and start of the running local Postgres in the
+    /// role it has, between two reconcile rounds (nothing else touches it meanwhile), then
+    /// a bounded wait until it answers. A primary keeps its lease throughout.
+    async fn restart_now(&mut self) -> anyhow::Result<String> {
+        let started = Instant::now();
+        if !self.has_data() || !self.pg.is_running() {
+            anyhow::bail!("the local Postgres is not running: nothing to restart");
+        }
+        if self.pg.is_fenced() {
+            anyhow::bail!("the local Postgres is fenced: it is not restarted on request");
+        }
+        let intent = self.shared.applied().intent.clone();
+        let me = self.name().to_string();
+        let primary = intent.primary.as_deref() == Some(me.as_str());
+        if primary && intent.pending_switchover.is_some() {
+            anyhow::bail!("a switchover is in progress: restart after it");
+        }
+        self.shared.set_activity("restarting on request");
+        let role = if primary {
+            super::callbacks::PgRole::Primary
+        } else {
+            super::callbacks::PgRole::Replica
+        };
+        let r = async {
+            self.pg
+                .stop(StopMode::Fast, START_TIMEOUT)
+                .await
+                .context("stopping for the restart")?;
+            // Too quick for the observations to see: the callbacks hear it from here.
+            super::callbacks::note(&self.shared, None);
+            self.pg
+                .start(START_TIMEOUT)
+                .await
+                .context("starting after the restart")?;
+            super::callbacks::note(&self.shared, Some(role));
+            let deadline = Instant::now() + START_TIMEOUT;
+            loop {
+                if self.pg.probe().await.up {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    anyhow::bail!(
+                        "restarted, but it did not answer within {} s",
+                        START_TIMEOUT.as_secs()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(())
+        }
+        .await;
+        self.shared.set_activity("");
+        r?;
+        self.pending_checked_at = None;
+        self.check_pending_restart().await;
+        let elapsed = started.elapsed().as_millis();
+        tracing::info!(
+            elapsed_ms = elapsed as u64,
+            "restarted the local Postgres on request"
+        );
+        Ok(format!(
+            "restarted {me}'s Postgres as {} in {elapsed} ms",
+            if primary { "the primary" } else { "a standby" }
+        ))
+    }
+
     /// Points a stopped standby at `primary` through this member's slot.
     async fn repoint_stopped(&mut self, primary: &str) -> anyhow::Result<()> {
         let (host, port) = pg_addr(&self.shared, primary)?;
@@ -527,13 +709,58 @@ impl Member {
         if primary == self.name() {
             anyhow::bail!("this member is the primary but has no data directory");
         }
+        let tagged = intent
+            .members
+            .values()
+            .any(|m| m.tags.clonefrom && m.name != self.name() && m.name != primary);
+        if tagged
+            && self.clone_source(&primary).is_none()
+            && self.started.elapsed() < CLONE_SOURCE_WAIT
+        {
+            self.shared
+                .set_activity("waiting for a clonefrom standby to answer its probe");
+            return Ok(());
+        }
         self.clone_from(&primary).await
+    }
+
+    /// A standby tagged `clonefrom` to copy from instead of the primary: streaming (as
+    /// this agent's own probe saw it, fresh), this member's region first, then by name.
+    fn clone_source(&self, primary: &str) -> Option<String> {
+        let intent = self.shared.applied().intent.clone();
+        let me = self.name();
+        let my_region = intent.member(me).map(|m| m.region.clone());
+        let fresh = self
+            .shared
+            .peer_probes
+            .fresh(self.shared.config.timing.observe_interval * 4);
+        let mut c: Vec<(bool, String)> = intent
+            .members
+            .values()
+            .filter(|m| m.tags.clonefrom && m.kind == MemberKind::Data)
+            .filter(|m| m.name != me && m.name != primary)
+            .filter(|m| {
+                fresh
+                    .get(&m.name)
+                    .is_some_and(|p| p.streaming && !p.writable)
+            })
+            .filter(|m| pg_addr(&self.shared, &m.name).is_ok())
+            .map(|m| (Some(&m.region) != my_region.as_ref(), m.name.clone()))
+            .collect();
+        c.sort();
+        c.into_iter().next().map(|(_, n)| n)
     }
 
     async fn clone_from(&mut self, primary: &str) -> anyhow::Result<()> {
         self.primary_ready(primary).await?;
         let (host, port) = pg_addr(&self.shared, primary)?;
-        self.shared.set_activity(&format!("cloning from {primary}"));
+        let source = self.clone_source(primary);
+        let (src_host, src_port) = match &source {
+            Some(s) => pg_addr(&self.shared, s)?,
+            None => (host.clone(), port),
+        };
+        let from = source.clone().unwrap_or_else(|| primary.to_string());
+        self.shared.set_activity(&format!("cloning from {from}"));
         let slot = slot_name(self.name());
         self.system_identifier = None;
         if self
@@ -542,10 +769,14 @@ impl Member {
         {
             return self.start_clone(primary).await;
         }
-        if let Err(e) = self.pg.clone_from(&host, port, Some(&slot)).await {
+        if let Err(e) = self
+            .pg
+            .clone_via(&src_host, src_port, &host, port, Some(&slot))
+            .await
+        {
             // Only what this attempt wrote is there (there was no data before).
             let _ = std::fs::remove_dir_all(self.pg.data_dir());
-            return Err(e).context(format!("cloning from {primary}"));
+            return Err(e).context(format!("cloning from {from}"));
         }
         self.start_clone(primary).await
     }

@@ -11,7 +11,9 @@
 //! used to route a request, never to decide that a change happened.
 
 pub mod admin;
+pub mod admin_ops;
 pub mod backup_admin;
+pub mod callbacks;
 pub mod dial;
 pub mod errlog;
 pub mod handoff;
@@ -88,6 +90,21 @@ pub struct Shared {
     pub wake_reporter: tokio::sync::Notify,
     /// Asks the leader loop for a round now (an observation arrived).
     pub wake_leader: tokio::sync::Notify,
+    /// The local Postgres (data members), once the reporter has built it: the admin
+    /// service reads its catalog, reloads it and runs operators' queries on it.
+    pub local_pg: std::sync::OnceLock<crate::pg::PgInstance>,
+    /// Parameters of the local Postgres whose change waits for a restart (member loop).
+    pub pending_restart: Mutex<Vec<String>>,
+    /// Restarts asked for through the admin API, executed by the member loop between two
+    /// reconcile rounds (so nothing else touches Postgres meanwhile). Capacity 1: a
+    /// second request while one waits is refused as busy.
+    pub restart_tx: tokio::sync::mpsc::Sender<member::RestartJob>,
+    restart_rx: Mutex<Option<tokio::sync::mpsc::Receiver<member::RestartJob>>>,
+    /// This member's callbacks (`[callbacks]`).
+    pub callbacks: callbacks::Callbacks,
+    /// What the callbacks last heard of the local Postgres (observations and the admin
+    /// restart both report here, so each change fires once).
+    pub transitions: Mutex<callbacks::Transitions>,
 }
 
 impl Shared {
@@ -124,6 +141,21 @@ impl Shared {
             }
             *a = what.to_string();
         }
+    }
+
+    pub fn pending_restart(&self) -> Vec<String> {
+        self.pending_restart
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The receiving end of `restart_tx`, for the member loop (taken once).
+    pub fn take_restart_rx(&self) -> Option<tokio::sync::mpsc::Receiver<member::RestartJob>> {
+        self.restart_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     pub fn activity(&self) -> String {
@@ -252,6 +284,14 @@ impl Agent {
             .context("starting raft")?;
 
         let metrics = Arc::new(Metrics::new());
+        metrics.set_info(
+            env!("CARGO_PKG_VERSION"),
+            &config.cluster,
+            &config.member.name,
+            &config.member.region,
+        );
+        let (restart_tx, restart_rx) = tokio::sync::mpsc::channel(1);
+        let callbacks = callbacks::Callbacks::spawn(&config, metrics.clone());
         let shared = Arc::new(Shared {
             id: identity.id,
             raft: raft.clone(),
@@ -271,6 +311,12 @@ impl Agent {
             local_wal_lsn: std::sync::atomic::AtomicU64::new(0),
             wake_reporter: tokio::sync::Notify::new(),
             wake_leader: tokio::sync::Notify::new(),
+            local_pg: std::sync::OnceLock::new(),
+            pending_restart: Mutex::new(Vec::new()),
+            restart_tx,
+            restart_rx: Mutex::new(Some(restart_rx)),
+            callbacks,
+            transitions: Mutex::new(callbacks::Transitions::default()),
         });
         let (stop, _) = watch::channel(false);
         let mut servers = Vec::new();
@@ -344,6 +390,9 @@ impl Agent {
         )));
         let reporter = observe::Reporter::new(shared.clone(), peer_probes).await;
         let local = reporter.instance();
+        if let Some(pg) = &local {
+            let _ = shared.local_pg.set(pg.clone());
+        }
         tasks.push(tokio::spawn(reporter.run(health_tx)));
         tasks.push(tokio::spawn(lease::run(shared.clone(), local.clone())));
         let mut member_task = None;

@@ -270,6 +270,8 @@ pub fn postgres_observation(s: &PgStatus, fenced: bool) -> PostgresObservation {
         upstream: String::new(),
         sync_standby_names: None,
         activity: String::new(),
+        pending_restart: Vec::new(),
+        replay_delay_ms: s.replay_delay_ms,
     }
 }
 
@@ -385,6 +387,8 @@ impl ClusterSource {
                     "tags": {
                         "priority": m.tags.priority,
                         "nofailover": m.tags.nofailover,
+                        "nosync": m.tags.nosync,
+                        "clonefrom": m.tags.clonefrom,
                     },
                 });
                 let addr = shared
@@ -519,6 +523,25 @@ impl Reporter {
                     o.current_lsn = last.map(|l| l.0).unwrap_or_default();
                 }
                 o.activity = self.shared.activity();
+                o.pending_restart = if o.up {
+                    self.shared.pending_restart()
+                } else {
+                    Vec::new()
+                };
+                // Callbacks: a start, stop or role change since the last round. "Down"
+                // needs the postmaster gone, so a slow probe is no stop.
+                let now = if o.up {
+                    Some(if o.in_recovery {
+                        super::callbacks::PgRole::Replica
+                    } else {
+                        super::callbacks::PgRole::Primary
+                    })
+                } else if instance.is_running() {
+                    return Some(o);
+                } else {
+                    None
+                };
+                super::callbacks::note(&self.shared, now);
                 Some(o)
             }
         }
@@ -686,6 +709,32 @@ impl Reporter {
             Role::AsyncStandby => "async_standby",
             Role::Unknown => "unknown",
         });
+        m.postgres_up.set(i64::from(pg.is_some_and(|p| p.up)));
+        m.postgres_timeline
+            .set(i64::from(pg.filter(|p| p.up).map_or(0, |p| p.timeline)));
+        m.paused.set(i64::from(intent.maintenance));
+        m.fenced.set(i64::from(pg.is_some_and(|p| p.fenced)));
+        m.pending_restart
+            .set(i64::from(pg.is_some_and(|p| !p.pending_restart.is_empty())));
+        m.wal_position_bytes.clear();
+        m.standby_lag_seconds.clear();
+        if let Some(p) = pg.filter(|p| p.up) {
+            let kinds: &[(&str, u64)] = if p.in_recovery {
+                &[("received", p.received_lsn), ("replayed", p.replayed_lsn)]
+            } else {
+                &[("current", p.current_lsn)]
+            };
+            for (kind, lsn) in kinds.iter().filter(|(_, l)| *l > 0) {
+                m.wal_position_bytes
+                    .get_or_create(&vec![("kind".to_string(), kind.to_string())])
+                    .set(i64::try_from(*lsn).unwrap_or(i64::MAX));
+            }
+            if let Some(ms) = p.replay_delay_ms.filter(|_| p.in_recovery) {
+                m.standby_lag_seconds
+                    .get_or_create(&vec![("member".to_string(), me.to_string())])
+                    .set(ms as f64 / 1000.0);
+            }
+        }
         m.replication_lag_bytes.clear();
         if let Some(p) = pg.filter(|p| p.up && !p.in_recovery) {
             for sb in &p.standbys {

@@ -46,6 +46,7 @@ pub fn cluster_view(
                 kind: m.kind,
                 priority: m.tags.priority,
                 nofailover: m.tags.nofailover,
+                nosync: m.tags.nosync,
             };
             (name.clone(), view)
         })
@@ -165,6 +166,7 @@ mod tests {
         let w1_tags = MemberTags {
             priority: 3,
             nofailover: true,
+            ..MemberTags::default()
         };
         add(&mut i, "w1", "west", MemberKind::Data, w1_tags);
         add(
@@ -215,6 +217,7 @@ mod tests {
             kind,
             priority,
             nofailover,
+            nosync: false,
         }
     }
 

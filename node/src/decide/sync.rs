@@ -86,7 +86,9 @@ fn target(cx: &Cx, primary: &str, applied: &SyncSet) -> Target {
     let eligible: BTreeSet<&str> = view
         .members
         .iter()
-        .filter(|(name, m)| name.as_str() != primary && m.kind == MemberKind::Data && !m.nofailover)
+        .filter(|(name, m)| {
+            name.as_str() != primary && m.kind == MemberKind::Data && !m.nofailover && !m.nosync
+        })
         .filter(|(name, m)| match policy.region(&m.region).mode {
             SyncMode::Sync => true,
             SyncMode::Async => false,

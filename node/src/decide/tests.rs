@@ -21,6 +21,7 @@ fn member(region: &str, kind: MemberKind) -> MemberView {
         kind,
         priority: 0,
         nofailover: false,
+        nosync: false,
     }
 }
 
@@ -1029,6 +1030,20 @@ fn growing_the_sync_set_records_it_in_raft_before_postgres_waits_on_it() {
     );
     with_applied(&mut v, grown);
     assert_eq!(decide(&v, NOW), Decision::default());
+}
+
+#[test]
+fn a_nosync_member_is_never_in_the_sync_set() {
+    let mut v = base();
+    v.policy.set("regions.west.mode", "sync").unwrap();
+    v.members.get_mut("w1").unwrap().nosync = true;
+    assert_eq!(
+        decide(&v, NOW).actions,
+        vec![Action::RecordSyncSet {
+            set: SyncSet::new(["e2", "w2"], 1),
+            degraded: false
+        }]
+    );
 }
 
 #[test]

@@ -48,6 +48,8 @@ pub struct MemberView {
     pub priority: i32,
     /// Never promote automatically (nor by switchover); never a sync standby.
     pub nofailover: bool,
+    /// Never a sync standby (`nosync` tag).
+    pub nosync: bool,
 }
 
 /// The recorded primary and the leader's bookkeeping about it.

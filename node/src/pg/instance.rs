@@ -146,6 +146,10 @@ pub struct PgInstance {
     settings: Vec<(String, String)>,
     /// The kept probe session, shared by clones (`probe.rs`).
     kept: std::sync::Arc<super::probe::KeptSession>,
+    /// The cluster's Postgres parameters with this member's overrides
+    /// (`crate::pgparams::effective`), rendered into `meridian.conf`; shared by clones so
+    /// that every write of the file (init, clone, rewind, adoption) carries them.
+    parameters: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, String>>>,
 }
 
 impl fmt::Debug for PgInstance {
@@ -189,6 +193,7 @@ impl PgInstance {
             timeouts: PgTimeouts::default(),
             settings: Vec::new(),
             kept: Default::default(),
+            parameters: Default::default(),
         }
     }
 
@@ -243,6 +248,25 @@ impl PgInstance {
     pub fn with_setting(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.settings.push((key.into(), value.into()));
         self
+    }
+
+    /// Replaces the operator's parameters rendered into `meridian.conf`; true when they
+    /// changed (the caller then rewrites the file and reloads).
+    pub fn set_parameters(&self, next: std::collections::BTreeMap<String, String>) -> bool {
+        let mut cur = self.parameters.lock().unwrap_or_else(|e| e.into_inner());
+        if *cur == next {
+            return false;
+        }
+        *cur = next;
+        true
+    }
+
+    /// The operator's parameters currently rendered into `meridian.conf`.
+    pub fn parameters(&self) -> std::collections::BTreeMap<String, String> {
+        self.parameters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn bin(&self) -> &PgBinaries {
@@ -560,12 +584,21 @@ impl PgInstance {
         }
         extra.extend(self.ssl_settings());
         extra.extend(self.settings.iter().cloned());
+        let operator: Vec<(String, String)> = self
+            .parameters()
+            .into_iter()
+            // Checked when set; skipped again here so a name Meridian owns never
+            // overrides the agent's own line.
+            .filter(|(k, _)| crate::pgparams::owned(k).is_none())
+            .map(|(k, v)| (k, quote_conf_value(&v)))
+            .collect();
         let conf = render_meridian_conf(
             &self.access.listen_addresses.join(","),
             self.access.socket_dir.as_deref(),
             self.port,
             &self.application_name,
             &extra,
+            &operator,
         );
         if let Some(dir) = &self.access.socket_dir {
             self.run_as
@@ -1024,11 +1057,29 @@ impl PgInstance {
         primary_port: u16,
         slot: Option<&str>,
     ) -> Result<(), PgError> {
+        self.clone_via(primary_host, primary_port, primary_host, primary_port, slot)
+            .await
+    }
+
+    /// Like [`PgInstance::clone_from`], but copies from `source` (a standby tagged
+    /// `clonefrom`, sparing the primary the copy) and then streams from the primary
+    /// through `slot`. The slot lives on the primary, so the copy from a standby streams
+    /// its WAL without it (pg_basebackup's temporary slot).
+    pub async fn clone_via(
+        &self,
+        source_host: &str,
+        source_port: u16,
+        primary_host: &str,
+        primary_port: u16,
+        slot: Option<&str>,
+    ) -> Result<(), PgError> {
         const STEP: &str = "clone: pg_basebackup";
         self.prepare_empty_data_dir(STEP)?;
         self.write_files()?;
         let role = &self.access.roles.replication;
-        let source = self.remote_conninfo(primary_host, primary_port, role, None);
+        let from_primary = (source_host, source_port) == (primary_host, primary_port);
+        let slot_for_copy = if from_primary { slot } else { None };
+        let source = self.remote_conninfo(source_host, source_port, role, None);
         let mut args = vec![
             "-D".to_string(),
             self.data_dir.display().to_string(),
@@ -1041,7 +1092,7 @@ impl PgInstance {
             "fast".into(),
             "-w".into(),
         ];
-        if let Some(s) = slot {
+        if let Some(s) = slot_for_copy {
             args.push("-S".into());
             args.push(s.into());
         }
@@ -1353,6 +1404,52 @@ impl PgInstance {
             .await
     }
 
+    /// Runs one operator's SQL text (`meridianctl query`) as the superuser on a session of
+    /// its own, within `timeout` (also set as its `statement_timeout`): the columns and at
+    /// most `max_rows` rows of the last statement that returned rows, as text (None =
+    /// NULL), and whether rows were cut off.
+    pub async fn query_text(
+        &self,
+        sql: &str,
+        max_rows: usize,
+        timeout: Duration,
+    ) -> Result<(Vec<String>, Vec<Vec<Option<String>>>, bool), PgError> {
+        use tokio_postgres::SimpleQueryMessage;
+        const STEP: &str = "query";
+        let client = self
+            .connect_within("query: connect", self.timeouts.connect)
+            .await?;
+        let ms = timeout.as_millis().max(1);
+        let messages = self
+            .bounded_sql(STEP, timeout, async {
+                client
+                    .batch_execute(&format!("SET statement_timeout = {ms}"))
+                    .await?;
+                client.simple_query(sql).await
+            })
+            .await?;
+        let (mut columns, mut rows, mut truncated) = (Vec::new(), Vec::new(), false);
+        for m in messages {
+            match m {
+                SimpleQueryMessage::RowDescription(cols) => {
+                    // A new result set: only the last one is shown.
+                    columns = cols.iter().map(|c| c.name().to_string()).collect();
+                    rows.clear();
+                    truncated = false;
+                }
+                SimpleQueryMessage::Row(r) => {
+                    if rows.len() >= max_rows {
+                        truncated = true;
+                        continue;
+                    }
+                    rows.push((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect());
+                }
+                _ => {}
+            }
+        }
+        Ok((columns, rows, truncated))
+    }
+
     /// "Latest checkpoint location" of a stopped server, from `pg_controldata`.
     pub async fn checkpoint_lsn(&self) -> Result<Lsn, PgError> {
         const STEP: &str = "pg_controldata";
@@ -1396,6 +1493,7 @@ fn render_meridian_conf(
     port: u16,
     application_name: &str,
     extra: &[(String, String)],
+    operator: &[(String, String)],
 ) -> String {
     let mut s = String::from(
         "# Written by Meridian; rewritten on init, clone, rewind and adoption.\n\
@@ -1430,6 +1528,12 @@ fn render_meridian_conf(
     }
     for (k, v) in extra {
         s.push_str(&format!("{k} = {v}\n"));
+    }
+    if !operator.is_empty() {
+        s.push_str("# Cluster parameters (meridianctl edit-config postgresql.parameters.*) and this member's [postgres.parameters].\n");
+        for (k, v) in operator {
+            s.push_str(&format!("{k} = {v}\n"));
+        }
     }
     s
 }
@@ -1515,6 +1619,7 @@ mod tests {
             6543,
             "s1",
             &[("max_slot_wal_keep_size".into(), "'4GB'".into())],
+            &[("work_mem".into(), "'64MB'".into())],
         );
         let want = "\
 # Written by Meridian; rewritten on init, clone, rewind and adoption.
@@ -1533,11 +1638,12 @@ wal_receiver_status_interval = '1s'
 wal_retrieve_retry_interval = '500ms'
 password_encryption = 'scram-sha-256'
 max_slot_wal_keep_size = '4GB'
+# Cluster parameters (meridianctl edit-config postgresql.parameters.*) and this member's [postgres.parameters].
+work_mem = '64MB'
 ";
         assert_eq!(c, want);
-        assert!(
-            render_meridian_conf("*", None, 1, "x", &[]).contains("unix_socket_directories = ''\n")
-        );
+        assert!(render_meridian_conf("*", None, 1, "x", &[], &[])
+            .contains("unix_socket_directories = ''\n"));
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub struct PgStatus {
     pub standbys: Vec<StandbyInfo>,
     /// `synchronous_standby_names` as the server has it now (unparsed).
     pub synchronous_standby_names: Option<String>,
+    /// Standby: milliseconds since the last replayed transaction was committed on the
+    /// primary, 0 when everything received is replayed; None when unknown or a primary.
+    pub replay_delay_ms: Option<u64>,
 }
 
 /// A standby's WAL receiver (`pg_stat_wal_receiver`).
@@ -110,7 +113,10 @@ const STATUS_SQL: &str = "SELECT pg_is_in_recovery(), \
      (SELECT coalesce(json_agg(json_build_array(coalesce(application_name, ''), \
         coalesce(state, ''), coalesce(sync_state, ''), sent_lsn::text, write_lsn::text, \
         flush_lsn::text, replay_lsn::text) ORDER BY application_name), '[]')::text \
-      FROM pg_stat_replication) \
+      FROM pg_stat_replication), \
+     CASE WHEN NOT pg_is_in_recovery() THEN NULL \
+          WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0 \
+          ELSE (extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint END \
      FROM (SELECT 1) AS one LEFT JOIN pg_stat_wal_receiver AS r ON true";
 
 /// One setting's current value on the kept session.
@@ -306,6 +312,71 @@ impl PgInstance {
     }
 }
 
+/// The rows of `pg_settings` validation needs, for the names given.
+const CATALOG_SQL: &str = "SELECT name, vartype, context, unit, min_val, max_val, \
+     coalesce(array_to_string(enumvals, E'\\x1f'), '') \
+     FROM pg_settings WHERE name = ANY($1::text[])";
+
+impl PgInstance {
+    /// Parameters whose new value waits for a restart (`pg_settings.pending_restart`), on
+    /// the kept session, bounded by the probe timeout. Sorted.
+    pub async fn pending_restart(&self) -> Result<Vec<String>, PgError> {
+        let bound = self.timeouts().probe;
+        self.on_kept(bound, |s| async move {
+            let rows = s
+                .client
+                .query(
+                    "SELECT name FROM pg_settings WHERE pending_restart ORDER BY name",
+                    &[],
+                )
+                .await
+                .map_err(|e| PgError::sql("read pending_restart", e))?;
+            Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+        })
+        .await
+    }
+
+    /// The `pg_settings` rows of `names` (lowercase), on the kept session, bounded by the
+    /// probe timeout. A name the server does not know has no entry.
+    pub async fn catalog(
+        &self,
+        names: &[String],
+    ) -> Result<Vec<crate::pgparams::CatalogEntry>, PgError> {
+        let bound = self.timeouts().probe;
+        let names = names.to_vec();
+        self.on_kept(bound, |s| {
+            let names = names.clone();
+            async move {
+                let rows = s
+                    .client
+                    .query(CATALOG_SQL, &[&names])
+                    .await
+                    .map_err(|e| PgError::sql("read pg_settings", e))?;
+                Ok(rows
+                    .iter()
+                    .map(|r| {
+                        let enums: String = r.get(6);
+                        crate::pgparams::CatalogEntry {
+                            name: r.get(0),
+                            vartype: r.get(1),
+                            context: r.get(2),
+                            unit: r.get(3),
+                            min_val: r.get(4),
+                            max_val: r.get(5),
+                            enumvals: if enums.is_empty() {
+                                Vec::new()
+                            } else {
+                                enums.split('\u{1f}').map(str::to_string).collect()
+                            },
+                        }
+                    })
+                    .collect())
+            }
+        })
+        .await
+    }
+}
+
 /// Whether process `pid` is stopped by a signal or traced (`T`/`t` in `/proc/PID/stat`).
 fn process_stopped(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -405,6 +476,9 @@ async fn probe_with(client: &Client, status: &Statement) -> Result<PgStatus, PgE
         wal_receiver,
         standbys,
         synchronous_standby_names,
+        replay_delay_ms: row
+            .get::<_, Option<i64>>(15)
+            .map(|ms| u64::try_from(ms).unwrap_or(0)),
     })
 }
 

@@ -39,6 +39,10 @@ pub struct MemberTags {
     pub priority: i32,
     /// Never promoted automatically (a forced promotion may still pick it).
     pub nofailover: bool,
+    /// Never in the sync set (still a failover candidate as an async standby).
+    pub nosync: bool,
+    /// Preferred source of clones (a new member copies from it instead of the primary).
+    pub clonefrom: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -1421,6 +1425,7 @@ mod tests {
             tags: MemberTags {
                 priority: 0,
                 nofailover: true,
+                ..MemberTags::default()
             },
         });
         assert_eq!(
@@ -1847,6 +1852,7 @@ mod tests {
             tags: MemberTags {
                 priority: 5,
                 nofailover: true,
+                ..MemberTags::default()
             },
         });
         assert_eq!(
