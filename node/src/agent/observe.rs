@@ -83,10 +83,10 @@ fn known_member(shared: &Shared, name: &str) -> bool {
 /// taking observations (remote and local) as heard.
 fn leader_has_fresh_quorum(shared: &Shared) -> bool {
     let bound = shared.config.timing.fence_after.as_millis() as u64;
-    !shared
+    shared
         .raft_metrics()
         .millis_since_quorum_ack
-        .is_some_and(|ms| ms > bound)
+        .is_none_or(|ms| ms <= bound)
 }
 
 #[tonic::async_trait]
