@@ -147,12 +147,20 @@ pub async fn run(config: Config, agent_pid: i32) -> anyhow::Result<()> {
     let fence_timeout = config.timing.pg_probe_timeout * 2;
     let this_boot = boot_id();
     tracing::info!(agent_pid, "watchdog running");
+    let mut reported_gone = false;
     loop {
         tokio::time::sleep(CHECK_EVERY).await;
         let armed = read(&config.state_dir);
         let agent_alive = crate::pg::pid_alive(agent_pid);
         match armed {
             Some(a) if a.passed(monotonic_ms(), &this_boot) => {
+                if !agent_alive && !reported_gone {
+                    reported_gone = true;
+                    tracing::warn!(
+                        agent_pid,
+                        "watchdog: the agent is gone and the lease deadline passed"
+                    );
+                }
                 if pg.is_running() && !pg.is_fenced() && !surely_in_recovery(&pg).await {
                     tracing::error!(
                         "watchdog: the primary's lease deadline passed without a renewal; fencing the local Postgres"
@@ -162,15 +170,27 @@ pub async fn run(config: Config, agent_pid: i32) -> anyhow::Result<()> {
                     }
                 }
                 if !agent_alive {
+                    tracing::info!(
+                        agent_pid,
+                        "watchdog: agent gone, deadline enforced; exiting"
+                    );
                     return Ok(());
                 }
             }
             // A newer agent armed it: its own watchdog guards it now.
             Some(a) if !agent_alive && a.agent_pid != agent_pid && a.agent_pid != 0 => {
+                tracing::info!(
+                    agent_pid,
+                    newer = a.agent_pid,
+                    "watchdog: a newer agent armed the deadline; exiting"
+                );
                 return Ok(());
             }
             Some(_) => {}
-            None if !agent_alive => return Ok(()),
+            None if !agent_alive => {
+                tracing::info!(agent_pid, "watchdog: agent gone, nothing armed; exiting");
+                return Ok(());
+            }
             None => {}
         }
     }
