@@ -8,8 +8,8 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::config::MemberKind;
 use crate::policy::{Durability, FailoverMode, Policy, SyncMode};
+use crate::types::MemberKind;
 
 const NOW: u64 = 100_000;
 const FRESH: u64 = NOW - 100;
