@@ -40,7 +40,10 @@ pub(super) fn primary_state<'a>(cx: &Cx<'a>, primary: &PrimaryView) -> PrimarySt
         if obs.writable() {
             return PrimaryState::Healthy(obs);
         }
-        if obs.writes_stopped() {
+        // A stop reported before the current generation began says nothing about it: a
+        // primary resumed in place takes writes again before its next report (sim
+        // finding F3: promoting on the stale report lost acknowledged commits).
+        if obs.writes_stopped() && obs.seen_generation >= cx.view.generation {
             return PrimaryState::Failed(PromoteReason::PrimaryFenced);
         }
         if !obs.fenced && obs.postgres_up && obs.in_recovery {

@@ -242,6 +242,23 @@ fn the_wal_position_told_to_the_voters_counts_towards_the_loss() {
     );
 }
 
+/// Sim finding F3 (seed 9088): a primary resumed in place reports "fenced and down" from
+/// the generation before its resume; that report must not justify a promotion in the new
+/// generation (the primary takes writes again before its next report).
+#[test]
+fn a_fence_reported_before_the_current_generation_is_not_a_reason_to_promote() {
+    let mut v = base();
+    primary_fenced(&mut v);
+    obs(&mut v, "e1").seen_generation = Generation(2);
+    let d = decide(&v, NOW);
+    assert!(
+        !d.actions
+            .iter()
+            .any(|a| matches!(a, Action::Promote { .. })),
+        "{d:?}"
+    );
+}
+
 #[test]
 fn primary_confirming_its_fence_is_replaced_at_once_without_lease_wait() {
     let mut v = base();
