@@ -74,7 +74,7 @@ fn main() {
                 let out = run(&profile(args.all)(seed), false);
                 results.lock().unwrap_or_else(|e| e.into_inner()).push(out);
                 let d = done.fetch_add(1, Ordering::Relaxed) + 1;
-                if d % 500 == 0 || d == args.seeds {
+                if d.is_multiple_of(500) || d == args.seeds {
                     let failed = results
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())

@@ -180,14 +180,26 @@ enum Role {
     Leader,
 }
 
+/// The break round in flight.
+#[derive(Clone, Debug, Default)]
+struct RunningRound {
+    id: u64,
+    deadline: u64,
+    broken_by: BTreeSet<usize>,
+    /// Remaining grant times of the voters that hold the lease.
+    held_ms: Vec<u64>,
+    primary_lsn: u64,
+    /// A majority answered: the rest get a short grace only.
+    graced: bool,
+}
+
 /// A break round the leader runs.
 #[derive(Clone, Debug, Default)]
 struct BreakTrack {
     key: Option<(String, Generation)>,
     seq: u64,
     round: Option<(BreakRound, u64)>,
-    /// Running round: id, deadline, breakers, held remainders, primary LSN seen.
-    running: Option<(u64, u64, BTreeSet<usize>, Vec<u64>, u64, bool)>,
+    running: Option<RunningRound>,
     last: Option<LeaseView>,
     next_at: u64,
     breaks_since_release: Option<(BreakRound, u64)>,
@@ -519,10 +531,7 @@ impl<'s> World<'s> {
     }
 
     fn deliver_due(&mut self) {
-        loop {
-            let Some((&key, _)) = self.queue.iter().next() else {
-                break;
-            };
+        while let Some((&key, _)) = self.queue.iter().next() {
             if key.0 > self.now {
                 break;
             }
@@ -1067,15 +1076,15 @@ impl<'s> World<'s> {
                 let m = &mut self.members[to];
                 let Some(s) = &mut m.leader_state else { return };
                 let Some(r) = &mut s.brk.running else { return };
-                if r.0 != id {
+                if r.id != id {
                     return;
                 }
                 if broken {
-                    r.2.insert(from);
+                    r.broken_by.insert(from);
                 } else if remaining_ms > 0 {
-                    r.3.push(remaining_ms);
+                    r.held_ms.push(remaining_ms);
                 }
-                r.4 = r.4.max(primary_lsn);
+                r.primary_lsn = r.primary_lsn.max(primary_lsn);
             }
         }
     }
@@ -1545,7 +1554,11 @@ impl<'s> World<'s> {
         let timeout = FENCE_AFTER_MS.max(500);
         let m = &mut self.members[i];
         let s = m.leader_state.as_mut().expect("leader");
-        s.brk.running = Some((id, l + timeout, BTreeSet::new(), Vec::new(), 0, false));
+        s.brk.running = Some(RunningRound {
+            id,
+            deadline: l + timeout,
+            ..RunningRound::default()
+        });
         for j in 0..self.n() {
             self.send(
                 i,
@@ -1570,15 +1583,20 @@ impl<'s> World<'s> {
         let Some(s) = &mut m.leader_state else { return };
         let Some(r) = &mut s.brk.running else { return };
         let need = lease::majority(voters);
-        let broken = r.2.len() >= need;
-        if !broken && !r.5 && r.2.len() + r.3.len() >= need {
-            r.5 = true;
-            r.1 = r.1.min(l + 200);
+        let broken = r.broken_by.len() >= need;
+        if !broken && !r.graced && r.broken_by.len() + r.held_ms.len() >= need {
+            r.graced = true;
+            r.deadline = r.deadline.min(l + 200);
         }
-        if !broken && l < r.1 {
+        if !broken && l < r.deadline {
             return;
         }
-        let (_, _, by, held, lsn, _) = s.brk.running.take().expect("running");
+        let RunningRound {
+            broken_by: by,
+            held_ms: held,
+            primary_lsn: lsn,
+            ..
+        } = s.brk.running.take().expect("running");
         let runs_out = lease::majority_runs_out_in_ms(by.len(), held, voters);
         let round_started = s.brk.round.map_or(l, |r| r.1);
         if !by.is_empty() {
@@ -1664,7 +1682,7 @@ impl<'s> World<'s> {
                 && !up.pg_paused
                 && self.link_up(i, u)
                 && self.link_up(u, i)
-                && !(up.pg.fenced && !up.pg.in_recovery);
+                && (!up.pg.fenced || up.pg.in_recovery);
             let len = pg.wal.len();
             let prefix =
                 len <= up.pg.wal.len() && (len == 0 || up.pg.wal[len - 1] == pg.wal[len - 1]);
