@@ -254,15 +254,11 @@ impl Scenario {
 
     /// The scenario of `seed` for the green campaign: [`Scenario::generate`] without the
     /// fault combinations of open findings (`sim/FINDINGS.md`), so that the campaign
-    /// guards everything else. F1 and F2: a whole-host freeze becomes a freeze of the
-    /// agent alone, under a policy that allows async commits or together with a crash.
+    /// guards everything else. F1: a whole-host freeze becomes a freeze of the agent alone
+    /// under a policy that allows async commits.
     pub fn campaign(seed: u64) -> Scenario {
         let mut sc = Scenario::generate(seed);
-        let crash = sc
-            .faults
-            .iter()
-            .any(|f| matches!(f.kind, FaultKind::Crash { .. }));
-        if !sc.zero_loss || crash {
+        if !sc.zero_loss {
             for f in &mut sc.faults {
                 if let FaultKind::PauseHost { member } = f.kind {
                     f.kind = FaultKind::PauseAgent { member };
