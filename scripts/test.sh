@@ -5,6 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure-deps.sh
+# The pure cores stay pure: no async runtime, RPC, Postgres client or config parser.
+if cargo tree -p meridian-core -e normal --prefix none | grep -E '^(tokio|tonic|prost|tokio-postgres|postgres|toml|meridian-proto) '; then
+  echo "meridian-core must not depend on the crates listed above" >&2
+  exit 1
+fi
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads="${MERIDIAN_TEST_THREADS:-2}"
 # Chaos smoke set: primary-kill, switchover, region-partition with fixed seeds on the

@@ -57,22 +57,9 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// Whether a member runs a Postgres (`data`) or only votes (`witness`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MemberKind {
-    Data,
-    Witness,
-}
-
-impl fmt::Display for MemberKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            MemberKind::Data => "data",
-            MemberKind::Witness => "witness",
-        })
-    }
-}
+/// Whether a member runs a Postgres (`data`) or only votes (`witness`); part of the
+/// persisted model, so it lives in the core crate.
+pub use meridian_core::types::MemberKind;
 
 /// A loaded, validated agent configuration.
 #[derive(Clone, Debug)]

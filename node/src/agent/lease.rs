@@ -36,6 +36,7 @@ use tonic::Request;
 use super::Shared;
 use crate::raft::intent::{BreakRound, Intent};
 use crate::types::Generation;
+use meridian_core::lease::{BreakDecision, VoterLease};
 
 /// How long a break round waits for more answers once a majority answered.
 const BREAK_GRACE: Duration = Duration::from_millis(200);
@@ -84,32 +85,12 @@ pub enum BreakOutcome {
     Refused(String),
 }
 
-/// Voter side of the lease: the grants this member gave, on its own monotonic clock.
+/// Voter side of the lease: the pure [`VoterLease`] on this member's monotonic clock
+/// (milliseconds since `epoch`), plus the file that keeps a break across restarts.
 pub struct Grants {
-    ttl: Duration,
+    epoch: Instant,
     file: Option<PathBuf>,
-    inner: Mutex<GrantInner>,
-}
-
-#[derive(Debug)]
-struct GrantInner {
-    /// The generation the fields below are about (0: none seen yet).
-    generation: Generation,
-    /// The last grant in `generation`, or when this voter started counting it (it learned
-    /// of the generation, or it started: a grant may have been given before a restart).
-    since: Instant,
-    /// Whether this voter granted anything in `generation` since it started counting.
-    granted: bool,
-    /// Until when a grant of an earlier generation may still run here.
-    previous_until: Instant,
-    /// Every generation up to this one is broken here, by the round named (or a later
-    /// one) — unless the applied intent released the breaks of that round.
-    broken_upto: Generation,
-    broken_round: BreakRound,
-    /// The highest WAL position `generation`'s primary reported here, and the previous
-    /// generation's.
-    primary_lsn: u64,
-    previous_primary_lsn: u64,
+    inner: Mutex<VoterLease>,
 }
 
 impl Grants {
@@ -117,63 +98,33 @@ impl Grants {
     /// restarts (None: in memory only, for tests).
     pub fn new(ttl: Duration, state_dir: Option<&std::path::Path>) -> Grants {
         let file = state_dir.map(|d| d.join(BROKEN_FILE));
-        let (broken_upto, broken_round) = file
+        let broken = file
             .as_ref()
             .and_then(|f| std::fs::read_to_string(f).ok())
-            .and_then(|s| parse_broken(&s))
-            .unwrap_or_default();
+            .and_then(|s| parse_broken(&s));
+        // The epoch lies one day back so that instants a little before the start (tests
+        // build grants "given long ago") stay representable.
         let now = Instant::now();
+        let epoch = now.checked_sub(EPOCH_BACK).unwrap_or(now);
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
         Grants {
-            ttl,
+            epoch,
             file,
-            inner: Mutex::new(GrantInner {
-                generation: Generation(0),
-                since: now,
-                granted: false,
-                // A grant given before a restart may still run.
-                previous_until: now + ttl,
-                broken_upto,
-                broken_round,
-                primary_lsn: 0,
-                previous_primary_lsn: 0,
-            }),
+            inner: Mutex::new(VoterLease::new(ttl_ms, ms_since(epoch, now), broken)),
         }
     }
 
-    /// Whether `generation`'s lease is broken here: an older generation always is once a
-    /// newer one was broken; the newest broken one until the intent releases its round.
-    fn is_broken(g: &GrantInner, generation: Generation, intent: &Intent) -> bool {
-        generation < g.broken_upto
-            || (generation == g.broken_upto
-                && generation > Generation(0)
-                && !intent.lease_break_released(generation, g.broken_round))
+    fn ms(&self, at: Instant) -> u64 {
+        ms_since(self.epoch, at)
     }
 
     /// The standing break of `generation` here, if any (for status and metrics).
     pub fn standing_break(&self, intent: &Intent) -> Option<(Generation, BreakRound)> {
-        let g = self.lock();
-        Self::is_broken(&g, g.broken_upto, intent).then_some((g.broken_upto, g.broken_round))
+        self.lock().standing_break(intent)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, GrantInner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VoterLease> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Follows the applied intent: a newer generation starts a new count, and whatever was
-    /// granted in the older one may run until its grant's end.
-    fn follow(&self, g: &mut GrantInner, intent: &Intent, now: Instant) {
-        if intent.generation > g.generation {
-            g.previous_until = g.previous_until.max(g.since + self.ttl);
-            g.previous_primary_lsn = if intent.generation.0 == g.generation.0 + 1 {
-                g.primary_lsn
-            } else {
-                0
-            };
-            g.primary_lsn = 0;
-            g.generation = intent.generation;
-            g.since = now;
-            g.granted = false;
-        }
     }
 
     /// A renewal from `member` for `generation`, received at `now`, with the primary's
@@ -186,42 +137,15 @@ impl Grants {
         intent: &Intent,
         now: Instant,
     ) -> Result<(), String> {
-        let mut g = self.lock();
-        self.follow(&mut g, intent, now);
-        if Self::is_broken(&g, generation, intent) {
-            return Err(format!(
-                "the lease of generation {generation} was broken here (round {})",
-                g.broken_round
-            ));
-        }
-        if intent.generation != generation || intent.primary.as_deref() != Some(member) {
-            return Err(format!(
-                "{member} is not the primary of generation {generation} here (the intent has {:?} at {})",
-                intent.primary, intent.generation
-            ));
-        }
-        if !g.granted && !intent.lease_released && now < g.previous_until {
-            return Err(format!(
-                "the previous primary's lease may run {} ms more here",
-                (g.previous_until - now).as_millis()
-            ));
-        }
-        g.since = now;
-        g.granted = true;
-        g.primary_lsn = g.primary_lsn.max(wal_lsn);
-        Ok(())
+        let now_ms = self.ms(now);
+        self.lock()
+            .renew(member, generation, wal_lsn, intent, now_ms)
+            .map_err(|r| r.to_string())
     }
 
     /// The highest WAL position the primary of `generation` reported here (0: none).
     pub fn primary_lsn(&self, generation: Generation) -> u64 {
-        let g = self.lock();
-        if generation == g.generation {
-            g.primary_lsn
-        } else if generation.0 + 1 == g.generation.0 {
-            g.previous_primary_lsn
-        } else {
-            0
-        }
+        self.lock().primary_lsn(generation)
     }
 
     /// The leader asks to break `member`'s lease of `generation`.
@@ -233,59 +157,33 @@ impl Grants {
         intent: &Intent,
         now: Instant,
     ) -> BreakOutcome {
+        let now_ms = self.ms(now);
         let mut g = self.lock();
-        self.follow(&mut g, intent, now);
-        if generation < g.broken_upto {
-            return BreakOutcome::Broken;
-        }
-        if Self::is_broken(&g, generation, intent) {
-            if round > g.broken_round {
-                // Still broken: it now counts until the newer round is released.
+        match g.decide_break(member, generation, round, intent, now_ms) {
+            BreakDecision::AlreadyBroken => BreakOutcome::Broken,
+            BreakDecision::Held { remaining_ms } => BreakOutcome::Held {
+                remaining: Duration::from_millis(remaining_ms),
+            },
+            BreakDecision::Refused(why) => BreakOutcome::Refused(why),
+            BreakDecision::Record { generation, round } => {
                 if let Some(f) = &self.file {
+                    // Durable before it counts: a restarted voter must not grant it again.
                     if let Err(e) = write_durably(f, generation, round) {
                         return BreakOutcome::Refused(format!("recording the break: {e}"));
                     }
                 }
-                g.broken_round = round;
-            }
-            return BreakOutcome::Broken;
-        }
-        if intent.lease_break_released(generation, round) {
-            return BreakOutcome::Refused(format!(
-                "break round {round} of generation {generation} was already released"
-            ));
-        }
-        let runs_until = if intent.generation > generation {
-            // Over here; a grant given just before this voter applied the newer
-            // generation may still run.
-            g.previous_until
-        } else if intent.generation < generation {
-            // Not applied here yet, so never granted here: breaking it only means this
-            // voter will refuse it once it applies it.
-            now
-        } else if intent.primary.as_deref() != Some(member) {
-            return BreakOutcome::Refused(format!(
-                "{member} is not the primary of generation {generation} here (the intent has {:?})",
-                intent.primary
-            ));
-        } else {
-            g.since + self.ttl
-        };
-        if now < runs_until {
-            return BreakOutcome::Held {
-                remaining: runs_until - now,
-            };
-        }
-        if let Some(f) = &self.file {
-            // Durable before it counts: a restarted voter must not grant it again.
-            if let Err(e) = write_durably(f, generation, round) {
-                return BreakOutcome::Refused(format!("recording the break: {e}"));
+                g.record_break(generation, round);
+                BreakOutcome::Broken
             }
         }
-        g.broken_upto = generation;
-        g.broken_round = round;
-        BreakOutcome::Broken
     }
+}
+
+/// How far back [`Grants`] puts its clock's epoch.
+const EPOCH_BACK: Duration = Duration::from_secs(86_400);
+
+fn ms_since(epoch: Instant, at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(epoch).as_millis()).unwrap_or(u64::MAX)
 }
 
 /// `GENERATION [TERM SEQ]` (a file without the round, from an older version, names round
@@ -390,10 +288,7 @@ pub fn handle_break(shared: &Shared, req: BreakLeaseRequest) -> BreakLeaseRespon
     resp
 }
 
-/// Majority of `n` voters.
-pub fn majority(n: usize) -> usize {
-    n / 2 + 1
-}
+pub use meridian_core::lease::majority;
 
 /// One renewal: sent to every member at once, counted when a majority granted it. On
 /// success the member's [`LeaseState`] moves to the send time. Bounded by `timeout`.
@@ -511,7 +406,8 @@ pub async fn break_round(
 ) -> BreakResult {
     let intent = shared.applied().intent.clone();
     let voters: Vec<String> = intent.members.keys().cloned().collect();
-    let need = majority(voters.len());
+    let voters_n = voters.len();
+    let need = majority(voters_n);
     let req = BreakLeaseRequest {
         cluster: shared.config.cluster.clone(),
         member: member.to_string(),
@@ -558,13 +454,13 @@ pub async fn break_round(
         }
     }
     let broken = broken_by.len() >= need;
-    held.sort();
-    let majority_runs_out_in = if broken {
-        None
-    } else {
-        need.checked_sub(broken_by.len() + 1)
-            .and_then(|i| held.get(i).copied())
-    };
+    let held_ms = held
+        .iter()
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .collect();
+    let majority_runs_out_in =
+        meridian_core::lease::majority_runs_out_in_ms(broken_by.len(), held_ms, voters_n)
+            .map(Duration::from_millis);
     BreakResult {
         broken_by,
         broken,
@@ -650,7 +546,8 @@ pub async fn run(shared: Arc<Shared>, pg: Option<crate::pg::PgInstance>) {
         // The deadline counts from the send time of the last counted renewal (or when this
         // agent saw itself named primary, when it has none yet: one grace period).
         // The renewal may not run past it: the fence must not wait for slow voters.
-        let deadline = shared.lease.last_ok(generation).unwrap_or(started) + t.fence_after;
+        let fence_in = fence_offset(t);
+        let deadline = shared.lease.last_ok(generation).unwrap_or(started) + fence_in;
         let left = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
@@ -672,7 +569,7 @@ pub async fn run(shared: Arc<Shared>, pg: Option<crate::pg::PgInstance>) {
             }
         }
         let since = shared.lease.last_ok(generation).unwrap_or(started);
-        if since.elapsed() < t.fence_after {
+        if since.elapsed() < fence_in {
             continue;
         }
         let Some(pg) = &pg else { continue };
@@ -703,6 +600,17 @@ pub async fn run(shared: Arc<Shared>, pg: Option<crate::pg::PgInstance>) {
     }
 }
 
+/// How long after the send time of the last counted renewal the primary must fence
+/// (`meridian_core::lease::fence_deadline_ms`).
+fn fence_offset(t: &crate::config::TimingConfig) -> Duration {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(meridian_core::lease::fence_deadline_ms(
+        0,
+        ms(t.fence_after),
+        ms(t.lease_ttl),
+    ))
+}
+
 /// Whether a Postgres past its fence deadline must be fenced, given whether it is in
 /// recovery (`None`: unknown, it did not answer). Only a server that may take writes needs
 /// it; not knowing counts as writable.
@@ -712,6 +620,8 @@ fn needs_fence(in_recovery: Option<bool>) -> bool {
 
 #[cfg(test)]
 mod tests {
+    //! The grant and break arithmetic is tested exactly in `meridian_core::lease`; these
+    //! tests cover what the runtime adds: the real clock, the durable break file.
     use super::*;
     use crate::raft::intent::Intent;
 
@@ -736,12 +646,13 @@ mod tests {
         }
     }
 
-    /// Grants that have been running for a while (past the start-up wait).
-    fn settled(t0: Instant) -> Grants {
-        let g = Grants::new(TTL, None);
-        g.lock().previous_until = t0;
-        g.lock().since = t0 - TTL;
-        g
+    /// Grants whose last grant of generation 3 ran out long before `t0`.
+    fn run_out(g: &Grants, t0: Instant) {
+        let t0_ms = g.ms(t0);
+        let mut v = g.lock();
+        v.previous_until_ms = t0_ms;
+        v.since_ms = t0_ms - TTL.as_millis() as u64;
+        v.generation = Generation(3);
     }
 
     #[test]
@@ -765,160 +676,25 @@ mod tests {
     }
 
     #[test]
-    fn majorities() {
-        assert_eq!(majority(1), 1);
-        assert_eq!(majority(3), 2);
-        assert_eq!(majority(4), 3);
-        assert_eq!(majority(5), 3);
-    }
-
-    #[test]
-    fn a_voter_grants_only_the_intents_primary_of_that_generation() {
-        let t0 = Instant::now();
-        let g = settled(t0);
-        let i = intent("a1", 3, false);
-        assert!(g.renew("a1", Generation(3), 0, &i, t0).is_ok());
-        let e = g.renew("a2", Generation(3), 0, &i, t0).unwrap_err();
-        assert!(e.contains("not the primary"), "{e}");
-        let e = g.renew("a1", Generation(2), 0, &i, t0).unwrap_err();
-        assert!(e.contains("not the primary"), "{e}");
-        // A voter that has not applied the promotion yet refuses too.
-        let e = g.renew("a1", Generation(4), 0, &i, t0).unwrap_err();
-        assert!(e.contains("not the primary"), "{e}");
-    }
-
-    #[test]
-    fn a_held_lease_is_not_broken_and_a_run_out_one_is_broken_for_good() {
-        let t0 = Instant::now();
-        let g = settled(t0);
-        let i = intent("a1", 3, false);
-        g.renew("a1", Generation(3), 0, &i, t0).unwrap();
-        let ms = Duration::from_millis;
-        assert_eq!(
-            g.break_lease("a1", Generation(3), R1, &i, t0 + ms(500)),
-            BreakOutcome::Held {
-                remaining: ms(1_500)
-            }
-        );
-        // Renewed later: the grant runs from the last renewal.
-        g.renew("a1", Generation(3), 0, &i, t0 + ms(1_000)).unwrap();
-        assert_eq!(
-            g.break_lease("a1", Generation(3), R1, &i, t0 + ms(2_500)),
-            BreakOutcome::Held { remaining: ms(500) }
-        );
-        assert_eq!(
-            g.break_lease("a1", Generation(3), R1, &i, t0 + ms(3_000)),
-            BreakOutcome::Broken
-        );
-        // Sticky: the primary cannot renew that generation here any more.
-        let e = g
-            .renew("a1", Generation(3), 0, &i, t0 + ms(3_001))
-            .unwrap_err();
-        assert!(e.contains("broken"), "{e}");
-        assert_eq!(
-            g.break_lease("a1", Generation(3), R1, &i, t0 + ms(3_002)),
-            BreakOutcome::Broken
-        );
-    }
-
-    #[test]
-    fn an_expired_but_unbroken_grant_may_be_renewed() {
-        let t0 = Instant::now();
-        let g = settled(t0);
-        let i = intent("a1", 3, false);
-        g.renew("a1", Generation(3), 0, &i, t0).unwrap();
-        assert!(g
-            .renew("a1", Generation(3), 0, &i, t0 + Duration::from_secs(10))
-            .is_ok());
-    }
-
-    #[test]
-    fn a_new_primary_waits_out_the_old_grant_unless_it_was_released() {
-        let t0 = Instant::now();
-        let ms = Duration::from_millis;
-        let g = settled(t0);
-        let old = intent("a1", 3, false);
-        g.renew("a1", Generation(3), 0, &old, t0).unwrap();
-        // A forced promotion: the old grant may run until t0 + TTL here.
-        let new = intent("a2", 4, false);
-        let e = g
-            .renew("a2", Generation(4), 0, &new, t0 + ms(100))
-            .unwrap_err();
-        assert!(e.contains("previous primary"), "{e}");
-        // The old primary is refused at once in the new generation.
-        assert!(g.renew("a1", Generation(3), 0, &new, t0 + ms(100)).is_err());
-        assert!(g.renew("a2", Generation(4), 0, &new, t0 + TTL).is_ok());
-
-        // Released (a majority broke the old lease): granted at once.
-        let g = settled(t0);
-        g.renew("a1", Generation(3), 0, &old, t0).unwrap();
-        let released = intent("a2", 4, true);
-        assert!(g
-            .renew("a2", Generation(4), 0, &released, t0 + ms(100))
-            .is_ok());
-    }
-
-    #[test]
-    fn breaking_an_older_generation_waits_for_its_last_grant() {
-        let t0 = Instant::now();
-        let ms = Duration::from_millis;
-        let g = settled(t0);
-        g.renew("a1", Generation(3), 0, &intent("a1", 3, false), t0)
-            .unwrap();
-        let newer = intent("a2", 4, false);
-        assert_eq!(
-            g.break_lease("a1", Generation(3), R1, &newer, t0 + ms(400)),
-            BreakOutcome::Held {
-                remaining: ms(1_600)
-            }
-        );
-        assert_eq!(
-            g.break_lease("a1", Generation(3), R1, &newer, t0 + TTL),
-            BreakOutcome::Broken
-        );
-        // A generation this voter has not applied yet was never granted here.
-        let lagging = intent("a1", 3, false);
-        assert_eq!(
-            g.break_lease("a2", Generation(5), R1, &lagging, t0 + TTL),
-            BreakOutcome::Broken
-        );
-        let e = g
-            .renew("a2", Generation(5), 0, &intent("a2", 5, true), t0 + TTL)
-            .unwrap_err();
-        assert!(e.contains("broken"), "{e}");
-    }
-
-    #[test]
-    fn voters_keep_the_highest_wal_position_per_generation() {
-        let t0 = Instant::now();
-        let g = settled(t0);
-        let i3 = intent("a1", 3, false);
-        g.renew("a1", Generation(3), 500, &i3, t0).unwrap();
-        g.renew("a1", Generation(3), 0, &i3, t0).unwrap();
-        assert_eq!(g.primary_lsn(Generation(3)), 500);
-        // A refused renewal records nothing.
-        assert!(g.renew("a2", Generation(3), 900, &i3, t0).is_err());
-        assert_eq!(g.primary_lsn(Generation(3)), 500);
-        // The next generation keeps the previous one's for the leader's break round.
-        let i4 = intent("a2", 4, true);
-        g.renew("a2", Generation(4), 700, &i4, t0).unwrap();
-        assert_eq!(g.primary_lsn(Generation(4)), 700);
-        assert_eq!(g.primary_lsn(Generation(3)), 500);
-        assert_eq!(g.primary_lsn(Generation(2)), 0);
-    }
-
-    #[test]
-    fn a_restarted_voter_counts_as_having_just_granted() {
+    fn grants_count_on_the_real_clock() {
         let t0 = Instant::now();
         let g = Grants::new(TTL, None);
         let i = intent("a1", 3, false);
+        // A restarted voter counts as having just granted.
         assert!(matches!(
             g.break_lease("a1", Generation(3), R1, &i, t0),
             BreakOutcome::Held { .. }
         ));
-        // Nor does it grant a primary whose predecessor it may have granted before.
         assert!(g.renew("a1", Generation(3), 0, &i, t0).is_err());
         assert!(g.renew("a1", Generation(3), 0, &i, t0 + TTL * 2).is_ok());
+        assert_eq!(
+            g.break_lease("a1", Generation(3), R1, &i, t0 + TTL * 2 + TTL / 4),
+            BreakOutcome::Held {
+                remaining: TTL - TTL / 4
+            }
+        );
+        let e = g.renew("a2", Generation(3), 0, &i, t0).unwrap_err();
+        assert!(e.contains("not the primary"), "{e}");
     }
 
     #[test]
@@ -928,9 +704,7 @@ mod tests {
         let i = intent("a1", 3, false);
         {
             let g = Grants::new(TTL, Some(dir.path()));
-            g.lock().previous_until = t0;
-            g.lock().since = t0 - TTL;
-            g.lock().generation = Generation(3);
+            run_out(&g, t0);
             assert_eq!(
                 g.break_lease("a1", Generation(3), R1, &i, t0),
                 BreakOutcome::Broken
@@ -944,65 +718,13 @@ mod tests {
     }
 
     #[test]
-    fn a_break_no_promotion_followed_is_released_through_the_intent() {
-        let t0 = Instant::now();
-        let g = settled(t0);
-        let i = intent("a1", 3, false);
-        let ms = Duration::from_millis;
-        g.renew("a1", Generation(3), 0, &i, t0).unwrap();
-        assert_eq!(
-            g.break_lease("a1", Generation(3), R1, &i, t0 + ms(3_000)),
-            BreakOutcome::Broken
-        );
-        assert_eq!(g.standing_break(&i), Some((Generation(3), R1)));
-        assert!(g.renew("a1", Generation(3), 0, &i, t0 + ms(3_100)).is_err());
-        // The cluster released round R1 (no promotion followed): the primary may renew.
-        let i = released(i, R1);
-        assert_eq!(g.standing_break(&i), None);
-        g.renew("a1", Generation(3), 0, &i, t0 + ms(3_200)).unwrap();
-        // A late request of the released round breaks nothing.
-        assert!(matches!(
-            g.break_lease("a1", Generation(3), R1, &i, t0 + ms(9_000)),
-            BreakOutcome::Refused(_)
-        ));
-        // A new round breaks it again once the grant ran out.
-        assert_eq!(
-            g.break_lease("a1", Generation(3), R2, &i, t0 + ms(5_300)),
-            BreakOutcome::Broken
-        );
-        assert!(g.renew("a1", Generation(3), 0, &i, t0 + ms(5_400)).is_err());
-    }
-
-    #[test]
-    fn a_break_renewed_by_a_newer_round_outlives_the_release_of_the_older() {
-        let t0 = Instant::now();
-        let g = settled(t0);
-        let i = intent("a1", 3, false);
-        let ms = Duration::from_millis;
-        g.renew("a1", Generation(3), 0, &i, t0).unwrap();
-        assert_eq!(
-            g.break_lease("a1", Generation(3), R1, &i, t0 + ms(3_000)),
-            BreakOutcome::Broken
-        );
-        assert_eq!(
-            g.break_lease("a1", Generation(3), R2, &i, t0 + ms(3_500)),
-            BreakOutcome::Broken
-        );
-        let i = released(i, R1);
-        assert_eq!(g.standing_break(&i), Some((Generation(3), R2)));
-        assert!(g.renew("a1", Generation(3), 0, &i, t0 + ms(3_600)).is_err());
-    }
-
-    #[test]
     fn a_break_and_its_round_survive_a_restart_and_old_files_still_read() {
         let dir = tempfile::tempdir().unwrap();
         let t0 = Instant::now();
         let i = intent("a1", 3, false);
         {
             let g = Grants::new(TTL, Some(dir.path()));
-            g.lock().previous_until = t0;
-            g.lock().since = t0 - TTL;
-            g.lock().generation = Generation(3);
+            run_out(&g, t0);
             assert_eq!(
                 g.break_lease("a1", Generation(3), R2, &i, t0),
                 BreakOutcome::Broken

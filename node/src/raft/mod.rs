@@ -3,8 +3,11 @@
 //!
 //! Raft knows members by id and name only; addresses live in each agent's local config.
 
-mod command_display;
-pub mod intent;
+/// The persisted model lives in the core crate; re-exported here so the runtime's paths
+/// stay `raft::intent::...`.
+pub mod intent {
+    pub use meridian_core::intent::*;
+}
 pub mod log_store;
 pub mod network;
 pub mod state_machine;

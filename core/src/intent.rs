@@ -20,7 +20,7 @@ use crate::policy::{Durability, FailoverMode, Policy};
 use crate::types::{Generation, Lsn, MemberId};
 
 /// The same kind as in the agent config (one type, so the intent and the config agree).
-pub use crate::config::MemberKind;
+pub use crate::types::MemberKind;
 
 /// History entries kept in the intent; older ones are dropped so snapshots stay small.
 pub const MAX_HISTORY_ENTRIES: usize = 1000;
@@ -186,6 +186,13 @@ pub struct LeaseBreakRelease {
     pub generation: Generation,
     pub upto: BreakRound,
 }
+
+/// Version of the persisted format: the JSON encoding of [`Command`] (Raft log entries)
+/// and [`Intent`] (snapshots). Bump it for any change that an older agent could not read
+/// or that changes what an older entry means, and keep decoding the older format:
+/// `core/tests/format.rs` decodes fixtures written by each version (`core/tests/fixtures/`).
+/// Renaming a variant or a field of any type reachable from these two breaks logs on disk.
+pub const FORMAT_VERSION: u32 = 1;
 
 /// Every change to the intent. Apply is deterministic: no clocks, no I/O, no randomness.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use super::intent::{Command, PromotionKind};
+use crate::intent::{Command, PromotionKind};
 
 impl fmt::Display for PromotionKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -12,7 +12,6 @@
 //! failover to an async standby allowed when it lags by at most 16 MiB.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
@@ -40,7 +39,7 @@ pub struct PolicyError {
 }
 
 impl PolicyError {
-    fn new(key: impl Into<String>, value: Option<&str>, reason: impl Into<String>) -> Self {
+    pub fn new(key: impl Into<String>, value: Option<&str>, reason: impl Into<String>) -> Self {
         PolicyError {
             key: key.into(),
             value: value.map(str::to_string),
@@ -212,35 +211,6 @@ impl Policy {
         }
     }
 
-    /// Parses a policy from TOML and validates it.
-    pub fn from_toml_str(text: &str) -> Result<Policy, PolicyError> {
-        let de = toml::de::Deserializer::parse(text)
-            .map_err(|e| PolicyError::new("(syntax)", None, e.message().trim().to_string()))?;
-        Self::finish(serde_path_to_error::deserialize(de))
-    }
-
-    /// Parses a policy from JSON and validates it.
-    pub fn from_json_str(text: &str) -> Result<Policy, PolicyError> {
-        let mut de = serde_json::Deserializer::from_str(text);
-        Self::finish(serde_path_to_error::deserialize(&mut de))
-    }
-
-    fn finish<E: fmt::Display>(
-        parsed: Result<Policy, serde_path_to_error::Error<E>>,
-    ) -> Result<Policy, PolicyError> {
-        let policy = parsed.map_err(|e| {
-            let key = e.path().to_string();
-            let key = if key == "." {
-                "(top level)".into()
-            } else {
-                key
-            };
-            PolicyError::new(key, None, e.into_inner().to_string())
-        })?;
-        policy.validate()?;
-        Ok(policy)
-    }
-
     /// Applies one `KEY=VALUE` edit (`sync_quorum=2`, `regions.us-west.mode=sync`, ...)
     /// and validates the result. On error the policy is left unchanged and the error
     /// names the key and the value.
@@ -392,46 +362,6 @@ mod tests {
     }
 
     #[test]
-    fn parses_toml_and_json_and_round_trips() {
-        let p = Policy::from_toml_str(
-            r#"
-            sync_quorum = 2
-            durability = "preferred"
-            [regions.us-west]
-            mode = "sync"
-            priority = 5
-            [regions.eu]
-            failover = "manual"
-            "#,
-        )
-        .unwrap();
-        assert_eq!(p.sync_quorum, 2);
-        assert_eq!(p.durability, Durability::Preferred);
-        assert_eq!(p.region("us-west").mode, SyncMode::Sync);
-        assert_eq!(p.region("us-west").priority, 5);
-        assert_eq!(p.region("us-west").failover, FailoverMode::Auto);
-        assert_eq!(p.region("eu").failover, FailoverMode::Manual);
-        assert_eq!(p.commit_latency_budget_ms, 10, "unset keys keep defaults");
-
-        let json = serde_json::to_string(&p).unwrap();
-        assert_eq!(Policy::from_json_str(&json).unwrap(), p);
-        let toml_text = toml::to_string(&p).unwrap();
-        assert_eq!(Policy::from_toml_str(&toml_text).unwrap(), p);
-    }
-
-    #[test]
-    fn unknown_keys_and_bad_values_are_named() {
-        let e = Policy::from_toml_str("sync_qorum = 2").unwrap_err();
-        assert!(e.reason.contains("sync_qorum"), "{e}");
-        let e = Policy::from_toml_str("[regions.eu]\nmode = \"fast\"").unwrap_err();
-        assert_eq!(e.key, "regions.eu.mode", "{e}");
-        let e = Policy::from_json_str(r#"{"sync_quorum": 0}"#).unwrap_err();
-        assert_eq!(e.key, "sync_quorum");
-        let e = Policy::from_toml_str("[regions.\"US.West\"]\nmode = \"sync\"").unwrap_err();
-        assert_eq!(e.key, "regions.US.West");
-    }
-
-    #[test]
     fn set_edits_and_validates() {
         let mut p = Policy::default();
         p.set("regions.us-west.mode", "sync").unwrap();
@@ -462,8 +392,8 @@ mod tests {
         assert_eq!(p.postgresql.parameters["pg_stat_statements.max"], "5000");
         let e = p.set("postgresql.parameters.port", "6000").unwrap_err();
         assert!(e.reason.contains("managed by Meridian"), "{e}");
-        let toml_text = toml::to_string(&p).unwrap();
-        assert_eq!(Policy::from_toml_str(&toml_text).unwrap(), p);
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(serde_json::from_str::<Policy>(&json).unwrap(), p);
         p.unset("postgresql.parameters.work_mem").unwrap();
         assert!(!p.postgresql.parameters.contains_key("work_mem"));
         assert!(p.unset("sync_quorum").is_err());

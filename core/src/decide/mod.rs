@@ -31,7 +31,7 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-pub use from_intent::{cluster_view, observation_from_proto, LeaderBookkeeping};
+pub use from_intent::{cluster_view, LeaderBookkeeping};
 pub use view::{
     ClusterView, LeaseView, Limits, MemberView, Observation, PeerProbe, PrimaryView,
     SwitchoverAbort, SwitchoverPhase, SwitchoverView, SyncSet,
@@ -403,7 +403,7 @@ impl<'a> Cx<'a> {
         self.view
             .members
             .iter()
-            .filter(|(_, m)| m.kind == crate::config::MemberKind::Data)
+            .filter(|(_, m)| m.kind == crate::types::MemberKind::Data)
             .filter_map(move |(name, _)| self.fresh(name).map(|obs| (name.as_str(), obs)))
     }
 

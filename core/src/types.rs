@@ -1,4 +1,5 @@
-//! Newtypes shared across the agent: WAL positions, member ids, fencing generations.
+//! Newtypes shared across the agent: WAL positions, member ids, fencing generations, and
+//! the kind of a member (data or witness).
 
 use std::fmt;
 use std::str::FromStr;
@@ -69,6 +70,23 @@ impl Generation {
 impl fmt::Display for Generation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
+    }
+}
+
+/// Whether a member runs a Postgres (`data`) or only votes (`witness`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberKind {
+    Data,
+    Witness,
+}
+
+impl fmt::Display for MemberKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MemberKind::Data => "data",
+            MemberKind::Witness => "witness",
+        })
     }
 }
 

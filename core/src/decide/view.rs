@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::MemberKind;
 use crate::policy::Policy;
+use crate::types::MemberKind;
 use crate::types::{Generation, Lsn};
 
 /// Everything [`decide`](super::decide) looks at. All `*_ms` instants are on the

@@ -15,9 +15,9 @@ use super::{
     Action, ClusterView, Cx, Decision, NoCandidate, NoCandidateReason, Observation, PrimaryView,
     PromoteReason, Rejection, Wait,
 };
-use crate::config::MemberKind;
 use crate::policy::{FailoverMode, SyncMode};
 use crate::types::Lsn;
+use crate::types::MemberKind;
 
 pub(super) enum PrimaryState<'a> {
     Healthy(&'a Observation),
@@ -40,7 +40,10 @@ pub(super) fn primary_state<'a>(cx: &Cx<'a>, primary: &PrimaryView) -> PrimarySt
         if obs.writable() {
             return PrimaryState::Healthy(obs);
         }
-        if obs.writes_stopped() {
+        // A stop reported before the current generation began says nothing about it: a
+        // primary resumed in place takes writes again before its next report (sim
+        // finding F3: promoting on the stale report lost acknowledged commits).
+        if obs.writes_stopped() && obs.seen_generation >= cx.view.generation {
             return PrimaryState::Failed(PromoteReason::PrimaryFenced);
         }
         if !obs.fenced && obs.postgres_up && obs.in_recovery {
@@ -193,7 +196,12 @@ fn choose(cx: &Cx, old: &str, allow_async: bool) -> Result<Chosen, NoCandidate> 
 
     if !sync_names.is_empty() && k > 0 {
         let n = sync_names.len();
-        let needed = (n + 1).saturating_sub(k).max(1);
+        let needed = if crate::mutant!(PromoteWithoutSyncQuorum) {
+            // Mutant: one answering sync member is taken as the quorum's position.
+            1
+        } else {
+            (n + 1).saturating_sub(k).max(1)
+        };
         let answered: BTreeMap<&str, Lsn> = sync_names
             .iter()
             .filter_map(|name| {

@@ -11,8 +11,8 @@ use super::{
     Action, Cx, Decision, PromoteReason, Rejection, SwitchoverAbort, SwitchoverPhase,
     SwitchoverView, SwitchoverWait, Wait,
 };
-use crate::config::MemberKind;
 use crate::types::Lsn;
+use crate::types::MemberKind;
 
 pub(super) fn step(cx: &Cx, sw: &SwitchoverView) -> Decision {
     let view = cx.view;

@@ -14,8 +14,8 @@
 use std::collections::BTreeSet;
 
 use super::{Action, Cx, Observation, SyncSet, Wait};
-use crate::config::MemberKind;
 use crate::policy::{Durability, SyncMode};
+use crate::types::MemberKind;
 
 /// The next step towards the target sync set, if any, and the wait when `required`
 /// durability is short of its quorum. Needs the primary to report what its Postgres has in

@@ -8,8 +8,8 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::config::MemberKind;
 use crate::policy::{Durability, FailoverMode, Policy, SyncMode};
+use crate::types::MemberKind;
 
 const NOW: u64 = 100_000;
 const FRESH: u64 = NOW - 100;
@@ -242,6 +242,23 @@ fn the_wal_position_told_to_the_voters_counts_towards_the_loss() {
     assert_eq!(
         decide(&v, NOW),
         promote("e2", PromoteReason::LeaseExpired, 500)
+    );
+}
+
+/// Sim finding F3 (seed 9088): a primary resumed in place reports "fenced and down" from
+/// the generation before its resume; that report must not justify a promotion in the new
+/// generation (the primary takes writes again before its next report).
+#[test]
+fn a_fence_reported_before_the_current_generation_is_not_a_reason_to_promote() {
+    let mut v = base();
+    primary_fenced(&mut v);
+    obs(&mut v, "e1").seen_generation = Generation(2);
+    let d = decide(&v, NOW);
+    assert!(
+        !d.actions
+            .iter()
+            .any(|a| matches!(a, Action::Promote { .. })),
+        "{d:?}"
     );
 }
 

@@ -1,0 +1,205 @@
+//! The simulation campaign of `cargo test`: many seeds under the real rules, each mutant
+//! caught within a bounded number of seeds, exact replay, and the open findings of
+//! `sim/FINDINGS.md` as ignored regression tests.
+//!
+//! `MERIDIAN_SIM_SEED=N cargo test -p meridian-sim` replays seed N alone and prints its
+//! schedule and trace.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use meridian_core::mutants::{self, Mutation};
+use meridian_sim::{run, seed_from_env, Invariant, Outcome, Scenario};
+
+/// Seeds of the campaign (the brief: at least 10,000 in under 2 minutes on 2 cores).
+const CAMPAIGN_SEEDS: u64 = 10_000;
+/// Campaign seeds that fail on today's rules, each an open finding of `sim/FINDINGS.md`
+/// with its own ignored regression test below. Reported, not asserted.
+const KNOWN_OPEN: &[u64] = &[3806];
+/// Every mutant must be caught within this many seeds.
+const MUTANT_BOUND: u64 = 2_000;
+
+/// Runs `count` seeds from `from` on every core with `mutation` active; stops early once
+/// `stop` says so. Returns the outcomes in seed order.
+fn campaign(
+    from: u64,
+    count: u64,
+    mutation: Option<Mutation>,
+    profile: fn(u64) -> Scenario,
+    stop: fn(&Outcome) -> bool,
+) -> Vec<Outcome> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let next = AtomicU64::new(from);
+    let stopped = AtomicU64::new(u64::MAX);
+    let out = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                mutants::set(mutation);
+                loop {
+                    let seed = next.fetch_add(1, Ordering::Relaxed);
+                    if seed >= from + count || seed > stopped.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let o = run(&profile(seed), false);
+                    if stop(&o) {
+                        stopped.fetch_min(seed, Ordering::Relaxed);
+                    }
+                    out.lock().unwrap_or_else(|e| e.into_inner()).push(o);
+                }
+                mutants::set(None);
+            });
+        }
+    });
+    let mut v = out.into_inner().unwrap_or_else(|e| e.into_inner());
+    v.sort_by_key(|o| o.seed);
+    v
+}
+
+fn replay_and_print(seed: u64) -> Outcome {
+    let sc = Scenario::campaign(seed);
+    println!("{sc}");
+    let out = run(&sc, true);
+    for line in &out.trace {
+        println!("{line}");
+    }
+    out
+}
+
+fn describe_failures(outcomes: &[Outcome]) -> String {
+    outcomes
+        .iter()
+        .filter(|o| !o.ok())
+        .take(10)
+        .map(|o| {
+            format!(
+                "seed {} (replay: MERIDIAN_SIM_SEED={} cargo test -p meridian-sim -- --nocapture):\n{}\n  {}",
+                o.seed,
+                o.seed,
+                Scenario::campaign(o.seed),
+                o.violations
+                    .iter()
+                    .map(|v| v.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n  ")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn ten_thousand_seeds_keep_every_invariant() {
+    if let Some(seed) = seed_from_env() {
+        let out = replay_and_print(seed);
+        assert!(out.ok(), "seed {seed}: {:?}", out.violations);
+        return;
+    }
+    let started = std::time::Instant::now();
+    let outcomes = campaign(0, CAMPAIGN_SEEDS, None, Scenario::campaign, |_| false);
+    let failed: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|o| !o.ok() && !KNOWN_OPEN.contains(&o.seed))
+        .collect();
+    for o in outcomes.iter().filter(|o| KNOWN_OPEN.contains(&o.seed)) {
+        println!("known open finding, seed {}: ok = {}", o.seed, o.ok());
+    }
+    let acked: usize = outcomes.iter().map(|o| o.acked).sum();
+    let promotions: u64 = outcomes.iter().map(|o| o.failovers).sum();
+    println!(
+        "{} seeds in {:.1} s: {} acknowledged commits, {} promotions, {} failing",
+        outcomes.len(),
+        started.elapsed().as_secs_f64(),
+        acked,
+        promotions,
+        failed.len()
+    );
+    assert_eq!(outcomes.len() as u64, CAMPAIGN_SEEDS);
+    // The campaign must exercise failovers, or it could not fail.
+    assert!(
+        promotions > CAMPAIGN_SEEDS / 20,
+        "only {promotions} promotions"
+    );
+    let unexpected: Vec<Outcome> = failed.into_iter().cloned().collect();
+    assert!(unexpected.is_empty(), "{}", describe_failures(&unexpected));
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    for seed in [3, 36, 1_000] {
+        let a = run(&Scenario::generate(seed), true);
+        let b = run(&Scenario::generate(seed), true);
+        assert_eq!(a.trace, b.trace, "seed {seed}");
+        assert_eq!(a.violations, b.violations, "seed {seed}");
+        assert_eq!(a.acked, b.acked, "seed {seed}");
+        assert!(!a.trace.is_empty());
+    }
+}
+
+/// Seeds until the first one that violates `invariant` with `mutation` active.
+fn first_catch(mutation: Mutation, invariant: Invariant) -> Option<u64> {
+    let outcomes = campaign(0, MUTANT_BOUND, Some(mutation), Scenario::campaign, |o| {
+        !o.ok()
+    });
+    outcomes
+        .iter()
+        .find(|o| o.violations.iter().any(|v| v.invariant == invariant))
+        .map(|o| o.seed)
+}
+
+#[test]
+fn mutant_promote_without_the_sync_quorum_is_caught() {
+    let caught = first_catch(
+        Mutation::PromoteWithoutSyncQuorum,
+        Invariant::NoAcknowledgedLoss,
+    );
+    println!("caught at seed {caught:?}");
+    assert!(caught.is_some(), "not caught within {MUTANT_BOUND} seeds");
+}
+
+#[test]
+fn mutant_fence_after_the_lease_is_caught() {
+    let caught = first_catch(Mutation::FenceAfterLease, Invariant::OneWriter);
+    println!("caught at seed {caught:?}");
+    assert!(caught.is_some(), "not caught within {MUTANT_BOUND} seeds");
+}
+
+/// Not caught in 2,000 seeds (sim/FINDINGS.md, "Mutant 3"): the fence deadline already
+/// keeps an old primary from writing by the time any voter could grant it wrongly, in every
+/// fault class the simulation models so far.
+#[test]
+#[ignore = "mutant 3 survives the modelled fault classes (sim/FINDINGS.md)"]
+fn mutant_grant_without_the_generation_check_is_caught() {
+    let caught = first_catch(Mutation::GrantWithoutGenerationCheck, Invariant::OneWriter);
+    println!("caught at seed {caught:?}");
+    assert!(caught.is_some(), "not caught within {MUTANT_BOUND} seeds");
+}
+
+/// F1 (sim/FINDINGS.md): a whole-host freeze of the primary under an async policy; after
+/// SIGCONT its Postgres acknowledges commits before its agent fences it.
+#[test]
+#[ignore = "open finding F1 (sim/FINDINGS.md): fails on today's rules"]
+fn f1_a_frozen_async_primary_acknowledges_nothing_after_a_failover() {
+    for seed in [36, 317, 652] {
+        let out = run(&Scenario::generate(seed), false);
+        assert!(out.ok(), "seed {seed}: {:?}", out.violations);
+    }
+}
+
+/// F3b (sim/FINDINGS.md): a primary resumed in place reports "fenced and down" in the new
+/// generation while its resume is under way; the leader promotes another member on that
+/// report (no lease break for a fenced primary) while the resumed one acknowledges commits.
+#[test]
+#[ignore = "open finding F3b (sim/FINDINGS.md): fails on today's rules"]
+fn f3b_a_primary_resuming_in_place_is_not_replaced_on_its_own_fence_report() {
+    let out = run(&Scenario::campaign(3806), false);
+    assert!(out.ok(), "seed 3806: {:?}", out.violations);
+}
+
+/// F3 (fixed in `decide::failover::primary_state`): a fence report from before the
+/// generation of a resume in place no longer justifies a promotion.
+#[test]
+fn f3_a_stale_fence_report_does_not_replace_a_resumed_primary() {
+    let out = run(&Scenario::campaign(9088), false);
+    assert!(out.ok(), "seed 9088: {:?}", out.violations);
+}
