@@ -13,6 +13,8 @@
 #   CHAOS_SEEDS="1 2 3 4 5"   CHAOS_POLICIES="default zero-rpo"
 #   CHAOS_PROFILE=release builds and uses release binaries (default: debug).
 #   CHAOS_HOSTS=netns runs every member in its own network namespace (root only).
+#   CHAOS_BACKUP_REPO=DIR archives WAL with pgBackRest into DIR/<run> during each run and
+#   fills the scorecard's archive_gap (a gap is a violation); DIR must be creatable.
 #   CHAOS_BIN_DIR=DIR uses the meridian-chaos and meridian-node binaries in DIR as they
 #   are (no build), e.g. a copy, so a rebuild during a long campaign changes nothing.
 set -uo pipefail
@@ -36,7 +38,7 @@ else
   bin="$target/debug"
 fi
 summary="$out/summary.tsv"
-[ -s "$summary" ] || printf 'scenario\tseed\tpolicy\tverdict\trto_ms\tacked_lost\tsplit_brain_ms\tfailovers\n' >"$summary"
+[ -s "$summary" ] || printf 'scenario\tseed\tpolicy\tverdict\trto_ms\tacked_lost\tsplit_brain_ms\tfailovers\tarchive_gap\n' >"$summary"
 status=0
 for scenario in $scenarios; do
   for seed in $seeds; do
@@ -44,9 +46,17 @@ for scenario in $scenarios; do
       base="$out/$scenario-seed$seed-$policy"
       rm -f "$base.json"
       verdict=PASS
+      backup_args=()
+      if [ -n "${CHAOS_BACKUP_REPO:-}" ]; then
+        repo="$CHAOS_BACKUP_REPO/$scenario-seed$seed-$policy"
+        rm -rf "$repo" && mkdir -p "$repo"
+        # The Postgres OS user writes the repository (root runs Postgres as `postgres`).
+        if [ "$(id -u)" -eq 0 ]; then chown postgres "$CHAOS_BACKUP_REPO" "$repo"; fi
+        backup_args=(--backup-repo "$repo")
+      fi
       if ! timeout -k 30 "$per_run_timeout" "$bin/meridian-chaos" run --scenario "$scenario" \
           --seed "$seed" --policy "$policy" --hosts "$hosts" --bin-dir "$bin" \
-          --json "$base.json" 2>"$base.log"; then
+          "${backup_args[@]}" --json "$base.json" 2>"$base.log"; then
         verdict=FAIL
       fi
       if [ ! -s "$base.json" ] || ! grep -q '"violations": \[\]' "$base.json" \
@@ -55,8 +65,9 @@ for scenario in $scenarios; do
         verdict=FAIL
       fi
       field() { sed -n "s/^ *\"$1\": \([^,]*\),\{0,1\}$/\1/p" "$base.json" 2>/dev/null | head -n1; }
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scenario" "$seed" "$policy" "$verdict" \
-        "$(field rto_ms)" "$(field acked_lost)" "$(field split_brain_ms)" "$(field failovers)" >>"$summary"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scenario" "$seed" "$policy" "$verdict" \
+        "$(field rto_ms)" "$(field acked_lost)" "$(field split_brain_ms)" "$(field failovers)" \
+        "$(field archive_gap)" >>"$summary"
       echo "$scenario seed $seed $policy: $verdict"
       [ "$verdict" = PASS ] || status=1
     done
