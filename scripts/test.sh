@@ -11,7 +11,7 @@ if cargo tree -p meridian-core -e normal --prefix none | grep -E '^(tokio|tonic|
   exit 1
 fi
 cargo build --workspace --all-targets
-cargo test --workspace -- --test-threads="${MERIDIAN_TEST_THREADS:-2}"
+cargo test --workspace --no-fail-fast -- --test-threads="${MERIDIAN_TEST_THREADS:-2}"
 # Chaos smoke set: primary-kill, switchover, region-partition with fixed seeds on the
 # default topology (real agents and Postgres behind the proxy mesh). Set
 # MERIDIAN_SKIP_CHAOS_SMOKE=1 to leave it out of a quick local run.
