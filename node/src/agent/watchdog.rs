@@ -111,6 +111,9 @@ pub fn read(state_dir: &Path) -> Option<Armed> {
 /// applied intent still names this member primary, a deadline armed by a previous agent
 /// stays armed (this agent renews it or it is enforced); otherwise it is disarmed.
 pub fn spawn(config: &Config, named_primary: bool) -> anyhow::Result<std::process::Child> {
+    // A joining member may not have its state directory yet: without it the deadline
+    // file could not be written and the member would run with no watchdog at all.
+    std::fs::create_dir_all(&config.state_dir).context("creating the state directory")?;
     if !named_primary {
         write(&config.state_dir, None).context("disarming the watchdog file")?;
     }
