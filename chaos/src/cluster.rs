@@ -499,17 +499,9 @@ impl Cluster {
                 )
             }
         };
-        // Held (bound) until the mesh's own ~100 listeners are up, so the kernel cannot hand
-        // one of them a port meant for an agent or a Postgres.
-        let reserved = (0..declared.len() * 3)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-            .collect::<Result<Vec<_>, _>>()
-            .context("reserve free ports")?;
-        let ports = reserved
-            .iter()
-            .map(|l| Ok(l.local_addr()?.port()))
-            .collect::<std::io::Result<Vec<u16>>>()
-            .context("read the reserved ports")?;
+        // Below the ephemeral range, so neither the mesh's ~100 listeners nor any outgoing
+        // connection can be handed a port meant for an agent or a Postgres.
+        let ports = crate::ports::free_ports(declared.len() * 3).context("pick free ports")?;
         let mut members = BTreeMap::new();
         let mut specs = Vec::new();
         for (i, (name, region, kind)) in declared.iter().enumerate() {
@@ -559,7 +551,6 @@ impl Cluster {
         let mesh = Mesh::start(specs, options.matrix.clone(), options.seed)
             .await
             .context("start the proxy mesh")?;
-        drop(reserved);
         let cluster = Cluster {
             options,
             mesh,
@@ -1151,6 +1142,20 @@ impl Cluster {
         let intent: Intent = serde_json::from_str(&raw.intent_json)
             .with_context(|| format!("parse the intent from {}", raw.answered_by))?;
         Ok(ClusterStatus { raw, intent })
+    }
+
+    /// [`Cluster::status`], retried for at most `within` (bounded, 200 ms apart): a loaded
+    /// host can delay the leader's heartbeats past [`FRESH_QUORUM_ACK_MS`] for a moment,
+    /// and a step that needs the primary's name should wait that out rather than fail.
+    pub async fn status_within(&self, within: Duration) -> anyhow::Result<ClusterStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.status().await {
+                Ok(s) => return Ok(s),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
     }
 
     /// Proposes `cmd` through the responsive members (forwarded to the leader), retrying

@@ -8,6 +8,7 @@ pub mod idle_bench;
 pub mod mesh;
 pub mod netns;
 pub mod pg_cluster;
+pub mod ports;
 pub mod proxy;
 pub mod runner;
 pub mod schedule;

@@ -4,7 +4,6 @@
 //! as the `postgres` OS user, which then owns the temp dir. Dropping the cluster (also on
 //! panic) SIGKILLs every postmaster's process group by PID, then removes the dir.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::time::Duration;
 
@@ -20,17 +19,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on a standby showing up as streaming.
 const STREAMING_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `n` distinct free TCP ports on 127.0.0.1 (bound at once, then released).
-pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()
-        .context("bind a free port")?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
-}
+pub use crate::ports::free_ports;
 
 /// Options for [`PgCluster`].
 #[derive(Clone, Debug, Default)]

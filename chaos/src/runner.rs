@@ -130,6 +130,8 @@ fn unix_ms_now() -> i64 {
 
 /// Bound on finding a target in the live status when a step fires.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a step that needs the leader's view waits out a stale quorum acknowledgement.
+const STATUS_SETTLE: Duration = Duration::from_secs(5);
 
 /// Resolves abstract targets; remembers the first victim and victim region.
 #[derive(Debug, Default)]
@@ -297,7 +299,7 @@ async fn play(
             format!("latency x{factor} with {jitter_ms} ms jitter")
         }
         Action::Switchover { to } => {
-            let s = c.status().await?;
+            let s = c.status_within(STATUS_SETTLE).await?;
             let from = s
                 .primary()
                 .context("no primary to switch over from")?
@@ -585,13 +587,13 @@ pub async fn run_scenario(opts: &RunOptions) -> anyhow::Result<Scorecard> {
         separate_leader_from_primary(&c, opts.initial_converge_timeout).await?;
     }
     let max_lag = c
-        .status()
+        .status_within(STATUS_SETTLE)
         .await
         .map(|s| s.intent.policy.max_lag_on_failover_bytes)
         .unwrap_or(0);
 
     let primary = c
-        .status()
+        .status_within(STATUS_SETTLE)
         .await?
         .primary()
         .context("no primary after convergence")?
@@ -832,7 +834,7 @@ async fn set_zero_rpo(c: &Cluster) -> anyhow::Result<()> {
 /// raft-leader-kill needs a leader that is not the primary's member: when they coincide,
 /// a planned switchover moves the primary away before the workload starts.
 async fn separate_leader_from_primary(c: &Cluster, within: Duration) -> anyhow::Result<()> {
-    let s = c.status().await?;
+    let s = c.status_within(STATUS_SETTLE).await?;
     let (Some(leader), Some(primary)) = (s.leader(), s.primary()) else {
         anyhow::bail!("no leader or no primary to separate");
     };
