@@ -184,6 +184,11 @@ pub struct PostgresConfig {
     /// `[postgres.parameters]`: this member's overrides of the cluster's Postgres
     /// parameters (lowercase names, values as Postgres reads them).
     pub parameters: BTreeMap<String, String>,
+    /// Whether, while this member is the primary and no synchronous standby gates its
+    /// commits, they wait for the local lease gate (`pg::gate`), which confirms only under
+    /// a valid lease. Default on: without it a primary frozen past its lease acknowledges
+    /// commits on thaw before the fence ends it.
+    pub lease_gate: bool,
 }
 
 /// One address in `postgres.listen_addr`.
@@ -457,6 +462,7 @@ struct RawPostgres {
     monitor: Option<RawRole>,
     ssl: Option<RawPgSsl>,
     parameters: Option<BTreeMap<String, toml::Value>>,
+    lease_gate: Option<bool>,
 }
 
 /// A string or a list of strings.
@@ -687,6 +693,15 @@ impl RawConfig {
     fn validate(self, base: &Path) -> Result<Config, Refusal> {
         check_name("cluster", &self.cluster)?;
         check_name("member.name", &self.member.name)?;
+        if self.member.name == crate::pg::gate::GATE_APPLICATION_NAME {
+            return refuse(
+                "member.name",
+                format!(
+                    "{:?} is reserved: the lease gate streams from the primary under that application_name",
+                    self.member.name
+                ),
+            );
+        }
         check_name("member.region", &self.member.region)?;
 
         let state_dir = resolve_path(base, self.state_dir);
@@ -1216,6 +1231,7 @@ fn validate_postgres(
             || pg.replication.is_some()
             || pg.rewind.is_some()
             || pg.parameters.is_some()
+            || pg.lease_gate.is_some()
             || ssl.cert_file.is_some()
             || ssl.key_file.is_some();
         if data_keys {
@@ -1442,6 +1458,7 @@ fn validate_postgres(
             rewind,
             server_ssl,
             parameters,
+            lease_gate: pg.lease_gate.unwrap_or(true),
         }),
         client,
     ))

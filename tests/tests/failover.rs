@@ -864,3 +864,167 @@ async fn a_lost_primary_with_no_candidate_takes_writes_again_when_its_agent_retu
     let (max, worst) = probe.finish().await;
     assert!(max <= 1, "two writable primaries at once: {worst:?}");
 }
+
+/// Every process of `member`'s "host": its agent and the agent's children (the watchdog),
+/// and its postmaster and the postmaster's children (backends, walsenders, ...).
+fn host_pids(c: &AgentCluster, member: &str) -> (Vec<i32>, Vec<i32>) {
+    fn children(parent: i32) -> Vec<i32> {
+        let mut out = Vec::new();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return out;
+        };
+        for e in dir.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid ...: comm may hold spaces, so split after the ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i32>().ok());
+            if ppid == Some(parent) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+    let agent = c.member(member).pid().expect("agent running") as i32;
+    let mut agents = vec![agent];
+    agents.extend(children(agent));
+    let postmaster = c
+        .member(member)
+        .postmaster_pid()
+        .expect("postmaster running");
+    let mut pg = vec![postmaster];
+    pg.extend(children(postmaster));
+    (agents, pg)
+}
+
+fn signal_all(pids: &[i32], sig: nix::sys::signal::Signal) {
+    for p in pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), sig);
+    }
+}
+
+/// #12: every process of the primary's host frozen (SIGSTOP, as a VM pause does) past
+/// its lease under an all-async policy, then its Postgres thawed before its agent (the
+/// worst order a scheduler can pick). No standby gates its commits, so before the lease
+/// gate the thawed backends acknowledged what their clients sent at once — a second
+/// writer beside the new primary. Now every commit waits for the gate, which confirms
+/// only under a valid lease: the thawed primary acknowledges nothing, is fenced, and
+/// rejoins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_frozen_with_its_host_acknowledges_nothing_after_the_thaw() {
+    use meridian_node::policy::{RegionPolicy, SyncMode};
+    use nix::sys::signal::Signal;
+    let _serial = SERIAL.lock().await;
+    let (c, rw) = form_with_table().await;
+    let asynchronous = RegionPolicy {
+        mode: SyncMode::Async,
+        ..RegionPolicy::default()
+    };
+    c.set_region_policy("w1", &["a", "b"], asynchronous, "test: every region async")
+        .await;
+    let a1 = c.member("a1").pg_conninfo();
+    wait_for(
+        "a1's commits wait on its lease gate only",
+        FAILOVER,
+        || async {
+            let client = connect(&a1).await.ok()?;
+            let row = client
+                .query_one("SHOW synchronous_standby_names", &[])
+                .await
+                .ok()?;
+            (row.get::<_, String>(0) == "meridian_lease_gate").then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    // The gate confirms under the lease: commits go through.
+    insert_until_ok(&rw, 1, SQL)
+        .await
+        .unwrap_or_else(|e| panic!("a gated commit under a valid lease: {e}\n{}", c.logs()));
+    let old = connect(&a1).await.unwrap();
+    tokio::time::timeout(SQL, old.batch_execute("INSERT INTO t VALUES (2)"))
+        .await
+        .expect("a commit on a1 in time")
+        .expect("a commit on a1");
+
+    let (agent_pids, pg_pids) = host_pids(&c, "a1");
+    signal_all(&agent_pids, Signal::SIGSTOP);
+    signal_all(&pg_pids, Signal::SIGSTOP);
+    let frozen_at = Instant::now();
+    let others: Vec<String> = ["a2", "b1"]
+        .iter()
+        .map(|n| c.member(n).pg_port.to_string())
+        .collect();
+    let rw_others = format!(
+        "host=127.0.0.1,127.0.0.1 port={} user=postgres dbname=postgres password={} \
+         connect_timeout=2 target_session_attrs=read-write",
+        others.join(","),
+        meridian_tests::agents::SUPERUSER_PASSWORD
+    );
+    let took_over = insert_until_ok(&rw_others, 3, FAILOVER).await;
+    if let Err(e) = took_over {
+        signal_all(&pg_pids, Signal::SIGCONT);
+        signal_all(&agent_pids, Signal::SIGCONT);
+        panic!(
+            "no new primary while a1's host is frozen: {e}\n{}",
+            c.logs()
+        );
+    }
+    eprintln!(
+        "HOST FREEZE (async): the new primary acknowledged its first write {} ms after the freeze",
+        frozen_at.elapsed().as_millis()
+    );
+    // A client of the old primary sends a commit; its backend is still frozen.
+    let pending = tokio::spawn(async move {
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            old.batch_execute("INSERT INTO t VALUES (4)"),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Postgres first, the agent 500 ms later.
+    signal_all(&pg_pids, Signal::SIGCONT);
+    let thawed_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let early = pending.is_finished();
+    signal_all(&agent_pids, Signal::SIGCONT);
+    let outcome = pending.await.expect("the client task");
+    eprintln!(
+        "HOST FREEZE (async): the thawed primary's commit ended {} ms after its Postgres thawed (before its agent thawed: {early})",
+        thawed_at.elapsed().as_millis()
+    );
+    if let Ok(Ok(())) = outcome {
+        panic!(
+            "the thawed old primary acknowledged a commit after the new primary took writes \
+             (within 500 ms of the thaw: {early})\n{}",
+            c.logs()
+        );
+    }
+    eprintln!(
+        "HOST FREEZE (async): the thawed primary's commit ended without acknowledgement: {}",
+        match outcome {
+            Ok(Err(e)) => format!("error: {e}"),
+            Err(_) => "still waiting after 20 s".into(),
+            Ok(Ok(())) => unreachable!(),
+        }
+    );
+    wait_for("a1 fenced or a standby", FAILOVER, || async {
+        (writable(&c, "a1").await != Some(true)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let primary = settle(&c, REJOIN).await;
+    let present = ids_on(&c, &primary).await;
+    assert!(present.contains(&3), "the new primary's write is there");
+    assert!(
+        !present.contains(&4),
+        "the commit sent to the thawed old primary reached the new timeline"
+    );
+}

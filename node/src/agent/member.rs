@@ -69,10 +69,16 @@ pub fn slots_to_drop<'a>(
         .collect()
 }
 
-/// `synchronous_standby_names` for a sync set: `ANY k ("a", "b")`, empty when async.
-pub fn render_sync_standby_names(set: &SyncSet) -> String {
+/// `synchronous_standby_names` for a sync set: `ANY k ("a", "b")`. With no sync standby,
+/// the lease gate's name when `lease_gate` (commits then wait for the gate, which confirms
+/// only under this member's lease), else empty (async).
+pub fn render_sync_standby_names(set: &SyncSet, lease_gate: bool) -> String {
     if set.names.is_empty() || set.k == 0 {
-        return String::new();
+        return if lease_gate {
+            crate::pg::gate::GATE_APPLICATION_NAME.to_string()
+        } else {
+            String::new()
+        };
     }
     let names: Vec<String> = set.names.iter().map(|n| format!("\"{n}\"")).collect();
     format!("ANY {} ({})", set.k, names.join(", "))
@@ -97,10 +103,15 @@ pub fn parse_sync_standby_names(s: &str) -> SyncSet {
         }
         None => (1, s),
     };
-    let names = list
+    // The lease gate is no member: a set of the gate alone is no sync set.
+    let names: Vec<String> = list
         .split(',')
         .map(|n| n.trim().trim_matches('"').to_string())
-        .filter(|n| !n.is_empty());
+        .filter(|n| !n.is_empty() && n != crate::pg::gate::GATE_APPLICATION_NAME)
+        .collect();
+    if names.is_empty() {
+        return SyncSet::default();
+    }
     SyncSet::new(names, k)
 }
 
@@ -268,6 +279,15 @@ pub fn foreign_data_dir_message(data_dir: &std::path::Path, local: u64, recorded
 }
 
 impl Member {
+    /// Whether commits of this primary wait on the lease gate when no sync standby does.
+    fn lease_gate(&self) -> bool {
+        self.shared
+            .config
+            .postgres
+            .as_ref()
+            .is_some_and(|p| p.lease_gate)
+    }
+
     fn name(&self) -> &str {
         self.shared.name()
     }
@@ -1052,8 +1072,9 @@ impl Member {
             .sync_target
             .as_ref()
             .filter(|t| t.generation == generation)
-            .map(|t| render_sync_standby_names(&t.set))
+            .map(|t| t.set.clone())
             .unwrap_or_default();
+        let target = render_sync_standby_names(&target, self.lease_gate());
         self.pg
             .set_synchronous_standby_names(&target)
             .await
@@ -1092,17 +1113,24 @@ impl Member {
         }
         self.record_system_identifier(intent).await?;
         self.ensure_slots(intent).await?;
-        if let Some(target) = intent
+        let target = intent
             .sync_target
             .as_ref()
-            .filter(|t| t.generation == generation)
-        {
-            let want = render_sync_standby_names(&target.set);
-            let shown = self.pg.setting("synchronous_standby_names").await?;
-            if parse_sync_standby_names(&shown) != target.set {
-                tracing::info!(from = %shown, to = %want, "setting synchronous_standby_names");
-                self.pg.set_synchronous_standby_names(&want).await?;
-            }
+            .filter(|t| t.generation == generation);
+        let shown = self.pg.setting("synchronous_standby_names").await?;
+        let want = match target {
+            Some(t) => Some(render_sync_standby_names(&t.set, self.lease_gate())),
+            // No target for this generation yet: the leader has not decided, so a set
+            // already in place stays; an async primary is still gated (or ungated when
+            // the gate was turned off).
+            None if parse_sync_standby_names(&shown) == SyncSet::default() => Some(
+                render_sync_standby_names(&SyncSet::default(), self.lease_gate()),
+            ),
+            None => None,
+        };
+        if let Some(want) = want.filter(|w| shown.trim() != w) {
+            tracing::info!(from = %shown, to = %want, "setting synchronous_standby_names");
+            self.pg.set_synchronous_standby_names(&want).await?;
         }
         self.stanza.ensure(&self.shared.config).await;
         Ok(())
@@ -1317,11 +1345,20 @@ mod tests {
     #[test]
     fn sync_standby_names_round_trip() {
         let set = SyncSet::new(["a2", "b-1"], 1);
-        let s = render_sync_standby_names(&set);
+        let s = render_sync_standby_names(&set, true);
         assert_eq!(s, "ANY 1 (\"a2\", \"b-1\")");
         assert_eq!(parse_sync_standby_names(&s), set);
         assert_eq!(parse_sync_standby_names(""), SyncSet::default());
-        assert_eq!(render_sync_standby_names(&SyncSet::default()), "");
+        assert_eq!(render_sync_standby_names(&SyncSet::default(), false), "");
+        assert_eq!(
+            render_sync_standby_names(&SyncSet::default(), true),
+            crate::pg::gate::GATE_APPLICATION_NAME
+        );
+        // The gate is never read back as a member of the sync set.
+        assert_eq!(
+            parse_sync_standby_names(crate::pg::gate::GATE_APPLICATION_NAME),
+            SyncSet::default()
+        );
         assert_eq!(
             parse_sync_standby_names("FIRST 2 (x, y, z)"),
             SyncSet::new(["x", "y", "z"], 2)

@@ -16,6 +16,7 @@ pub mod backup_admin;
 pub mod callbacks;
 pub mod dial;
 pub mod errlog;
+pub mod gate;
 pub mod handoff;
 pub mod http_write;
 pub mod join;
@@ -397,6 +398,7 @@ impl Agent {
         tasks.push(tokio::spawn(lease::run(shared.clone(), local.clone())));
         let mut member_task = None;
         if let Some(pg) = local.clone() {
+            tasks.push(tokio::spawn(gate::run(shared.clone(), pg.clone())));
             member_task = Some(tokio::spawn(member::run(shared.clone(), pg)));
             // The watchdog enforces the fence deadline even if this process freezes.
             // A deadline left armed by a previous agent is kept only while this member is

@@ -235,6 +235,15 @@ pub fn render_hba(spec: &HbaSpec, roles: &PgRoles) -> String {
             local.clone(),
         ]);
     }
+    // `all` does not match replication connections: the lease gate (a local replication
+    // client of the primary, `pg::gate`) needs its own line.
+    rows.push([
+        "local".into(),
+        "replication".into(),
+        roles.replication.name.clone(),
+        String::new(),
+        local.clone(),
+    ]);
     let ty = if spec.hostssl { "hostssl" } else { "host" };
     let all_superuser = roles.managed().is_empty();
     for cidr in &spec.member_cidrs {
@@ -491,6 +500,7 @@ local   all         postgres                     peer map=meridian
 local   all         replicator                   peer map=meridian
 local   all         rewinder                     peer map=meridian
 local   all         meridian_monitor             peer map=meridian
+local   replication replicator                   peer map=meridian
 hostssl replication replicator       10.0.0.2/32 scram-sha-256
 hostssl postgres    rewinder         10.0.0.2/32 scram-sha-256
 hostssl postgres    meridian_monitor 10.0.0.2/32 scram-sha-256
@@ -514,6 +524,7 @@ host all app 10.0.0.0/8 scram-sha-256
 # Edit [postgres] hba in the agent's config instead.
 # TYPE DATABASE    USER     ADDRESS      METHOD
 local  all         postgres              trust
+local  replication postgres              trust
 host   all         postgres 127.0.0.1/32 trust
 host   replication postgres 127.0.0.1/32 trust
 host   all         postgres ::1/128      trust

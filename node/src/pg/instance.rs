@@ -314,6 +314,19 @@ impl PgInstance {
         ])
     }
 
+    /// Where the lease gate ([`super::gate`]) connects: this instance, as the replication
+    /// role, over the agent's own path (the socket directory, else the listen address).
+    pub fn gate_target(&self) -> super::gate::GateTarget {
+        let role = &self.access.roles.replication;
+        super::gate::GateTarget {
+            host: self.host.clone(),
+            port: self.port,
+            user: role.name.clone(),
+            password: role.password.clone(),
+            connect_timeout: self.timeouts.connect,
+        }
+    }
+
     /// tokio-postgres settings for a local superuser session (password included).
     pub fn client_config(&self) -> tokio_postgres::Config {
         self.session_config(&self.host, self.port, &self.access.roles.superuser)

@@ -8,6 +8,7 @@ mod binaries;
 mod conninfo;
 mod error;
 mod exec;
+pub mod gate;
 mod instance;
 mod probe;
 mod tls;

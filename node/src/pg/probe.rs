@@ -101,7 +101,8 @@ impl PgStatus {
 
 /// Everything a probe reads, in one statement (one round trip, prepared once per kept
 /// session): role, positions, timeline, the WAL receiver (at most one row), the
-/// `synchronous_standby_names` in effect and the walsenders as JSON.
+/// `synchronous_standby_names` in effect and the walsenders as JSON (without the lease
+/// gate's, which is no member: `pg::gate`).
 const STATUS_SQL: &str = "SELECT pg_is_in_recovery(), \
      CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END, \
      CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END, \
@@ -113,7 +114,7 @@ const STATUS_SQL: &str = "SELECT pg_is_in_recovery(), \
      (SELECT coalesce(json_agg(json_build_array(coalesce(application_name, ''), \
         coalesce(state, ''), coalesce(sync_state, ''), sent_lsn::text, write_lsn::text, \
         flush_lsn::text, replay_lsn::text) ORDER BY application_name), '[]')::text \
-      FROM pg_stat_replication), \
+      FROM pg_stat_replication WHERE application_name IS DISTINCT FROM 'meridian_lease_gate'), \
      CASE WHEN NOT pg_is_in_recovery() THEN NULL \
           WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0 \
           ELSE (extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint END \
@@ -485,6 +486,14 @@ async fn probe_with(client: &Client, status: &Statement) -> Result<PgStatus, PgE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_probe_leaves_the_lease_gate_out_of_the_standbys() {
+        assert!(STATUS_SQL.contains(&format!(
+            "application_name IS DISTINCT FROM '{}'",
+            crate::pg::gate::GATE_APPLICATION_NAME
+        )));
+    }
 
     #[test]
     fn timeline_from_walfile_name() {
