@@ -1,6 +1,7 @@
 //! The lease arithmetic (DESIGN §3), pure: what a voter answers to a renewal or to a break
 //! request ([`VoterLease`]), when the primary's lease is valid and when it must fence
-//! ([`fence_deadline_ms`], [`lease_valid`]), the configured margin between the two
+//! ([`fence_deadline_ms`], [`lease_valid`]), when the lease gate may release commits
+//! ([`gate_may_confirm`]), the configured margin between the two
 //! ([`check_fence_margin`]) and majority counting ([`majority`], [`is_majority`]).
 //!
 //! Every instant is a millisecond count on the caller's own monotonic clock: the clocks of
@@ -46,6 +47,24 @@ pub fn lease_valid(
     lease_ttl_ms: u64,
 ) -> bool {
     last_ok_sent_ms.is_some_and(|at| now_ms < fence_deadline_ms(at, fence_after_ms, lease_ttl_ms))
+}
+
+/// Whether the lease gate may confirm WAL now, releasing the commits that wait on it (the
+/// primary's commits wait on the gate when no sync standby gates them): only while this
+/// member is named primary and holds the lease at `now_ms`, read when the answer is given.
+/// A host frozen past its lease therefore releases nothing on thaw, whatever runs first.
+pub fn gate_may_confirm(
+    named_primary: bool,
+    last_ok_sent_ms: Option<u64>,
+    now_ms: u64,
+    fence_after_ms: u64,
+    lease_ttl_ms: u64,
+) -> bool {
+    if crate::mutant!(GateIgnoresLease) {
+        // Mutant: the gate confirms whatever the lease says (no gate at all).
+        return true;
+    }
+    named_primary && lease_valid(last_ok_sent_ms, now_ms, fence_after_ms, lease_ttl_ms)
 }
 
 /// The newest send time of a counted renewal, per generation: renewals may complete out of

@@ -19,13 +19,17 @@ pub enum Mutation {
     /// Voters grant renewals without checking the generation (neither a broken one nor a
     /// generation other than the intent's).
     GrantWithoutGenerationCheck,
+    /// The lease gate confirms WAL without checking the lease (as if there were no gate):
+    /// an async primary frozen past its lease acknowledges commits on thaw.
+    GateIgnoresLease,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 3] = [
+    pub const ALL: [Mutation; 4] = [
         Mutation::PromoteWithoutSyncQuorum,
         Mutation::FenceAfterLease,
         Mutation::GrantWithoutGenerationCheck,
+        Mutation::GateIgnoresLease,
     ];
 }
 

@@ -146,6 +146,7 @@ fn mutation(name: Option<&str>) -> Mutation {
         "promote-without-sync-quorum" => M::PromoteWithoutSyncQuorum,
         "fence-after-lease" => M::FenceAfterLease,
         "grant-without-generation-check" => M::GrantWithoutGenerationCheck,
+        "gate-ignores-lease" => M::GateIgnoresLease,
         other => {
             eprintln!("unknown mutation {other:?}");
             std::process::exit(2);

@@ -1731,9 +1731,31 @@ impl<'s> World<'s> {
                 .map(|j| self.members[j].pg.wal.len())
                 .collect();
             let k = sync.k as usize;
+            // With no sync standby the commits wait on the agent's lease gate
+            // (`node/src/agent/gate.rs`, on by default): it answers only while the agent
+            // runs, and then only under the lease, read at this step.
+            let gate_open = k == 0 && {
+                let m = &self.members[i];
+                let l = m.local(self.now);
+                m.agent_alive()
+                    && self.now >= m.agent_wakes_at
+                    && lease::gate_may_confirm(
+                        m.intent.primary.as_deref() == Some(m.name),
+                        m.lease
+                            .filter(|(_, g)| *g == m.intent.generation)
+                            .map(|(at, _)| at),
+                        l,
+                        FENCE_AFTER_MS,
+                        LEASE_TTL_MS,
+                    )
+            };
             let mut acked = Vec::new();
             self.members[i].pg.pending.retain(|(pos, id)| {
-                let ok = k == 0 || holders.iter().filter(|h| **h >= *pos).count() >= k;
+                let ok = if k == 0 {
+                    gate_open
+                } else {
+                    holders.iter().filter(|h| **h >= *pos).count() >= k
+                };
                 if ok {
                     acked.push(*id);
                 }

@@ -175,10 +175,17 @@ fn mutant_grant_without_the_generation_check_is_caught() {
     assert!(caught.is_some(), "not caught within {MUTANT_BOUND} seeds");
 }
 
-/// F1 (sim/FINDINGS.md): a whole-host freeze of the primary under an async policy; after
-/// SIGCONT its Postgres acknowledges commits before its agent fences it.
 #[test]
-#[ignore = "open finding F1 (sim/FINDINGS.md): fails on today's rules"]
+fn mutant_gate_ignoring_the_lease_is_caught() {
+    let caught = first_catch(Mutation::GateIgnoresLease, Invariant::OneWriter);
+    println!("caught at seed {caught:?}");
+    assert!(caught.is_some(), "not caught within {MUTANT_BOUND} seeds");
+}
+
+/// F1 (sim/FINDINGS.md, fixed by the lease gate): a whole-host freeze of the primary under
+/// an async policy; after SIGCONT its Postgres acknowledged commits before its agent
+/// fenced it.
+#[test]
 fn f1_a_frozen_async_primary_acknowledges_nothing_after_a_failover() {
     for seed in [36, 317, 652] {
         let out = run(&Scenario::generate(seed), false);

@@ -26,15 +26,21 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// A session that streamed this long resets the backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(5);
 
-/// Whether the primary's lease holds now: the rule the gate confirms WAL under.
+/// Whether the primary's lease holds now: the rule the gate confirms WAL under
+/// (`meridian_core::lease::gate_may_confirm`, on the agent's millisecond clock).
 pub fn lease_holds(shared: &Shared) -> bool {
     let intent = &shared.applied().intent;
-    if intent.primary.as_deref() != Some(shared.name()) {
-        return false;
-    }
-    shared.lease.valid(
-        intent.generation,
-        super::lease::fence_offset(&shared.config.timing),
+    let ms = |at: Instant| {
+        u64::try_from(at.saturating_duration_since(shared.epoch).as_millis()).unwrap_or(u64::MAX)
+    };
+    let t = &shared.config.timing;
+    let dur_ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    meridian_core::lease::gate_may_confirm(
+        intent.primary.as_deref() == Some(shared.name()),
+        shared.lease.last_ok(intent.generation).map(ms),
+        ms(Instant::now()),
+        dur_ms(t.fence_after),
+        dur_ms(t.lease_ttl),
     )
 }
 

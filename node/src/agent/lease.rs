@@ -602,7 +602,7 @@ pub async fn run(shared: Arc<Shared>, pg: Option<crate::pg::PgInstance>) {
 
 /// How long after the send time of the last counted renewal the primary must fence
 /// (`meridian_core::lease::fence_deadline_ms`).
-pub(crate) fn fence_offset(t: &crate::config::TimingConfig) -> Duration {
+fn fence_offset(t: &crate::config::TimingConfig) -> Duration {
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     Duration::from_millis(meridian_core::lease::fence_deadline_ms(
         0,
