@@ -345,6 +345,9 @@ pub struct Member {
     agent_stopped: bool,
     /// Postmaster pids this harness froze (SIGSTOP) and has not continued.
     pg_stopped: Option<i32>,
+    /// A whole-host freeze: the agent's processes (agent, watchdog) and Postgres' (the
+    /// postmaster and its children) this harness SIGSTOPped and has not continued.
+    host_frozen: Option<(Vec<i32>, Vec<i32>)>,
 }
 
 impl Member {
@@ -545,6 +548,7 @@ impl Cluster {
                     child: None,
                     agent_stopped: false,
                     pg_stopped: None,
+                    host_frozen: None,
                 },
             );
         }
@@ -995,6 +999,51 @@ impl Cluster {
         Ok(())
     }
 
+    /// A whole-host freeze (a VM pause): SIGSTOP of `name`'s agent and its children (the
+    /// watchdog) and of its postmaster and every child (backends, walsenders, ...).
+    pub fn freeze_host(&mut self, name: &str) -> anyhow::Result<usize> {
+        let m = self.member(name)?;
+        let mut agent = Vec::new();
+        if let Some(pid) = m.agent_pid() {
+            agent.push(pid);
+            agent.extend(children_of(pid));
+        }
+        let mut pg = Vec::new();
+        if let Some(pid) = m.postmaster_pid() {
+            pg.push(pid);
+            pg.extend(children_of(pid));
+        }
+        anyhow::ensure!(
+            !agent.is_empty() || !pg.is_empty(),
+            "{name} runs neither an agent nor a Postgres to freeze"
+        );
+        for p in agent.iter().chain(pg.iter()) {
+            let _ = kill(Pid::from_raw(*p), Signal::SIGSTOP);
+        }
+        let n = agent.len() + pg.len();
+        let m = self.member_mut(name)?;
+        m.agent_stopped = true;
+        m.host_frozen = Some((agent, pg));
+        Ok(n)
+    }
+
+    /// Ends a [`Cluster::freeze_host`]: Postgres first, the agent `agent_after` later (the
+    /// worst order a scheduler may choose: backends run before anything can fence them).
+    pub async fn thaw_host(&mut self, name: &str, agent_after: Duration) -> anyhow::Result<()> {
+        let Some((agent, pg)) = self.member_mut(name)?.host_frozen.take() else {
+            return Ok(());
+        };
+        for p in &pg {
+            let _ = kill(Pid::from_raw(*p), Signal::SIGCONT);
+        }
+        tokio::time::sleep(agent_after).await;
+        for p in &agent {
+            let _ = kill(Pid::from_raw(*p), Signal::SIGCONT);
+        }
+        self.member_mut(name)?.agent_stopped = false;
+        Ok(())
+    }
+
     /// Sends `sig` to `name`'s postmaster (its whole process group when it leads one, so
     /// backends go too). Returns false when no postmaster runs.
     fn signal_postgres(&self, name: &str, sig: Signal) -> anyhow::Result<Option<i32>> {
@@ -1354,6 +1403,31 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// The pids whose parent is `parent` (from /proc; empty where there is none).
+fn children_of(parent: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`: comm may hold spaces and parentheses.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if ppid == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

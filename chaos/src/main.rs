@@ -97,7 +97,7 @@ enum Command {
         scenario: String,
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// Replication policy: default | zero-rpo.
+        /// Replication policy: default | zero-rpo | async.
         #[arg(long, default_value = "default")]
         policy: PolicyChoice,
         /// Write the scorecard JSON here (an object for one scenario, an array for `all`).

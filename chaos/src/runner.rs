@@ -34,6 +34,9 @@ pub enum PolicyChoice {
     Default,
     /// Every data region `sync`, with a quorum no primary's own region can fill alone.
     ZeroRpo,
+    /// Every data region `async`: no standby gates commits (the lease gate does), a
+    /// failover may lose the last unreplicated commits within `max_lag_on_failover`.
+    Async,
 }
 
 impl PolicyChoice {
@@ -41,6 +44,7 @@ impl PolicyChoice {
         match self {
             PolicyChoice::Default => "default",
             PolicyChoice::ZeroRpo => "zero-rpo",
+            PolicyChoice::Async => "async",
         }
     }
 }
@@ -57,7 +61,10 @@ impl FromStr for PolicyChoice {
         match s {
             "default" => Ok(PolicyChoice::Default),
             "zero-rpo" => Ok(PolicyChoice::ZeroRpo),
-            _ => Err(format!("unknown policy {s:?} (known: default, zero-rpo)")),
+            "async" => Ok(PolicyChoice::Async),
+            _ => Err(format!(
+                "unknown policy {s:?} (known: default, zero-rpo, async)"
+            )),
         }
     }
 }
@@ -266,6 +273,18 @@ async fn play(
             fired = Instant::now();
             c.stop_agent(&m)?;
             format!("SIGSTOP agent of {m}")
+        }
+        Action::FreezeHost { target } => {
+            let m = r.member(c, target).await?;
+            fired = Instant::now();
+            let n = c.freeze_host(&m)?;
+            format!("SIGSTOP every process of {m}'s host ({n})")
+        }
+        Action::ThawHost { target } => {
+            let m = r.member(c, target).await?;
+            fired = Instant::now();
+            c.thaw_host(&m, Duration::from_millis(500)).await?;
+            format!("SIGCONT {m}'s Postgres, its agent 500 ms later")
         }
         Action::ContAgent { target } => {
             let m = r.member(c, target).await?;
@@ -516,6 +535,12 @@ pub fn scenario_expectations(scenario: Scenario, card: &Scorecard) -> Vec<String
                 "{scenario}: the primary's agent was gone past its lease, yet nobody was promoted"
             ));
         }
+        Scenario::HostFreeze if card.failovers == 0 => {
+            v.push(
+                "host-freeze: the primary's host was frozen past its lease, yet nobody was promoted"
+                    .to_string(),
+            );
+        }
         Scenario::GracefulStop if card.failovers == 0 => {
             v.push("the stopping primary's agent did not hand over".to_string());
         }
@@ -580,8 +605,10 @@ pub async fn run_scenario(opts: &RunOptions) -> anyhow::Result<Scorecard> {
         s0.leader().unwrap_or("-")
     );
 
-    if opts.policy == PolicyChoice::ZeroRpo {
-        set_zero_rpo(&c).await?;
+    match opts.policy {
+        PolicyChoice::ZeroRpo => set_zero_rpo(&c).await?,
+        PolicyChoice::Async => set_async(&c).await?,
+        PolicyChoice::Default => {}
     }
     if sc == Scenario::RaftLeaderKill {
         separate_leader_from_primary(&c, opts.initial_converge_timeout).await?;
@@ -729,17 +756,18 @@ pub async fn run_scenario(opts: &RunOptions) -> anyhow::Result<Scorecard> {
     // leader from the primary's in-region sync standby may end in a failover to an async
     // member, which the policy allows with the possible loss recorded in the history
     // (checked below against `max_lag_on_failover`). Under zero-rpo nothing may be lost.
-    let allow_loss = opts.policy == PolicyChoice::Default
-        && matches!(
-            sc,
-            Scenario::RegionLoss
-                | Scenario::RegionPartition
-                | Scenario::AgentFreezePartition
-                | Scenario::AgentKillPartition
-                | Scenario::MembershipPartition
-                | Scenario::PartialPartition
-                | Scenario::CascadeKill
-        );
+    let allow_loss = opts.policy == PolicyChoice::Async
+        || opts.policy == PolicyChoice::Default
+            && matches!(
+                sc,
+                Scenario::RegionLoss
+                    | Scenario::RegionPartition
+                    | Scenario::AgentFreezePartition
+                    | Scenario::AgentKillPartition
+                    | Scenario::MembershipPartition
+                    | Scenario::PartialPartition
+                    | Scenario::CascadeKill
+            );
     let read_final = final_ids.is_some();
     let mut report = check(&CheckInput {
         writes: writes.clone(),
@@ -797,6 +825,49 @@ pub async fn run_scenario(opts: &RunOptions) -> anyhow::Result<Scorecard> {
 
 /// Sets the zero-RPO policy and waits (bounded) until the recorded sync set names a member
 /// outside the primary's region.
+/// Every data region async; waits until the recorded sync set is empty (the primary's
+/// commits then wait on its lease gate only).
+async fn set_async(c: &Cluster) -> anyhow::Result<()> {
+    let regions: BTreeSet<String> = c
+        .members()
+        .filter(|m| m.kind == Kind::Data)
+        .map(|m| m.region.clone())
+        .collect();
+    let policy = Policy {
+        regions: regions
+            .into_iter()
+            .map(|r| {
+                (
+                    r,
+                    RegionPolicy {
+                        mode: SyncMode::Async,
+                        ..RegionPolicy::default()
+                    },
+                )
+            })
+            .collect(),
+        ..Policy::default()
+    };
+    c.command(&IntentCommand::SetPolicy {
+        expected_version: None,
+        policy,
+        reason: "meridian-chaos --policy async".into(),
+        at_unix_ms: unix_ms_now(),
+    })
+    .await
+    .context("set the async policy")?;
+    crate::wait::wait_until(
+        "the recorded sync set to be empty",
+        Duration::from_secs(30),
+        || async {
+            c.status()
+                .await
+                .is_ok_and(|s| s.intent.sync_set.names.is_empty())
+        },
+    )
+    .await
+}
+
 async fn set_zero_rpo(c: &Cluster) -> anyhow::Result<()> {
     let mut per_region: BTreeMap<String, usize> = BTreeMap::new();
     for m in c.members().filter(|m| m.kind == Kind::Data) {

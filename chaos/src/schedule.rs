@@ -59,10 +59,15 @@ pub enum Scenario {
     /// SIGTERM the primary's agent (`systemctl stop`): it hands over, then stops; start
     /// it again later.
     GracefulStop,
+    /// Freeze every process of the primary's host (agent, watchdog, Postgres: a VM pause)
+    /// for several leases; thaw Postgres first and the agent 500 ms later. The thawed old
+    /// primary must acknowledge nothing once another took over (the lease gate under an
+    /// async policy, the standbys under a sync one).
+    HostFreeze,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 16] = [
+    pub const ALL: [Scenario; 17] = [
         Scenario::PrimaryKill,
         Scenario::PostgresCrash,
         Scenario::AgentCrash,
@@ -79,6 +84,7 @@ impl Scenario {
         Scenario::CascadeKill,
         Scenario::MembershipPartition,
         Scenario::GracefulStop,
+        Scenario::HostFreeze,
     ];
 
     /// Whether the scenario's faults include latency, which only the proxy mesh injects
@@ -105,6 +111,7 @@ impl Scenario {
             Scenario::CascadeKill => "cascade-kill",
             Scenario::MembershipPartition => "membership-partition",
             Scenario::GracefulStop => "graceful-stop",
+            Scenario::HostFreeze => "host-freeze",
         }
     }
 }
@@ -115,9 +122,22 @@ impl fmt::Display for Scenario {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("unknown scenario {0:?} (known: primary-kill, postgres-crash, agent-crash, primary-partition, region-loss, region-partition, latency-spike, flapping, switchover, raft-leader-kill)")]
+#[derive(Debug, PartialEq, Eq)]
 pub struct UnknownScenario(pub String);
+
+impl fmt::Display for UnknownScenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let known: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
+        write!(
+            f,
+            "unknown scenario {:?} (known: {}, all)",
+            self.0,
+            known.join(", ")
+        )
+    }
+}
+
+impl std::error::Error for UnknownScenario {}
 
 impl FromStr for Scenario {
     type Err = UnknownScenario;
@@ -227,6 +247,10 @@ pub enum Action {
     TermAgent { target: Target },
     /// Remove the member from the cluster's membership (through the Raft leader).
     RemoveMember { target: Target },
+    /// SIGSTOP every process of the member's host (agent, watchdog, Postgres).
+    FreezeHost { target: Target },
+    /// SIGCONT them: Postgres first, the agent 500 ms later.
+    ThawHost { target: Target },
 }
 
 /// An action at an offset from the start of the run.
@@ -334,6 +358,20 @@ impl Schedule {
                     },
                 );
                 at(start + outage(&mut rng), Action::Heal);
+            }
+            Scenario::HostFreeze => {
+                at(
+                    start,
+                    Action::FreezeHost {
+                        target: Target::Primary,
+                    },
+                );
+                at(
+                    start + outage(&mut rng),
+                    Action::ThawHost {
+                        target: Target::Victim,
+                    },
+                );
             }
             Scenario::RegionLoss => {
                 at(
