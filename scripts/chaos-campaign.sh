@@ -10,7 +10,7 @@
 # Usage: scripts/chaos-campaign.sh OUT_DIR
 #   CHAOS_SCENARIOS="partial-partition cascade-kill" (default: every scenario but
 #   latency-spike, which needs ~35 s of spike and is covered by its own runs)
-#   CHAOS_SEEDS="1 2 3 4 5"   CHAOS_POLICIES="default zero-rpo"
+#   CHAOS_SEEDS="1 2 3 4 5"   CHAOS_POLICIES="default zero-rpo" (also: async)
 #   CHAOS_PROFILE=release builds and uses release binaries (default: debug).
 #   CHAOS_HOSTS=netns runs every member in its own network namespace (root only).
 #   CHAOS_BACKUP_REPO=DIR archives WAL with pgBackRest into DIR/<run> during each run and
@@ -23,7 +23,7 @@ out="${1:?usage: scripts/chaos-campaign.sh OUT_DIR}"
 target="${CARGO_TARGET_DIR:-target}"
 profile="${CHAOS_PROFILE:-debug}"
 per_run_timeout="${CHAOS_SCENARIO_TIMEOUT_S:-300}"
-scenarios="${CHAOS_SCENARIOS:-primary-kill postgres-crash agent-crash primary-partition region-loss region-partition flapping switchover raft-leader-kill partial-partition agent-freeze-partition agent-kill-partition cascade-kill membership-partition graceful-stop}"
+scenarios="${CHAOS_SCENARIOS:-primary-kill postgres-crash agent-crash primary-partition region-loss region-partition flapping switchover raft-leader-kill partial-partition agent-freeze-partition agent-kill-partition cascade-kill membership-partition graceful-stop host-freeze}"
 seeds="${CHAOS_SEEDS:-1 2 3 4 5}"
 policies="${CHAOS_POLICIES:-default zero-rpo}"
 hosts="${CHAOS_HOSTS:-loopback}"
