@@ -1028,3 +1028,88 @@ async fn a_primary_frozen_with_its_host_acknowledges_nothing_after_the_thaw() {
         "the commit sent to the thawed old primary reached the new timeline"
     );
 }
+
+/// #12 defect 8: in a 3-member cluster with one member down, a member added to the
+/// intent (its agent not started yet) must not grow the lease majority before it can
+/// grant: the primary keeps renewing with the two members that run and stays writable in
+/// the same generation. Before the fix the majority became 3 of 4 and the primary fenced
+/// itself within `fence_after`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_a_member_while_one_is_down_keeps_the_primarys_lease() {
+    let _serial = SERIAL.lock().await;
+    let mut c = AgentCluster::with_postgres(
+        vec![
+            MemberSpec::data("a1", "a").bootstrap(),
+            MemberSpec::data("a2", "a").join("a1"),
+            MemberSpec::witness("w1", "c").join("a1"),
+        ],
+        Some(TOKEN),
+    )
+    .unwrap();
+    c.start("a1").unwrap();
+    wait_for("a1 primary of generation 1", FORM, || async {
+        let s = c.status().await.ok()?;
+        (s.primary == "a1" && s.generation == 1).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    c.start("a2").unwrap();
+    c.start("w1").unwrap();
+    wait_streaming(&c, &["a2"], "a1", FORM).await;
+    c.kill("a2").unwrap();
+    c.member("a2").kill_postgres();
+    // What a joiner's first step does (`Admin.AddMember`); its agent never starts here.
+    // a2 may have been the Raft leader: retried (bounded) until another leads.
+    wait_for("b9 added through a1", FAILOVER, || async {
+        let mut admin = c.admin("a1").await.ok()?;
+        let r = tokio::time::timeout(
+            SQL,
+            admin.add_member(meridian_proto::AddMemberRequest {
+                name: "b9".into(),
+                region: "b".into(),
+                kind: "data".into(),
+                tags: Default::default(),
+                cluster: c.cluster.clone(),
+                token: TOKEN.into(),
+            }),
+        )
+        .await
+        .ok()?;
+        match r {
+            Ok(_) => Some(()),
+            Err(e) => {
+                eprintln!("AddMember b9: {}", e.message());
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                None
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    // Four fence periods (lease_ttl 2 s, fence_after 1.5 s in the test config).
+    let watch_until = Instant::now() + Duration::from_secs(8);
+    let mut rounds = 0;
+    while Instant::now() < watch_until {
+        rounds += 1;
+        assert_eq!(
+            writable(&c, "a1").await,
+            Some(true),
+            "a1 stopped being a writable primary after b9 was added (round {rounds})\n{}",
+            c.logs()
+        );
+        if let Ok(s) = c.status().await {
+            assert_eq!(
+                (s.primary.as_str(), s.generation),
+                ("a1", 1),
+                "the primary changed after b9 was added\n{}",
+                c.logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        !c.member("a1").log().contains("fencing the local Postgres"),
+        "a1 fenced itself\n{}",
+        c.logs()
+    );
+}

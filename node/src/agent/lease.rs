@@ -292,6 +292,36 @@ pub use meridian_core::lease::majority;
 
 /// One renewal: sent to every member at once, counted when a majority granted it. On
 /// success the member's [`LeaseState`] moves to the send time. Bounded by `timeout`.
+/// The members a lease majority is counted over: the intent's members that are Raft
+/// voters. A member the intent already names but that has not been admitted as a voter
+/// (its agent may not even run yet) would grow the majority before it can grant: with one
+/// member down, adding one would fence the primary (#12, defect 8). Membership moves one
+/// voter at a time, so the primary's count and a breaker's differ by at most one member
+/// and their majorities still intersect.
+pub fn lease_voters(shared: &Shared, intent: &Intent) -> Vec<String> {
+    let metrics = shared.raft_metrics();
+    let membership = metrics.membership_config.membership();
+    let voter_names: std::collections::BTreeSet<String> = membership
+        .voter_ids()
+        .filter_map(|id| membership.get_node(&id).map(|n| n.name.clone()))
+        .collect();
+    voters_among(intent, &voter_names)
+}
+
+/// [`lease_voters`]' rule: the intent's members that are voters; all of the intent's
+/// members when no voter is known yet (a Raft membership not loaded).
+fn voters_among(intent: &Intent, voter_names: &std::collections::BTreeSet<String>) -> Vec<String> {
+    if voter_names.is_empty() {
+        return intent.members.keys().cloned().collect();
+    }
+    intent
+        .members
+        .keys()
+        .filter(|n| voter_names.contains(*n))
+        .cloned()
+        .collect()
+}
+
 pub async fn renew_once(
     shared: &Arc<Shared>,
     generation: Generation,
@@ -300,7 +330,7 @@ pub async fn renew_once(
     let sent_at = Instant::now();
     let sent_mono_ms = super::watchdog::monotonic_ms();
     let intent = shared.applied().intent.clone();
-    let voters: Vec<String> = intent.members.keys().cloned().collect();
+    let voters = lease_voters(shared, &intent);
     let need = majority(voters.len());
     let req = RenewLeaseRequest {
         cluster: shared.config.cluster.clone(),
@@ -405,7 +435,7 @@ pub async fn break_round(
     timeout: Duration,
 ) -> BreakResult {
     let intent = shared.applied().intent.clone();
-    let voters: Vec<String> = intent.members.keys().cloned().collect();
+    let voters = lease_voters(shared, &intent);
     let voters_n = voters.len();
     let need = majority(voters_n);
     let req = BreakLeaseRequest {
@@ -653,6 +683,29 @@ mod tests {
         v.previous_until_ms = t0_ms;
         v.since_ms = t0_ms - TTL.as_millis() as u64;
         v.generation = Generation(3);
+    }
+
+    #[test]
+    fn a_member_not_yet_a_voter_does_not_grow_the_lease_majority() {
+        let mut i = intent("a", 1, false);
+        for n in ["a", "b", "c", "d"] {
+            i.members.insert(
+                n.to_string(),
+                crate::raft::intent::Member {
+                    name: n.to_string(),
+                    id: crate::types::MemberId(i.members.len() as u64 + 1),
+                    region: "r".into(),
+                    kind: crate::raft::intent::MemberKind::Data,
+                    tags: Default::default(),
+                },
+            );
+        }
+        let voters: std::collections::BTreeSet<String> =
+            ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let v = voters_among(&i, &voters);
+        assert_eq!(v, vec!["a", "b", "c"], "d is added but not admitted");
+        assert_eq!(majority(v.len()), 2);
+        assert_eq!(voters_among(&i, &Default::default()).len(), i.members.len());
     }
 
     #[test]
