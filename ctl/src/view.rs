@@ -11,8 +11,19 @@ use meridian_node::types::Lsn;
 use meridian_proto::{MemberStatus, StatusResponse, WalReceiverStatus};
 use serde::Serialize;
 
-/// An observation older than this means the leader has lost touch with the member.
+/// An observation older than this means the leader has lost touch with the member, when
+/// the leader does not say its own bound (an agent older than `stale_after_ms`).
 pub const STALE_AFTER_MS: i64 = 3_000;
+
+/// The staleness bound of the answering leader (the one its decisions use), else
+/// [`STALE_AFTER_MS`].
+pub fn stale_after_ms(status: &StatusResponse) -> i64 {
+    if status.stale_after_ms > 0 {
+        status.stale_after_ms
+    } else {
+        STALE_AFTER_MS
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct MemberRow {
@@ -79,18 +90,18 @@ fn non_empty(s: &str) -> Option<String> {
 
 /// The best position the cluster knows: the primary's own, else the furthest standby's.
 /// The primary's current WAL position from its own observation, when that observation is
-/// fresh (no older than [`STALE_AFTER_MS`] at the leader); None otherwise: a lag measured
+/// fresh (no older than the leader's [`stale_after_ms`]); None otherwise: a lag measured
 /// against an old position would look smaller than it is.
 fn primary_lsn(status: &StatusResponse, intent: &Intent) -> Option<u64> {
     let p = intent.primary.as_deref()?;
     let m = status.members.iter().find(|m| m.name == p)?;
-    let pg = fresh_pg(m)?;
+    let pg = fresh_pg(m, stale_after_ms(status))?;
     (pg.up && !pg.in_recovery && pg.current_lsn > 0).then_some(pg.current_lsn)
 }
 
 /// A member's Postgres observation if the leader received it recently.
-fn fresh_pg(m: &MemberStatus) -> Option<&meridian_proto::PostgresObservation> {
-    if !(0..=STALE_AFTER_MS).contains(&m.observation_age_ms) {
+fn fresh_pg(m: &MemberStatus, stale_ms: i64) -> Option<&meridian_proto::PostgresObservation> {
+    if !(0..=stale_ms).contains(&m.observation_age_ms) {
         return None;
     }
     m.observation.as_ref().and_then(|o| o.postgres.as_ref())
@@ -107,8 +118,9 @@ pub fn member_row(m: &MemberStatus, intent: &Intent, status: &StatusResponse) ->
     };
     let obs = m.observation.as_ref();
     let pg = obs.and_then(|o| o.postgres.as_ref());
-    let fresh =
-        obs.is_some() && m.observation_age_ms >= 0 && m.observation_age_ms <= STALE_AFTER_MS;
+    let fresh = obs.is_some()
+        && m.observation_age_ms >= 0
+        && m.observation_age_ms <= stale_after_ms(status);
     let activity = pg.and_then(|pg| non_empty(&pg.activity));
     let reinit_pending = intent.reinit.contains(&m.name);
     // A long operation on the data dir says more than the probe of a Postgres it stopped.
@@ -149,7 +161,7 @@ pub fn member_row(m: &MemberStatus, intent: &Intent, status: &StatusResponse) ->
     let up_pg = pg.filter(|pg| pg.up);
     // What reads on the standby see: the primary's current position minus its replay
     // position, both freshly observed (the same definition as `/replica?lag=`).
-    let lag_bytes = match fresh_pg(m).filter(|pg| pg.up) {
+    let lag_bytes = match fresh_pg(m, stale_after_ms(status)).filter(|pg| pg.up) {
         Some(pg) if pg.in_recovery => {
             primary_lsn(status, intent).map(|p| p.saturating_sub(pg.replayed_lsn))
         }
@@ -696,6 +708,25 @@ mod tests {
         let v = cluster_view(&st, &intent());
         let a2 = v.members.iter().find(|m| m.name == "a2").unwrap();
         assert_eq!(a2.lag_bytes, Some(700));
+        // The leader's own bound wins over the fallback, both ways.
+        let mut st = status();
+        st.stale_after_ms = 1_000;
+        st.members[0].observation_age_ms = 1_500;
+        let v = cluster_view(&st, &intent());
+        let a2 = v.members.iter().find(|m| m.name == "a2").unwrap();
+        assert_eq!(
+            a2.lag_bytes, None,
+            "1.5 s is stale for a leader whose bound is 1 s"
+        );
+        let mut st = status();
+        st.stale_after_ms = 10_000;
+        st.members[0].observation_age_ms = STALE_AFTER_MS + 1;
+        let v = cluster_view(&st, &intent());
+        let a2 = v.members.iter().find(|m| m.name == "a2").unwrap();
+        assert!(
+            a2.lag_bytes.is_some(),
+            "fresh for a leader whose bound is 10 s"
+        );
     }
 
     #[test]

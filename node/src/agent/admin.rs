@@ -594,6 +594,8 @@ impl AdminService {
                 .millis_since_quorum_ack
                 .and_then(|ms| i64::try_from(ms).ok())
                 .unwrap_or(-1),
+            stale_after_ms: i64::try_from(super::leader::limits(shared).stale_after_ms)
+                .unwrap_or(i64::MAX),
             insecure: shared.config.security.insecure,
         }
     }

@@ -116,7 +116,9 @@ pub async fn run(shared: Arc<Shared>) {
     }
 }
 
-fn limits(shared: &Shared) -> Limits {
+/// The decision core's bounds from this member's timing config (also shown in
+/// `Admin.Status`, so clients judge freshness as the leader does).
+pub(crate) fn limits(shared: &Shared) -> Limits {
     let t = &shared.config.timing;
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     Limits {
