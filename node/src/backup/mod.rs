@@ -9,6 +9,8 @@
 //! - `ops.rs`: the admin operations (`backup`, `backup list`, `backup check`,
 //!   `restore-point`, `restore`) an agent runs for `meridianctl`.
 //! - `metrics.rs`: last good backup age, WAL waiting to be archived, archive failures.
+//! - `schedule.rs`: scheduled backups on the Raft leader (the rule is
+//!   `meridian_core::backup_schedule`), one run per slot, recorded in the history.
 //! - `replica.rs`: a standby restored from the repository; the old primary's unarchived
 //!   WAL pushed before it is rewound.
 
@@ -18,6 +20,7 @@ pub mod metrics;
 pub mod ops;
 pub mod pgbackrest;
 pub mod replica;
+pub mod schedule;
 
 pub use config::{ArchiveMode, BackupConfig, ReplicaMethod};
 pub use ops::{BackupKind, BackupOp, RestoreTarget};

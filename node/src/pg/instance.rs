@@ -1769,7 +1769,8 @@ work_mem = '64MB'
         empty.set_parameters([("restore_command".to_string(), "''".to_string())].into());
         assert!(!empty.has_restore_command());
         let by_param = PgInstance::new(bin, "/d", 5432, "s1", RunAs::CurrentUser);
-        by_param.set_parameters([("restore_command".to_string(), "'cp /a/%f %p'".to_string())].into());
+        by_param
+            .set_parameters([("restore_command".to_string(), "'cp /a/%f %p'".to_string())].into());
         assert!(by_param.has_restore_command());
     }
 }
