@@ -90,6 +90,25 @@ impl fmt::Display for Command {
                 reason,
                 ..
             } => write!(f, "resume {member} in generation {generation}: {reason}"),
+            Command::ScheduledBackupStart(run) => write!(
+                f,
+                "start the scheduled {} backup of slot {} on {}",
+                run.kind.as_str(),
+                run.slot_unix_ms,
+                run.member
+            ),
+            Command::ScheduledBackupFinish {
+                slot_unix_ms,
+                ok,
+                detail,
+                ..
+            } => {
+                let how = if *ok { "finished" } else { "failed" };
+                write!(
+                    f,
+                    "the scheduled backup of slot {slot_unix_ms} {how}: {detail}"
+                )
+            }
         }
     }
 }

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::backup_schedule::{ScheduleState, ScheduledRun};
 use crate::decide::{SwitchoverAbort, SwitchoverPhase, SyncSet};
 use crate::policy::{Durability, FailoverMode, Policy};
 use crate::types::{Generation, Lsn, MemberId};
@@ -93,6 +94,8 @@ pub enum HistoryKind {
     Member,
     /// Anything else worth keeping (e.g. a sync set shrunk under `preferred` durability).
     Note,
+    /// A scheduled backup's outcome ([`Command::ScheduledBackupFinish`]).
+    Backup,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -311,6 +314,19 @@ pub enum Command {
         member: String,
         system_identifier: u64,
     },
+    /// The leader takes a schedule slot and starts its backup
+    /// ([`crate::backup_schedule::decide`]): refused for a slot at or before the recorded
+    /// one and while another run is in flight, so each slot runs once whoever leads.
+    ScheduledBackupStart(ScheduledRun),
+    /// The scheduled run of `slot_unix_ms` ended: its member's result, or its deadline
+    /// passed. Recorded in the history.
+    ScheduledBackupFinish {
+        slot_unix_ms: i64,
+        ok: bool,
+        /// The backup's label, or the error.
+        detail: String,
+        at_unix_ms: i64,
+    },
 }
 
 /// Why a command was refused. Serializable so it crosses the Raft log and the admin API.
@@ -412,6 +428,15 @@ pub enum Refused {
         recorded: u64,
         got: u64,
     },
+    #[error("schedule slot {slot_unix_ms} is not after the last one taken ({last_unix_ms})")]
+    ScheduleSlotTaken {
+        slot_unix_ms: i64,
+        last_unix_ms: i64,
+    },
+    #[error("the scheduled backup of slot {slot_unix_ms} on {member:?} is still running")]
+    ScheduledBackupRunning { slot_unix_ms: i64, member: String },
+    #[error("no scheduled backup of slot {0} is running")]
+    NoScheduledBackupRunning(i64),
 }
 
 /// What the state machine answers for each applied log entry.
@@ -465,6 +490,9 @@ pub struct Intent {
     /// ([`Command::RecordSystemIdentifier`]); `None` in logs written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_identifier: Option<u64>,
+    /// Scheduled backups: the newest slot taken and the run in flight.
+    #[serde(default, skip_serializing_if = "ScheduleState::is_empty")]
+    pub backup_schedule: ScheduleState,
 }
 
 /// `synchronous_standby_names` for one generation's primary.
@@ -494,6 +522,7 @@ impl Default for Intent {
             lease_released: false,
             lease_break_release: None,
             system_identifier: None,
+            backup_schedule: ScheduleState::default(),
         }
     }
 }
@@ -830,6 +859,18 @@ impl Intent {
                 }
                 Ok(())
             }
+            Command::ScheduledBackupStart(run) => self.validate_scheduled_start(run),
+            Command::ScheduledBackupFinish {
+                slot_unix_ms,
+                detail,
+                ..
+            } => {
+                check_reason(detail)?;
+                match &self.backup_schedule.running {
+                    Some(r) if r.slot_unix_ms == *slot_unix_ms => Ok(()),
+                    _ => Err(Refused::NoScheduledBackupRunning(*slot_unix_ms)),
+                }
+            }
             Command::RecordSystemIdentifier {
                 member,
                 system_identifier,
@@ -1119,6 +1160,22 @@ impl Intent {
             } => {
                 self.system_identifier = Some(*system_identifier);
             }
+            Command::ScheduledBackupStart(run) => {
+                self.backup_schedule.last_slot_unix_ms = Some(run.slot_unix_ms);
+                self.backup_schedule.running = Some(run.clone());
+            }
+            Command::ScheduledBackupFinish {
+                ok,
+                detail,
+                at_unix_ms,
+                ..
+            } => {
+                if let Some(run) = self.backup_schedule.running.take() {
+                    let entry =
+                        self.note(*at_unix_ms, HistoryKind::Backup, run.outcome(*ok, detail));
+                    self.push_history(entry);
+                }
+            }
             Command::Resume {
                 member,
                 generation,
@@ -1172,6 +1229,23 @@ impl Intent {
             new_primary_lsn: None,
             possible_loss_bytes: None,
             write_pause_ms: None,
+        }
+    }
+
+    fn validate_scheduled_start(&self, run: &ScheduledRun) -> Result<(), Refused> {
+        self.data_member(&run.member)?;
+        if let Some(r) = &self.backup_schedule.running {
+            return Err(Refused::ScheduledBackupRunning {
+                slot_unix_ms: r.slot_unix_ms,
+                member: r.member.clone(),
+            });
+        }
+        match self.backup_schedule.last_slot_unix_ms {
+            Some(last) if run.slot_unix_ms <= last => Err(Refused::ScheduleSlotTaken {
+                slot_unix_ms: run.slot_unix_ms,
+                last_unix_ms: last,
+            }),
+            _ => Ok(()),
         }
     }
 

@@ -9,11 +9,13 @@
 //! - [`decide`]: the Raft leader's failover decisions.
 //! - [`lease`]: the lease arithmetic of voters and of the primary.
 //! - [`plan`]: the local planner (what a member's agent does next with its Postgres).
+//! - [`backup_schedule`]: scheduled backups (cron, one run per slot, the leader's rule).
 //! - `mutants` (feature `mutants`, tests only): known bad rules the simulation must catch.
 //!
 //! The deterministic simulation (`meridian-sim`) runs these same functions under seeded
 //! fault schedules.
 
+pub mod backup_schedule;
 mod command_display;
 pub mod decide;
 pub mod intent;

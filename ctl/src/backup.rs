@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
 
 use clap::{Args, Subcommand, ValueEnum};
+use meridian_node::backup::new_cluster::NewCluster;
 use meridian_node::backup::ops::{BackupList, CheckResult};
 use meridian_node::backup::{BackupKind, BackupOp, RestoreTarget};
 
@@ -67,6 +68,17 @@ pub struct RestoreArgs {
     /// Member whose host runs the restore [default: the member that answers].
     #[arg(long, value_name = "NAME")]
     pub member: Option<String>,
+    /// Once recovered, stop the instance and write the config of a new one-member Meridian
+    /// cluster named NAME whose member (named like the restoring one) adopts the directory
+    /// and `--port`; printed: how to start it.
+    #[arg(long, value_name = "NAME", requires_all = ["new_listen", "new_http_listen"])]
+    pub as_new_cluster: Option<String>,
+    /// With --as-new-cluster: the new agent's gRPC listen address.
+    #[arg(long, value_name = "HOST:PORT", requires = "as_new_cluster")]
+    pub new_listen: Option<String>,
+    /// With --as-new-cluster: the new agent's HTTP listen address.
+    #[arg(long, value_name = "HOST:PORT", requires = "as_new_cluster")]
+    pub new_http_listen: Option<String>,
     /// How long to wait for restore and recovery.
     #[arg(long, value_name = "SECONDS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub wait: u64,
@@ -243,15 +255,32 @@ pub async fn restore(client: &Client, args: RestoreArgs, json: bool) -> Result<(
             "--target-dir must be an absolute path".into(),
         ));
     }
+    let as_new_cluster = args.as_new_cluster.as_ref().map(|cluster| NewCluster {
+        cluster: cluster.clone(),
+        listen: args.new_listen.clone().unwrap_or_default(),
+        http_listen: args.new_http_listen.clone().unwrap_or_default(),
+    });
     let op = BackupOp::Restore {
         target,
         target_dir: args.target_dir.clone(),
         port: args.port,
+        as_new_cluster,
     };
     let member = args.member.as_deref().unwrap_or("");
     let (ran_on, v) = call(client, member, &op, args.wait).await?;
     if json {
         print_json(&v);
+    } else if let Some(nc) = v.get("new_cluster") {
+        println!(
+            "restored on {ran_on} into {} up to {}; new cluster {} configured in {} (state dir \
+             {}). Start its agent on {ran_on}'s host with:\n  {}",
+            args.target_dir.display(),
+            v["lsn"].as_str().unwrap_or("?"),
+            nc["cluster"].as_str().unwrap_or("?"),
+            nc["config"].as_str().unwrap_or("?"),
+            nc["state_dir"].as_str().unwrap_or("?"),
+            nc["start"].as_str().unwrap_or("?"),
+        );
     } else {
         println!(
             "restored on {ran_on} into {} up to {}; a standalone instance for inspection runs \

@@ -17,7 +17,7 @@ pub mod raft;
 
 // The pure cores live in `meridian-core` (no tokio/tonic/proto dependency); re-exported
 // under their old paths so the runtime, ctl, chaos and the tests compile unchanged.
-pub use meridian_core::{pgparams, policy, types};
+pub use meridian_core::{backup_schedule, pgparams, policy, types};
 
 /// The leader's decision core (`meridian_core::decide`) plus the wire conversion of an
 /// agent's report, which needs the proto types the core does not depend on.

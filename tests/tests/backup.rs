@@ -437,6 +437,13 @@ async fn archive_backups_replicas_and_pitr_survive_a_failover() {
     .unwrap();
     c.start("a1").unwrap();
     wait_streaming(&c, &["a1", "b1"], "a2").await;
+    // Rewound (pg_rewind --restore-target-wal, restore_command is set), not re-cloned.
+    let a1_log = c.member("a1").log();
+    assert!(
+        a1_log.contains("rewound and rejoined as a standby")
+            && !a1_log.contains("pg_rewind failed"),
+        "a1 was not rewound:\n{a1_log}"
+    );
     sql(&a2, "INSERT INTO t SELECT generate_series(1, 1000)")
         .await
         .unwrap();

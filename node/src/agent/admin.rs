@@ -182,7 +182,7 @@ fn not_leader(leader: Option<String>) -> Status {
 /// The request to send to the leader: same message, marked forwarded with how this member
 /// authorized it, bounded. The leader accepts it because this member signs it (or presents
 /// its member certificate): only requests authorized here are forwarded.
-pub(super) fn forwarded<T>(
+pub(crate) fn forwarded<T>(
     message: T,
     timeout: Duration,
     authorized_by: &'static str,

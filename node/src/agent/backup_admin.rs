@@ -38,6 +38,10 @@ pub async fn serve(
     request: Request<BackupOpRequest>,
     authorized_by: &'static str,
 ) -> Result<GrpcResponse<BackupOpResponse>, Status> {
+    let request_scheduled = request
+        .metadata()
+        .get(crate::backup::schedule::SCHEDULED_HEADER)
+        .cloned();
     let req = request.get_ref();
     let op: BackupOp = serde_json::from_str(&req.op_json)
         .map_err(|e| Status::invalid_argument(format!("decoding op_json: {e}")))?;
@@ -87,7 +91,10 @@ pub async fn serve(
         ))
     })?
     .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
-    record(&shared, &op, &result).await;
+    // A scheduled run's outcome is committed by the leader that started it.
+    if request_scheduled.is_none() {
+        record(&shared, &op, &result).await;
+    }
     Ok(GrpcResponse::new(BackupOpResponse {
         member: shared.name().to_string(),
         result_json: result.to_string(),

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::backup_schedule::{Cron, ScheduleEntry, ScheduledKind};
+
 /// `archive_mode` on the data members.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -73,6 +75,18 @@ pub struct BackupConfig {
     pub backup_timeout: Duration,
     /// Bound on every other pgBackRest call (info, check, archive-push, archive-get, ls).
     pub command_timeout: Duration,
+    /// Scheduled backups (`schedule = [{ type = "full", cron = "0 2 * * 0" }, ...]`, cron
+    /// in UTC): the Raft leader runs each slot once (`backup/schedule.rs`).
+    pub schedule: Vec<ScheduleEntry>,
+}
+
+/// One `[[backup.schedule]]` entry as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScheduleEntry {
+    #[serde(rename = "type")]
+    kind: ScheduledKind,
+    cron: String,
 }
 
 #[derive(Deserialize)]
@@ -96,6 +110,8 @@ pub(crate) struct RawBackup {
     backup_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     command_timeout: Option<Duration>,
+    #[serde(default)]
+    schedule: Vec<RawScheduleEntry>,
 }
 
 mod humantime_serde_opt {
@@ -266,6 +282,13 @@ impl RawBackup {
         if command_timeout.is_zero() {
             return bad("command_timeout", "must be greater than 0".into());
         }
+        let mut schedule = Vec::new();
+        for (i, e) in self.schedule.into_iter().enumerate() {
+            match Cron::parse(&e.cron) {
+                Ok(cron) => schedule.push(ScheduleEntry { kind: e.kind, cron }),
+                Err(err) => return bad(&format!("schedule[{i}].cron"), err.why),
+            }
+        }
         Ok(BackupConfig {
             stanza,
             repo_path,
@@ -277,6 +300,7 @@ impl RawBackup {
             options: self.options,
             backup_timeout,
             command_timeout,
+            schedule,
         })
     }
 }
@@ -335,6 +359,26 @@ mod tests {
             key("repo_path = \"/r\"\nretention_full = 0"),
             "backup.retention_full"
         );
+    }
+
+    #[test]
+    fn schedules_parse_and_bad_cron_names_the_entry() {
+        let c = parse(
+            "repo_path = \"/r\"\nschedule = [{ type = \"full\", cron = \"0 2 * * 0\" }, \
+             { type = \"incr\", cron = \"0 2 * * 1-6\" }]\n",
+        )
+        .unwrap();
+        assert_eq!(c.schedule.len(), 2);
+        assert_eq!(c.schedule[1].kind, ScheduledKind::Incr);
+        assert_eq!(c.schedule[1].cron.as_str(), "0 2 * * 1-6");
+        let e = parse(
+            "repo_path = \"/r\"\nschedule = [{ type = \"full\", cron = \"0 2 * * 0\" }, \
+             { type = \"incr\", cron = \"0 25 * * *\" }]\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.0, "backup.schedule[1].cron");
+        assert!(e.1.contains("hour: 25"), "{}", e.1);
+        assert!(parse("repo_path = \"/r\"").unwrap().schedule.is_empty());
     }
 
     #[test]

@@ -8,16 +8,21 @@
 //! - `archive.rs`: archive continuity as a pure function (segments and history files).
 //! - `ops.rs`: the admin operations (`backup`, `backup list`, `backup check`,
 //!   `restore-point`, `restore`) an agent runs for `meridianctl`.
+//! - `new_cluster.rs`: `restore --as-new-cluster`: the new one-member cluster's config.
 //! - `metrics.rs`: last good backup age, WAL waiting to be archived, archive failures.
+//! - `schedule.rs`: scheduled backups on the Raft leader (the rule is
+//!   `meridian_core::backup_schedule`), one run per slot, recorded in the history.
 //! - `replica.rs`: a standby restored from the repository; the old primary's unarchived
 //!   WAL pushed before it is rewound.
 
 pub mod archive;
 pub mod config;
 pub mod metrics;
+pub mod new_cluster;
 pub mod ops;
 pub mod pgbackrest;
 pub mod replica;
+pub mod schedule;
 
 pub use config::{ArchiveMode, BackupConfig, ReplicaMethod};
 pub use ops::{BackupKind, BackupOp, RestoreTarget};

@@ -81,6 +81,10 @@ pub enum BackupOp {
         target: RestoreTarget,
         target_dir: PathBuf,
         port: u16,
+        /// `--as-new-cluster`: once recovered, stop the instance and write the config of
+        /// a new one-member cluster adopting it (`new_cluster.rs`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        as_new_cluster: Option<super::new_cluster::NewCluster>,
     },
 }
 
@@ -192,7 +196,14 @@ pub async fn execute(
             target,
             target_dir,
             port,
-        } => restore(config, &br, pg, target, &target_dir, port).await,
+            as_new_cluster,
+        } => {
+            let v = restore(config, &br, pg, target, &target_dir, port).await?;
+            match as_new_cluster {
+                None => Ok(v),
+                Some(nc) => adopt_as_new_cluster(config, pg, v, &nc, &target_dir, port).await,
+            }
+        }
     }
 }
 
@@ -310,7 +321,7 @@ fn restored_overrides(dir: &Path, port: u16, listen: &str) -> String {
     let q = |s: &str| crate::pg::quote_conf_value(s);
     let path = |n: &str| q(&dir.join(n).display().to_string());
     format!(
-        "\n# Meridian: a point-in-time restore for inspection, not a member.\n\
+        "\n{}\n\
          port = {port}\n\
          listen_addresses = {}\n\
          unix_socket_directories = {}\n\
@@ -321,11 +332,71 @@ fn restored_overrides(dir: &Path, port: u16, listen: &str) -> String {
          synchronous_standby_names = ''\n\
          primary_conninfo = ''\n\
          primary_slot_name = ''\n",
+        super::new_cluster::INSPECTION_MARKER,
         q(listen),
         q(&dir.display().to_string()),
         path("pg_hba.conf"),
         path("pg_ident.conf"),
     )
+}
+
+/// After a restore: stops the inspection instance, strips its overrides and writes the
+/// new cluster's agent config beside this member's own (relative paths in it keep
+/// resolving), with a state dir beside the data dir.
+async fn adopt_as_new_cluster(
+    config: &Config,
+    pg: &PgInstance,
+    mut v: serde_json::Value,
+    nc: &super::new_cluster::NewCluster,
+    dir: &Path,
+    port: u16,
+) -> anyhow::Result<serde_json::Value> {
+    use super::new_cluster::{new_cluster_config, strip_inspection_overrides};
+    let restored = PgInstance::new(
+        pg.bin().clone(),
+        dir,
+        port,
+        "meridian-restore",
+        pg.run_as().clone(),
+    )
+    .with_timeouts(pg.timeouts());
+    restored
+        .stop(crate::pg::StopMode::Fast, Duration::from_secs(120))
+        .await
+        .context("stopping the restored instance")?;
+    let auto = dir.join("postgresql.auto.conf");
+    let text =
+        std::fs::read_to_string(&auto).with_context(|| format!("reading {}", auto.display()))?;
+    pg.run_as()
+        .write_file(&auto, strip_inspection_overrides(&text).as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", auto.display()))?;
+    let mut state = dir.as_os_str().to_owned();
+    state.push(".meridian");
+    let state_dir = PathBuf::from(state);
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let original = std::fs::read_to_string(&config.source)
+        .with_context(|| format!("reading {}", config.source.display()))?;
+    let new_text =
+        new_cluster_config(&original, nc, dir, port, &state_dir).map_err(anyhow::Error::msg)?;
+    let conf_dir = config.source.parent().unwrap_or(Path::new("."));
+    let conf_path = conf_dir.join(format!("{}.toml", nc.cluster));
+    anyhow::ensure!(
+        !conf_path.exists(),
+        "{} exists already: choose another cluster name or move it",
+        conf_path.display()
+    );
+    std::fs::write(&conf_path, new_text)
+        .with_context(|| format!("writing {}", conf_path.display()))?;
+    tracing::info!(config = %conf_path.display(), cluster = %nc.cluster, "point-in-time restore: new cluster config written");
+    v["new_cluster"] = serde_json::json!({
+        "cluster": nc.cluster,
+        "member": config.member.name,
+        "config": conf_path,
+        "state_dir": state_dir,
+        "start": format!("meridian-node --config {}", conf_path.display()),
+    });
+    Ok(v)
 }
 
 async fn restore(
@@ -465,6 +536,7 @@ mod tests {
             target: RestoreTarget::Time("2026-12-01 12:00:00+00".into()),
             target_dir: "/srv/restore".into(),
             port: 6543,
+            as_new_cluster: None,
         };
         let json = serde_json::to_string(&op).unwrap();
         assert_eq!(serde_json::from_str::<BackupOp>(&json).unwrap(), op);

@@ -1164,11 +1164,7 @@ impl PgInstance {
         self.write_files()?;
         let role = &self.access.roles.rewind;
         let source = self.remote_conninfo(source_host, source_port, role, Some("postgres"));
-        let args = [
-            "-D".to_string(),
-            self.data_dir.display().to_string(),
-            format!("--source-server={source}"),
-        ];
+        let args = rewind_args(&self.data_dir, &source, self.has_restore_command());
         let env = self.password_env(role);
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         run_tool(
@@ -1186,6 +1182,21 @@ impl PgInstance {
         }
         self.write_conf()?;
         self.configure_standby(source_host, source_port, slot).await
+    }
+
+    /// True when `meridian.conf` carries a non-empty `restore_command` (from `[backup]` or
+    /// the operator's parameters): pg_rewind can then fetch WAL it needs from the archive.
+    fn has_restore_command(&self) -> bool {
+        let set = |(k, v): (&String, &String)| {
+            k == "restore_command" && !v.trim().trim_matches('\'').trim().is_empty()
+        };
+        self.settings.iter().any(|(k, v)| set((k, v)))
+            || self
+                .parameters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(set)
     }
 
     /// CHECKPOINT on the rewind source as the rewind role (`pg_checkpoint`, PG 15+). On an
@@ -1598,6 +1609,22 @@ fn edit_auto_conf(current: &str, kv: &[(&str, Option<&str>)]) -> String {
     out
 }
 
+/// pg_rewind's command line. With a `restore_command` configured, `--restore-target-wal`
+/// lets pg_rewind fetch from the archive the target's WAL (back to the last common
+/// checkpoint) that the old primary already recycled; without it such a rewind fails and
+/// the member is re-cloned over the network.
+fn rewind_args(data_dir: &Path, source_conninfo: &str, restore_target_wal: bool) -> Vec<String> {
+    let mut args = vec![
+        "-D".to_string(),
+        data_dir.display().to_string(),
+        format!("--source-server={source_conninfo}"),
+    ];
+    if restore_target_wal {
+        args.push("--restore-target-wal".to_string());
+    }
+    args
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1731,5 +1758,32 @@ work_mem = '64MB'
         assert!(i
             .primary_conninfo("127.0.0.1", 5)
             .contains("application_name=s1"));
+    }
+
+    #[test]
+    fn rewind_restores_target_wal_only_with_a_restore_command() {
+        let bin = PgBinaries::for_tests("/nonexistent");
+        let plain = PgInstance::new(bin.clone(), "/d", 5432, "s1", RunAs::CurrentUser);
+        assert!(!plain.has_restore_command());
+        let args = rewind_args(Path::new("/d"), "host=p", plain.has_restore_command());
+        assert_eq!(args, ["-D", "/d", "--source-server=host=p"]);
+
+        let archived = PgInstance::new(bin.clone(), "/d", 5432, "s1", RunAs::CurrentUser)
+            .with_setting("restore_command", "'pgbackrest archive-get %f \"%p\"'");
+        assert!(archived.has_restore_command());
+        let args = rewind_args(Path::new("/d"), "host=p", archived.has_restore_command());
+        assert_eq!(
+            args,
+            ["-D", "/d", "--source-server=host=p", "--restore-target-wal"]
+        );
+
+        // An operator's empty restore_command parameter is no restore_command.
+        let empty = PgInstance::new(bin.clone(), "/d", 5432, "s1", RunAs::CurrentUser);
+        empty.set_parameters([("restore_command".to_string(), "''".to_string())].into());
+        assert!(!empty.has_restore_command());
+        let by_param = PgInstance::new(bin, "/d", 5432, "s1", RunAs::CurrentUser);
+        by_param
+            .set_parameters([("restore_command".to_string(), "'cp /a/%f %p'".to_string())].into());
+        assert!(by_param.has_restore_command());
     }
 }
