@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::decide::{SwitchoverAbort, SwitchoverPhase, SyncSet};
 use crate::policy::{Durability, FailoverMode, Policy};
+pub use crate::schedule::{Scheduled, ScheduledKind, ScheduledOp};
 use crate::types::{Generation, Lsn, MemberId};
 
 /// The same kind as in the agent config (one type, so the intent and the config agree).
@@ -43,6 +44,10 @@ pub struct MemberTags {
     pub nosync: bool,
     /// Preferred source of clones (a new member copies from it instead of the primary).
     pub clonefrom: bool,
+    /// Cascading replication: stream from this member instead of the primary while it is
+    /// a streaming standby (see [`crate::cascade`]). Absent in version-1 entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicatefrom: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -311,6 +316,17 @@ pub enum Command {
         member: String,
         system_identifier: u64,
     },
+    /// `switchover --scheduled` / `restart --scheduled`: the leader starts it at its time
+    /// (see [`crate::schedule`]); recorded in the history.
+    Schedule(Scheduled),
+    /// Takes the scheduled operation of `kind` away: `fired` when the leader starts it
+    /// (committed before it acts, so it starts once), else cancelled (`meridianctl
+    /// flush`). Recorded in the history.
+    ClearScheduled {
+        kind: ScheduledKind,
+        fired: bool,
+        at_unix_ms: i64,
+    },
 }
 
 /// Why a command was refused. Serializable so it crosses the Raft log and the admin API.
@@ -412,6 +428,14 @@ pub enum Refused {
         recorded: u64,
         got: u64,
     },
+    #[error("already scheduled: {0}; cancel it first (meridianctl flush)")]
+    AlreadyScheduled(String),
+    #[error("scheduled time {at} is more than 24 h ahead or more than 60 s in the past")]
+    ScheduleOutOfRange { at: String },
+    #[error("role {0:?}: expected primary or replica")]
+    InvalidScheduledRole(String),
+    #[error("no {0} is scheduled")]
+    NothingScheduled(ScheduledKind),
 }
 
 /// What the state machine answers for each applied log entry.
@@ -465,6 +489,10 @@ pub struct Intent {
     /// ([`Command::RecordSystemIdentifier`]); `None` in logs written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_identifier: Option<u64>,
+    /// Operations the leader starts at a time (at most one per kind,
+    /// [`crate::schedule`]); absent in logs written before they existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scheduled: Vec<Scheduled>,
 }
 
 /// `synchronous_standby_names` for one generation's primary.
@@ -494,6 +522,7 @@ impl Default for Intent {
             lease_released: false,
             lease_break_release: None,
             system_identifier: None,
+            scheduled: Vec::new(),
         }
     }
 }
@@ -846,6 +875,17 @@ impl Intent {
                     _ => Ok(()),
                 }
             }
+            Command::Schedule(sch) => {
+                crate::schedule::validate(self, sch)?;
+                Ok(())
+            }
+            Command::ClearScheduled { kind, .. } => {
+                if self.scheduled.iter().any(|s| s.op.kind() == *kind) {
+                    Ok(())
+                } else {
+                    Err(Refused::NothingScheduled(*kind))
+                }
+            }
         }
     }
 
@@ -1118,6 +1158,36 @@ impl Intent {
                 system_identifier, ..
             } => {
                 self.system_identifier = Some(*system_identifier);
+            }
+            Command::Schedule(sch) => {
+                let entry = self.note(
+                    sch.requested_at_unix_ms,
+                    HistoryKind::Note,
+                    format!("scheduled: {sch}"),
+                );
+                self.push_history(entry);
+                self.scheduled.push(sch.clone());
+            }
+            Command::ClearScheduled {
+                kind,
+                fired,
+                at_unix_ms,
+            } => {
+                let mut text = String::new();
+                self.scheduled.retain(|s| {
+                    let this = s.op.kind() == *kind;
+                    if this {
+                        text = s.to_string();
+                    }
+                    !this
+                });
+                let what = if *fired { "started" } else { "cancelled" };
+                let entry = self.note(
+                    *at_unix_ms,
+                    HistoryKind::Note,
+                    format!("scheduled {text}: {what}"),
+                );
+                self.push_history(entry);
             }
             Command::Resume {
                 member,

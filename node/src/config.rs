@@ -150,6 +150,8 @@ pub struct MemberConfig {
     pub nosync: bool,
     /// Preferred source when another member clones its Postgres.
     pub clonefrom: bool,
+    /// Cascading replication: stream from this member while it is a streaming standby.
+    pub replicatefrom: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -433,6 +435,8 @@ struct RawMember {
     nosync: bool,
     #[serde(default)]
     clonefrom: bool,
+    #[serde(default)]
+    replicatefrom: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -687,6 +691,12 @@ impl RawConfig {
     fn validate(self, base: &Path) -> Result<Config, Refusal> {
         check_name("cluster", &self.cluster)?;
         check_name("member.name", &self.member.name)?;
+        if let Some(up) = &self.member.replicatefrom {
+            check_name("member.replicatefrom", up)?;
+            if up == &self.member.name {
+                return refuse("member.replicatefrom", "names this member itself");
+            }
+        }
         check_name("member.region", &self.member.region)?;
 
         let state_dir = resolve_path(base, self.state_dir);
@@ -958,6 +968,7 @@ impl RawConfig {
                 noloadbalance: self.member.noloadbalance,
                 nosync: self.member.nosync,
                 clonefrom: self.member.clonefrom,
+                replicatefrom: self.member.replicatefrom,
             },
             state_dir,
             postgres,
