@@ -1599,6 +1599,21 @@ postgres = "127.0.0.1:5434"
     }
 
     #[test]
+    fn replicatefrom_names_another_member() {
+        let tagged = |v: &str| {
+            GOOD.replace(
+                "priority = 10\n",
+                &format!("priority = 10\nreplicatefrom = \"{v}\"\n"),
+            )
+        };
+        let c = load(&tagged("west-1")).unwrap();
+        assert_eq!(c.member.replicatefrom.as_deref(), Some("west-1"));
+        assert_eq!(load(GOOD).unwrap().member.replicatefrom, None);
+        expect_invalid(&tagged("east-1"), "member.replicatefrom", "itself");
+        expect_invalid(&tagged(""), "member.replicatefrom", "must not be empty");
+    }
+
+    #[test]
     fn listen_addr_takes_one_many_or_any() {
         let c = load(&with_pg("listen_addr = [\"10.0.0.1\", \"::1\"]")).unwrap();
         let pg = c.postgres.unwrap();

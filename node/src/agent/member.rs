@@ -6,7 +6,9 @@
 //! Owns the Postgres lifecycle: bootstrap (`init`, start, `Promote{Bootstrap}`), clone of a
 //! joining member through its slot, start on boot, restart of a crashed standby, fencing of
 //! a crashed primary (so the leader promotes at once), promotion of the member the newest
-//! generation names, re-pointing standbys, slots and `synchronous_standby_names` on the
+//! generation names, re-pointing standbys (at the primary, or at their `replicatefrom`
+//! upstream while it streams: `meridian_core::cascade`), slots (on the primary, and on a
+//! standby for the members that cascade from it) and `synchronous_standby_names` on the
 //! primary, the switchover's stop-writes / resume steps, rejoin of an old primary (fence,
 //! `pg_rewind`, re-clone when rewind fails) and `meridianctl reinit`.
 //!
