@@ -23,11 +23,17 @@ impl fmt::Display for Command {
                 name, region, kind, ..
             } => write!(f, "add {kind} member {name} in region {region}"),
             Command::RemoveMember { name, .. } => write!(f, "remove member {name}"),
-            Command::SetMemberTags { name, tags } => write!(
-                f,
-                "tag {name}: priority {}, nofailover {}",
-                tags.priority, tags.nofailover
-            ),
+            Command::SetMemberTags { name, tags } => {
+                write!(
+                    f,
+                    "tag {name}: priority {}, nofailover {}",
+                    tags.priority, tags.nofailover
+                )?;
+                if let Some(up) = &tags.replicatefrom {
+                    write!(f, ", replicatefrom {up}")?;
+                }
+                Ok(())
+            }
             Command::Promote(p) => {
                 write!(
                     f,
@@ -77,6 +83,14 @@ impl fmt::Display for Command {
                 f,
                 "record the Postgres system identifier {system_identifier}, reported by {member}"
             ),
+            Command::Schedule(sch) => write!(f, "schedule a {sch}"),
+            Command::ClearScheduled { kind, fired, .. } => {
+                if *fired {
+                    write!(f, "start the scheduled {kind}")
+                } else {
+                    write!(f, "cancel the scheduled {kind}")
+                }
+            }
             Command::RecordWritePause {
                 generation,
                 write_pause_ms,

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::backup_schedule::{ScheduleState, ScheduledRun};
 use crate::decide::{SwitchoverAbort, SwitchoverPhase, SyncSet};
 use crate::policy::{Durability, FailoverMode, Policy};
+pub use crate::schedule::{Scheduled, ScheduledKind, ScheduledOp};
 use crate::types::{Generation, Lsn, MemberId};
 
 /// The same kind as in the agent config (one type, so the intent and the config agree).
@@ -44,6 +45,10 @@ pub struct MemberTags {
     pub nosync: bool,
     /// Preferred source of clones (a new member copies from it instead of the primary).
     pub clonefrom: bool,
+    /// Cascading replication: stream from this member instead of the primary while it is
+    /// a streaming standby (see [`crate::cascade`]). Absent in version-1 entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicatefrom: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -327,6 +332,17 @@ pub enum Command {
         detail: String,
         at_unix_ms: i64,
     },
+    /// `switchover --scheduled` / `restart --scheduled`: the leader starts it at its time
+    /// (see [`crate::schedule`]); recorded in the history.
+    Schedule(Scheduled),
+    /// Takes the scheduled operation of `kind` away: `fired` when the leader starts it
+    /// (committed before it acts, so it starts once), else cancelled (`meridianctl
+    /// flush`). Recorded in the history.
+    ClearScheduled {
+        kind: ScheduledKind,
+        fired: bool,
+        at_unix_ms: i64,
+    },
 }
 
 /// Why a command was refused. Serializable so it crosses the Raft log and the admin API.
@@ -437,6 +453,14 @@ pub enum Refused {
     ScheduledBackupRunning { slot_unix_ms: i64, member: String },
     #[error("no scheduled backup of slot {0} is running")]
     NoScheduledBackupRunning(i64),
+    #[error("already scheduled: {0}; cancel it first (meridianctl flush)")]
+    AlreadyScheduled(String),
+    #[error("scheduled time {at} is more than 24 h ahead or more than 60 s in the past")]
+    ScheduleOutOfRange { at: String },
+    #[error("role {0:?}: expected primary or replica")]
+    InvalidScheduledRole(String),
+    #[error("no {0} is scheduled")]
+    NothingScheduled(ScheduledKind),
 }
 
 /// What the state machine answers for each applied log entry.
@@ -493,6 +517,10 @@ pub struct Intent {
     /// Scheduled backups: the newest slot taken and the run in flight.
     #[serde(default, skip_serializing_if = "ScheduleState::is_empty")]
     pub backup_schedule: ScheduleState,
+    /// Operations the leader starts at a time (at most one per kind,
+    /// [`crate::schedule`]); absent in logs written before they existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scheduled: Vec<Scheduled>,
 }
 
 /// `synchronous_standby_names` for one generation's primary.
@@ -523,6 +551,7 @@ impl Default for Intent {
             lease_break_release: None,
             system_identifier: None,
             backup_schedule: ScheduleState::default(),
+            scheduled: Vec::new(),
         }
     }
 }
@@ -887,6 +916,17 @@ impl Intent {
                     _ => Ok(()),
                 }
             }
+            Command::Schedule(sch) => {
+                crate::schedule::validate(self, sch)?;
+                Ok(())
+            }
+            Command::ClearScheduled { kind, .. } => {
+                if self.scheduled.iter().any(|s| s.op.kind() == *kind) {
+                    Ok(())
+                } else {
+                    Err(Refused::NothingScheduled(*kind))
+                }
+            }
         }
     }
 
@@ -1175,6 +1215,36 @@ impl Intent {
                         self.note(*at_unix_ms, HistoryKind::Backup, run.outcome(*ok, detail));
                     self.push_history(entry);
                 }
+            }
+            Command::Schedule(sch) => {
+                let entry = self.note(
+                    sch.requested_at_unix_ms,
+                    HistoryKind::Note,
+                    format!("scheduled: {sch}"),
+                );
+                self.push_history(entry);
+                self.scheduled.push(sch.clone());
+            }
+            Command::ClearScheduled {
+                kind,
+                fired,
+                at_unix_ms,
+            } => {
+                let mut text = String::new();
+                self.scheduled.retain(|s| {
+                    let this = s.op.kind() == *kind;
+                    if this {
+                        text = s.to_string();
+                    }
+                    !this
+                });
+                let what = if *fired { "started" } else { "cancelled" };
+                let entry = self.note(
+                    *at_unix_ms,
+                    HistoryKind::Note,
+                    format!("scheduled {text}: {what}"),
+                );
+                self.push_history(entry);
             }
             Command::Resume {
                 member,

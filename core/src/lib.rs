@@ -8,6 +8,9 @@
 //!   and their validation; versioned by [`intent::FORMAT_VERSION`].
 //! - [`decide`]: the Raft leader's failover decisions.
 //! - [`lease`]: the lease arithmetic of voters and of the primary.
+//! - [`cascade`]: cascading replication (which member each standby streams from).
+//! - [`schedule`]: scheduled switchovers and restarts (stored in the intent, fired by the
+//!   leader).
 //! - [`plan`]: the local planner (what a member's agent does next with its Postgres).
 //! - [`backup_schedule`]: scheduled backups (cron, one run per slot, the leader's rule).
 //! - `mutants` (feature `mutants`, tests only): known bad rules the simulation must catch.
@@ -16,6 +19,7 @@
 //! fault schedules.
 
 pub mod backup_schedule;
+pub mod cascade;
 mod command_display;
 pub mod decide;
 pub mod intent;
@@ -25,6 +29,7 @@ pub mod mutants;
 pub mod pgparams;
 pub mod plan;
 pub mod policy;
+pub mod schedule;
 pub mod types;
 
 /// `mutant!(Name)`: whether test-only mutation `Name` ([`mutants::Mutation`]) is active on

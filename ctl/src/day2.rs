@@ -1,7 +1,7 @@
 //! Day-2 commands: `reload`, `restart` (a rolling restart: standbys first, one at a time,
 //! each back streaming before the next; the primary last, by one switchover when a healthy
-//! candidate exists), `dsn`, `query` and the `--scheduled` wait of `switchover` and
-//! `restart`.
+//! candidate exists), `dsn`, `query`, and `--scheduled` of `switchover` and `restart`
+//! (recorded in the cluster's intent, started by its leader) with `flush` to cancel.
 //!
 //! The orchestration of a rolling restart is a bounded loop here; each member's restart
 //! is an admin RPC that member's agent executes (`Admin.MemberAction`), and records in the
@@ -10,6 +10,8 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use meridian_node::precheck;
+use meridian_node::raft::intent::{Scheduled, ScheduledKind, ScheduledOp};
+use meridian_node::raft::Command as IntentCommand;
 use serde_json::json;
 
 use crate::client::Client;
@@ -27,8 +29,8 @@ const MAX_SCHEDULE_AHEAD: Duration = Duration::from_secs(24 * 3600);
 const MAX_SCHEDULE_BEHIND: Duration = Duration::from_secs(60);
 const POLL_EVERY: Duration = Duration::from_millis(250);
 
-/// Sleeps until the RFC 3339 time `at` (bounded: at most 24 h ahead).
-pub async fn wait_until(at: &str, what: &str, json: bool) -> Result<(), Failure> {
+/// The RFC 3339 time `at` as Unix ms, at most 24 h ahead and 60 s behind.
+fn parse_scheduled(at: &str) -> Result<i64, Failure> {
     let when = humantime::parse_rfc3339_weak(at).map_err(|e| {
         Failure::Usage(format!(
             "--scheduled {at:?}: {e}; write it like 2026-12-01T03:00:00Z"
@@ -40,23 +42,73 @@ pub async fn wait_until(at: &str, what: &str, json: bool) -> Result<(), Failure>
             "--scheduled {at:?} is more than {} h ahead",
             MAX_SCHEDULE_AHEAD.as_secs() / 3600
         ))),
-        Ok(ahead) => {
-            if !json {
-                outln!(
-                    "Scheduled: the {what} starts at {} (in {} s); keep this command running.",
-                    humantime::format_rfc3339_seconds(when),
-                    ahead.as_secs()
-                );
-            }
-            tokio::time::sleep(ahead).await;
-            Ok(())
-        }
         Err(e) if e.duration() > MAX_SCHEDULE_BEHIND => Err(Failure::Usage(format!(
             "--scheduled {at:?} is {} s in the past",
             e.duration().as_secs()
         ))),
-        Err(_) => Ok(()),
+        _ => Ok(when
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)),
     }
+}
+
+/// `switchover|restart --scheduled TIME`: records the operation in the cluster's intent;
+/// the Raft leader starts it at that time (`list` shows it, `flush` cancels it).
+pub async fn schedule(
+    client: &Client,
+    at: &str,
+    op: ScheduledOp,
+    force: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    let at_unix_ms = parse_scheduled(at)?;
+    let s = Scheduled {
+        at_unix_ms,
+        requested_at_unix_ms: crate::ops::now_unix_ms(),
+        op,
+    };
+    let snap = client.status().await?;
+    let cmd = IntentCommand::Schedule(s.clone());
+    crate::ops::validate_locally(&snap, &cmd)?;
+    confirm(&format!("Schedule a {s}?"), force, "schedule it")?;
+    let index = client
+        .command(&cmd, false)
+        .await
+        .map_err(|e| failed(format!("scheduling: {e:#}")))?;
+    if json {
+        return print_json(&json!({"ok": true, "scheduled": s.to_string(),
+            "at_unix_ms": at_unix_ms, "log_index": index}));
+    }
+    outln!(
+        "Scheduled: {s}. The cluster's leader starts it then (cancel with `meridianctl flush {}`).",
+        s.op.kind()
+    );
+    Ok(())
+}
+
+/// `flush switchover|restart`: cancels the scheduled operation (recorded in the history).
+pub async fn flush(client: &Client, what: &str, json: bool) -> Result<(), Failure> {
+    let kind = match what {
+        "switchover" => ScheduledKind::Switchover,
+        _ => ScheduledKind::Restart,
+    };
+    let snap = client.status().await?;
+    let cmd = IntentCommand::ClearScheduled {
+        kind,
+        fired: false,
+        at_unix_ms: crate::ops::now_unix_ms(),
+    };
+    crate::ops::validate_locally(&snap, &cmd)?;
+    client
+        .command(&cmd, false)
+        .await
+        .map_err(|e| failed(format!("cancelling the scheduled {kind}: {e:#}")))?;
+    if json {
+        return print_json(&json!({"ok": true, "cancelled": kind.as_str()}));
+    }
+    outln!("Cancelled the scheduled {kind}.");
+    Ok(())
 }
 
 fn data_members(snap: &crate::client::Snapshot) -> Vec<String> {

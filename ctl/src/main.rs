@@ -125,7 +125,8 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
         wait: u64,
         /// Switch over at this time (RFC 3339, e.g. 2026-12-01T03:00:00Z), at most 24 h
-        /// ahead: meridianctl waits until then, re-checks the candidate and goes ahead.
+        /// ahead: recorded in the cluster (see `list`, cancel with `flush switchover`);
+        /// the Raft leader starts it then, with the candidate healthy at that time.
         #[arg(long, value_name = "TIME", conflicts_with = "cancel")]
         scheduled: Option<String>,
     },
@@ -149,7 +150,8 @@ pub enum Command {
         /// Only members in this role.
         #[arg(long, value_name = "ROLE", value_parser = ["primary", "replica"])]
         role: Option<String>,
-        /// Start at this time (RFC 3339), at most 24 h ahead: meridianctl waits until then.
+        /// Start at this time (RFC 3339), at most 24 h ahead: recorded in the cluster (see
+        /// `list`, cancel with `flush restart`); the Raft leader runs it then.
         #[arg(long, value_name = "TIME")]
         scheduled: Option<String>,
         /// Restart the primary in place (a short outage) instead of switching over first.
@@ -161,6 +163,12 @@ pub enum Command {
         /// Bound on each member's restart and return to streaming.
         #[arg(long, value_name = "SECONDS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
         wait: u64,
+    },
+    /// Cancel a scheduled switchover or restart (`switchover|restart --scheduled`).
+    Flush {
+        /// What to cancel.
+        #[arg(value_parser = ["switchover", "restart"])]
+        what: String,
     },
     /// A libpq connection string for a member's Postgres, or for the members in a role.
     Dsn {

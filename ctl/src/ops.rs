@@ -146,7 +146,8 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Fa
             ..
         } => {
             if let Some(at) = scheduled {
-                crate::day2::wait_until(&at, "switchover", json).await?;
+                let op = meridian_node::raft::intent::ScheduledOp::Switchover { candidate };
+                return crate::day2::schedule(client, &at, op, force, json).await;
             }
             switchover(client, candidate.as_deref(), force, wait, json).await
         }
@@ -162,6 +163,15 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Fa
             force,
             wait,
         } => {
+            if let Some(at) = scheduled {
+                let op = meridian_node::raft::intent::ScheduledOp::Restart {
+                    members,
+                    pending,
+                    role,
+                    in_place,
+                };
+                return crate::day2::schedule(client, &at, op, force, json).await;
+            }
             let plan = crate::day2::RestartArgs {
                 members,
                 pending,
@@ -170,11 +180,9 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Fa
                 force,
                 wait_s: wait,
             };
-            if let Some(at) = scheduled {
-                crate::day2::wait_until(&at, "restart", json).await?;
-            }
             crate::day2::restart(client, plan, json).await
         }
+        Command::Flush { what } => crate::day2::flush(client, &what, json).await,
         Command::Dsn {
             member,
             role,

@@ -65,6 +65,13 @@ pub struct SwitchoverRow {
     pub started_at_unix_ms: i64,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ScheduledRow {
+    pub kind: String,
+    pub at_unix_ms: i64,
+    pub what: String,
+}
+
 /// `meridianctl list --json`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ClusterView {
@@ -80,6 +87,8 @@ pub struct ClusterView {
     pub sync_standbys: Vec<String>,
     pub sync_quorum: u32,
     pub pending_switchover: Option<SwitchoverRow>,
+    /// Scheduled switchover / restart (`--scheduled`), as text with their times.
+    pub scheduled: Vec<ScheduledRow>,
     pub warnings: Vec<String>,
     pub members: Vec<MemberRow>,
 }
@@ -269,6 +278,15 @@ pub fn cluster_view(status: &StatusResponse, intent: &Intent) -> ClusterView {
             phase: serde_json::to_value(&sw.phase).unwrap_or_default(),
             started_at_unix_ms: sw.started_at_unix_ms,
         }),
+        scheduled: intent
+            .scheduled
+            .iter()
+            .map(|s| ScheduledRow {
+                kind: s.op.kind().to_string(),
+                at_unix_ms: s.at_unix_ms,
+                what: s.to_string(),
+            })
+            .collect(),
         warnings,
         members,
     }
@@ -343,6 +361,9 @@ fn headline(v: &ClusterView) -> String {
             sw.to,
             phase_name(&sw.phase)
         ));
+    }
+    for sch in &v.scheduled {
+        s.push_str(&format!("Scheduled: {}\n", sch.what));
     }
     s
 }

@@ -150,6 +150,8 @@ pub struct MemberConfig {
     pub nosync: bool,
     /// Preferred source when another member clones its Postgres.
     pub clonefrom: bool,
+    /// Cascading replication: stream from this member while it is a streaming standby.
+    pub replicatefrom: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -438,6 +440,8 @@ struct RawMember {
     nosync: bool,
     #[serde(default)]
     clonefrom: bool,
+    #[serde(default)]
+    replicatefrom: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -701,6 +705,12 @@ impl RawConfig {
                     self.member.name
                 ),
             );
+        }
+        if let Some(up) = &self.member.replicatefrom {
+            check_name("member.replicatefrom", up)?;
+            if up == &self.member.name {
+                return refuse("member.replicatefrom", "names this member itself");
+            }
         }
         check_name("member.region", &self.member.region)?;
 
@@ -973,6 +983,7 @@ impl RawConfig {
                 noloadbalance: self.member.noloadbalance,
                 nosync: self.member.nosync,
                 clonefrom: self.member.clonefrom,
+                replicatefrom: self.member.replicatefrom,
             },
             state_dir,
             postgres,
@@ -1602,6 +1613,21 @@ postgres = "127.0.0.1:5434"
 
     fn with_pg(extra: &str) -> String {
         GOOD.replace("port = 5432\n", &format!("port = 5432\n{extra}\n"))
+    }
+
+    #[test]
+    fn replicatefrom_names_another_member() {
+        let tagged = |v: &str| {
+            GOOD.replace(
+                "priority = 10\n",
+                &format!("priority = 10\nreplicatefrom = \"{v}\"\n"),
+            )
+        };
+        let c = load(&tagged("west-1")).unwrap();
+        assert_eq!(c.member.replicatefrom.as_deref(), Some("west-1"));
+        assert_eq!(load(GOOD).unwrap().member.replicatefrom, None);
+        expect_invalid(&tagged("east-1"), "member.replicatefrom", "itself");
+        expect_invalid(&tagged(""), "member.replicatefrom", "must not be empty");
     }
 
     #[test]

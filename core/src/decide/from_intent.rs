@@ -44,7 +44,9 @@ pub fn cluster_view(
                 kind: m.kind,
                 priority: m.tags.priority,
                 nofailover: m.tags.nofailover,
-                nosync: m.tags.nosync,
+                // A cascading standby's name never reaches the primary's
+                // pg_stat_replication: a commit could not wait for it.
+                nosync: m.tags.nosync || crate::cascade::cascade_source(intent, name).is_some(),
             };
             (name.clone(), view)
         })

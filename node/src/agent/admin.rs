@@ -182,6 +182,25 @@ fn not_leader(leader: Option<String>) -> Status {
 /// The request to send to the leader: same message, marked forwarded with how this member
 /// authorized it, bounded. The leader accepts it because this member signs it (or presents
 /// its member certificate): only requests authorized here are forwarded.
+/// Who asked, for the history: how the request was authorized and where it came from
+/// (the member that forwarded it, with the way that member authorized it).
+fn requested_by<T>(request: &Request<T>, how: &str) -> String {
+    match request.extensions().get::<Caller>() {
+        Some(Caller::Member(m)) => {
+            let first = request
+                .metadata()
+                .get(crate::auth::HDR_AUTHORIZED_BY)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("member");
+            format!("{first} via {m}")
+        }
+        _ => match request.remote_addr() {
+            Some(addr) => format!("{how} from {addr}"),
+            None => how.to_string(),
+        },
+    }
+}
+
 pub(crate) fn forwarded<T>(
     message: T,
     timeout: Duration,
@@ -291,6 +310,12 @@ fn parse_tags(tags: &HashMap<String, String>) -> Result<MemberTags, Status> {
                 t.clonefrom = v
                     .parse()
                     .map_err(|_| Status::invalid_argument(format!("tag clonefrom={v:?}")))?
+            }
+            "replicatefrom" => {
+                if v.is_empty() || v.len() > crate::raft::intent::MAX_NAME_LEN {
+                    return Err(Status::invalid_argument(format!("tag replicatefrom={v:?}")));
+                }
+                t.replicatefrom = Some(v.clone());
             }
             other => return Err(Status::invalid_argument(format!("unknown tag {other:?}"))),
         }
@@ -546,7 +571,14 @@ impl AdminService {
                         ("nosync".to_string(), m.tags.nosync.to_string()),
                         ("clonefrom".to_string(), m.tags.clonefrom.to_string()),
                     ]
-                    .into(),
+                    .into_iter()
+                    .chain(
+                        m.tags
+                            .replicatefrom
+                            .clone()
+                            .map(|up| ("replicatefrom".to_string(), up)),
+                    )
+                    .collect(),
                     postgres_addr: self
                         .shared
                         .config
@@ -783,9 +815,12 @@ impl Admin for AdminService {
                 let mut client = self.client(&m)?;
                 bounded(t, client.query(forwarded(request.into_inner(), t, how))).await
             }
-            None => Ok(GrpcResponse::new(
-                super::admin_ops::query(&self.shared, request.get_ref()).await?,
-            )),
+            None => {
+                let who = requested_by(&request, how);
+                Ok(GrpcResponse::new(
+                    super::admin_ops::query(&self.shared, request.get_ref(), &who).await?,
+                ))
+            }
         }
     }
 
@@ -815,6 +850,11 @@ impl Admin for AdminService {
             }
             None => {
                 let mut cmd = cmd;
+                if let Command::ClearScheduled { fired, .. } = &mut cmd {
+                    // Only members (the leader) start a scheduled operation; an operator
+                    // cancels it.
+                    *fired &= how == "member";
+                }
                 if let Command::Promote(p) = &mut cmd {
                     // Only the leader's own decisions may vouch for the old lease.
                     p.old_lease_released = false;

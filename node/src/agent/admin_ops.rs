@@ -125,13 +125,48 @@ pub async fn member_action(
     })
 }
 
+/// Longest SQL text kept in a history entry (its first line, cut at a character).
+const QUERY_NOTE_SQL_CHARS: usize = 200;
+
+/// The history text of a query: the member, the first non-empty line of the SQL (cut to
+/// [`QUERY_NOTE_SQL_CHARS`], "…" when there was more) and the outcome.
+fn query_note(member: &str, sql: &str, outcome: &str) -> String {
+    let mut lines = sql.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default();
+    let mut shown: String = first.chars().take(QUERY_NOTE_SQL_CHARS).collect();
+    if shown.len() < first.len() || lines.next().is_some() {
+        shown.push('…');
+    }
+    format!("query on {member}: {shown} ({outcome})")
+}
+
+/// `text` cut to at most `max` bytes at a character boundary.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
 /// Appends a note to the history, best effort (the action happened either way).
 async fn record(shared: &Shared, what: &str) {
+    record_as(shared, what, "requested through the admin API").await
+}
+
+/// [`record`] with who asked.
+async fn record_as(shared: &Shared, what: &str, by: &str) {
     let intent = shared.applied().intent.clone();
     let entry = HistoryEntry {
         at_unix_ms: super::join::unix_ms(),
         kind: HistoryKind::Note,
-        reason: format!("{what} (requested through the admin API)"),
+        reason: cut(
+            format!("{what} ({by})"),
+            crate::raft::intent::MAX_REASON_LEN,
+        ),
         old_primary: intent.primary.clone(),
         new_primary: intent.primary.clone(),
         generation: intent.generation,
@@ -153,7 +188,13 @@ pub fn query_timeout(req: &QueryRequest) -> Duration {
     }
 }
 
-pub async fn query(shared: &Shared, req: &QueryRequest) -> Result<QueryResponse, Status> {
+/// Runs `req.sql` on the local Postgres and records it in the history (who asked, the
+/// member, the SQL's first line, the outcome), whether it succeeded or not.
+pub async fn query(
+    shared: &Shared,
+    req: &QueryRequest,
+    who: &str,
+) -> Result<QueryResponse, Status> {
     if req.sql.trim().is_empty() {
         return Err(Status::invalid_argument("no SQL given"));
     }
@@ -163,10 +204,21 @@ pub async fn query(shared: &Shared, req: &QueryRequest) -> Result<QueryResponse,
     } else {
         req.max_rows.min(MAX_QUERY_ROWS)
     };
-    let (columns, rows, truncated) = pg
+    let result = pg
         .query_text(&req.sql, max_rows as usize, query_timeout(req))
-        .await
-        .map_err(|e| Status::failed_precondition(format!("on {}: {e}", shared.name())))?;
+        .await;
+    let outcome = match &result {
+        Ok((_, rows, _)) => format!("{} row(s)", rows.len()),
+        Err(e) => format!("failed: {}", super::errlog::one_line(&e.to_string())),
+    };
+    record_as(
+        shared,
+        &query_note(shared.name(), &req.sql, &outcome),
+        &format!("requested by {who}"),
+    )
+    .await;
+    let (columns, rows, truncated) =
+        result.map_err(|e| Status::failed_precondition(format!("on {}: {e}", shared.name())))?;
     Ok(QueryResponse {
         columns,
         rows: rows
@@ -179,4 +231,27 @@ pub async fn query(shared: &Shared, req: &QueryRequest) -> Result<QueryResponse,
         truncated,
         answered_by: shared.name().to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_query_note_keeps_the_first_line_only() {
+        assert_eq!(
+            query_note("b1", "\n  SELECT 1;\nSELECT 2", "1 row(s)"),
+            "query on b1: SELECT 1;… (1 row(s))"
+        );
+        assert_eq!(
+            query_note("b1", "SELECT now()", "failed: boom"),
+            "query on b1: SELECT now() (failed: boom)"
+        );
+        let long = "x".repeat(QUERY_NOTE_SQL_CHARS + 5);
+        let note = query_note("b1", &long, "0 row(s)");
+        assert!(
+            note.contains(&format!("{}…", "x".repeat(QUERY_NOTE_SQL_CHARS))),
+            "{note}"
+        );
+    }
 }

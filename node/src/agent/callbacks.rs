@@ -10,6 +10,7 @@
 //! events from successive observations of the local Postgres ([`Transitions`]), a pure
 //! state machine.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -115,6 +116,10 @@ struct Event {
 pub struct Callbacks {
     tx: Option<mpsc::Sender<Event>>,
     metrics: Option<Arc<Metrics>>,
+    /// Events queued or running (the graceful stop waits for them, bounded).
+    pending: Arc<AtomicUsize>,
+    /// `[callbacks] timeout`: the bound on each one.
+    timeout: Duration,
 }
 
 impl Callbacks {
@@ -125,17 +130,42 @@ impl Callbacks {
             return Callbacks::default();
         }
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let pending = Arc::new(AtomicUsize::new(0));
         tokio::spawn(worker(
             rx,
             c.clone(),
             config.cluster.clone(),
             config.member.name.clone(),
             metrics.clone(),
+            pending.clone(),
         ));
         Callbacks {
             tx: Some(tx),
             metrics: Some(metrics),
+            pending,
+            timeout: c.timeout,
         }
+    }
+
+    /// Waits until every queued callback has run (or was killed at its timeout), at most
+    /// `within`. For the graceful stop: the agent's `on_stop` must run before it exits.
+    /// False when some were still pending at the bound.
+    pub async fn drain(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while self.pending.load(Ordering::Acquire) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// A bound for [`Callbacks::drain`]: every queued callback at its own timeout, plus
+    /// a margin to spawn them.
+    pub fn drain_bound(&self) -> Duration {
+        let queued = self.pending.load(Ordering::Acquire).max(1) as u32;
+        (self.timeout + Duration::from_millis(500)).saturating_mul(queued)
     }
 
     /// Queues `action` without waiting; a full queue drops it (logged, counted).
@@ -146,7 +176,9 @@ impl Callbacks {
             role = role.as_str(),
             "queueing callback"
         );
+        self.pending.fetch_add(1, Ordering::AcqRel);
         if tx.try_send(Event { action, role }).is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!(
                 action = action.as_str(),
                 "callback queue full ({QUEUE_CAPACITY} waiting): event dropped"
@@ -164,16 +196,30 @@ async fn worker(
     cluster: String,
     member: String,
     metrics: Arc<Metrics>,
+    pending: Arc<AtomicUsize>,
 ) {
     while let Some(ev) = rx.recv().await {
+        run_event(&c, &cluster, &member, &metrics, ev).await;
+        pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn run_event(
+    c: &crate::config::CallbacksConfig,
+    cluster: &str,
+    member: &str,
+    metrics: &Metrics,
+    ev: Event,
+) {
+    {
         let argv = match ev.action {
             Action::OnStart => &c.on_start,
             Action::OnStop => &c.on_stop,
             Action::OnRoleChange => &c.on_role_change,
         };
-        let Some(argv) = argv else { continue };
+        let Some(argv) = argv else { return };
         let started = Instant::now();
-        let result = run_one(argv, ev.action, ev.role, &cluster, &member, c.timeout).await;
+        let result = run_one(argv, ev.action, ev.role, cluster, member, c.timeout).await;
         let action = ev.action.as_str();
         match result {
             Ok(()) => {

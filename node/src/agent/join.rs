@@ -210,6 +210,9 @@ async fn register(config: &Config, dialer: &Dialer) -> anyhow::Result<NodeId> {
                 if config.member.clonefrom {
                     tags.insert("clonefrom".into(), "true".into());
                 }
+                if let Some(up) = &config.member.replicatefrom {
+                    tags.insert("replicatefrom".into(), up.clone());
+                }
                 tags
             },
             cluster: config.cluster.clone(),
@@ -400,6 +403,7 @@ async fn bootstrap_inner(shared: &Shared) -> anyhow::Result<()> {
                     nofailover: shared.config.member.nofailover,
                     nosync: shared.config.member.nosync,
                     clonefrom: shared.config.member.clonefrom,
+                    replicatefrom: shared.config.member.replicatefrom.clone(),
                 },
                 at_unix_ms: unix_ms(),
             };

@@ -49,6 +49,8 @@ struct Tracker {
     /// writes. Only the leader that committed the phase knows it; after a leader change
     /// the pause goes unrecorded (meridianctl then reports what it observed).
     writes_stopped: Option<(String, u64)>,
+    /// The scheduled operation this leader is running (one at a time).
+    scheduled: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Break rounds for one primary and generation.
@@ -229,6 +231,17 @@ async fn round(shared: &Arc<Shared>, tr: &mut Tracker) -> anyhow::Result<()> {
         .and_then(|(to, since)| write_pause(to, *since, &intent, &observations))
     {
         commands.push(cmd);
+    }
+    // A scheduled switchover or restart whose time has come (wall clock: the schedule is
+    // a wall-clock time), one at a time, in the background: it waits on other rounds.
+    let running = tr.scheduled.as_ref().is_some_and(|t| !t.is_finished());
+    if !running {
+        if let Some(s) = meridian_core::schedule::due(&intent, unix_ms()).first() {
+            tr.scheduled = Some(tokio::spawn(super::scheduled::fire(
+                shared.clone(),
+                (*s).clone(),
+            )));
+        }
     }
     let mut wrote = false;
     for cmd in commands {

@@ -6,7 +6,9 @@
 //! Owns the Postgres lifecycle: bootstrap (`init`, start, `Promote{Bootstrap}`), clone of a
 //! joining member through its slot, start on boot, restart of a crashed standby, fencing of
 //! a crashed primary (so the leader promotes at once), promotion of the member the newest
-//! generation names, re-pointing standbys, slots and `synchronous_standby_names` on the
+//! generation names, re-pointing standbys (at the primary, or at their `replicatefrom`
+//! upstream while it streams: `meridian_core::cascade`), slots (on the primary, and on a
+//! standby for the members that cascade from it) and `synchronous_standby_names` on the
 //! primary, the switchover's stop-writes / resume steps, rejoin of an old primary (fence,
 //! `pg_rewind`, re-clone when rewind fails) and `meridianctl reinit`.
 //!
@@ -29,6 +31,7 @@ use crate::decide::SyncSet;
 use crate::pg::{PgInstance, StopMode};
 use crate::raft::intent::{Command, Intent, MemberKind, Promote, PromotionKind, Response};
 use crate::types::Generation;
+use meridian_core::cascade::{self, Upstream};
 
 /// A standby whose WAL receiver does not stream for this long is rewound (it may have
 /// diverged from the primary's timeline).
@@ -225,8 +228,9 @@ struct Member {
     pg: PgInstance,
     /// This agent saw its Postgres run as the primary (a later crash is then fenced).
     seen_primary_up: bool,
-    /// The member this standby's `primary_conninfo` was last pointed at by this agent.
-    upstream: Option<String>,
+    /// The member this standby's `primary_conninfo` was last pointed at by this agent,
+    /// and whether through this member's slot there.
+    upstream: Option<Upstream>,
     /// An isolated standby disconnected its WAL receiver.
     disconnected: bool,
     not_streaming_since: Option<Instant>,
@@ -635,15 +639,28 @@ impl Member {
         ))
     }
 
+    /// This member's slot on the primary, when the primary keeps one for it: not when it
+    /// cascades from another standby ([`cascade::slots_kept_by`]).
+    fn primary_slot(&self) -> Option<String> {
+        let intent = &self.shared.applied().intent;
+        cascade::cascade_source(intent, self.name())
+            .is_none()
+            .then(|| slot_name(self.name()))
+    }
+
     /// Points a stopped standby at `primary` through this member's slot.
     async fn repoint_stopped(&mut self, primary: &str) -> anyhow::Result<()> {
         let (host, port) = pg_addr(&self.shared, primary)?;
+        let slot = self.primary_slot();
         self.pg
-            .configure_standby(&host, port, Some(&slot_name(self.name())))
+            .configure_standby(&host, port, slot.as_deref())
             .await
             .with_context(|| format!("pointing the adopted standby at {primary}"))?;
         tracing::info!(%primary, "the adopted standby follows the primary");
-        self.upstream = Some(primary.to_string());
+        self.upstream = Some(Upstream {
+            member: primary.to_string(),
+            slot: slot.is_some(),
+        });
         Ok(())
     }
 
@@ -721,7 +738,8 @@ impl Member {
         }
     }
 
-    /// A data member without data: clone from the primary through its own slot.
+    /// A data member without data: clone from the primary through its own slot (none
+    /// when it cascades: then its slot lives on its source).
     async fn clone_fresh(&mut self, intent: &Intent) -> anyhow::Result<()> {
         let Some(primary) = intent.primary.clone() else {
             return Ok(());
@@ -787,18 +805,20 @@ impl Member {
             .restore_from_repository(primary, &host, port, &slot)
             .await
         {
-            return self.start_clone(primary).await;
+            return self.start_clone(primary, true).await;
         }
+        // A member that cascades has no slot on the primary (its own is on its source).
+        let slot = self.primary_slot();
         if let Err(e) = self
             .pg
-            .clone_via(&src_host, src_port, &host, port, Some(&slot))
+            .clone_via(&src_host, src_port, &host, port, slot.as_deref())
             .await
         {
             // Only what this attempt wrote is there (there was no data before).
             let _ = std::fs::remove_dir_all(self.pg.data_dir());
             return Err(e).context(format!("cloning from {from}"));
         }
-        self.start_clone(primary).await
+        self.start_clone(primary, slot.is_some()).await
     }
 
     /// `[backup] create_replica_methods` starting with `pgbackrest`: restore the newest
@@ -841,13 +861,16 @@ impl Member {
         }
     }
 
-    async fn start_clone(&mut self, primary: &str) -> anyhow::Result<()> {
+    async fn start_clone(&mut self, primary: &str, slot: bool) -> anyhow::Result<()> {
         self.conf_checked = true;
         self.pg
             .start(START_TIMEOUT)
             .await
             .context("starting the clone")?;
-        self.upstream = Some(primary.to_string());
+        self.upstream = Some(Upstream {
+            member: primary.to_string(),
+            slot,
+        });
         self.not_streaming_since = None;
         self.shared.set_activity("");
         tracing::info!(%primary, "cloned and streaming");
@@ -924,11 +947,11 @@ impl Member {
     async fn rejoin(&mut self, primary: &str) -> anyhow::Result<()> {
         self.primary_ready(primary).await?;
         let (host, port) = pg_addr(&self.shared, primary)?;
-        let slot = slot_name(self.name());
+        let slot = self.primary_slot();
         self.push_unarchived_wal().await;
         self.shared
             .set_activity(&format!("rewinding from {primary}"));
-        match self.pg.rewind(&host, port, Some(&slot)).await {
+        match self.pg.rewind(&host, port, slot.as_deref()).await {
             Ok(()) => {
                 self.pg
                     .start(START_TIMEOUT)
@@ -940,7 +963,10 @@ impl Member {
                     .final_lsn
                     .lock()
                     .unwrap_or_else(|e| e.into_inner()) = None;
-                self.upstream = Some(primary.to_string());
+                self.upstream = Some(Upstream {
+                    member: primary.to_string(),
+                    slot: slot.is_some(),
+                });
                 self.not_streaming_since = None;
                 self.shared.set_activity("");
                 tracing::info!(%primary, "rewound and rejoined as a standby");
@@ -1140,13 +1166,17 @@ impl Member {
     /// inactive slots of members no longer in the intent are dropped (they would hold WAL
     /// until `max_slot_wal_keep_size`). Slots Meridian does not own (no `meridian_`
     /// prefix) are left alone. Done again whenever the generation or the data members change.
+    ///
+    /// Members that cascade from another standby have their slot there instead
+    /// ([`cascade::slots_kept_by`]); on a standby this keeps the slots of the members that
+    /// cascade from it (and drops Meridian's other inactive ones: an old primary's would
+    /// hold its WAL for nothing).
     async fn ensure_slots(&mut self, intent: &Intent) -> anyhow::Result<()> {
-        let wanted: std::collections::BTreeSet<String> = intent
-            .members
-            .values()
-            .filter(|m| m.kind == MemberKind::Data && m.name != self.name())
-            .map(|m| slot_name(&m.name))
-            .collect();
+        let wanted: std::collections::BTreeSet<String> =
+            cascade::slots_kept_by(intent, self.name())
+                .iter()
+                .map(|m| slot_name(m))
+                .collect();
         let key = (intent.generation, wanted);
         if self.slots.as_ref() == Some(&key) {
             return Ok(());
@@ -1161,19 +1191,25 @@ impl Member {
         let rows = tokio::time::timeout(
             Duration::from_secs(2),
             client.query(
-                "SELECT slot_name::text FROM pg_replication_slots \
-                 WHERE slot_type = 'physical' AND NOT active",
+                "SELECT slot_name::text, active FROM pg_replication_slots \
+                 WHERE slot_type = 'physical'",
                 &[],
             ),
         )
         .await
         .context("listing slots timed out")??;
-        let inactive: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
-        for slot in slots_to_drop(inactive.iter().map(String::as_str), &key.1) {
-            tracing::info!(%slot, "dropping the slot of a member that left");
+        let listed: Vec<(String, bool)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let inactive = listed.iter().filter(|(_, a)| !a).map(|(n, _)| n.as_str());
+        for slot in slots_to_drop(inactive, &key.1) {
+            tracing::info!(%slot, "dropping a slot no member streams through from here");
             self.pg.drop_slot(&slot).await?;
         }
-        self.slots = Some(key);
+        // An unwanted slot still in use (a member about to cascade from elsewhere) is
+        // dropped once it is not: check again next round instead of remembering the key.
+        let in_use = listed.iter().filter(|(_, a)| *a).map(|(n, _)| n.as_str());
+        if slots_to_drop(in_use, &key.1).is_empty() {
+            self.slots = Some(key);
+        }
         Ok(())
     }
 
@@ -1249,14 +1285,29 @@ impl Member {
             }
             return Ok(());
         }
-        if self.upstream.as_deref() != Some(primary.as_str()) || self.disconnected {
-            let (host, port) = pg_addr(&self.shared, &primary)?;
+        // Cascading: the tagged source while this agent's own probe sees it stream, else
+        // the primary (and back when the source streams again).
+        let max_age = self.shared.config.timing.observe_interval * 4;
+        let probes = self.shared.peer_probes.fresh(max_age);
+        let Some(want) = cascade::upstream(intent, self.name(), |m| {
+            probes.get(m).is_some_and(|p| p.streaming && !p.writable)
+        }) else {
+            return Ok(());
+        };
+        if self.upstream.as_ref() != Some(&want) || self.disconnected {
+            let to = want.member.clone();
+            let (host, port) = pg_addr(&self.shared, &to)?;
+            let slot = want.slot.then(|| slot_name(self.name()));
             self.pg
-                .configure_standby(&host, port, Some(&slot_name(self.name())))
+                .configure_standby(&host, port, slot.as_deref())
                 .await
-                .with_context(|| format!("pointing at {primary}"))?;
-            tracing::info!(%primary, "standby follows the primary");
-            self.upstream = Some(primary.clone());
+                .with_context(|| format!("pointing at {to}"))?;
+            if to == primary {
+                tracing::info!(%primary, slot = want.slot, "standby follows the primary");
+            } else {
+                tracing::info!(upstream = %to, %primary, "standby cascades from its replicatefrom member");
+            }
+            self.upstream = Some(want);
             self.disconnected = false;
             self.not_streaming_since = None;
             self.shared.set_activity("");
@@ -1268,6 +1319,12 @@ impl Member {
                 // A former primary that now streams from the new one (switchover).
                 self.pg.clear_fence()?;
                 self.shared.set_activity("");
+            }
+            // The slots of the members that cascade from here (done again only when the
+            // generation or the set changes).
+            if let Err(e) = self.ensure_slots(intent).await {
+                tracing::debug!("slots for cascading standbys: {e:#}");
+                self.slots = None;
             }
             return Ok(());
         }

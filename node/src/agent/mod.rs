@@ -27,6 +27,7 @@ pub mod member;
 pub mod observe;
 pub mod peers;
 pub mod pg_access;
+pub mod scheduled;
 pub mod stop;
 pub mod watchdog;
 

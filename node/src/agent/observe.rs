@@ -389,6 +389,7 @@ impl ClusterSource {
                         "nofailover": m.tags.nofailover,
                         "nosync": m.tags.nosync,
                         "clonefrom": m.tags.clonefrom,
+                        "replicatefrom": m.tags.replicatefrom,
                     },
                 });
                 let addr = shared

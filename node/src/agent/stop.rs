@@ -10,7 +10,8 @@
 //! failover follows at once where a member is known to hold every acknowledged commit. A
 //! standby's Postgres is stopped (fast), so it no longer acknowledges sync commits with no
 //! agent beside it. The member's reconcile loop is stopped before Postgres is, so it cannot
-//! start it again.
+//! start it again. Last, the `on_stop` callback runs (bounded by its timeout) before the
+//! agent exits.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -73,6 +74,18 @@ pub async fn before_shutdown(
             Ok(()) => tracing::info!("stopping: the local Postgres is stopped"),
             Err(e) => tracing::error!("stopping: stopping the local Postgres failed: {e}"),
         }
+    }
+    // `on_stop` (once: a no-op when the observations already saw it stop), and every
+    // callback still queued, before the runtime goes (bounded by their timeouts).
+    if !pg.is_running() {
+        super::callbacks::note(shared, None);
+    }
+    let bound = shared.callbacks.drain_bound();
+    if !shared.callbacks.drain(bound).await {
+        tracing::warn!(
+            "stopping: callbacks still queued after {} ms; not waiting longer",
+            bound.as_millis()
+        );
     }
 }
 
