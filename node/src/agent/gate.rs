@@ -18,8 +18,9 @@ use super::Shared;
 use crate::pg::gate::{self, GateProgress};
 use crate::pg::PgInstance;
 
-/// How often the supervisor looks whether this member became (or stopped being) primary.
-const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How often, at least, the supervisor looks whether a named primary's Postgres runs (a
+/// new applied intent wakes it at once).
+const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// First and longest pause before reconnecting after a session ended.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -61,17 +62,24 @@ pub async fn run(shared: Arc<Shared>, pg: PgInstance) {
     let progress = Mutex::new(GateProgress::default());
     let mut errors = super::errlog::ErrorLog::default();
     let mut backoff = BACKOFF_MIN;
+    let mut intent_rx = shared.applied.clone();
     loop {
         if !named_primary(&shared) || pg.is_fenced() || !pg.is_running() {
-            tokio::time::sleep(POLL_INTERVAL).await;
+            // Woken by a new applied intent at once (a promotion); Postgres' own state
+            // changes have no signal, so at least once per poll interval.
+            let _ = tokio::time::timeout(POLL_INTERVAL, intent_rx.changed()).await;
             continue;
         }
         let started = Instant::now();
         let stop = {
             let shared = shared.clone();
+            let mut rx = shared.applied.clone();
             async move {
                 while named_primary(&shared) {
-                    tokio::time::sleep(POLL_INTERVAL).await;
+                    if rx.changed().await.is_err() {
+                        // The agent is shutting down.
+                        return;
+                    }
                 }
             }
         };
