@@ -1406,7 +1406,7 @@ impl Drop for Cluster {
 }
 
 /// The pids whose parent is `parent` (from /proc; empty where there is none).
-fn children_of(parent: i32) -> Vec<i32> {
+pub fn children_of(parent: i32) -> Vec<i32> {
     let mut out = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;

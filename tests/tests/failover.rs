@@ -868,29 +868,7 @@ async fn a_lost_primary_with_no_candidate_takes_writes_again_when_its_agent_retu
 /// Every process of `member`'s "host": its agent and the agent's children (the watchdog),
 /// and its postmaster and the postmaster's children (backends, walsenders, ...).
 fn host_pids(c: &AgentCluster, member: &str) -> (Vec<i32>, Vec<i32>) {
-    fn children(parent: i32) -> Vec<i32> {
-        let mut out = Vec::new();
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return out;
-        };
-        for e in dir.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue;
-            };
-            // pid (comm) state ppid ...: comm may hold spaces, so split after the ')'.
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                .and_then(|p| p.parse::<i32>().ok());
-            if ppid == Some(parent) {
-                out.push(pid);
-            }
-        }
-        out
-    }
+    use meridian_chaos::cluster::children_of as children;
     let agent = c.member(member).pid().expect("agent running") as i32;
     let mut agents = vec![agent];
     agents.extend(children(agent));
