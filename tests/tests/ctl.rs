@@ -1010,21 +1010,28 @@ async fn switchover_moves_the_primary_and_history_records_it() {
         ("a2", 2),
         "a refused failover changed the cluster"
     );
-    // The caught-up a1 is accepted and takes writes.
-    let r = ctl_ok(
-        &[
-            "--endpoint",
-            &eps,
-            "--token",
-            TOKEN,
-            "failover",
-            "--candidate",
-            "a1",
-            "--force",
-        ],
-        "failover to a1",
-    )
-    .await;
+    // The caught-up a1 is accepted and takes writes. The peers' probes of the killed a2
+    // may still say "writable" for a moment after `list` shows it unreachable: that
+    // refusal alone is retried (bounded).
+    let failover_a1 = [
+        "--endpoint",
+        &eps,
+        "--token",
+        TOKEN,
+        "failover",
+        "--candidate",
+        "a1",
+        "--force",
+    ];
+    let mut r = run_ctl(&failover_a1).await.unwrap();
+    for _ in 0..20 {
+        if !r.stderr.contains("is healthy and taking writes") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        r = run_ctl(&failover_a1).await.unwrap();
+    }
+    assert_code(&r, 0, "failover to a1");
     assert!(
         r.stdout
             .contains("Failover complete: a1 accepts writes at generation 3"),

@@ -507,7 +507,8 @@ async fn postgres_fails_over_across_hosts() {
     let rows = primary
         .query(
             "SELECT r.usename::text, host(r.client_addr), coalesce(s.ssl, false) \
-             FROM pg_stat_replication r LEFT JOIN pg_stat_ssl s ON s.pid = r.pid",
+             FROM pg_stat_replication r LEFT JOIN pg_stat_ssl s ON s.pid = r.pid \
+             WHERE r.application_name <> 'meridian_lease_gate'",
             &[],
         )
         .await

@@ -334,6 +334,10 @@ impl Member {
             return self.clone_fresh(&intent).await;
         }
         if !self.pg.is_running() {
+            // Unresponsiveness counts only while a server runs: a crashed primary resumed
+            // in place starts (and runs crash recovery) with a fresh clock. Counting from
+            // the crash fenced it again at its first slow probe (seen in CI under load).
+            self.unresponsive_since = None;
             return self.not_running(&intent, i_am_primary).await;
         }
         let status = self.pg.probe().await;
