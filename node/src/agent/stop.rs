@@ -91,17 +91,33 @@ pub async fn before_shutdown(
 
 /// A switchover away from this member, to the best healthy standby; returns its name once
 /// the applied intent names it the primary.
+/// How long a stopping primary waits for a newly elected leader to hear from the standbys.
+const GATHER_BOUND: Duration = Duration::from_secs(3);
+const GATHER_RETRY: Duration = Duration::from_millis(200);
+
 async fn hand_over(shared: &Arc<Shared>) -> anyhow::Result<String> {
     let deadline = Instant::now() + shared.config.shutdown.switchover_timeout;
-    let status = AdminService::new(shared.clone())
-        .status(Request::new(StatusRequest { local: false }))
-        .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))
-        .context("reading the cluster's status")?
-        .into_inner();
-    let intent = shared.applied().intent.clone();
-    let to = crate::precheck::switchover_candidate(&status, &intent, None)
-        .map_err(|why| anyhow::anyhow!(why))?;
+    // A leader elected a moment ago holds no reports yet ("has not reported"): give it
+    // one gathering period (bounded, within the switchover budget) before giving up on a
+    // hand-over and fencing instead (seen in CI right after a Raft leadership hand-off).
+    let gather_until =
+        Instant::now() + GATHER_BOUND.min(shared.config.shutdown.switchover_timeout / 2);
+    let to = loop {
+        let status = AdminService::new(shared.clone())
+            .status(Request::new(StatusRequest { local: false }))
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))
+            .context("reading the cluster's status")?
+            .into_inner();
+        let intent = shared.applied().intent.clone();
+        match crate::precheck::switchover_candidate(&status, &intent, None) {
+            Ok(to) => break to,
+            Err(why) if why.contains("has not reported") && Instant::now() < gather_until => {
+                tokio::time::sleep(GATHER_RETRY).await;
+            }
+            Err(why) => anyhow::bail!(why),
+        }
+    };
     tracing::info!("stopping: switching over to {to} first");
     let begin = Command::BeginSwitchover(PendingSwitchover {
         from: shared.name().to_string(),
