@@ -50,8 +50,22 @@ impl fmt::Display for Command {
                 Ok(())
             }
             Command::SetPolicy { reason, .. } => write!(f, "set the replication policy: {reason}"),
-            Command::RecordSyncSet { generation, set } => {
-                write!(f, "record the sync set {set} for generation {generation}")
+            Command::RecordSyncSet {
+                generation,
+                set,
+                degraded,
+                degraded_until_lsn,
+            } => {
+                write!(f, "record the sync set {set} for generation {generation}")?;
+                match (degraded, degraded_until_lsn) {
+                    (false, _) => {}
+                    (true, None) => f.write_str(" (degraded: the primary may acknowledge alone)")?,
+                    (true, Some(lsn)) => write!(
+                        f,
+                        " (degraded: commits acknowledged alone up to {lsn}, until a sync standby holds them)"
+                    )?,
+                }
+                Ok(())
             }
             Command::SetMaintenance { on: true } => f.write_str("maintenance mode on"),
             Command::SetMaintenance { on: false } => f.write_str("maintenance mode off"),

@@ -241,6 +241,14 @@ pub enum Command {
     RecordSyncSet {
         generation: Generation,
         set: SyncSet,
+        /// The primary may acknowledge commits with no sync standby although the policy
+        /// asks for one (see [`Intent::sync_degraded`]). Absent in logs written before it
+        /// existed: false.
+        #[serde(default)]
+        degraded: bool,
+        /// While degraded: every commit acknowledged alone lies at or before this.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        degraded_until_lsn: Option<Lsn>,
     },
     SetMaintenance {
         on: bool,
@@ -493,6 +501,18 @@ pub struct Intent {
     pub policy_version: u64,
     /// The recorded sync set: a superset of what the primary's Postgres may wait on.
     pub sync_set: SyncSet,
+    /// The policy asks for sync standbys, yet the current primary may have acknowledged
+    /// commits no standby is known to hold: `durability = preferred` emptied its set, or it
+    /// started without one (a promotion that carried no set), and the standbys it waits on
+    /// since have not yet been seen holding everything it wrote. Recorded *before* its
+    /// Postgres may acknowledge alone; while set, no standby is promoted automatically
+    /// unless `async_failover` allows the loss.
+    #[serde(default)]
+    pub sync_degraded: bool,
+    /// While degraded and the primary waits on a set again: every commit it acknowledged
+    /// alone lies at or before this position; k of the set holding it clears the mark.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_degraded_until_lsn: Option<Lsn>,
     pub maintenance: bool,
     pub pending_switchover: Option<PendingSwitchover>,
     pub history: Vec<HistoryEntry>,
@@ -541,6 +561,8 @@ impl Default for Intent {
             policy: Policy::default(),
             policy_version: 0,
             sync_set: SyncSet::default(),
+            sync_degraded: false,
+            sync_degraded_until_lsn: None,
             maintenance: false,
             pending_switchover: None,
             history: Vec::new(),
@@ -751,7 +773,9 @@ impl Intent {
                 }
                 Ok(())
             }
-            Command::RecordSyncSet { generation, set } => {
+            Command::RecordSyncSet {
+                generation, set, ..
+            } => {
                 if *generation != self.generation {
                     return Err(Refused::StaleGeneration {
                         expected: self.generation,
@@ -1074,6 +1098,12 @@ impl Intent {
                 if carried.k == 0 || carried.names.len() < carried.k as usize {
                     carried = SyncSet::default();
                 }
+                // A new primary that starts with no set where the old one had one (or was
+                // already acknowledging alone) acknowledges alone until the leader grows a
+                // set: degraded from its first commit.
+                self.sync_degraded =
+                    carried.is_empty() && (!self.sync_set.is_empty() || self.sync_degraded);
+                self.sync_degraded_until_lsn = None;
                 self.sync_set = carried.clone();
                 self.sync_target = Some(SyncTarget {
                     generation: p.generation,
@@ -1112,7 +1142,16 @@ impl Intent {
                 let entry = self.note(*at_unix_ms, HistoryKind::Policy, reason.clone());
                 self.push_history(entry);
             }
-            Command::RecordSyncSet { set, .. } => self.sync_set = set.clone(),
+            Command::RecordSyncSet {
+                set,
+                degraded,
+                degraded_until_lsn,
+                ..
+            } => {
+                self.sync_set = set.clone();
+                self.sync_degraded = *degraded;
+                self.sync_degraded_until_lsn = degraded_until_lsn.filter(|_| *degraded);
+            }
             Command::SetMaintenance { on } => self.maintenance = *on,
             Command::BeginSwitchover(sw) => self.pending_switchover = Some(sw.clone()),
             Command::SetSwitchoverPhase { phase, .. } => {
@@ -1508,6 +1547,8 @@ mod tests {
         i.apply(&Command::RecordSyncSet {
             generation: Generation(1),
             set: SyncSet::new(["a2"], 1),
+            degraded: false,
+            degraded_until_lsn: None,
         });
         assert_eq!(
             refused(&mut i, rm("a2")),
@@ -2019,6 +2060,8 @@ mod tests {
                 names: names.iter().map(|s| s.to_string()).collect(),
                 k,
             },
+            degraded: false,
+            degraded_until_lsn: None,
         }
     }
 
@@ -2150,6 +2193,8 @@ mod tests {
             i.apply(&Command::RecordSyncSet {
                 generation: Generation(1),
                 set: SyncSet::new(["a2"], 1),
+                degraded: false,
+                degraded_until_lsn: None,
             }),
             Response::Applied
         );
@@ -2167,6 +2212,38 @@ mod tests {
         );
     }
 
+    /// A promotion that carries no set where the old primary had one starts a primary that
+    /// acknowledges alone: recorded from its first commit, cleared only by the leader.
+    #[test]
+    fn a_promotion_that_carries_no_sync_set_records_it_as_degraded() {
+        let mut i = cluster();
+        // (`required` would fill the carried set up with the old primary.)
+        i.policy.durability = Durability::Preferred;
+        i.apply(&Command::RecordSyncSet {
+            generation: Generation(1),
+            set: SyncSet::new(["a2"], 1),
+            degraded: false,
+            degraded_until_lsn: None,
+        });
+        assert!(!i.sync_degraded);
+        i.apply(&promote("a2", 2, PromotionKind::Manual));
+        assert_eq!(i.sync_set, SyncSet::default());
+        assert!(i.sync_degraded);
+        // Still degraded after the next promotion, though no set was recorded since.
+        i.apply(&promote("b1", 3, PromotionKind::Manual));
+        assert!(i.sync_degraded);
+        i.apply(&Command::RecordSyncSet {
+            generation: Generation(3),
+            set: SyncSet::new(["a2"], 1),
+            degraded: false,
+            degraded_until_lsn: None,
+        });
+        assert!(!i.sync_degraded);
+        // A set carried over keeps the new primary covered.
+        i.apply(&promote("a1", 4, PromotionKind::Manual));
+        assert!(!i.sync_degraded);
+    }
+
     #[test]
     fn a_promotion_carries_the_sync_set_minus_the_new_primary() {
         let mut i = cluster();
@@ -2174,6 +2251,8 @@ mod tests {
             i.apply(&Command::RecordSyncSet {
                 generation: Generation(1),
                 set: SyncSet::new(["a2", "b1"], 1),
+                degraded: false,
+                degraded_until_lsn: None,
             }),
             Response::Applied
         );

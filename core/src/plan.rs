@@ -101,6 +101,22 @@ pub struct LocalObserved {
     pub not_streaming_for_ms: u64,
     /// How long since a leader last accepted this agent's report.
     pub since_report_ok_ms: u64,
+    /// This agent already resumed, or gave up resuming, in the current generation
+    /// (durable): it never takes writes again in it without a new `Resume`.
+    pub resume_spent: bool,
+    /// How long this agent has waited, fenced and resumed in place, for the lease to take
+    /// writes again in the current generation.
+    pub resume_waiting_ms: u64,
+    /// This member, as a voter, broke the current generation's lease (a standing break,
+    /// not released): as a standby it must stop confirming that primary's WAL.
+    pub broke_primary_lease: bool,
+}
+
+/// What the agent tells the leader about a resume in place: its fence is not final while
+/// it may still take writes again in this generation. The report must read `resume_spent`
+/// before the fence mark (a resume clears the mark, then marks the resume spent).
+pub fn resume_pending(intent: &MemberIntent, fenced: bool, resume_spent: bool) -> bool {
+    intent.i_am_primary && intent.resumed && fenced && !resume_spent
 }
 
 /// The planner's bounds, from the configuration.
@@ -113,6 +129,9 @@ pub struct PlanLimits {
     pub isolated_after_ms: u64,
     /// A standby not streaming for this long is rewound.
     pub rejoin_after_ms: u64,
+    /// A primary resumed in place that cannot take its lease within this gives the resume
+    /// up: its fence becomes final and the leader may promote another member.
+    pub resume_within_ms: u64,
 }
 
 /// Why a member fences its own Postgres.
@@ -149,8 +168,13 @@ pub enum Step {
     Promote,
     /// The switchover away from this member asks it to stop taking writes.
     StopWrites,
-    /// Take writes again (switchover aborted, or resumed in place with the lease).
+    /// Take writes again (switchover aborted, or resumed in place with the lease). For a
+    /// resume in place the runtime clears the fence mark, then marks the resume spent,
+    /// then starts the server.
     Resume,
+    /// Resumed in place, but no lease within `resume_within_ms`: mark this generation's
+    /// resume spent (durably), so the fence is final.
+    GiveUpResume,
     /// Set `synchronous_standby_names` to this generation's target.
     ApplySyncNames(SyncSet),
     /// Point `primary_conninfo` at the primary.
@@ -183,7 +207,7 @@ pub fn plan(intent: &MemberIntent, local: &LocalObserved, limits: &PlanLimits) -
         };
     }
     if !local.running {
-        return not_running(intent, local);
+        return not_running(intent, local, limits);
     }
     let Some(probe) = &local.probe else {
         if intent.i_am_primary && local.unresponsive_for_ms >= limits.fence_after_ms {
@@ -229,6 +253,16 @@ pub fn plan(intent: &MemberIntent, local: &LocalObserved, limits: &PlanLimits) -
             Step::DisconnectUpstream
         };
     }
+    // This voter broke the primary's lease: its WAL receiver stays off that primary until
+    // a promotion (a new generation) or a release of the break, so a thawed primary's
+    // waiting commits are not confirmed here after a promotion was decided (sim F7).
+    if local.broke_primary_lease {
+        return if local.disconnected {
+            Step::Idle
+        } else {
+            Step::DisconnectUpstream
+        };
+    }
     if local.upstream.as_deref() != Some(primary.as_str()) || local.disconnected {
         return Step::Repoint { to: primary };
     }
@@ -245,7 +279,7 @@ pub fn plan(intent: &MemberIntent, local: &LocalObserved, limits: &PlanLimits) -
     Step::Rewind { onto: primary }
 }
 
-fn not_running(intent: &MemberIntent, local: &LocalObserved) -> Step {
+fn not_running(intent: &MemberIntent, local: &LocalObserved, limits: &PlanLimits) -> Step {
     if intent.i_am_primary {
         if local.fenced {
             if matches!(
@@ -254,8 +288,15 @@ fn not_running(intent: &MemberIntent, local: &LocalObserved) -> Step {
             ) {
                 return Step::Resume;
             }
-            if intent.resumed && local.lease_valid {
-                return Step::Resume;
+            // At most once per generation, and only while the leader waits for it (the
+            // report says the resume is pending until it is spent).
+            if intent.resumed && !local.resume_spent {
+                if local.lease_valid {
+                    return Step::Resume;
+                }
+                if local.resume_waiting_ms >= limits.resume_within_ms {
+                    return Step::GiveUpResume;
+                }
             }
             // Stays down: the leader promotes another member.
             return Step::Idle;
@@ -292,6 +333,7 @@ mod tests {
         fence_after_ms: 1_500,
         isolated_after_ms: 3_000,
         rejoin_after_ms: 10_000,
+        resume_within_ms: 5_000,
     };
 
     fn standby_intent() -> MemberIntent {
@@ -409,6 +451,55 @@ mod tests {
             ..primary_intent()
         };
         assert_eq!(plan(&aborting, &no_lease, &LIMITS), Step::Resume);
+    }
+
+    /// F7: a standby that broke the primary's lease stops streaming from it, and picks up
+    /// again once the break is gone (released, or a new generation).
+    #[test]
+    fn a_standby_that_broke_the_primarys_lease_stops_confirming_its_wal() {
+        let mut l = streaming_standby();
+        l.broke_primary_lease = true;
+        assert_eq!(
+            plan(&standby_intent(), &l, &LIMITS),
+            Step::DisconnectUpstream
+        );
+        l.disconnected = true;
+        assert_eq!(plan(&standby_intent(), &l, &LIMITS), Step::Idle);
+        l.broke_primary_lease = false;
+        assert_eq!(
+            plan(&standby_intent(), &l, &LIMITS),
+            Step::Repoint { to: "p".into() }
+        );
+    }
+
+    /// F3b: a resume in place happens at most once per generation, and the fence of a
+    /// resumed primary is final (for the leader) only once the resume is spent.
+    #[test]
+    fn a_resume_in_place_is_taken_or_given_up_once_per_generation() {
+        let resumed = MemberIntent {
+            resumed: true,
+            ..primary_intent()
+        };
+        let mut l = LocalObserved {
+            has_data: true,
+            fenced: true,
+            lease_valid: false,
+            resume_waiting_ms: 4_999,
+            ..LocalObserved::default()
+        };
+        assert_eq!(plan(&resumed, &l, &LIMITS), Step::Idle);
+        assert!(resume_pending(&resumed, l.fenced, l.resume_spent));
+        l.resume_waiting_ms = 5_000;
+        assert_eq!(plan(&resumed, &l, &LIMITS), Step::GiveUpResume);
+        l.resume_spent = true;
+        assert_eq!(plan(&resumed, &l, &LIMITS), Step::Idle);
+        assert!(!resume_pending(&resumed, l.fenced, l.resume_spent));
+        // Spent: even with the lease, no second resume in this generation.
+        l.lease_valid = true;
+        assert_eq!(plan(&resumed, &l, &LIMITS), Step::Idle);
+        // Not resumed, not primary, or not fenced: nothing pending.
+        assert!(!resume_pending(&primary_intent(), true, false));
+        assert!(!resume_pending(&resumed, false, false));
     }
 
     #[test]

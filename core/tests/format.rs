@@ -65,6 +65,8 @@ fn log() -> Vec<Command> {
         Command::RecordSyncSet {
             generation: Generation(1),
             set: SyncSet::new(["e2", "w1"], 1),
+            degraded: false,
+            degraded_until_lsn: None,
         },
         Command::SetSyncTarget {
             generation: Generation(1),

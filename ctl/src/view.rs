@@ -86,6 +86,9 @@ pub struct ClusterView {
     pub answered_by: String,
     pub sync_standbys: Vec<String>,
     pub sync_quorum: u32,
+    /// The intent records that the primary may acknowledge with no sync standby although
+    /// the policy asks for one: no automatic failover then without `async_failover`.
+    pub sync_degraded: bool,
     pub pending_switchover: Option<SwitchoverRow>,
     /// Scheduled switchover / restart (`--scheduled`), as text with their times.
     pub scheduled: Vec<ScheduledRow>,
@@ -272,6 +275,7 @@ pub fn cluster_view(status: &StatusResponse, intent: &Intent) -> ClusterView {
         answered_by: status.answered_by.clone(),
         sync_standbys: intent.sync_set.names.iter().cloned().collect(),
         sync_quorum: intent.sync_set.k,
+        sync_degraded: intent.sync_degraded,
         pending_switchover: intent.pending_switchover.as_ref().map(|sw| SwitchoverRow {
             from: sw.from.clone(),
             to: sw.to.clone(),
@@ -353,6 +357,12 @@ fn headline(v: &ClusterView) -> String {
             v.sync_quorum,
             v.sync_standbys.join(", ")
         ));
+    }
+    if v.sync_degraded {
+        s.push_str(
+            "Sync set DEGRADED: the primary may acknowledge commits no standby holds; \
+             no automatic failover until a sync standby caught up (or async_failover = true)\n",
+        );
     }
     if let Some(sw) = &v.pending_switchover {
         s.push_str(&format!(
@@ -748,6 +758,15 @@ mod tests {
             a2.lag_bytes.is_some(),
             "fresh for a leader whose bound is 10 s"
         );
+    }
+
+    #[test]
+    fn a_degraded_sync_set_is_shown() {
+        let mut i = intent();
+        assert!(!render_list(&cluster_view(&status(), &i)).contains("DEGRADED"));
+        i.sync_degraded = true;
+        let t = render_list(&cluster_view(&status(), &i));
+        assert!(t.contains("Sync set DEGRADED"), "{t}");
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub struct Metrics {
     /// The generation whose lease this voter holds broken (0: none standing): a break no
     /// promotion followed is released by the cluster; one that stays is worth a look.
     pub lease_break_standing_generation: Gauge,
+    /// 1 while the intent records the sync set as degraded (the primary may acknowledge
+    /// commits no standby holds; no automatic failover without `async_failover`).
+    pub sync_degraded: Gauge,
     /// `[backup]` gauges (`backup/metrics.rs`).
     pub backup: crate::backup::metrics::BackupMetrics,
     // ---- for an HA dashboard (deploy/grafana/meridian-ha.json)
@@ -88,6 +91,7 @@ impl Metrics {
             raft_leader_id: Gauge::default(),
             decision_latency_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             lease_break_standing_generation: Gauge::default(),
+            sync_degraded: Gauge::default(),
             backup: Default::default(),
             info: Family::default(),
             postgres_up: Gauge::default(),
@@ -161,6 +165,11 @@ impl Metrics {
             "lease_break_standing_generation",
             "Generation of the primary's lease this voter holds broken (0 = none)",
             m.lease_break_standing_generation.clone(),
+        );
+        registry.register(
+            "sync_degraded",
+            "1 while the primary may acknowledge commits no sync standby holds (no automatic failover without async_failover)",
+            m.sync_degraded.clone(),
         );
         registry.register(
             "generation",

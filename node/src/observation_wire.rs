@@ -25,6 +25,7 @@ pub fn observation_from_proto(o: &meridian_proto::Observation, received_at_ms: u
         received_at_ms,
         seen_generation: Generation(o.generation),
         probes,
+        resume_pending: o.resume_pending,
         ..Observation::default()
     };
     if let Some(pg) = &o.postgres {
@@ -94,6 +95,7 @@ mod tests {
             ]
             .into_iter()
             .collect(),
+            resume_pending: true,
             ..Default::default()
         };
         let expected = Observation {
@@ -119,6 +121,7 @@ mod tests {
                 ),
                 ("w1".to_string(), PeerProbe::default()),
             ]),
+            resume_pending: true,
         };
         assert_eq!(observation_from_proto(&report, 77), expected);
     }

@@ -84,8 +84,10 @@ pub struct Scenario {
     pub seed: u64,
     pub topology: Topology,
     pub policy: Policy,
-    /// Whether the policy asks for zero loss (every region `sync`, no async failover): an
-    /// acknowledged commit lost then is a violation.
+    /// Whether the policy asks for zero loss (every region `sync`, no async failover). Loss
+    /// is checked under every policy without `async_failover`: a commit a sync standby
+    /// acknowledged, or one acknowledged alone while the intent recorded the sync set as
+    /// degraded, must survive.
     pub zero_loss: bool,
     /// Clock rate of each member in parts per million off true time.
     pub drift_ppm: Vec<i64>,
@@ -108,6 +110,8 @@ pub mod timing {
     pub const OBSERVE_INTERVAL_MS: u64 = 250;
     pub const STALE_AFTER_MS: u64 = 1_000;
     pub const PROMOTE_TIMEOUT_MS: u64 = 5_000;
+    /// A resumed primary gives up waiting for its lease after this (`node`: 2 × lease_ttl).
+    pub const RESUME_WITHIN_MS: u64 = 2 * LEASE_TTL_MS;
     pub const HEARTBEAT_MS: u64 = 100;
     pub const ELECTION_MIN_MS: u64 = 500;
     pub const ELECTION_MAX_MS: u64 = 1_000;

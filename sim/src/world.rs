@@ -17,7 +17,7 @@ use std::rc::Rc;
 
 use meridian_core::decide::{
     cluster_view, decide, Action, LeaderBookkeeping, LeaseView, Limits, Observation, PeerProbe,
-    PromoteReason, SyncSet, Wait,
+    PromoteReason, SyncSet,
 };
 use meridian_core::intent::{
     BreakRound, Command, Intent, MemberTags, Promote, PromotionKind, Response,
@@ -248,6 +248,11 @@ struct Member {
     seen_primary_up: bool,
     unresponsive_since: Option<u64>,
     not_streaming_since: Option<u64>,
+    /// The generation whose resume in place this agent took or gave up (durable, like
+    /// `node`'s `state_dir/resume-spent`).
+    resume_spent: Option<Generation>,
+    /// Since when (local clock) the agent waits, fenced, to resume in that generation.
+    resume_wait_since: Option<(Generation, u64)>,
     disconnected: bool,
     watchdog_deadline: Option<u64>,
     /// Paused processes and crash state.
@@ -378,6 +383,8 @@ impl<'s> World<'s> {
             Command::RecordSyncSet {
                 generation: Generation(1),
                 set: initial_sync.clone(),
+                degraded: false,
+                degraded_until_lsn: None,
             },
             Command::SetSyncTarget {
                 generation: Generation(1),
@@ -436,6 +443,8 @@ impl<'s> World<'s> {
                     seen_primary_up: i == 0,
                     unresponsive_since: None,
                     not_streaming_since: None,
+                    resume_spent: None,
+                    resume_wait_since: None,
                     disconnected: false,
                     watchdog_deadline: None,
                     agent_paused: false,
@@ -678,6 +687,7 @@ impl<'s> World<'s> {
         m.seen_primary_up = false;
         m.unresponsive_since = None;
         m.not_streaming_since = None;
+        m.resume_wait_since = None;
         m.disconnected = false;
         m.watchdog_deadline = None;
         m.agent_wakes_at = now;
@@ -1040,6 +1050,7 @@ impl<'s> World<'s> {
                 round,
                 id,
             } => {
+                let primary_idx = self.idx(&member);
                 let m = &mut self.members[to];
                 let l = m.local(now);
                 let d = m
@@ -1055,7 +1066,25 @@ impl<'s> World<'s> {
                     BreakDecision::Held { remaining_ms } => (false, remaining_ms),
                     BreakDecision::Refused(_) => (false, 0),
                 };
+                // Like `node`'s break handler: a standby streaming from the primary whose
+                // lease it broke disconnects before it answers (F7).
+                let from_primary = m.pg.upstream.is_some() && m.pg.upstream == primary_idx;
+                if broken && m.pg.in_recovery && from_primary {
+                    m.pg.upstream = None;
+                    m.pg.streaming = false;
+                    m.disconnected = true;
+                }
                 let primary_lsn = m.grants.primary_lsn(generation);
+                let recorded = match d {
+                    BreakDecision::Record { generation, round } => Some((generation, round)),
+                    _ => None,
+                };
+                let name = m.name;
+                if let Some((generation, round)) = recorded {
+                    self.log(|| {
+                        format!("{name}: breaks {member}'s lease of generation {generation} (round {round})")
+                    });
+                }
                 self.send(
                     to,
                     from,
@@ -1144,6 +1173,11 @@ impl<'s> World<'s> {
             seen_generation: m.intent.generation,
             sync_standby_names: (up && !pg.in_recovery).then(|| pg.sync.clone()),
             probes,
+            resume_pending: plan::resume_pending(
+                &MemberIntent::of(&m.intent, m.name),
+                pg.fenced,
+                m.resume_spent == Some(m.intent.generation),
+            ),
         }
     }
 
@@ -1303,11 +1337,21 @@ impl<'s> World<'s> {
             disconnected: m.disconnected,
             not_streaming_for_ms: m.not_streaming_since.map_or(0, |s| l.saturating_sub(s)),
             since_report_ok_ms: l.saturating_sub(m.report_ok_at),
+            resume_spent: m.resume_spent == Some(m.intent.generation),
+            broke_primary_lease: m
+                .grants
+                .standing_break(&m.intent)
+                .is_some_and(|(g, _)| g == m.intent.generation),
+            resume_waiting_ms: m
+                .resume_wait_since
+                .filter(|(g, _)| *g == m.intent.generation)
+                .map_or(0, |(_, since)| l.saturating_sub(since)),
         };
         let limits = PlanLimits {
             fence_after_ms: FENCE_AFTER_MS,
             isolated_after_ms: LEASE_TTL_MS + ELECTION_MAX_MS,
             rejoin_after_ms: REJOIN_AFTER_MS,
+            resume_within_ms: RESUME_WITHIN_MS,
         };
         let step = plan::plan(&mi, &local, &limits);
         let m = &mut self.members[i];
@@ -1326,6 +1370,14 @@ impl<'s> World<'s> {
         if answers && !m.pg.in_recovery && !m.pg.fenced && mi.i_am_primary {
             m.seen_primary_up = true;
         }
+        if mi.i_am_primary && mi.resumed && m.pg.fenced && !m.pg.running {
+            let g = mi.generation;
+            if m.resume_wait_since.is_none_or(|(wg, _)| wg != g) {
+                m.resume_wait_since = Some((g, l));
+            }
+        } else {
+            m.resume_wait_since = None;
+        }
         self.execute(i, step, &mi);
     }
 
@@ -1336,6 +1388,11 @@ impl<'s> World<'s> {
             Step::Idle | Step::NotAMember | Step::Bootstrap | Step::Reinit | Step::Clone { .. } => {
             }
             Step::WaitForLease => {}
+            Step::GiveUpResume => {
+                let m = &mut self.members[i];
+                m.resume_spent = Some(mi.generation);
+                self.log(|| format!("{name}: gives up resuming in place (no lease in time)"));
+            }
             Step::Start => {
                 let d = self.rng.random_range(50..300);
                 self.members[i].pg.op = Some((PgOp::Start, now + d));
@@ -1599,9 +1656,9 @@ impl<'s> World<'s> {
         } = s.brk.running.take().expect("running");
         let runs_out = lease::majority_runs_out_in_ms(by.len(), held, voters);
         let round_started = s.brk.round.map_or(l, |r| r.1);
-        if !by.is_empty() {
-            s.brk.breaks_since_release = s.brk.round.map(|r| (r.0, round_started));
-        }
+        // Even a round nobody answered "broken" in time may have left breaks: a voter that
+        // was paused handles the request late (seed 380). Releasing it costs nothing.
+        s.brk.breaks_since_release = s.brk.round.map(|r| (r.0, round_started));
         s.brk.last = Some(LeaseView {
             broken,
             majority_runs_out_at_ms: runs_out.map(|d| l + d),
@@ -1761,7 +1818,11 @@ impl<'s> World<'s> {
                 }
                 !ok
             });
-            let covered = self.sc.zero_loss && k > 0;
+            // Promised (no automatic loss): a commit a sync standby acknowledged, or one the
+            // primary acknowledged alone while the intent recorded that the policy wanted
+            // sync standbys, unless `async_failover` accepts losing it.
+            let covered =
+                !self.sc.policy.async_failover && (k > 0 || self.newest_intent().sync_degraded);
             for id in acked {
                 self.ack(i, id, covered);
             }
@@ -1793,7 +1854,12 @@ impl<'s> World<'s> {
                 {
                     return;
                 }
+                // The fence mark goes, then the resume is spent, then the server takes
+                // writes: one step here, so a report sees either "pending" or not fenced.
                 m.pg.fenced = false;
+                if m.intent.resumed == Some(m.pg.op_generation) {
+                    m.resume_spent = Some(m.pg.op_generation);
+                }
                 m.pg.running = true;
                 m.pg.in_recovery = false;
                 m.pg.standby_signal = false;
@@ -2031,9 +2097,15 @@ fn command_for(
                 },
             }))
         }
-        Action::RecordSyncSet { set, .. } => Some(Command::RecordSyncSet {
+        Action::RecordSyncSet {
+            set,
+            degraded,
+            degraded_until_lsn,
+        } => Some(Command::RecordSyncSet {
             generation: intent.generation,
             set: set.clone(),
+            degraded: *degraded,
+            degraded_until_lsn: *degraded_until_lsn,
         }),
         Action::ApplySyncStandbyNames { set, .. } => {
             let current = intent
@@ -2052,7 +2124,7 @@ fn command_for(
     }
 }
 
-/// `node/src/agent/leader.rs::resume_in_place`.
+/// The core's resume-in-place rule as a command (`meridian_core::decide::resume_in_place`).
 fn resume_in_place(
     decision: &meridian_core::decide::Decision,
     intent: &Intent,
@@ -2060,22 +2132,10 @@ fn resume_in_place(
     limits: &Limits,
     now_ms: u64,
 ) -> Option<Command> {
-    let Some(Wait::NoCandidate(nc)) = &decision.wait else {
-        return None;
-    };
-    if intent.primary.as_deref() != Some(nc.failed_primary.as_str())
-        || intent.resumed == Some(intent.generation)
-    {
-        return None;
-    }
-    let o = observations.get(&nc.failed_primary)?;
-    let fresh = now_ms.saturating_sub(o.received_at_ms) <= limits.stale_after_ms;
-    if !(fresh && o.fenced && !o.postgres_up) {
-        return None;
-    }
+    let r = meridian_core::decide::resume_in_place(decision, intent, observations, limits, now_ms)?;
     Some(Command::Resume {
-        member: nc.failed_primary.clone(),
-        generation: intent.generation.next(),
+        member: r.member.to_string(),
+        generation: r.generation,
         reason: "resumed in place".into(),
         at_unix_ms: 0,
     })

@@ -15,7 +15,7 @@ use meridian_sim::{run, seed_from_env, Invariant, Outcome, Scenario};
 const CAMPAIGN_SEEDS: u64 = 10_000;
 /// Campaign seeds that fail on today's rules, each an open finding of `sim/FINDINGS.md`
 /// with its own ignored regression test below. Reported, not asserted.
-const KNOWN_OPEN: &[u64] = &[3806];
+const KNOWN_OPEN: &[u64] = &[3254];
 /// Every mutant must be caught within this many seeds.
 const MUTANT_BOUND: u64 = 2_000;
 
@@ -193,14 +193,55 @@ fn f1_a_frozen_async_primary_acknowledges_nothing_after_a_failover() {
     }
 }
 
-/// F3b (sim/FINDINGS.md): a primary resumed in place reports "fenced and down" in the new
-/// generation while its resume is under way; the leader promotes another member on that
-/// report (no lease break for a fenced primary) while the resumed one acknowledges commits.
+/// F3b (sim/FINDINGS.md, fixed by `resume_pending`): a primary resumed in place reported
+/// "fenced and down" in the new generation while its resume was under way; the leader
+/// promoted another member on that report while the resumed one acknowledged commits.
+/// 385 is the wedge the first fix made (a resumed primary fenced again was never resumed
+/// anew).
 #[test]
-#[ignore = "open finding F3b (sim/FINDINGS.md): fails on today's rules"]
 fn f3b_a_primary_resuming_in_place_is_not_replaced_on_its_own_fence_report() {
-    let out = run(&Scenario::campaign(3806), false);
-    assert!(out.ok(), "seed 3806: {:?}", out.violations);
+    for seed in [3806, 9904, 385] {
+        let out = run(&Scenario::campaign(seed), false);
+        assert!(out.ok(), "seed {seed}: {:?}", out.violations);
+    }
+}
+
+/// F2 (sim/FINDINGS.md): a standby restarted with a stale intent follows the frozen old
+/// primary and, after its SIGCONT, confirms its waiting commits.
+#[test]
+#[ignore = "open finding F2 (sim/FINDINGS.md): fails on today's rules"]
+fn f2_a_restarted_standby_does_not_confirm_a_deposed_primarys_commits() {
+    let out = run(&Scenario::campaign(3254), false);
+    assert!(out.ok(), "seed 3254: {:?}", out.violations);
+}
+
+/// F7 (sim/FINDINGS.md): sync standbys of a thawed primary confirmed its waiting commits
+/// after a majority broke its lease; 380 is the wedge of the first fix.
+#[test]
+fn f7_a_standby_that_broke_the_lease_confirms_nothing_more() {
+    for seed in [13361, 26564, 380] {
+        let out = run(&Scenario::campaign(seed), false);
+        assert!(out.ok(), "seed {seed}: {:?}", out.violations);
+    }
+}
+
+/// F5 (sim/FINDINGS.md): `preferred` emptied the sync set while the in-region standby was
+/// cut off, the primary acknowledged alone, and a standby without those commits was
+/// promoted automatically under the default policy (the flapping loss of the chaos
+/// campaign). Fixed by the degraded record (`Intent::sync_degraded`).
+#[test]
+fn f5_a_primary_that_acknowledged_alone_is_not_replaced_automatically() {
+    let out = run(&Scenario::campaign(8500), false);
+    assert!(out.ok(), "seed 8500: {:?}", out.violations);
+}
+
+/// F6 (sim/FINDINGS.md): the recorded set shrank from ANY 1 (e2, w1) to ANY 1 (e2) while e2
+/// was down; w1 had acknowledged commits alone, and e2 was promoted without them. The
+/// record now shrinks only once k of the new set hold everything the primary wrote.
+#[test]
+fn f6_a_shrinking_sync_record_does_not_forget_who_acknowledged() {
+    let out = run(&Scenario::campaign(280), false);
+    assert!(out.ok(), "seed 280: {:?}", out.violations);
 }
 
 /// F3 (fixed in `decide::failover::primary_state`): a fence report from before the

@@ -116,6 +116,11 @@ impl fmt::Display for NoCandidate {
                 Names(answered)
             )?,
             NoCandidateReason::NoQualifiedMember => f.write_str("every member was passed over")?,
+            NoCandidateReason::AcknowledgedAlone => f.write_str(
+                "it may have acknowledged commits with no sync standby (the sync set was degraded), \
+                 so only it is known to hold them; bring it back, or set async_failover = true, \
+                 or force a member with failover --allow-data-loss",
+            )?,
         }
         for (i, (name, why)) in self.rejected.iter().enumerate() {
             f.write_str(if i == 0 { " (" } else { "; " })?;
@@ -225,6 +230,11 @@ impl fmt::Display for Wait {
                 f,
                 "primary {primary}'s Postgres is down; waiting for its agent to confirm the fence"
             ),
+            Wait::PrimaryResuming { primary } => write!(
+                f,
+                "primary {primary} was resumed in place and its agent may still take writes again; \
+                 waiting until it does or gives up"
+            ),
             Wait::GatheringObservations {
                 missing,
                 remaining_ms,
@@ -298,7 +308,7 @@ impl fmt::Display for Action {
             }
             Action::Repoint { member, to } => write!(f, "point {member} at {to}"),
             Action::Rejoin { member, to } => write!(f, "rejoin {member} as a standby of {to}"),
-            Action::RecordSyncSet { set, degraded } => {
+            Action::RecordSyncSet { set, degraded, .. } => {
                 write!(f, "record the sync set {set}")?;
                 if *degraded {
                     f.write_str(" (degraded)")?;

@@ -44,6 +44,14 @@ pub(super) fn primary_state<'a>(cx: &Cx<'a>, primary: &PrimaryView) -> PrimarySt
         // primary resumed in place takes writes again before its next report (sim
         // finding F3: promoting on the stale report lost acknowledged commits).
         if obs.writes_stopped() && obs.seen_generation >= cx.view.generation {
+            // Resumed in place and not yet resumed: the agent may still take writes in
+            // this generation, so its fence proves nothing yet (sim finding F3b: the
+            // leader promoted on such a report while the resumed primary acknowledged).
+            if obs.resume_pending {
+                return PrimaryState::Holding(Wait::PrimaryResuming {
+                    primary: name.to_string(),
+                });
+            }
             return PrimaryState::Failed(PromoteReason::PrimaryFenced);
         }
         if !obs.fenced && obs.postgres_up && obs.in_recovery {
@@ -194,6 +202,30 @@ fn choose(cx: &Cx, old: &str, allow_async: bool) -> Result<Chosen, NoCandidate> 
                 .is_some_and(|m| view.policy.region(&m.region).mode == SyncMode::Sync)
         });
 
+    // The old primary may have acknowledged commits with no standby although the policy
+    // asked for sync ones: nobody else is known to hold them, so no automatic promotion
+    // unless the policy accepts the loss (sim finding F5, the flapping loss in chaos).
+    if view.recorded_sync_degraded {
+        let explicit_sync = view.members.iter().any(|(name, m)| {
+            name.as_str() != old
+                && m.kind == MemberKind::Data
+                && view.policy.region(&m.region).mode == SyncMode::Sync
+        });
+        let accept_loss = allow_async && view.policy.async_failover && !explicit_sync;
+        if !accept_loss {
+            for q in qualified {
+                rejected.insert(q.name, Rejection::NotInSyncSet);
+            }
+            return Err(no_candidate(NoCandidateReason::AcknowledgedAlone, rejected));
+        }
+        if sync_names.is_empty() {
+            if qualified.is_empty() {
+                return Err(no_candidate(NoCandidateReason::NoQualifiedMember, rejected));
+            }
+            return Ok(best(qualified, best_known));
+        }
+    }
+
     if !sync_names.is_empty() && k > 0 {
         let n = sync_names.len();
         let needed = if crate::mutant!(PromoteWithoutSyncQuorum) {
@@ -284,9 +316,9 @@ fn choose(cx: &Cx, old: &str, allow_async: bool) -> Result<Chosen, NoCandidate> 
         return Err(no_candidate(reason, rejected));
     }
 
-    // No sync set recorded: every standby is async by policy and no commit waited for
-    // one, so the policy promised nothing beyond `max_lag_on_failover_bytes` (checked per
-    // member).
+    // No sync set recorded and not degraded: every standby is async by policy (`async`
+    // regions, or `auto` ones beyond the latency budget) and no commit waited for one, so
+    // the policy promised nothing beyond `max_lag_on_failover_bytes` (checked per member).
     if allow_async && !qualified.is_empty() {
         return Ok(best(qualified, best_known));
     }

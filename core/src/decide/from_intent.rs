@@ -76,6 +76,8 @@ pub fn cluster_view(
         generation: intent.generation,
         policy: intent.policy.clone(),
         recorded_sync_set: intent.sync_set.clone(),
+        recorded_sync_degraded: intent.sync_degraded,
+        recorded_sync_degraded_until_lsn: intent.sync_degraded_until_lsn,
         maintenance: intent.maintenance,
         switchover,
         observations,
@@ -161,6 +163,8 @@ mod tests {
             Command::RecordSyncSet {
                 generation: Generation(1),
                 set: SyncSet::new(["e2", "w1"], 1),
+                degraded: false,
+                degraded_until_lsn: None,
             },
         ];
         for cmd in steps {
@@ -243,6 +247,8 @@ mod tests {
                 names: BTreeSet::from(["e2".to_string(), "w1".to_string()]),
                 k: 1,
             },
+            recorded_sync_degraded: false,
+            recorded_sync_degraded_until_lsn: None,
             maintenance: false,
             switchover: None,
             observations: BTreeMap::from([
@@ -342,6 +348,8 @@ mod tests {
             generation: Generation(0),
             policy: Policy::default(),
             recorded_sync_set: SyncSet::default(),
+            recorded_sync_degraded: false,
+            recorded_sync_degraded_until_lsn: None,
             maintenance: false,
             switchover: None,
             observations: BTreeMap::new(),
@@ -443,7 +451,8 @@ mod tests {
             timeline: 2,
             wal_lsn: Some(Lsn(600)),
             seen_generation: Generation(2),
-            sync_standby_names: Some(SyncSet::default()),
+            // The promoting agent applied the carried set before promoting.
+            sync_standby_names: Some(SyncSet::new(["w1"], 1)),
             ..Observation::default()
         };
         let mut w1 = standby(600);
@@ -461,10 +470,12 @@ mod tests {
         let Some(Action::RecordSyncSet { set, .. }) = d.actions.first() else {
             panic!("expected a sync set record: {d:?}");
         };
-        assert_eq!(*set, SyncSet::new(["e1"], 1));
+        assert_eq!(*set, SyncSet::new(["e1", "w1"], 1));
         let record = Command::RecordSyncSet {
             generation: i.generation,
             set: set.clone(),
+            degraded: false,
+            degraded_until_lsn: None,
         };
         assert_eq!(i.validate(&record), Ok(()));
     }

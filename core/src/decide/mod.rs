@@ -22,6 +22,7 @@
 mod display;
 mod failover;
 pub mod from_intent;
+mod resume;
 mod switchover;
 mod sync;
 mod view;
@@ -32,6 +33,7 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet};
 
 pub use from_intent::{cluster_view, LeaderBookkeeping};
+pub use resume::{resume_in_place, ResumeInPlace};
 pub use view::{
     ClusterView, LeaseView, Limits, MemberView, Observation, PeerProbe, PrimaryView,
     SwitchoverAbort, SwitchoverPhase, SwitchoverView, SyncSet,
@@ -77,9 +79,15 @@ pub enum Action {
     /// Agent: demote `member` (an old primary, or a diverged timeline) and rejoin it as a
     /// standby of `to` (`pg_rewind`, or a fresh clone if rewind fails).
     Rejoin { member: String, to: String },
-    /// Raft: record the sync set. `degraded` says it holds fewer standbys than the
-    /// policy's quorum because `durability = preferred` shrank it.
-    RecordSyncSet { set: SyncSet, degraded: bool },
+    /// Raft: record the sync set. `degraded`: the primary may acknowledge commits with no
+    /// sync standby although the policy asks for one (see `Intent::sync_degraded`).
+    /// `degraded_until_lsn`: once the primary waits on a set again, every commit it
+    /// acknowledged alone lies at or before this position.
+    RecordSyncSet {
+        set: SyncSet,
+        degraded: bool,
+        degraded_until_lsn: Option<Lsn>,
+    },
     /// Agent of `primary`: set `synchronous_standby_names = 'ANY k (names)'`.
     ApplySyncStandbyNames { primary: String, set: SyncSet },
     /// Raft: move the pending switchover to `phase`.
@@ -135,6 +143,11 @@ pub enum Wait {
     PrimaryFencing {
         primary: String,
     },
+    /// The primary was resumed in place in this generation and its agent may still take
+    /// writes again: its fence is not final until the agent resumed or gave up.
+    PrimaryResuming {
+        primary: String,
+    },
     /// A newly elected leader has not heard from these data members yet: it waits (at
     /// most one staleness bound) before choosing a candidate without them.
     GatheringObservations {
@@ -187,6 +200,10 @@ pub enum NoCandidateReason {
     },
     /// Every member was rejected (see `rejected`).
     NoQualifiedMember,
+    /// The policy asks for sync standbys, but the old primary may have acknowledged
+    /// commits with none (`durability = preferred` emptied its set, or it started without
+    /// one): only it is known to hold them, and `async_failover` is off.
+    AcknowledgedAlone,
 }
 
 /// Why one member cannot be promoted. Serde because a switchover abandoned for it is
@@ -262,10 +279,17 @@ pub fn decide(view: &ClusterView, now_ms: u64) -> Decision {
     }
     let decision = automatic(&cx);
     if view.maintenance && (!decision.actions.is_empty() || decision.wait.is_some()) {
+        // Bookkeeping of the degraded mark goes on (the set itself stays): a primary
+        // acknowledging alone must be known as such when automatic failover comes back,
+        // and one whose standbys caught up must not stay marked.
+        let (kept, suppressed): (Vec<Action>, Vec<Action>) =
+            decision.actions.into_iter().partition(|a| {
+                matches!(a, Action::RecordSyncSet { set, .. } if *set == view.recorded_sync_set)
+            });
         return Decision {
-            actions: Vec::new(),
+            actions: kept,
             wait: Some(Wait::Maintenance {
-                suppressed: decision.actions,
+                suppressed,
                 would_wait: decision.wait.map(Box::new),
             }),
         };

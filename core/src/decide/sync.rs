@@ -4,7 +4,11 @@
 //! Ordering rule: the set recorded in Raft is always a superset of what Postgres may wait
 //! on, with a k no larger — so a failover that asks n−k+1 recorded members always meets
 //! one holding every acknowledged commit. Growing: record first, then Postgres.
-//! Shrinking: Postgres first, then the record. One step per call.
+//! Shrinking: Postgres first, then the record, once k of the new set hold everything the
+//! primary wrote (else a member that acknowledged commits alone would be forgotten). One
+//! step per call. A primary that may acknowledge with no standby although the policy asks
+//! for one is recorded as degraded before it may, and stays so until k of its set caught
+//! up.
 //!
 //! Under `durability = required` with fewer than `sync_quorum` healthy sync standbys, the
 //! set is never cut below `k` names (the intent would refuse it) nor emptied (that would
@@ -15,7 +19,7 @@ use std::collections::BTreeSet;
 
 use super::{Action, Cx, Observation, SyncSet, Wait};
 use crate::policy::{Durability, SyncMode};
-use crate::types::MemberKind;
+use crate::types::{Lsn, MemberKind};
 
 /// The next step towards the target sync set, if any, and the wait when `required`
 /// durability is short of its quorum. Needs the primary to report what its Postgres has in
@@ -26,7 +30,7 @@ pub(super) fn step(cx: &Cx, primary: &str, pobs: &Observation) -> (Vec<Action>, 
     };
     let Target {
         set: target,
-        degraded,
+        wants_sync,
         short,
     } = target(cx, primary, applied);
     // Too few standbys to name a valid `ANY k` set: the record and Postgres stay as they
@@ -34,16 +38,68 @@ pub(super) fn step(cx: &Cx, primary: &str, pobs: &Observation) -> (Vec<Action>, 
     let Some(target) = target else {
         return (Vec::new(), short);
     };
-    let recorded = &cx.view.recorded_sync_set;
+    let view = cx.view;
+    let recorded = &view.recorded_sync_set;
+    // The primary acknowledges with no standby now, or will once `target` is applied,
+    // although the policy asks for sync standbys. Like the set, that is recorded before
+    // Postgres may do it: a failover must know commits may exist on the old primary only.
+    let alone = wants_sync && (applied.is_empty() || target.is_empty());
+    // Only a primary that had a sync set (or was already marked) degrades: before the
+    // first set is established (a new cluster whose standbys are still cloning) nothing
+    // was promised, as under an async policy.
+    let had_sync = !recorded.is_empty() || view.recorded_sync_degraded;
+    let alone = alone && had_sync;
+    if alone && !view.recorded_sync_degraded {
+        return (
+            vec![Action::RecordSyncSet {
+                set: recorded.clone(),
+                degraded: true,
+                degraded_until_lsn: None,
+            }],
+            short,
+        );
+    }
     if *applied == target {
-        if *recorded == target {
+        // What the primary acknowledged alone lies before the position it reports now
+        // that it waits on `target`; once k of `target` hold that, any n−k+1 of them
+        // include one that does, and the mark goes.
+        let (degraded, until) = if alone || !view.recorded_sync_degraded {
+            (alone, None)
+        } else {
+            match view.recorded_sync_degraded_until_lsn.or(pobs.wal_lsn) {
+                Some(until) if held_by_k(cx, &target, until) => (false, None),
+                until => (true, until),
+            }
+        };
+        let unchanged = *recorded == target
+            && view.recorded_sync_degraded == degraded
+            && view.recorded_sync_degraded_until_lsn == until;
+        if unchanged {
             return (Vec::new(), short);
         }
+        // A record that drops names (or raises k) forgets who may hold the commits
+        // acknowledged under the old set: a member that acknowledged alone, now left out,
+        // would never be asked (sim seed 280: ANY 1 (e2, w1) shrank to ANY 1 (e2) while e2
+        // was down, and e2 was promoted without what w1 acknowledged). Only once k of the
+        // new set hold everything the primary wrote; meanwhile the wider record stays
+        // (with the degraded bound, if that is what changed).
+        let forgets = !target.names.is_superset(&recorded.names) || target.k > recorded.k;
+        let set = if forgets && !pobs.wal_lsn.is_some_and(|p| held_by_k(cx, &target, p)) {
+            if view.recorded_sync_degraded == degraded
+                && view.recorded_sync_degraded_until_lsn == until
+            {
+                return (Vec::new(), short);
+            }
+            recorded.clone()
+        } else {
+            target
+        };
         // Postgres already waits on exactly `target`: recording it keeps the superset.
         return (
             vec![Action::RecordSyncSet {
-                set: target,
+                set,
                 degraded,
+                degraded_until_lsn: until,
             }],
             short,
         );
@@ -63,10 +119,27 @@ pub(super) fn step(cx: &Cx, primary: &str, pobs: &Observation) -> (Vec<Action>, 
     } else {
         Action::RecordSyncSet {
             set: SyncSet::new(must_cover, min_k),
-            degraded,
+            degraded: view.recorded_sync_degraded,
+            degraded_until_lsn: view.recorded_sync_degraded_until_lsn,
         }
     };
     (vec![action], short)
+}
+
+/// At least k of `set` are known to hold WAL up to `lsn` (vacuously true for an empty
+/// set: nothing is waited on, nothing promised).
+fn held_by_k(cx: &Cx, set: &SyncSet, lsn: Lsn) -> bool {
+    if set.is_empty() {
+        return true;
+    }
+    let holding = set
+        .names
+        .iter()
+        .filter_map(|n| cx.fresh(n))
+        .filter_map(super::failover::standby_lsn)
+        .filter(|held| *held >= lsn)
+        .count();
+    holding >= set.k as usize
 }
 
 /// The sync set the policy asks for now.
@@ -74,8 +147,9 @@ struct Target {
     /// `None`: keep the record and Postgres as they are (`required` durability with too
     /// few standbys to name `k` of them).
     set: Option<SyncSet>,
-    /// `preferred` durability shrank the set below the policy's quorum.
-    degraded: bool,
+    /// Some standby is eligible as sync: the policy asks for sync replication (an empty
+    /// set then means `preferred` durability gave it up for now).
+    wants_sync: bool,
     /// `required` durability with fewer than `k` healthy sync standbys: commits wait.
     short: Option<Wait>,
 }
@@ -126,7 +200,7 @@ fn target(cx: &Cx, primary: &str, applied: &SyncSet) -> Target {
     if healthy.len() >= k as usize || eligible.is_empty() {
         return Target {
             set: Some(SyncSet::new(healthy, k)),
-            degraded: false,
+            wants_sync: !eligible.is_empty(),
             short: None,
         };
     }
@@ -153,7 +227,7 @@ fn target(cx: &Cx, primary: &str, applied: &SyncSet) -> Target {
             let set = (names.len() >= k as usize).then(|| SyncSet::new(names, k));
             Target {
                 set,
-                degraded: false,
+                wants_sync: true,
                 short: Some(Wait::SyncQuorumShort {
                     primary: primary.to_string(),
                     healthy: healthy.iter().map(|n| n.to_string()).collect(),
@@ -166,7 +240,7 @@ fn target(cx: &Cx, primary: &str, applied: &SyncSet) -> Target {
             let n = healthy.len() as u32;
             Target {
                 set: Some(SyncSet::new(healthy, k.min(n))),
-                degraded: true,
+                wants_sync: true,
                 short: None,
             }
         }

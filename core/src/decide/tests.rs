@@ -73,6 +73,8 @@ fn base() -> ClusterView {
         generation: Generation(3),
         policy: Policy::default(),
         recorded_sync_set: SyncSet::new(["e2"], 1),
+        recorded_sync_degraded: false,
+        recorded_sync_degraded_until_lsn: None,
         maintenance: false,
         switchover: None,
         observations: BTreeMap::from([
@@ -870,6 +872,8 @@ fn switchover_walks_its_steps() {
         sync_standby_names: Some(SyncSet::default()),
         ..Observation::default()
     };
+    // It waits on nobody yet: as the promotion recorded, it may acknowledge alone.
+    v.recorded_sync_degraded = true;
     v.rtt_from_primary_ms = BTreeMap::from([
         ("e1".to_string(), 50),
         ("e2".to_string(), 50),
@@ -895,7 +899,8 @@ fn switchover_walks_its_steps() {
                 // commits still wait, on w2 (record first, then Postgres), never on nobody.
                 Action::RecordSyncSet {
                     set: SyncSet::new(["w2"], 1),
-                    degraded: false
+                    degraded: true,
+                    degraded_until_lsn: None,
                 },
             ],
             // East is out of the budget and w2 not streaming from w1 yet: commits wait.
@@ -1029,7 +1034,8 @@ fn growing_the_sync_set_records_it_in_raft_before_postgres_waits_on_it() {
         Decision {
             actions: vec![Action::RecordSyncSet {
                 set: grown.clone(),
-                degraded: false
+                degraded: false,
+                degraded_until_lsn: None,
             }],
             wait: None,
         }
@@ -1058,7 +1064,8 @@ fn a_nosync_member_is_never_in_the_sync_set() {
         decide(&v, NOW).actions,
         vec![Action::RecordSyncSet {
             set: SyncSet::new(["e2", "w2"], 1),
-            degraded: false
+            degraded: false,
+            degraded_until_lsn: None,
         }]
     );
 }
@@ -1082,12 +1089,17 @@ fn shrinking_the_sync_set_changes_postgres_before_the_record() {
         }
     );
     with_applied(&mut v, narrow.clone());
+    // Not before e2 holds everything e1 wrote: commits w1 or w2 acknowledged alone would
+    // be forgotten by a record that no longer names them.
+    assert_eq!(decide(&v, NOW), Decision::default());
+    obs(&mut v, "e2").received_lsn = Some(Lsn(1_000_100));
     assert_eq!(
         decide(&v, NOW),
         Decision {
             actions: vec![Action::RecordSyncSet {
                 set: narrow,
-                degraded: false
+                degraded: false,
+                degraded_until_lsn: None,
             }],
             wait: None,
         }
@@ -1106,7 +1118,8 @@ fn lowering_k_records_the_lower_k_before_postgres_uses_it() {
         decide(&v, NOW).actions,
         vec![Action::RecordSyncSet {
             set: k1.clone(),
-            degraded: false
+            degraded: false,
+            degraded_until_lsn: None,
         }]
     );
     v.recorded_sync_set = k1.clone();
@@ -1133,6 +1146,16 @@ fn durability_required_keeps_waiting_and_preferred_shrinks_and_says_so() {
     );
 
     v.policy.set("durability", "preferred").unwrap();
+    // Before Postgres may acknowledge alone, the intent records that it may.
+    assert_eq!(
+        decide(&v, NOW).actions,
+        vec![Action::RecordSyncSet {
+            set: SyncSet::new(["e2"], 1),
+            degraded: true,
+            degraded_until_lsn: None,
+        }]
+    );
+    v.recorded_sync_degraded = true;
     assert_eq!(
         decide(&v, NOW).actions,
         vec![Action::ApplySyncStandbyNames {
@@ -1145,9 +1168,125 @@ fn durability_required_keeps_waiting_and_preferred_shrinks_and_says_so() {
         decide(&v, NOW).actions,
         vec![Action::RecordSyncSet {
             set: SyncSet::default(),
-            degraded: true
+            degraded: true,
+            degraded_until_lsn: None,
         }]
     );
+    v.recorded_sync_set = SyncSet::default();
+    assert_eq!(decide(&v, NOW), Decision::default());
+
+    // e2 streams again: the set grows (record, then Postgres), and the record stays
+    // degraded until e2 holds what e1 wrote while it acknowledged alone.
+    obs(&mut v, "e2").wal_receiver_streaming = true;
+    let e2 = SyncSet::new(["e2"], 1);
+    assert_eq!(
+        decide(&v, NOW).actions,
+        vec![Action::RecordSyncSet {
+            set: e2.clone(),
+            degraded: true,
+            degraded_until_lsn: None,
+        }]
+    );
+    v.recorded_sync_set = e2.clone();
+    with_applied(&mut v, e2.clone());
+    obs(&mut v, "e2").received_lsn = Some(Lsn(1_000_000));
+    obs(&mut v, "e2").replayed_lsn = Some(Lsn(1_000_000));
+    // e1 waits on e2 again: whatever it acknowledged alone lies before what it reports
+    // now, and that bound is recorded.
+    assert_eq!(
+        decide(&v, NOW).actions,
+        vec![Action::RecordSyncSet {
+            set: e2.clone(),
+            degraded: true,
+            degraded_until_lsn: Some(Lsn(1_000_100)),
+        }]
+    );
+    v.recorded_sync_degraded_until_lsn = Some(Lsn(1_000_100));
+    assert_eq!(decide(&v, NOW), Decision::default());
+    // The primary writes on; e2 needs only to pass the recorded bound, not the moving
+    // position (under a steady load it might never be seen ahead of it).
+    obs(&mut v, "e1").wal_lsn = Some(Lsn(1_000_900));
+    obs(&mut v, "e2").received_lsn = Some(Lsn(1_000_100));
+    assert_eq!(
+        decide(&v, NOW).actions,
+        vec![Action::RecordSyncSet {
+            set: e2,
+            degraded: false,
+            degraded_until_lsn: None,
+        }]
+    );
+}
+
+/// A new cluster's primary runs alone until its first sync set is established: nothing
+/// was promised then, so it is not marked degraded; maintenance mode keeps the mark's
+/// bookkeeping going (not the set's).
+#[test]
+fn the_degraded_mark_is_kept_from_a_first_set_and_through_maintenance() {
+    let mut v = base();
+    v.recorded_sync_set = SyncSet::default();
+    with_applied(&mut v, SyncSet::default());
+    let e2 = SyncSet::new(["e2"], 1);
+    assert_eq!(
+        decide(&v, NOW).actions,
+        vec![Action::RecordSyncSet {
+            set: e2.clone(),
+            degraded: false,
+            degraded_until_lsn: None,
+        }]
+    );
+    // Marked, in maintenance, with e2 holding the bound: the mark is cleared, the set kept.
+    v.recorded_sync_set = e2.clone();
+    with_applied(&mut v, e2.clone());
+    v.recorded_sync_degraded = true;
+    v.recorded_sync_degraded_until_lsn = Some(Lsn(1_000_000));
+    v.maintenance = true;
+    let d = decide(&v, NOW);
+    assert_eq!(
+        d.actions,
+        vec![Action::RecordSyncSet {
+            set: e2,
+            degraded: false,
+            degraded_until_lsn: None,
+        }]
+    );
+    assert!(matches!(d.wait, Some(Wait::Maintenance { .. })), "{d:?}");
+}
+
+/// The flapping loss (chaos seed 3, default policy): `preferred` emptied the set while the
+/// in-region standby's stream was cut, the primary acknowledged alone, and that standby
+/// was promoted without those commits. With the degraded record nobody is promoted
+/// automatically unless `async_failover` accepts the loss.
+#[test]
+fn a_primary_that_acknowledged_alone_is_not_replaced_without_async_failover() {
+    let mut v = base();
+    v.policy.set("durability", "preferred").unwrap();
+    v.recorded_sync_set = SyncSet::default();
+    v.recorded_sync_degraded = true;
+    lose_primary(&mut v);
+    let d = decide(&v, NOW);
+    assert!(d.actions.is_empty(), "{d:?}");
+    let Some(Wait::NoCandidate(nc)) = &d.wait else {
+        panic!("expected no candidate: {d:?}");
+    };
+    assert_eq!(nc.reason, NoCandidateReason::AcknowledgedAlone);
+    assert!(nc.to_string().contains("no sync standby"), "{nc}");
+
+    // Not degraded (every standby async by policy): the best member is promoted.
+    v.recorded_sync_degraded = false;
+    assert!(matches!(
+        decide(&v, NOW).actions.as_slice(),
+        [Action::Promote { .. }]
+    ));
+
+    // async_failover accepts the loss, unless a region is explicitly sync.
+    v.recorded_sync_degraded = true;
+    v.policy.set("async_failover", "true").unwrap();
+    assert!(matches!(
+        decide(&v, NOW).actions.as_slice(),
+        [Action::Promote { .. }]
+    ));
+    v.policy.set("regions.west.mode", "sync").unwrap();
+    assert!(decide(&v, NOW).actions.is_empty());
 }
 
 /// Right after a failover the intent carries the old sync set minus the new primary, and
@@ -1247,8 +1386,10 @@ fn required_durability_short_of_quorum_keeps_the_set_and_reports_the_wait() {
     let mut v = base();
     v.policy.set("regions.west.mode", "sync").unwrap();
     v.policy.set("sync_quorum", "2").unwrap();
-    // Just after a failover whose carried set was too small: Postgres waits on nobody.
+    // Just after a failover whose carried set was too small: Postgres waits on nobody,
+    // and the promotion recorded that.
     v.recorded_sync_set = SyncSet::default();
+    v.recorded_sync_degraded = true;
     with_applied(&mut v, SyncSet::default());
     obs(&mut v, "w1").wal_receiver_streaming = false;
     obs(&mut v, "w2").postgres_up = false;
@@ -1259,7 +1400,8 @@ fn required_durability_short_of_quorum_keeps_the_set_and_reports_the_wait() {
         Decision {
             actions: vec![Action::RecordSyncSet {
                 set: SyncSet::new(["e2", "w1"], 2),
-                degraded: false,
+                degraded: true,
+                degraded_until_lsn: None,
             }],
             wait: Some(short("e1", &["e2"], 2, SyncSet::default())),
         }
@@ -1274,7 +1416,8 @@ fn required_durability_short_of_quorum_keeps_the_set_and_reports_the_wait() {
         Decision {
             actions: vec![Action::RecordSyncSet {
                 set: two.clone(),
-                degraded: false
+                degraded: true,
+                degraded_until_lsn: None,
             }],
             wait: None,
         }
@@ -1290,6 +1433,30 @@ fn required_durability_short_of_quorum_keeps_the_set_and_reports_the_wait() {
         }]
     );
     with_applied(&mut v, two.clone());
+    // Waiting on two again: the bound of what was acknowledged alone is recorded, and the
+    // mark goes once both hold it.
+    assert_eq!(
+        decide(&v, NOW).actions,
+        vec![Action::RecordSyncSet {
+            set: two.clone(),
+            degraded: true,
+            degraded_until_lsn: Some(Lsn(1_000_100)),
+        }]
+    );
+    v.recorded_sync_degraded_until_lsn = Some(Lsn(1_000_100));
+    assert_eq!(decide(&v, NOW), Decision::default());
+    obs(&mut v, "e2").received_lsn = Some(Lsn(1_000_100));
+    obs(&mut v, "w1").received_lsn = Some(Lsn(1_000_100));
+    assert_eq!(
+        decide(&v, NOW).actions,
+        vec![Action::RecordSyncSet {
+            set: two.clone(),
+            degraded: false,
+            degraded_until_lsn: None,
+        }]
+    );
+    v.recorded_sync_degraded = false;
+    v.recorded_sync_degraded_until_lsn = None;
     assert_eq!(decide(&v, NOW), Decision::default());
 
     // w1 drops out again: the names Postgres waits on are kept, nothing changes.
@@ -1362,8 +1529,19 @@ fn required_durability_keeps_the_names_postgres_waits_on() {
         }
     );
     // Had Postgres already moved to ANY 2 (e2, w1), the record shrinks to it (Postgres
-    // first, then the record) and the wait goes on.
+    // first, then the record) once both hold everything e1 wrote, and the wait goes on.
     with_applied(&mut v, two.clone());
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![],
+            wait: Some(short("e1", &["e2"], 2, two.clone())),
+        }
+    );
+    obs(&mut v, "e2").received_lsn = Some(Lsn(1_000_100));
+    obs(&mut v, "w1").received_lsn = Some(Lsn(1_000_100));
+    obs(&mut v, "w1").received_at_ms = FRESH;
+    obs(&mut v, "w1").wal_receiver_streaming = false;
     let d = decide(&v, NOW);
     assert_sync_sets_valid(&d, &v.recorded_sync_set);
     assert_eq!(
@@ -1371,7 +1549,8 @@ fn required_durability_keeps_the_names_postgres_waits_on() {
         Decision {
             actions: vec![Action::RecordSyncSet {
                 set: two.clone(),
-                degraded: false
+                degraded: false,
+                degraded_until_lsn: None,
             }],
             wait: Some(short("e1", &["e2"], 2, two)),
         }

@@ -24,6 +24,12 @@ pub struct ClusterView {
     pub policy: Policy,
     /// The sync set recorded in Raft: always a superset of what Postgres may wait on.
     pub recorded_sync_set: SyncSet,
+    /// The intent records that the primary may have acknowledged commits with no sync
+    /// standby although the policy asks for one (`Intent::sync_degraded`).
+    pub recorded_sync_degraded: bool,
+    /// While degraded: every commit acknowledged alone lies at or before this position
+    /// (None: the primary may still acknowledge alone, or the bound is not known yet).
+    pub recorded_sync_degraded_until_lsn: Option<Lsn>,
     /// Maintenance mode: no automatic action (a pending switchover still proceeds,
     /// since an operator asked for it).
     pub maintenance: bool,
@@ -128,6 +134,9 @@ pub struct Observation {
     pub sync_standby_names: Option<SyncSet>,
     /// This agent's probes of other members, by member name.
     pub probes: BTreeMap<String, PeerProbe>,
+    /// The primary of a generation it was resumed in place in, fenced, and may still take
+    /// writes again in it: its fence is not final (sim finding F3b).
+    pub resume_pending: bool,
 }
 
 impl Observation {

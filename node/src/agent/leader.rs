@@ -373,7 +373,9 @@ fn start_break_round(
         }
         let mut lb = state.lock().unwrap_or_else(|e| e.into_inner());
         lb.in_flight = false;
-        if lb.key == Some((member.clone(), generation)) && !r.broken_by.is_empty() {
+        // Even a round nobody answered "broken" in time may have left breaks: a voter that
+        // was paused handles the request late (sim seed 380). Releasing it costs nothing.
+        if lb.key == Some((member.clone(), generation)) {
             lb.breaks_since_release = Some((round, round_started));
         }
         if lb.key == Some((member, generation)) {
@@ -433,7 +435,7 @@ fn break_releases(tr: &Tracker, intent: &Intent, term: u64, valid: Duration) -> 
 /// No member may replace a primary whose own agent reports its Postgres stopped and
 /// fenced: rather than staying without a primary, resume it in place in a new generation
 /// (its Postgres holds every commit it acknowledged; the bump refuses any promotion
-/// decided on the old generation).
+/// decided on the old generation). The rule is the core's; this stamps the command.
 fn resume_in_place(
     decision: &crate::decide::Decision,
     intent: &Intent,
@@ -441,26 +443,13 @@ fn resume_in_place(
     limits: &Limits,
     now_ms: u64,
 ) -> Option<Command> {
-    let Some(crate::decide::Wait::NoCandidate(nc)) = &decision.wait else {
-        return None;
-    };
-    // Once per generation: the resumed member needs its lease, then starts.
-    if intent.primary.as_deref() != Some(nc.failed_primary.as_str())
-        || intent.resumed == Some(intent.generation)
-    {
-        return None;
-    }
-    let o = observations.get(&nc.failed_primary)?;
-    let fresh = now_ms.saturating_sub(o.received_at_ms) <= limits.stale_after_ms;
-    if !(fresh && o.fenced && !o.postgres_up) {
-        return None;
-    }
+    let r = crate::decide::resume_in_place(decision, intent, observations, limits, now_ms)?;
     Some(Command::Resume {
-        member: nc.failed_primary.clone(),
-        generation: intent.generation.next(),
+        member: r.member.to_string(),
+        generation: r.generation,
         reason: format!(
-            "{} stopped and no member may replace it ({nc}): resumed in place",
-            nc.failed_primary
+            "{} stopped and no member may replace it ({}): resumed in place",
+            r.member, r.no_candidate
         ),
         at_unix_ms: unix_ms(),
     })
@@ -546,9 +535,15 @@ fn command_for(
                 },
             }))
         }
-        Action::RecordSyncSet { set, .. } => Some(Command::RecordSyncSet {
+        Action::RecordSyncSet {
+            set,
+            degraded,
+            degraded_until_lsn,
+        } => Some(Command::RecordSyncSet {
             generation: intent.generation,
             set: set.clone(),
+            degraded: *degraded,
+            degraded_until_lsn: *degraded_until_lsn,
         }),
         Action::ApplySyncStandbyNames { set, .. } => {
             let current = intent

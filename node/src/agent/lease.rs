@@ -288,6 +288,33 @@ pub fn handle_break(shared: &Shared, req: BreakLeaseRequest) -> BreakLeaseRespon
     resp
 }
 
+/// After this voter broke `primary`'s lease: a local standby stops confirming its WAL
+/// before the answer counts (sim finding F7: a thawed primary's waiting commits were
+/// confirmed by a sync standby after the promotion was decided). Bounded; a Postgres that
+/// is down or frozen confirms nothing anyway, so a failure only logs.
+pub async fn stop_confirming(shared: &Shared, primary: &str) {
+    const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+    if primary == shared.name() || shared.applied().intent.primary.as_deref() != Some(primary) {
+        return;
+    }
+    let Some(pg) = shared.local_pg.get() else {
+        return;
+    };
+    match tokio::time::timeout(DISCONNECT_TIMEOUT, pg.disconnect_upstream()).await {
+        Ok(Ok(())) => {
+            tracing::info!(%primary, "lease broken here: WAL receiver disconnected from it")
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%primary, "disconnecting the WAL receiver after a lease break: {e}")
+        }
+        Err(_) => tracing::warn!(
+            %primary,
+            "disconnecting the WAL receiver after a lease break: no answer within {} ms",
+            DISCONNECT_TIMEOUT.as_millis()
+        ),
+    }
+}
+
 pub use meridian_core::lease::majority;
 
 /// One renewal: sent to every member at once, counted when a majority granted it. On

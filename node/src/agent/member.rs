@@ -179,6 +179,7 @@ pub async fn run(shared: Arc<Shared>, pg: PgInstance) {
         stanza: Default::default(),
         pending_checked_at: None,
         started: Instant::now(),
+        resume_wait: None,
     };
     let mut restarts = m.shared.take_restart_rx();
     let mut ticker = tokio::time::interval(m.shared.config.timing.observe_interval);
@@ -253,6 +254,9 @@ struct Member {
     /// When this member loop started (a fresh clone waits a little for its peer probes
     /// to find a `clonefrom` standby).
     started: Instant,
+    /// Since when this fenced primary waits for its lease to resume in place, and in which
+    /// generation.
+    resume_wait: Option<(Generation, Instant)>,
 }
 
 /// How long a fresh clone waits for this agent's probes of the `clonefrom` standbys
@@ -893,13 +897,37 @@ impl Member {
                         .await;
                 }
                 // Resumed in place (no other member could take over): with this
-                // generation's lease, take writes again.
+                // generation's lease, take writes again, at most once per generation.
+                // Without the lease in time the resume is given up, so the fence becomes
+                // final for the leader (it reports the resume pending until then).
                 let t = &self.shared.config.timing;
-                if intent.resumed == Some(intent.generation)
-                    && self.shared.lease.valid(intent.generation, t.fence_after)
-                {
-                    tracing::info!(generation = %intent.generation, "resumed in place as the primary");
-                    return self.resume_as_primary("resumed in place").await;
+                let generation = intent.generation;
+                if intent.resumed == Some(generation) && !self.shared.resume.is_spent(generation) {
+                    if self.shared.lease.valid(generation, t.fence_after) {
+                        tracing::info!(%generation, "resumed in place as the primary");
+                        self.resume_wait = None;
+                        return self.resume_in_place(generation).await;
+                    }
+                    let since = match self.resume_wait {
+                        Some((g, since)) if g == generation => since,
+                        _ => {
+                            let now = Instant::now();
+                            self.resume_wait = Some((generation, now));
+                            now
+                        }
+                    };
+                    // Two lease lengths: a majority that grants nothing for that long
+                    // will not grant in time to matter.
+                    if since.elapsed() >= t.lease_ttl * 2 {
+                        tracing::warn!(
+                            %generation,
+                            waited_ms = since.elapsed().as_millis() as u64,
+                            "giving up the resume in place: no lease in time; the fence is final \
+                             and the leader may promote another member or resume this one anew"
+                        );
+                        self.shared.resume.spend(generation)?;
+                        self.resume_wait = None;
+                    }
                 }
                 // Stays down: the leader promotes another member.
                 return Ok(());
@@ -1242,6 +1270,29 @@ impl Member {
         Ok(())
     }
 
+    /// Resumed in place: the fence mark goes, then the resume is spent (durably), then the
+    /// server starts. A report in between reads "pending" or "not fenced", never a final
+    /// fence of a primary about to take writes (the reporter reads the spent generation
+    /// before the mark).
+    async fn resume_in_place(&mut self, generation: Generation) -> anyhow::Result<()> {
+        self.shared.set_activity("resumed in place");
+        let signal = self.pg.data_dir().join("standby.signal");
+        let _ = std::fs::remove_file(signal);
+        self.pg.clear_fence()?;
+        self.shared.resume.spend(generation)?;
+        *self
+            .shared
+            .final_lsn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+        self.pg
+            .start(START_TIMEOUT)
+            .await
+            .context("restarting as primary")?;
+        self.shared.set_activity("");
+        Ok(())
+    }
+
     /// A switchover was given up after writes stopped: take writes again.
     async fn resume_as_primary(&mut self, why: &str) -> anyhow::Result<()> {
         self.shared.set_activity(why);
@@ -1288,6 +1339,28 @@ impl Member {
                 self.upstream = None;
             }
             return Ok(());
+        }
+        // This voter broke the primary's lease of this generation: no WAL from it until a
+        // promotion (a new generation) or a release of the break, so a thawed primary's
+        // waiting commits are not confirmed here after a promotion was decided (sim F7).
+        // The break handler disconnects at once; this keeps it so.
+        if let Some((generation, _)) = self.shared.grants.standing_break(intent) {
+            if generation == intent.generation {
+                if !self.disconnected {
+                    tracing::warn!(
+                        %primary,
+                        %generation,
+                        "this member broke the primary's lease: WAL receiver off until a \
+                         promotion or a release of the break"
+                    );
+                    self.shared
+                        .set_activity("lease broken here: WAL receiver disconnected");
+                    self.pg.disconnect_upstream().await?;
+                    self.disconnected = true;
+                    self.upstream = None;
+                }
+                return Ok(());
+            }
         }
         // Cascading: the tagged source while this agent's own probe sees it stream, else
         // the primary (and back when the source streams again).

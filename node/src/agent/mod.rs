@@ -27,6 +27,7 @@ pub mod member;
 pub mod observe;
 pub mod peers;
 pub mod pg_access;
+pub mod resume;
 pub mod scheduled;
 pub mod stop;
 pub mod watchdog;
@@ -73,6 +74,8 @@ pub struct Shared {
     pub lease: lease::LeaseState,
     /// The lease grants this member gave as a voter.
     pub grants: lease::Grants,
+    /// The generation whose resume in place this agent took or gave up (durable).
+    pub resume: resume::ResumeSpent,
     /// This agent's probes of the other members' Postgres.
     pub peer_probes: peers::PeerProbes,
     /// The base of the leader's millisecond clock (`now_ms` of the decision core).
@@ -305,6 +308,7 @@ impl Agent {
             config: config.clone(),
             lease: lease::LeaseState::default(),
             grants: lease::Grants::new(config.timing.lease_ttl, Some(&config.state_dir)),
+            resume: resume::ResumeSpent::load(Some(&config.state_dir)),
             peer_probes: peers::PeerProbes::default(),
             epoch: Instant::now(),
             last_report_ok: Mutex::new(Instant::now()),

@@ -149,10 +149,13 @@ impl AgentRpc for AgentService {
         &self,
         request: Request<BreakLeaseRequest>,
     ) -> Result<Response<BreakLeaseResponse>, Status> {
-        Ok(Response::new(super::lease::handle_break(
-            &self.shared,
-            request.into_inner(),
-        )))
+        let req = request.into_inner();
+        let primary = req.member.clone();
+        let resp = super::lease::handle_break(&self.shared, req);
+        if resp.broken {
+            super::lease::stop_confirming(&self.shared, &primary).await;
+        }
+        Ok(Response::new(resp))
     }
 }
 
@@ -576,8 +579,11 @@ impl Reporter {
                 _ = self.shared.wake_reporter.notified() => {}
             }
             let (probes, rtt_us) = self.peers.to_proto(probe_max_age);
-            let pg = self.observe().await;
+            // Read before the fence mark (in `observe`): a resume clears the mark, then
+            // spends the resume, so this report says either "pending" or "not fenced".
             let applied = self.shared.applied();
+            let resume_spent = self.shared.resume.is_spent(applied.intent.generation);
+            let pg = self.observe().await;
             let obs = Observation {
                 cluster: self.shared.config.cluster.clone(),
                 member: self.shared.name().to_string(),
@@ -587,6 +593,11 @@ impl Reporter {
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 rtt_us,
                 probes,
+                resume_pending: meridian_core::plan::resume_pending(
+                    &meridian_core::plan::MemberIntent::of(&applied.intent, self.shared.name()),
+                    pg.as_ref().is_some_and(|p| p.fenced),
+                    resume_spent,
+                ),
             };
             let result = self.report(obs, report_timeout).await;
             if result.is_ok() {
@@ -685,6 +696,7 @@ impl Reporter {
                 .filter(|(g, _)| *g == intent.generation)
                 .map_or(0, |(g, _)| i64::try_from(g.0).unwrap_or(i64::MAX)),
         );
+        m.sync_degraded.set(i64::from(intent.sync_degraded));
         let me = shared.name();
         let lease_valid = intent.primary.as_deref() == Some(me)
             && shared
