@@ -1199,6 +1199,15 @@ async fn edit_config_sync_policy_reaches_synchronous_standby_names() {
         let now = sync_standby_names(&c, "a1").await;
         panic!("{e} (now {now:?})\n{}", c.logs());
     }
+    // The record shrinks after Postgres, once b1 is seen holding everything a1 wrote: the
+    // list follows within a few observation rounds.
+    let _ = wait_until("the record shrinks to ANY 1 (b1)", CHANGE, || async {
+        let list = ctl_ok(&["--endpoint", &eps, "list", "--json"], "list")
+            .await
+            .json();
+        list["sync_standbys"] == serde_json::json!(["b1"])
+    })
+    .await;
     let list = ctl_ok(&["--endpoint", &eps, "list", "--json"], "list")
         .await
         .json();

@@ -40,15 +40,14 @@ pub(super) fn step(cx: &Cx, primary: &str, pobs: &Observation) -> (Vec<Action>, 
     };
     let view = cx.view;
     let recorded = &view.recorded_sync_set;
-    // The primary acknowledges with no standby now, or will once `target` is applied,
-    // although the policy asks for sync standbys. Like the set, that is recorded before
-    // Postgres may do it: a failover must know commits may exist on the old primary only.
-    let alone = wants_sync && (applied.is_empty() || target.is_empty());
-    // Only a primary that had a sync set (or was already marked) degrades: before the
-    // first set is established (a new cluster whose standbys are still cloning) nothing
-    // was promised, as under an async policy.
+    // The primary will acknowledge with no standby once `target` is applied, although the
+    // policy asks for sync standbys (`preferred` gave them up). Like the set, that is
+    // recorded before Postgres may do it: a failover must know commits may exist on the
+    // old primary only. Only a primary that had a sync set (or was already marked)
+    // degrades: a set growing from none (a new cluster whose standbys were still cloning,
+    // an async policy turning sync) promised nothing before it is applied.
     let had_sync = !recorded.is_empty() || view.recorded_sync_degraded;
-    let alone = alone && had_sync;
+    let alone = wants_sync && target.is_empty() && had_sync;
     if alone && !view.recorded_sync_degraded {
         return (
             vec![Action::RecordSyncSet {
