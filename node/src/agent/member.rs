@@ -181,8 +181,7 @@ pub async fn run(shared: Arc<Shared>, pg: PgInstance) {
         started: Instant::now(),
     };
     let mut restarts = m.shared.take_restart_rx();
-    let mut ticker = tokio::time::interval(m.shared.config.timing.observe_interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = m.shared.observe_ticker();
     let mut applied = m.shared.applied.clone();
     let mut errors = super::errlog::ErrorLog::default();
     loop {
@@ -370,7 +369,8 @@ impl Member {
                 self.promote(&intent).await
             } else {
                 self.seen_primary_up = true;
-                self.as_primary(&intent).await
+                self.as_primary(&intent, status.synchronous_standby_names.as_deref())
+                    .await
             }
         } else if !status.in_recovery {
             // A second writer: fence before anything else (DESIGN invariant 4).
@@ -1128,7 +1128,9 @@ impl Member {
         Ok(())
     }
 
-    async fn as_primary(&mut self, intent: &Intent) -> anyhow::Result<()> {
+    /// `shown`: `synchronous_standby_names` as this round's probe read it (the probe
+    /// carries it, so no second query per round; read on its own when absent).
+    async fn as_primary(&mut self, intent: &Intent, shown: Option<&str>) -> anyhow::Result<()> {
         use crate::decide::SwitchoverPhase;
         let generation = intent.generation;
         if switchover_phase_from(intent, self.name()) == Some(SwitchoverPhase::StoppingWrites) {
@@ -1147,7 +1149,10 @@ impl Member {
             .sync_target
             .as_ref()
             .filter(|t| t.generation == generation);
-        let shown = self.pg.setting("synchronous_standby_names").await?;
+        let shown = match shown {
+            Some(v) => v.to_string(),
+            None => self.pg.setting("synchronous_standby_names").await?,
+        };
         let want = match target {
             Some(t) => Some(render_sync_standby_names(&t.set, self.lease_gate())),
             // No target for this generation yet: the leader has not decided, so a set

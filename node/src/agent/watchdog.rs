@@ -13,6 +13,12 @@
 //! longer one is fenced. A watchdog whose agent is gone exits once the deadline it guards
 //! was enforced or a newer agent re-armed the file.
 //!
+//! The watchdog sleeps until the armed deadline, and is woken early by every change of the
+//! file (inotify on `state_dir`): an idle standby's watchdog wakes about once a second, a
+//! primary's at each renewal, instead of polling every 50 ms. It still looks at least once
+//! per [`IDLE_CHECK`], and polls every [`CHECK_EVERY`] where inotify is unavailable and
+//! while a passed deadline is being enforced.
+//!
 //! An earlier rule skipped the fence while other members' agents still probed this
 //! Postgres. The probing member may itself be cut off from the Raft leader together with
 //! this host (the majority side then promotes), so that rule made two writers; it is gone.
@@ -27,8 +33,11 @@ use crate::pg::PgInstance;
 
 /// File name of the deadline under `state_dir`.
 pub const FILE: &str = "watchdog";
-/// How often the watchdog checks.
+/// How often the watchdog checks without inotify, and while a passed deadline is enforced.
 const CHECK_EVERY: Duration = Duration::from_millis(50);
+/// The longest the watchdog sleeps with inotify (file changes wake it at once): whether
+/// its agent is gone is looked at this often, and a missed change is seen this late at most.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// Now on `CLOCK_MONOTONIC`, in milliseconds.
 pub fn monotonic_ms() -> u64 {
@@ -142,6 +151,106 @@ async fn surely_in_recovery(pg: &PgInstance) -> bool {
     )
 }
 
+/// The inotify descriptor, for tokio's readiness (`AsyncFd` wants a raw fd).
+struct InotifyFd(nix::sys::inotify::Inotify);
+
+impl std::os::fd::AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+/// What wakes the watchdog between its checks: changes in `state_dir` (inotify), or only
+/// its timer where inotify cannot be had.
+struct Waker {
+    inotify: Option<tokio::io::unix::AsyncFd<InotifyFd>>,
+}
+
+impl Waker {
+    fn new(state_dir: &Path) -> Waker {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let watch = || -> anyhow::Result<tokio::io::unix::AsyncFd<InotifyFd>> {
+            let fd = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+                .context("inotify_init")?;
+            fd.add_watch(
+                state_dir,
+                AddWatchFlags::IN_MOVED_TO
+                    | AddWatchFlags::IN_CLOSE_WRITE
+                    | AddWatchFlags::IN_DELETE
+                    | AddWatchFlags::IN_DELETE_SELF
+                    | AddWatchFlags::IN_MOVE_SELF,
+            )
+            .with_context(|| format!("watching {}", state_dir.display()))?;
+            tokio::io::unix::AsyncFd::new(InotifyFd(fd)).context("registering inotify")
+        };
+        match watch() {
+            Ok(fd) => Waker { inotify: Some(fd) },
+            Err(e) => {
+                tracing::warn!(
+                    "watchdog: no inotify ({e:#}); checking every {} ms",
+                    CHECK_EVERY.as_millis()
+                );
+                Waker { inotify: None }
+            }
+        }
+    }
+
+    /// The longest sleep before the next check, given what the file held.
+    fn wait_for(&self, armed: Option<&Armed>, passed: bool, now_ms: u64) -> Duration {
+        if self.inotify.is_none() || passed {
+            return CHECK_EVERY;
+        }
+        match armed {
+            // Wake at the deadline (rounded up, so the check finds it passed).
+            Some(a) => {
+                Duration::from_millis(a.deadline_ms.saturating_sub(now_ms) + 1).min(IDLE_CHECK)
+            }
+            None => IDLE_CHECK,
+        }
+    }
+
+    /// Sleeps for `wait` or until `state_dir` changes, whichever comes first.
+    async fn sleep(&mut self, wait: Duration) {
+        use nix::sys::inotify::AddWatchFlags;
+        let Some(fd) = self.inotify.as_ref() else {
+            tokio::time::sleep(wait).await;
+            return;
+        };
+        let Ok(Ok(mut guard)) = tokio::time::timeout(wait, fd.readable()).await else {
+            return;
+        };
+        // Drain the events until the descriptor would block (that clears tokio's
+        // readiness, so the next sleep really sleeps): which file changed does not matter,
+        // the check reads the file again.
+        let broken = loop {
+            match guard.try_io(|fd| fd.get_ref().0.read_events().map_err(std::io::Error::from)) {
+                Ok(Ok(events)) => {
+                    let gone = events.iter().any(|e| {
+                        e.mask.intersects(
+                            AddWatchFlags::IN_DELETE_SELF
+                                | AddWatchFlags::IN_MOVE_SELF
+                                | AddWatchFlags::IN_IGNORED,
+                        )
+                    });
+                    if gone {
+                        break Some("the state directory was moved or removed".to_string());
+                    }
+                }
+                Ok(Err(e)) => break Some(format!("reading inotify events: {e}")),
+                Err(_would_block) => break None,
+            }
+        };
+        if let Some(why) = broken {
+            tracing::warn!(
+                "watchdog: {why}; checking every {} ms from now on",
+                CHECK_EVERY.as_millis()
+            );
+            self.inotify = None;
+        }
+    }
+}
+
 /// The watchdog's loop (in its own process).
 pub async fn run(config: Config, agent_pid: i32) -> anyhow::Result<()> {
     let pg: PgInstance = super::observe::local_instance(&config)
@@ -151,12 +260,17 @@ pub async fn run(config: Config, agent_pid: i32) -> anyhow::Result<()> {
     let this_boot = boot_id();
     tracing::info!(agent_pid, "watchdog running");
     let mut reported_gone = false;
+    let mut waker = Waker::new(&config.state_dir);
+    let mut wait = CHECK_EVERY;
     loop {
-        tokio::time::sleep(CHECK_EVERY).await;
+        waker.sleep(wait).await;
         let armed = read(&config.state_dir);
         let agent_alive = crate::pg::pid_alive(agent_pid);
+        let now_ms = monotonic_ms();
+        let passed = armed.as_ref().is_some_and(|a| a.passed(now_ms, &this_boot));
+        wait = waker.wait_for(armed.as_ref(), passed, now_ms);
         match armed {
-            Some(a) if a.passed(monotonic_ms(), &this_boot) => {
+            Some(_) if passed => {
                 if !agent_alive && !reported_gone {
                     reported_gone = true;
                     tracing::warn!(
@@ -216,6 +330,57 @@ mod tests {
         );
         assert_eq!(parse(&render(None, 77, "boot-a")), None);
         assert_eq!(parse("garbage"), None);
+    }
+
+    #[test]
+    fn the_watchdog_sleeps_until_the_deadline_and_polls_without_inotify() {
+        let armed = Armed {
+            deadline_ms: 10_300,
+            agent_pid: 1,
+            boot_id: "b".into(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let dir = tempfile::tempdir().unwrap();
+        let w = Waker::new(dir.path());
+        assert!(w.inotify.is_some(), "inotify is available here");
+        assert_eq!(
+            w.wait_for(Some(&armed), false, 10_000),
+            Duration::from_millis(301)
+        );
+        assert_eq!(w.wait_for(Some(&armed), false, 5_000), IDLE_CHECK);
+        assert_eq!(w.wait_for(None, false, 10_000), IDLE_CHECK);
+        assert_eq!(w.wait_for(Some(&armed), true, 10_400), CHECK_EVERY);
+        let polling = Waker { inotify: None };
+        assert_eq!(polling.wait_for(None, false, 0), CHECK_EVERY);
+    }
+
+    #[test]
+    fn a_write_of_the_file_wakes_the_watchdog_before_its_timer() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let mut w = Waker::new(dir.path());
+            let state = dir.path().to_path_buf();
+            let writer = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                write(&state, Some(123)).unwrap();
+            });
+            let started = std::time::Instant::now();
+            w.sleep(Duration::from_secs(5)).await;
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "woken by the write, not the timer"
+            );
+            writer.await.unwrap();
+            assert_eq!(read(dir.path()).map(|a| a.deadline_ms), Some(123));
+        });
     }
 
     #[test]

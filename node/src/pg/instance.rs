@@ -1045,6 +1045,8 @@ impl PgInstance {
                 .await?;
             let shown: String = row.get(0);
             if shown == value {
+                // A probe taken before the reload must not answer the next round.
+                self.forget_probe().await;
                 return Ok(());
             }
             if Instant::now() >= deadline {
