@@ -395,8 +395,8 @@ pub async fn run(shared: Arc<Shared>, probes: PeerProbes) {
     let mut sessions: Vec<PeerSession> = targets.iter().map(|_| PeerSession::default()).collect();
     let mut pacing: Vec<(Pacing, Option<Calm>)> =
         targets.iter().map(|_| (Pacing::default(), None)).collect();
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // On the member loop's and the reporter's grid: one wake-up a round for all three.
+    let mut ticker = shared.observe_ticker();
     loop {
         ticker.tick().await;
         let calm: Vec<Calm> = targets

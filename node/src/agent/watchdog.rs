@@ -24,6 +24,7 @@
 //! this host (the majority side then promotes), so that rule made two writers; it is gone.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -151,28 +152,27 @@ async fn surely_in_recovery(pg: &PgInstance) -> bool {
     )
 }
 
-/// The inotify descriptor, for tokio's readiness (`AsyncFd` wants a raw fd).
-struct InotifyFd(nix::sys::inotify::Inotify);
-
-impl std::os::fd::AsRawFd for InotifyFd {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsFd;
-        self.0.as_fd().as_raw_fd()
-    }
+/// What wakes the watchdog between its checks: changes in `state_dir` (inotify, read by a
+/// thread of its own that blocks on the descriptor), or only its timer where inotify
+/// cannot be had.
+struct Waker {
+    changed: Option<Arc<WatchState>>,
 }
 
-/// What wakes the watchdog between its checks: changes in `state_dir` (inotify), or only
-/// its timer where inotify cannot be had.
-struct Waker {
-    inotify: Option<tokio::io::unix::AsyncFd<InotifyFd>>,
+/// Shared with the inotify thread.
+#[derive(Default)]
+struct WatchState {
+    /// A change came (a permit is kept until the next sleep takes it).
+    notify: tokio::sync::Notify,
+    /// The watch ended (directory moved or removed, read error): poll from now on.
+    broken: std::sync::atomic::AtomicBool,
 }
 
 impl Waker {
     fn new(state_dir: &Path) -> Waker {
         use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-        let watch = || -> anyhow::Result<tokio::io::unix::AsyncFd<InotifyFd>> {
-            let fd = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
-                .context("inotify_init")?;
+        let watch = || -> anyhow::Result<Inotify> {
+            let fd = Inotify::init(InitFlags::IN_CLOEXEC).context("inotify_init")?;
             fd.add_watch(
                 state_dir,
                 AddWatchFlags::IN_MOVED_TO
@@ -182,23 +182,40 @@ impl Waker {
                     | AddWatchFlags::IN_MOVE_SELF,
             )
             .with_context(|| format!("watching {}", state_dir.display()))?;
-            tokio::io::unix::AsyncFd::new(InotifyFd(fd)).context("registering inotify")
+            Ok(fd)
         };
-        match watch() {
-            Ok(fd) => Waker { inotify: Some(fd) },
+        let started = watch().and_then(|fd| {
+            let state = Arc::new(WatchState::default());
+            let theirs = state.clone();
+            std::thread::Builder::new()
+                .name("watchdog-inotify".into())
+                .spawn(move || read_changes(fd, &theirs))
+                .context("starting the inotify thread")?;
+            Ok(state)
+        });
+        match started {
+            Ok(state) => Waker {
+                changed: Some(state),
+            },
             Err(e) => {
                 tracing::warn!(
                     "watchdog: no inotify ({e:#}); checking every {} ms",
                     CHECK_EVERY.as_millis()
                 );
-                Waker { inotify: None }
+                Waker { changed: None }
             }
         }
     }
 
+    fn watching(&self) -> bool {
+        self.changed
+            .as_ref()
+            .is_some_and(|c| !c.broken.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// The longest sleep before the next check, given what the file held.
     fn wait_for(&self, armed: Option<&Armed>, passed: bool, now_ms: u64) -> Duration {
-        if self.inotify.is_none() || passed {
+        if !self.watching() || passed {
             return CHECK_EVERY;
         }
         match armed {
@@ -211,44 +228,47 @@ impl Waker {
     }
 
     /// Sleeps for `wait` or until `state_dir` changes, whichever comes first.
-    async fn sleep(&mut self, wait: Duration) {
-        use nix::sys::inotify::AddWatchFlags;
-        let Some(fd) = self.inotify.as_ref() else {
-            tokio::time::sleep(wait).await;
-            return;
-        };
-        let Ok(Ok(mut guard)) = tokio::time::timeout(wait, fd.readable()).await else {
-            return;
-        };
-        // Drain the events until the descriptor would block (that clears tokio's
-        // readiness, so the next sleep really sleeps): which file changed does not matter,
-        // the check reads the file again.
-        let broken = loop {
-            match guard.try_io(|fd| fd.get_ref().0.read_events().map_err(std::io::Error::from)) {
-                Ok(Ok(events)) => {
-                    let gone = events.iter().any(|e| {
-                        e.mask.intersects(
-                            AddWatchFlags::IN_DELETE_SELF
-                                | AddWatchFlags::IN_MOVE_SELF
-                                | AddWatchFlags::IN_IGNORED,
-                        )
-                    });
-                    if gone {
-                        break Some("the state directory was moved or removed".to_string());
-                    }
-                }
-                Ok(Err(e)) => break Some(format!("reading inotify events: {e}")),
-                Err(_would_block) => break None,
+    async fn sleep(&self, wait: Duration) {
+        match self.changed.as_ref().filter(|_| self.watching()) {
+            Some(c) => {
+                let _ = tokio::time::timeout(wait, c.notify.notified()).await;
             }
-        };
-        if let Some(why) = broken {
-            tracing::warn!(
-                "watchdog: {why}; checking every {} ms from now on",
-                CHECK_EVERY.as_millis()
-            );
-            self.inotify = None;
+            None => tokio::time::sleep(wait).await,
         }
     }
+}
+
+/// The inotify thread: wakes the watchdog at every change in the watched directory, until
+/// the watch ends.
+fn read_changes(fd: nix::sys::inotify::Inotify, state: &WatchState) {
+    use nix::sys::inotify::AddWatchFlags;
+    let why = loop {
+        match fd.read_events() {
+            Ok(events) => {
+                state.notify.notify_one();
+                let gone = events.iter().any(|e| {
+                    e.mask.intersects(
+                        AddWatchFlags::IN_DELETE_SELF
+                            | AddWatchFlags::IN_MOVE_SELF
+                            | AddWatchFlags::IN_IGNORED,
+                    )
+                });
+                if gone {
+                    break "the state directory was moved or removed".to_string();
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => break format!("reading inotify events: {e}"),
+        }
+    };
+    tracing::warn!(
+        "watchdog: {why}; checking every {} ms from now on",
+        CHECK_EVERY.as_millis()
+    );
+    state
+        .broken
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    state.notify.notify_one();
 }
 
 /// The watchdog's loop (in its own process).
@@ -260,7 +280,7 @@ pub async fn run(config: Config, agent_pid: i32) -> anyhow::Result<()> {
     let this_boot = boot_id();
     tracing::info!(agent_pid, "watchdog running");
     let mut reported_gone = false;
-    let mut waker = Waker::new(&config.state_dir);
+    let waker = Waker::new(&config.state_dir);
     let mut wait = CHECK_EVERY;
     loop {
         waker.sleep(wait).await;
@@ -339,14 +359,9 @@ mod tests {
             agent_pid: 1,
             boot_id: "b".into(),
         };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let _guard = rt.enter();
         let dir = tempfile::tempdir().unwrap();
         let w = Waker::new(dir.path());
-        assert!(w.inotify.is_some(), "inotify is available here");
+        assert!(w.watching(), "inotify is available here");
         assert_eq!(
             w.wait_for(Some(&armed), false, 10_000),
             Duration::from_millis(301)
@@ -354,7 +369,7 @@ mod tests {
         assert_eq!(w.wait_for(Some(&armed), false, 5_000), IDLE_CHECK);
         assert_eq!(w.wait_for(None, false, 10_000), IDLE_CHECK);
         assert_eq!(w.wait_for(Some(&armed), true, 10_400), CHECK_EVERY);
-        let polling = Waker { inotify: None };
+        let polling = Waker { changed: None };
         assert_eq!(polling.wait_for(None, false, 0), CHECK_EVERY);
     }
 
@@ -366,7 +381,7 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let mut w = Waker::new(dir.path());
+            let w = Waker::new(dir.path());
             let state = dir.path().to_path_buf();
             let writer = tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(50)).await;

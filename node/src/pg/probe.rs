@@ -432,18 +432,7 @@ impl PgInstance {
 
 /// Whether process `pid` is stopped by a signal or traced (`T`/`t` in `/proc/PID/stat`).
 fn process_stopped(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let state = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .next()?
-                .to_string();
-            Some(state == "T" || state == "t")
-        })
-        .unwrap_or(false)
+    matches!(super::exec::proc_state(pid), Some(Some('T' | 't')))
 }
 
 fn lsn(s: Option<String>) -> Option<Lsn> {
