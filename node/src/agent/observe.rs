@@ -973,11 +973,14 @@ mod tests {
     fn the_store_keeps_the_latest_per_member_and_forgets_non_members() {
         let store = ObservationStore::default();
         for (m, g) in [("a1", 1), ("a1", 2), ("b1", 1)] {
-            store.record(Observation {
-                member: m.into(),
-                generation: g,
-                ..Observation::default()
-            });
+            store.record(
+                Observation {
+                    member: m.into(),
+                    generation: g,
+                    ..Observation::default()
+                },
+                Duration::from_secs(1),
+            );
         }
         let snap = store.snapshot();
         assert_eq!(snap.len(), 2);
