@@ -40,6 +40,9 @@ pub(crate) struct PidFileKey {
     len: u64,
 }
 
+/// A `postmaster.pid` read: which file, and the pid its first line held.
+type PidFileRead = (PidFileKey, Option<i32>);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PgTimeouts {
     /// Opening a SQL session.
@@ -157,7 +160,7 @@ pub struct PgInstance {
     kept: std::sync::Arc<super::probe::KeptSession>,
     /// The last `postmaster.pid` read, by the file's identity (inode, mtime, size): the
     /// agent asks several times a round, and a `stat` is one syscall where a read is five.
-    pid_file: std::sync::Arc<std::sync::Mutex<Option<(PidFileKey, Option<i32>)>>>,
+    pid_file: std::sync::Arc<std::sync::Mutex<Option<PidFileRead>>>,
     /// The cluster's Postgres parameters with this member's overrides
     /// (`crate::pgparams::effective`), rendered into `meridian.conf`; shared by clones so
     /// that every write of the file (init, clone, rewind, adoption) carries them.
