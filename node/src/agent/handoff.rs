@@ -57,7 +57,9 @@ impl Handoff {
             }
             return true;
         }
-        let intent = shared.applied().intent.clone();
+        // The shared snapshot, not a deep copy: the history alone holds up to 1,000 entries.
+        let applied_now = shared.applied();
+        let intent = &applied_now.intent;
         let voters = shared
             .raft_metrics()
             .membership_config

@@ -138,7 +138,9 @@ async fn round(shared: &Arc<Shared>, tr: &mut Tracker) -> anyhow::Result<()> {
         tr.elected_at = Some(started);
         tracing::info!(term, "leading: running the decision core");
     }
-    let intent = shared.applied().intent.clone();
+    // The shared snapshot, not a deep copy: the history alone holds up to 1,000 entries.
+    let applied_now = shared.applied();
+    let intent = &applied_now.intent;
     if intent.generation == Generation(0) {
         // Bootstrap is the bootstrap member's job.
         return Ok(());
@@ -159,7 +161,7 @@ async fn round(shared: &Arc<Shared>, tr: &mut Tracker) -> anyhow::Result<()> {
     }
     let ms = |at: Instant| shared.ms_since_epoch(at);
     let valid = break_valid(&shared.config.timing);
-    let lease = lease_view(tr, &intent, &ms, valid);
+    let lease = lease_view(tr, intent, &ms, valid);
     let book = LeaderBookkeeping {
         elected_at_ms: ms(elected_at),
         lease,
@@ -183,7 +185,7 @@ async fn round(shared: &Arc<Shared>, tr: &mut Tracker) -> anyhow::Result<()> {
                 .collect()
         })
         .unwrap_or_default();
-    let view = cluster_view(&intent, &book, &observations, rtt, limits(shared));
+    let view = cluster_view(intent, &book, &observations, rtt, limits(shared));
     let now_ms = ms(Instant::now());
     let decision = decide(&view, now_ms);
     let wait = decision.wait.as_ref().map(|w| w.to_string());
@@ -202,20 +204,20 @@ async fn round(shared: &Arc<Shared>, tr: &mut Tracker) -> anyhow::Result<()> {
     }
     for a in &decision.actions {
         if let Action::BreakLease { member, generation } = a {
-            start_break_round(shared, tr, &intent, member, *generation, valid);
+            start_break_round(shared, tr, intent, member, *generation, valid);
         }
     }
     let usable_round = lease.broken.then(|| current_round(tr)).flatten();
     let mut commands: Vec<Command> = decision
         .actions
         .iter()
-        .filter_map(|a| command_for(a, &intent, &observations, lease.primary_lsn, usable_round))
+        .filter_map(|a| command_for(a, intent, &observations, lease.primary_lsn, usable_round))
         .collect();
     let promoting = commands.iter().any(|c| matches!(c, Command::Promote(_)));
     if !promoting {
-        commands.extend(break_releases(tr, &intent, term, valid));
+        commands.extend(break_releases(tr, intent, term, valid));
     }
-    if let Some(cmd) = resume_in_place(&decision, &intent, &observations, &view.limits, now_ms) {
+    if let Some(cmd) = resume_in_place(&decision, intent, &observations, &view.limits, now_ms) {
         commands.push(cmd);
     }
     if tr
@@ -228,7 +230,7 @@ async fn round(shared: &Arc<Shared>, tr: &mut Tracker) -> anyhow::Result<()> {
     if let Some(cmd) = tr
         .writes_stopped
         .as_ref()
-        .and_then(|(to, since)| write_pause(to, *since, &intent, &observations))
+        .and_then(|(to, since)| write_pause(to, *since, intent, &observations))
     {
         commands.push(cmd);
     }
@@ -236,7 +238,7 @@ async fn round(shared: &Arc<Shared>, tr: &mut Tracker) -> anyhow::Result<()> {
     // a wall-clock time), one at a time, in the background: it waits on other rounds.
     let running = tr.scheduled.as_ref().is_some_and(|t| !t.is_finished());
     if !running {
-        if let Some(s) = meridian_core::schedule::due(&intent, unix_ms()).first() {
+        if let Some(s) = meridian_core::schedule::due(intent, unix_ms()).first() {
             tr.scheduled = Some(tokio::spawn(super::scheduled::fire(
                 shared.clone(),
                 (*s).clone(),

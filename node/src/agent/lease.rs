@@ -227,12 +227,14 @@ pub fn handle_renew(shared: &Shared, req: RenewLeaseRequest) -> RenewLeaseRespon
             req.cluster, shared.config.cluster
         ));
     }
-    let intent = shared.applied().intent.clone();
+    // The shared snapshot, not a deep copy: the history alone holds up to 1,000 entries.
+    let applied_now = shared.applied();
+    let intent = &applied_now.intent;
     match shared.grants.renew(
         &req.member,
         Generation(req.generation),
         req.wal_lsn,
-        &intent,
+        intent,
         now,
     ) {
         Ok(()) => RenewLeaseResponse {
@@ -572,7 +574,9 @@ pub async fn run(shared: Arc<Shared>, pg: Option<crate::pg::PgInstance>) {
     let mut disarmed = false;
     loop {
         ticker.tick().await;
-        let intent = shared.applied().intent.clone();
+        // The shared snapshot, not a deep copy: the history alone holds up to 1,000 entries.
+        let applied_now = shared.applied();
+        let intent = &applied_now.intent;
         if intent.primary.as_deref() != Some(shared.name()) {
             last_error = None;
             named_since = None;

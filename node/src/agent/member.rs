@@ -182,8 +182,7 @@ pub async fn run(shared: Arc<Shared>, pg: PgInstance) {
         resume_wait: None,
     };
     let mut restarts = m.shared.take_restart_rx();
-    let mut ticker = tokio::time::interval(m.shared.config.timing.observe_interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = m.shared.observe_ticker();
     let mut applied = m.shared.applied.clone();
     let mut errors = super::errlog::ErrorLog::default();
     loop {
@@ -305,7 +304,9 @@ impl Member {
     }
 
     async fn tick(&mut self) -> anyhow::Result<()> {
-        let intent = self.shared.applied().intent.clone();
+        // The shared snapshot, not a deep copy: the history alone holds up to 1,000 entries.
+        let applied_now = self.shared.applied();
+        let intent = &applied_now.intent;
         let me = self.name().to_string();
         if intent.member(&me).is_none() {
             return Ok(());
@@ -322,27 +323,27 @@ impl Member {
         let wanted = crate::pgparams::effective(&intent.policy.postgresql.parameters, &overrides);
         let changed = self.pg.set_parameters(wanted);
         let conf_was_checked = self.conf_checked;
-        self.check_data_dir(&intent).await?;
+        self.check_data_dir(intent).await?;
         if changed && conf_was_checked && self.has_data() {
             self.apply_parameters().await?;
         }
         self.check_pending_restart().await;
         if intent.generation == Generation(0) && intent.primary.is_none() {
-            return self.bootstrap(&intent).await;
+            return self.bootstrap(intent).await;
         }
         let i_am_primary = intent.primary.as_deref() == Some(me.as_str());
         if intent.reinit.contains(&me) && !i_am_primary {
-            return self.reinit(&intent).await;
+            return self.reinit(intent).await;
         }
         if !self.has_data() {
-            return self.clone_fresh(&intent).await;
+            return self.clone_fresh(intent).await;
         }
         if !self.pg.is_running() {
             // Unresponsiveness counts only while a server runs: a crashed primary resumed
             // in place starts (and runs crash recovery) with a fresh clock. Counting from
             // the crash fenced it again at its first slow probe (seen in CI under load).
             self.unresponsive_since = None;
-            return self.not_running(&intent, i_am_primary).await;
+            return self.not_running(intent, i_am_primary).await;
         }
         let status = self.pg.probe().await;
         if !status.up {
@@ -371,10 +372,11 @@ impl Member {
         self.unresponsive_since = None;
         if i_am_primary {
             if status.in_recovery {
-                self.promote(&intent).await
+                self.promote(intent).await
             } else {
                 self.seen_primary_up = true;
-                self.as_primary(&intent).await
+                self.as_primary(intent, status.synchronous_standby_names.as_deref())
+                    .await
             }
         } else if !status.in_recovery {
             // A second writer: fence before anything else (DESIGN invariant 4).
@@ -403,7 +405,7 @@ impl Member {
                 (Some(s), Some(p)) if s < p
             );
             let streaming = status.is_streaming() && !behind_timeline;
-            self.as_standby(&intent, streaming).await
+            self.as_standby(intent, streaming).await
         }
     }
 
@@ -1156,7 +1158,9 @@ impl Member {
         Ok(())
     }
 
-    async fn as_primary(&mut self, intent: &Intent) -> anyhow::Result<()> {
+    /// `shown`: `synchronous_standby_names` as this round's probe read it (the probe
+    /// carries it, so no second query per round; read on its own when absent).
+    async fn as_primary(&mut self, intent: &Intent, shown: Option<&str>) -> anyhow::Result<()> {
         use crate::decide::SwitchoverPhase;
         let generation = intent.generation;
         if switchover_phase_from(intent, self.name()) == Some(SwitchoverPhase::StoppingWrites) {
@@ -1175,7 +1179,10 @@ impl Member {
             .sync_target
             .as_ref()
             .filter(|t| t.generation == generation);
-        let shown = self.pg.setting("synchronous_standby_names").await?;
+        let shown = match shown {
+            Some(v) => v.to_string(),
+            None => self.pg.setting("synchronous_standby_names").await?,
+        };
         let want = match target {
             Some(t) => Some(render_sync_standby_names(&t.set, self.lease_gate())),
             // No target for this generation yet: the leader has not decided, so a set

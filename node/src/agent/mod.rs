@@ -175,6 +175,17 @@ impl Shared {
         u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// A ticker every `timing.observe_interval` on one grid from `epoch`: the member loop
+    /// and the reporter both tick on it, so their probes of the local Postgres coincide and
+    /// one query serves both (`PgInstance::probe` is single-flight). A round that overruns
+    /// skips to the next grid point, never later than a fresh `interval` would tick.
+    pub fn observe_ticker(&self) -> tokio::time::Interval {
+        let period = self.config.timing.observe_interval;
+        let mut t = tokio::time::interval_at(tokio::time::Instant::from_std(self.epoch), period);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        t
+    }
+
     /// Whether this member believes it leads. Routing only: see the module invariant.
     pub fn believes_leader(&self) -> bool {
         let m = self.raft_metrics();

@@ -31,11 +31,20 @@ use crate::pg::{PgBinaries, PgInstance, PgStatus, PgTimeouts, RunAs};
 pub struct ObservationStore(Arc<Mutex<HashMap<String, (Observation, Instant)>>>);
 
 impl ObservationStore {
-    pub fn record(&self, obs: Observation) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(obs.member.clone(), (obs, Instant::now()));
+    /// Keeps `obs` as its member's latest. True when the leader should run a round now:
+    /// the first report of that member, one after a gap longer than `gap`, or one that
+    /// differs from the last in more than positions, timings and round trips
+    /// ([`same_shape`]). A report that only moved LSNs waits for the leader's next tick
+    /// (at most one `observe_interval`): at idle that spares a decision round per report.
+    pub fn record(&self, obs: Observation, gap: Duration) -> bool {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let urgent = match g.get(&obs.member) {
+            Some((prev, at)) => now.duration_since(*at) > gap || !same_shape(prev, &obs),
+            None => true,
+        };
+        g.insert(obs.member.clone(), (obs, now));
+        urgent
     }
 
     pub fn snapshot(&self) -> HashMap<String, (Observation, Instant)> {
@@ -49,6 +58,38 @@ impl ObservationStore {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|name, _| keep(name));
     }
+}
+
+/// Whether two reports of a member differ at most in WAL positions, replay delay, round
+/// trips and send time: everything the decision core reads besides those (up, recovery,
+/// timeline, fenced, error, upstream, receiver status, walsenders' states, sync names,
+/// activity, pending restarts, generation, probes) is the same.
+fn same_shape(a: &Observation, b: &Observation) -> bool {
+    fn shape(o: &Observation) -> Observation {
+        let mut o = o.clone();
+        o.sent_unix_ms = 0;
+        o.rtt_us.clear();
+        if let Some(p) = o.postgres.as_mut() {
+            p.current_lsn = 0;
+            p.received_lsn = 0;
+            p.replayed_lsn = 0;
+            p.replay_delay_ms = p.replay_delay_ms.map(|_| 0);
+            for s in &mut p.standbys {
+                s.sent_lsn = 0;
+                s.write_lsn = 0;
+                s.flush_lsn = 0;
+                s.replay_lsn = 0;
+            }
+        }
+        o
+    }
+    shape(a) == shape(b)
+}
+
+/// A report more than this after the member's previous one wakes the leader whatever it
+/// says (the member was stale, or unheard, in between).
+fn report_gap(shared: &Shared) -> Duration {
+    shared.config.timing.observe_interval * 2
 }
 
 /// Server side of `Agent.Report`.
@@ -120,15 +161,17 @@ impl AgentRpc for AgentService {
         // observation but does not accept it, as the local path does, so the reporter
         // counts itself unheard (a standby nobody with a quorum hears stops acknowledging
         // synchronous commits).
+        let gap = report_gap(&self.shared);
         if !leader_has_fresh_quorum(&self.shared) {
-            self.shared.observations.record(obs);
+            self.shared.observations.record(obs, gap);
             return Ok(Response::new(ObservationAck {
                 accepted: false,
                 leader: String::new(),
             }));
         }
-        self.shared.observations.record(obs);
-        self.shared.wake_leader.notify_one();
+        if self.shared.observations.record(obs, gap) {
+            self.shared.wake_leader.notify_one();
+        }
         Ok(Response::new(ObservationAck {
             accepted: true,
             leader: self.shared.name().to_string(),
@@ -556,8 +599,7 @@ impl Reporter {
         // A report must not outlive the next one by much; cross-region needs some room.
         let report_timeout =
             (interval * 4).clamp(Duration::from_millis(200), Duration::from_secs(2));
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticker = self.shared.observe_ticker();
         let mut last_error: Option<String> = None;
         // A probe older than a few rounds says nothing about now.
         let probe_max_age = interval * 4;
@@ -622,12 +664,14 @@ impl Reporter {
         if self.shared.believes_leader() {
             let shared = &self.shared;
             // A leader cut off from its quorum does not step down by itself.
+            let gap = report_gap(shared);
             if !leader_has_fresh_quorum(shared) {
-                shared.observations.record(obs);
+                shared.observations.record(obs, gap);
                 return Err("this leader has no recent quorum acknowledgement".into());
             }
-            shared.observations.record(obs);
-            shared.wake_leader.notify_one();
+            if shared.observations.record(obs, gap) {
+                shared.wake_leader.notify_one();
+            }
             let intent = shared.applied().intent.clone();
             let metrics = shared.raft_metrics();
             let membership = metrics.membership_config.membership();
@@ -816,6 +860,55 @@ mod tests {
     use crate::types::Lsn;
 
     #[test]
+    fn only_reports_that_change_more_than_positions_wake_the_leader() {
+        let store = ObservationStore::default();
+        let gap = Duration::from_secs(60);
+        let obs = |lsn: u64, up: bool| Observation {
+            member: "a".into(),
+            sent_unix_ms: i64::try_from(lsn).unwrap(),
+            rtt_us: [("b".to_string(), lsn)].into_iter().collect(),
+            postgres: Some(PostgresObservation {
+                up,
+                current_lsn: lsn,
+                standbys: vec![StandbyState {
+                    application_name: "b".into(),
+                    state: "streaming".into(),
+                    replay_lsn: lsn,
+                    ..StandbyState::default()
+                }],
+                ..PostgresObservation::default()
+            }),
+            ..Observation::default()
+        };
+        assert!(store.record(obs(1, true), gap), "the first report");
+        assert!(!store.record(obs(2, true), gap), "only positions moved");
+        assert!(store.record(obs(3, false), gap), "Postgres went down");
+        let mut probe = obs(4, false);
+        probe.probes.insert(
+            "b".into(),
+            meridian_proto::PeerProbe {
+                agent_reachable: false,
+                postgres_writable: true,
+            },
+        );
+        assert!(store.record(probe, gap), "a probe changed");
+        assert!(
+            store.record(obs(5, false), Duration::ZERO),
+            "after a gap every report counts"
+        );
+        assert_eq!(
+            store.snapshot()["a"]
+                .0
+                .postgres
+                .as_ref()
+                .unwrap()
+                .current_lsn,
+            5,
+            "every report is kept"
+        );
+    }
+
+    #[test]
     fn probe_results_map_to_the_wire_form() {
         let standby = PgStatus {
             up: true,
@@ -892,11 +985,14 @@ mod tests {
     fn the_store_keeps_the_latest_per_member_and_forgets_non_members() {
         let store = ObservationStore::default();
         for (m, g) in [("a1", 1), ("a1", 2), ("b1", 1)] {
-            store.record(Observation {
-                member: m.into(),
-                generation: g,
-                ..Observation::default()
-            });
+            store.record(
+                Observation {
+                    member: m.into(),
+                    generation: g,
+                    ..Observation::default()
+                },
+                Duration::from_secs(1),
+            );
         }
         let snap = store.snapshot();
         assert_eq!(snap.len(), 2);

@@ -9,6 +9,15 @@
 //! application-level round trip to that member, which `auto` replication regions are
 //! judged by. A TCP connect time would not do: a local proxy accepts at once whatever the
 //! latency or partition behind it.
+//!
+//! Pacing: a peer is probed every `timing.observe_interval`, except while it is steady
+//! ([`Pacing`]: its last answers were quick and alike and as the intent expects, the
+//! cluster has a primary, no switchover runs and the generation stands still); then every
+//! other round. Each probe costs the peer's Postgres a wake-up and a transaction, and at
+//! idle these were half of what the agents cost it. Every bound that reads these results
+//! holds at the idle pace: results are at most two rounds plus one quick answer old
+//! (below the reporter's 4 rounds and [`primary_position_max_age`]); any change, slow or
+//! missing answer, or intent change brings the full pace back for the next round.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -304,30 +313,115 @@ pub fn probe_timeout(t: &crate::config::TimingConfig) -> Duration {
 
 /// How old the primary's position, as a peer probe read it, may be for a standby to
 /// measure its lag against it: a probe each `observe_interval`, taking up to the probe
-/// timeout, read by a reporter that publishes each `observe_interval`. Older (or never
+/// timeout, read by a reporter that publishes each `observe_interval`. (A steady primary is
+/// probed every other round, but only while it answers within one `observe_interval`, so
+/// its position is at most three rounds old then: within the bound.) Older (or never
 /// read): the lag is unknown and `/replica?lag=` answers 503.
 pub fn primary_position_max_age(t: &crate::config::TimingConfig) -> Duration {
     t.observe_interval * 2 + probe_timeout(t)
 }
 
-/// Probes every peer each `timing.observe_interval`, all at once, each bounded so a
-/// partitioned peer cannot hold up the others. Runs until the agent stops.
+/// Answers alike in a row that make a peer steady.
+const STEADY_AFTER: usize = 3;
+
+/// Whether a peer may skip a round (module doc: pacing). Pure: fed each probe's result and
+/// what the intent says.
+#[derive(Clone, Debug, Default)]
+pub struct Pacing {
+    /// The last answers' (writable, streaming, timeline), newest last; cleared by anything
+    /// unsteady.
+    alike: Vec<(bool, bool, Option<u32>)>,
+    skipped_last: bool,
+}
+
+/// What the applied intent says, as far as pacing goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Calm {
+    /// The intent names a primary and no switchover runs.
+    pub calm: bool,
+    pub generation: u64,
+    /// The peer is the intent's primary (so it should be writable; the others not).
+    pub peer_is_primary: bool,
+}
+
+impl Pacing {
+    /// Records a probe's result, read under `calm`; `quick_us`: answers slower than this
+    /// are not steady.
+    pub fn record(&mut self, r: &PeerResult, calm: &Calm, quick_us: u64) {
+        let steady = calm.calm
+            && r.rtt_us.is_some_and(|us| us < quick_us)
+            && r.writable == calm.peer_is_primary;
+        let key = (r.writable, r.streaming, r.timeline);
+        if !steady || self.alike.last().is_some_and(|k| *k != key) {
+            self.alike.clear();
+        }
+        if steady {
+            self.alike.push(key);
+            if self.alike.len() > STEADY_AFTER {
+                self.alike.remove(0);
+            }
+        }
+    }
+
+    /// Whether to probe this round, given the intent now and the generation the last
+    /// answers were read under (a change probes at once).
+    pub fn probe_now(&mut self, calm: &Calm, last: Option<&Calm>) -> bool {
+        let steady = calm.calm && last == Some(calm) && self.alike.len() >= STEADY_AFTER;
+        let skip = steady && !self.skipped_last;
+        self.skipped_last = skip;
+        !skip
+    }
+}
+
+fn calm_for(shared: &Shared, peer: &str) -> Calm {
+    let applied = shared.applied();
+    let intent = &applied.intent;
+    Calm {
+        calm: intent.primary.is_some() && intent.pending_switchover.is_none(),
+        generation: intent.generation.0,
+        peer_is_primary: intent.primary.as_deref() == Some(peer),
+    }
+}
+
+/// Probes every peer each `timing.observe_interval` (steady peers every other round), all
+/// at once, each bounded so a partitioned peer cannot hold up the others. Runs until the
+/// agent stops.
 pub async fn run(shared: Arc<Shared>, probes: PeerProbes) {
     let config = &shared.config;
     let interval = config.timing.observe_interval;
     let timeout = probe_timeout(&config.timing);
+    let quick_us = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
     let targets = targets(config);
     let mut sessions: Vec<PeerSession> = targets.iter().map(|_| PeerSession::default()).collect();
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pacing: Vec<(Pacing, Option<Calm>)> =
+        targets.iter().map(|_| (Pacing::default(), None)).collect();
+    // On the member loop's and the reporter's grid: one wake-up a round for all three.
+    let mut ticker = shared.observe_ticker();
     loop {
         ticker.tick().await;
+        let calm: Vec<Calm> = targets
+            .iter()
+            .map(|(n, _, _)| calm_for(&shared, n))
+            .collect();
+        let due: Vec<bool> = pacing
+            .iter_mut()
+            .zip(&calm)
+            .map(|((p, last), c)| p.probe_now(c, last.as_ref()))
+            .collect();
         let rounds = targets
             .iter()
             .zip(sessions.iter_mut())
-            .map(|((_, host, port), session)| probe_one(config, host, *port, session, timeout));
+            .zip(&due)
+            .filter(|(_, due)| **due)
+            .map(|(((name, host, port), session), _)| async move {
+                (name, probe_one(config, host, *port, session, timeout).await)
+            });
         let results = futures::future::join_all(rounds).await;
-        for ((name, _, _), r) in targets.iter().zip(results) {
+        for (name, r) in results {
+            if let Some(i) = targets.iter().position(|(n, _, _)| n == name) {
+                pacing[i].0.record(&r, &calm[i], quick_us);
+                pacing[i].1 = Some(calm[i].clone());
+            }
             probes.set(name, r);
         }
     }
@@ -336,6 +430,55 @@ pub async fn run(shared: Arc<Shared>, probes: PeerProbes) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_steady_peer_is_probed_every_other_round_and_any_change_restores_the_pace() {
+        let calm = Calm {
+            calm: true,
+            generation: 3,
+            peer_is_primary: true,
+        };
+        let now = Instant::now();
+        let answer = |writable: bool, rtt_us: u64| PeerResult {
+            writable,
+            rtt_us: Some(rtt_us),
+            timeline: Some(3),
+            ..PeerResult::unanswered(now)
+        };
+        let mut p = Pacing::default();
+        // Probed every round until it answered alike STEADY_AFTER times.
+        for _ in 0..STEADY_AFTER {
+            assert!(p.probe_now(&calm, Some(&calm)));
+            p.record(&answer(true, 500), &calm, 250_000);
+        }
+        // Steady: every other round.
+        let pattern: Vec<bool> = (0..4).map(|_| p.probe_now(&calm, Some(&calm))).collect();
+        assert_eq!(pattern, vec![false, true, false, true]);
+        // A new generation: probed at once.
+        let next = Calm {
+            generation: 4,
+            ..calm.clone()
+        };
+        assert!(p.probe_now(&next, Some(&calm)));
+        assert!(!p.probe_now(&calm, Some(&calm)));
+        // A slow answer, an unanswered probe, or a primary that does not take writes: full
+        // pace again until steady anew.
+        for unsteady in [
+            answer(true, 300_000),
+            PeerResult::unanswered(now),
+            answer(false, 500),
+        ] {
+            let mut q = p.clone();
+            q.record(&unsteady, &calm, 250_000);
+            assert!((0..4).all(|_| q.probe_now(&calm, Some(&calm))));
+        }
+        // A switchover or no primary: every round.
+        let busy = Calm {
+            calm: false,
+            ..calm.clone()
+        };
+        assert!((0..4).all(|_| p.probe_now(&busy, Some(&busy))));
+    }
 
     #[test]
     fn stale_results_are_left_out() {

@@ -256,14 +256,29 @@ pub fn pid_alive(pid: i32) -> bool {
         Ok(()) | Err(nix::errno::Errno::EPERM) => {}
         Err(_) => return false,
     }
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name, which may itself hold ')'.
-        Ok(stat) => match stat.rfind(')') {
-            Some(i) => !matches!(stat[i + 1..].trim_start().chars().next(), Some('Z' | 'X')),
-            None => true,
-        },
-        Err(_) => false,
+    match proc_state(pid) {
+        Some(state) => !matches!(state, Some('Z' | 'X')),
+        None => false,
     }
+}
+
+/// The state letter of `pid` in `/proc/PID/stat` (`Some(None)` when it cannot be parsed;
+/// `None` when there is no such process). One open and one read of the line's head: the
+/// agent asks several times a round.
+pub(crate) fn proc_state(pid: i32) -> Option<Option<char>> {
+    use std::io::Read;
+    let mut f = fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+    // pid, the command name (at most 16 bytes, in parentheses) and the state fit easily.
+    let mut buf = [0u8; 256];
+    let n = f.read(&mut buf).ok()?;
+    let head = &buf[..n];
+    // The state follows the parenthesised command name, which may itself hold ')'.
+    Some(
+        head.iter()
+            .rposition(|b| *b == b')')
+            .and_then(|i| head[i + 1..].iter().find(|b| !b.is_ascii_whitespace()))
+            .map(|b| char::from(*b)),
+    )
 }
 
 /// The direct children of `pid` (from `/proc/*/stat`'s parent field).

@@ -31,6 +31,18 @@ const INCLUDE_LINE: &str = "include_if_exists = 'meridian.conf'";
 const LOG_TAIL_CHARS: usize = 1500;
 
 /// Bounds on the steps that take no explicit timeout.
+/// Which `postmaster.pid` was read: a new postmaster writes a new file, and Postgres
+/// rewrites its status lines in place (new mtime), so a changed file never matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PidFileKey {
+    ino: u64,
+    mtime_ns: (i64, i64),
+    len: u64,
+}
+
+/// A `postmaster.pid` read: which file, and the pid its first line held.
+type PidFileRead = (PidFileKey, Option<i32>);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PgTimeouts {
     /// Opening a SQL session.
@@ -146,6 +158,9 @@ pub struct PgInstance {
     settings: Vec<(String, String)>,
     /// The kept probe session, shared by clones (`probe.rs`).
     kept: std::sync::Arc<super::probe::KeptSession>,
+    /// The last `postmaster.pid` read, by the file's identity (inode, mtime, size): the
+    /// agent asks several times a round, and a `stat` is one syscall where a read is five.
+    pid_file: std::sync::Arc<std::sync::Mutex<Option<PidFileRead>>>,
     /// The cluster's Postgres parameters with this member's overrides
     /// (`crate::pgparams::effective`), rendered into `meridian.conf`; shared by clones so
     /// that every write of the file (init, clone, rewind, adoption) carries them.
@@ -193,6 +208,7 @@ impl PgInstance {
             timeouts: PgTimeouts::default(),
             settings: Vec::new(),
             kept: Default::default(),
+            pid_file: Default::default(),
             parameters: Default::default(),
         }
     }
@@ -653,8 +669,25 @@ impl PgInstance {
 
     /// The postmaster's pid from `postmaster.pid`, if the file is there.
     pub fn postmaster_pid(&self) -> Option<i32> {
-        let text = std::fs::read_to_string(self.path("postmaster.pid")).ok()?;
-        text.lines().next()?.trim().parse().ok()
+        use std::os::unix::fs::MetadataExt;
+        let path = self.path("postmaster.pid");
+        let meta = std::fs::metadata(&path).ok()?;
+        let key = PidFileKey {
+            ino: meta.ino(),
+            mtime_ns: (meta.mtime(), meta.mtime_nsec()),
+            len: meta.len(),
+        };
+        let mut cache = self.pid_file.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((k, pid)) = cache.as_ref() {
+            if *k == key {
+                return *pid;
+            }
+        }
+        let pid = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| text.lines().next()?.trim().parse().ok());
+        *cache = Some((key, pid));
+        pid
     }
 
     /// True when `postmaster.pid` names a live process.
@@ -1045,6 +1078,8 @@ impl PgInstance {
                 .await?;
             let shown: String = row.get(0);
             if shown == value {
+                // A probe taken before the reload must not answer the next round.
+                self.forget_probe().await;
                 return Ok(());
             }
             if Instant::now() >= deadline {

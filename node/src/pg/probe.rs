@@ -8,7 +8,11 @@
 //!
 //! Also owns the instance's kept session ([`KeptSession`]): probes and setting reads
 //! reuse one open monitor-role session with prepared statements instead of a new session per
-//! round.
+//! round. Probes are single-flight: the member loop and the reporter tick on the same grid
+//! (`agent::Shared::tick_grid`), and a caller that arrives while a probe runs, or at most
+//! [`PROBE_SHARE_WINDOW`] after one started, takes that probe's result instead of sending
+//! the same query again (each query costs the server a wake-up, a transaction and a
+//! `pg_control` read; at idle that was most of the agents' cost on Postgres).
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -123,6 +127,11 @@ const STATUS_SQL: &str = "SELECT pg_is_in_recovery(), \
 /// One setting's current value on the kept session.
 const SETTING_SQL: &str = "SELECT current_setting($1)";
 
+/// How long after a probe started another caller may take its result instead of probing
+/// again: enough to catch the member loop and the reporter ticking together, far below any
+/// bound the result feeds (fence after 1.5 s unresponsive, observations stale after 1 s).
+pub const PROBE_SHARE_WINDOW: Duration = Duration::from_millis(30);
+
 /// Reconnect backoff of a kept session after consecutive failed connects: first retry at
 /// once, then doubling from this, capped at [`RECONNECT_MAX`].
 const RECONNECT_BASE: Duration = Duration::from_millis(50);
@@ -135,6 +144,24 @@ const RECONNECT_MAX: Duration = Duration::from_millis(500);
 #[derive(Default)]
 pub(crate) struct KeptSession {
     state: tokio::sync::Mutex<KeptState>,
+    /// The last probe: when it started and ended and what it saw. Held across a probe, so
+    /// callers arriving meanwhile wait for it and share its result (single flight).
+    last_probe: tokio::sync::Mutex<Option<LastProbe>>,
+}
+
+struct LastProbe {
+    started: Instant,
+    ended: Instant,
+    status: PgStatus,
+}
+
+impl LastProbe {
+    /// Whether a caller that arrived at `arrived` may take this result: the probe was still
+    /// running then (its answer came after the call, on the same session the call's own
+    /// query would have queued behind), or started at most [`PROBE_SHARE_WINDOW`] before.
+    fn answers(&self, arrived: Instant) -> bool {
+        self.ended >= arrived || self.started + PROBE_SHARE_WINDOW >= arrived
+    }
 }
 
 #[derive(Default)]
@@ -276,7 +303,32 @@ impl PgInstance {
     /// runs on and may still commit, while no new session can start. A fresh session per
     /// probe used to reveal that; now the postmaster's process state does, so a frozen
     /// primary is still seen unresponsive and fenced.
+    ///
+    /// Single flight: a probe still running when this call comes, or started at most
+    /// [`PROBE_SHARE_WINDOW`] before it, answers this call too.
     pub async fn probe(&self) -> PgStatus {
+        let arrived = Instant::now();
+        let mut last = self.kept().last_probe.lock().await;
+        if let Some(l) = last.as_ref().filter(|l| l.answers(arrived)) {
+            return l.status.clone();
+        }
+        let started = Instant::now();
+        let status = self.probe_now().await;
+        *last = Some(LastProbe {
+            started,
+            ended: Instant::now(),
+            status: status.clone(),
+        });
+        status
+    }
+
+    /// Drops the last probe's result, so the next probe asks the server (after the agent
+    /// changed its settings).
+    pub(crate) async fn forget_probe(&self) {
+        *self.kept().last_probe.lock().await = None;
+    }
+
+    async fn probe_now(&self) -> PgStatus {
         if let Some(pid) = self.postmaster_pid() {
             if process_stopped(pid) {
                 return PgStatus::down(format!(
@@ -380,18 +432,7 @@ impl PgInstance {
 
 /// Whether process `pid` is stopped by a signal or traced (`T`/`t` in `/proc/PID/stat`).
 fn process_stopped(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let state = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .next()?
-                .to_string();
-            Some(state == "T" || state == "t")
-        })
-        .unwrap_or(false)
+    matches!(super::exec::proc_state(pid), Some(Some('T' | 't')))
 }
 
 fn lsn(s: Option<String>) -> Option<Lsn> {
@@ -493,6 +534,25 @@ mod tests {
             "application_name IS DISTINCT FROM '{}'",
             crate::pg::gate::GATE_APPLICATION_NAME
         )));
+    }
+
+    #[test]
+    fn a_probe_answers_calls_made_while_it_ran_or_just_after_it_started() {
+        let t0 = Instant::now();
+        let l = LastProbe {
+            started: t0,
+            ended: t0 + Duration::from_millis(500),
+            status: PgStatus::default(),
+        };
+        // Arrived while it ran (even long after it started): shared.
+        assert!(l.answers(t0 + Duration::from_millis(400)));
+        let quick = LastProbe {
+            ended: t0 + Duration::from_millis(2),
+            ..l
+        };
+        assert!(quick.answers(t0 + PROBE_SHARE_WINDOW));
+        // Ended before the call and started longer ago than the window: probe again.
+        assert!(!quick.answers(t0 + PROBE_SHARE_WINDOW + Duration::from_millis(1)));
     }
 
     #[test]
