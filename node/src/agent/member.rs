@@ -895,7 +895,7 @@ impl Member {
                     .is_some_and(|p| matches!(p, crate::decide::SwitchoverPhase::Aborting(_)))
                 {
                     return self
-                        .resume_as_primary("switchover aborted: resuming writes")
+                        .resume_as_primary("switchover aborted: resuming writes", None)
                         .await;
                 }
                 // Resumed in place (no other member could take over): with this
@@ -908,7 +908,9 @@ impl Member {
                     if self.shared.lease.valid(generation, t.fence_after) {
                         tracing::info!(%generation, "resumed in place as the primary");
                         self.resume_wait = None;
-                        return self.resume_in_place(generation).await;
+                        return self
+                            .resume_as_primary("resumed in place", Some(generation))
+                            .await;
                     }
                     let since = match self.resume_wait {
                         Some((g, since)) if g == generation => since,
@@ -1277,35 +1279,23 @@ impl Member {
         Ok(())
     }
 
-    /// Resumed in place: the fence mark goes, then the resume is spent (durably), then the
-    /// server starts. A report in between reads "pending" or "not fenced", never a final
-    /// fence of a primary about to take writes (the reporter reads the spent generation
-    /// before the mark).
-    async fn resume_in_place(&mut self, generation: Generation) -> anyhow::Result<()> {
-        self.shared.set_activity("resumed in place");
-        let signal = self.pg.data_dir().join("standby.signal");
-        let _ = std::fs::remove_file(signal);
-        self.pg.clear_fence()?;
-        self.shared.resume.spend(generation)?;
-        *self
-            .shared
-            .final_lsn
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = None;
-        self.pg
-            .start(START_TIMEOUT)
-            .await
-            .context("restarting as primary")?;
-        self.shared.set_activity("");
-        Ok(())
-    }
-
-    /// A switchover was given up after writes stopped: take writes again.
-    async fn resume_as_primary(&mut self, why: &str) -> anyhow::Result<()> {
+    /// Takes writes again: after a switchover given up once writes stopped (`spend`
+    /// None), or resumed in place (`spend` its generation). The fence mark goes, then the
+    /// resume is spent (durably), then the server starts: a report in between reads
+    /// "pending" or "not fenced", never a final fence of a primary about to take writes
+    /// (the reporter reads the spent generation before the mark).
+    async fn resume_as_primary(
+        &mut self,
+        why: &str,
+        spend: Option<Generation>,
+    ) -> anyhow::Result<()> {
         self.shared.set_activity(why);
         let signal = self.pg.data_dir().join("standby.signal");
         let _ = std::fs::remove_file(signal);
         self.pg.clear_fence()?;
+        if let Some(generation) = spend {
+            self.shared.resume.spend(generation)?;
+        }
         *self
             .shared
             .final_lsn
