@@ -106,10 +106,17 @@ fn parse(text: &str) -> Option<Armed> {
 /// name of this process. Atomic (write then rename), so the watchdog never reads half a
 /// line.
 pub fn write(state_dir: &Path, deadline_ms: Option<u64>) -> std::io::Result<()> {
+    // One temporary file per write: two writers of this process (the lease task and the
+    // watchdog's spawn) sharing one name raced, one rename found the file gone (ENOENT)
+    // and the agent ran without a watchdog (CI: a frozen primary's Postgres never fenced).
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let text = render(deadline_ms, std::process::id() as i32, &boot_id());
-    let tmp = state_dir.join(format!("{FILE}.tmp"));
+    let tmp = state_dir.join(format!("{FILE}.tmp.{}.{seq}", std::process::id()));
     std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path(state_dir))
+    std::fs::rename(&tmp, path(state_dir)).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 /// The armed deadline, if armed.
@@ -125,7 +132,11 @@ pub fn spawn(config: &Config, named_primary: bool) -> anyhow::Result<std::proces
     // file could not be written and the member would run with no watchdog at all.
     std::fs::create_dir_all(&config.state_dir).context("creating the state directory")?;
     if !named_primary {
-        write(&config.state_dir, None).context("disarming the watchdog file")?;
+        // A failed disarm must not cost the member its watchdog: the lease task disarms
+        // again on its next round (and arms before this member ever takes writes).
+        if let Err(e) = write(&config.state_dir, None) {
+            tracing::warn!("disarming the watchdog file before spawning it: {e}");
+        }
     }
     let exe = std::env::current_exe().context("locating the agent's binary")?;
     std::process::Command::new(exe)
@@ -350,6 +361,35 @@ mod tests {
         );
         assert_eq!(parse(&render(None, 77, "boot-a")), None);
         assert_eq!(parse("garbage"), None);
+    }
+
+    /// CI: the lease task and the spawn wrote through one temporary name; a rename then
+    /// failed with ENOENT and the agent ran without a watchdog.
+    #[test]
+    fn concurrent_writers_never_lose_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let d = dir.path().to_path_buf();
+                std::thread::spawn(move || {
+                    for n in 0..200u64 {
+                        write(&d, (i % 2 == 0).then_some(n)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(path(dir.path()).exists());
+        let leftovers = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().contains(".tmp"))
+            })
+            .count();
+        assert_eq!(leftovers, 0);
     }
 
     #[test]
