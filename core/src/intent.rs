@@ -548,6 +548,22 @@ pub struct Intent {
 pub struct SyncTarget {
     pub generation: Generation,
     pub set: SyncSet,
+    /// Counts targets across the log (each `SetSyncTarget` and promotion takes the next),
+    /// so a primary's report can say which target it applied: a report made before the
+    /// newest target was applied must not be read as what Postgres waits on now (sim
+    /// F8). 0 in logs written before it existed.
+    #[serde(default)]
+    pub seq: u64,
+}
+
+impl SyncTarget {
+    fn next(prev: &Option<SyncTarget>, generation: Generation, set: SyncSet) -> SyncTarget {
+        SyncTarget {
+            generation,
+            set,
+            seq: prev.as_ref().map_or(0, |t| t.seq) + 1,
+        }
+    }
 }
 
 impl Default for Intent {
@@ -1105,10 +1121,7 @@ impl Intent {
                     carried.is_empty() && (!self.sync_set.is_empty() || self.sync_degraded);
                 self.sync_degraded_until_lsn = None;
                 self.sync_set = carried.clone();
-                self.sync_target = Some(SyncTarget {
-                    generation: p.generation,
-                    set: carried,
-                });
+                self.sync_target = Some(SyncTarget::next(&self.sync_target, p.generation, carried));
                 self.resumed = None;
                 self.lease_released = p.old_lease_released || p.kind == PromotionKind::Bootstrap;
                 self.pending_switchover = None;
@@ -1203,10 +1216,11 @@ impl Intent {
             }
             Command::AppendHistory(entry) => self.push_history(entry.clone()),
             Command::SetSyncTarget { generation, set } => {
-                self.sync_target = Some(SyncTarget {
-                    generation: *generation,
-                    set: set.clone(),
-                })
+                self.sync_target = Some(SyncTarget::next(
+                    &self.sync_target,
+                    *generation,
+                    set.clone(),
+                ))
             }
             Command::RecordWritePause { write_pause_ms, .. } => {
                 let generation = self.generation;
@@ -2174,11 +2188,8 @@ mod tests {
         );
         assert_eq!(i.sync_set, SyncSet::default());
         assert_eq!(
-            i.sync_target,
-            Some(SyncTarget {
-                generation: Generation(2),
-                set: SyncSet::default()
-            })
+            i.sync_target.clone().map(|t| (t.generation, t.set)),
+            Some((Generation(2), SyncSet::default()))
         );
     }
 
@@ -2204,11 +2215,8 @@ mod tests {
         );
         assert_eq!(i.sync_set, SyncSet::new(["a1"], 1));
         assert_eq!(
-            i.sync_target,
-            Some(SyncTarget {
-                generation: Generation(2),
-                set: SyncSet::new(["a1"], 1)
-            })
+            i.sync_target.clone().map(|t| (t.generation, t.set)),
+            Some((Generation(2), SyncSet::new(["a1"], 1)))
         );
     }
 
@@ -2262,11 +2270,8 @@ mod tests {
         );
         assert_eq!(i.sync_set, SyncSet::new(["b1"], 1));
         assert_eq!(
-            i.sync_target,
-            Some(SyncTarget {
-                generation: Generation(2),
-                set: SyncSet::new(["b1"], 1)
-            })
+            i.sync_target.clone().map(|t| (t.generation, t.set)),
+            Some((Generation(2), SyncSet::new(["b1"], 1)))
         );
         // The target may shrink within the record, never leave it.
         assert_eq!(

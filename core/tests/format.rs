@@ -131,9 +131,17 @@ fn a_version_1_log_and_snapshot_decode_and_agree() {
     let decoded: Vec<Command> = serde_json::from_str(LOG_V1).expect("the v1 log decodes");
     assert_eq!(decoded, log(), "the v1 log decodes to the same commands");
     let snapshot: Intent = serde_json::from_str(SNAPSHOT_V1).expect("the v1 snapshot decodes");
+    // `SyncTarget::seq` came after v1: a v1 snapshot decodes it as 0 where replaying the
+    // v1 log counts the targets. A member restored from such a snapshot names lower
+    // numbers than the leader until it installs a newer snapshot, which only keeps the
+    // sync record from shrinking (the safe side); everything else agrees.
+    let mut replayed = replay(&decoded);
+    if let Some(t) = &mut replayed.sync_target {
+        assert!(t.seq > 0, "replaying the log counts the sync targets");
+        t.seq = 0;
+    }
     assert_eq!(
-        replay(&decoded),
-        snapshot,
+        replayed, snapshot,
         "replaying the log rebuilds the snapshot"
     );
     assert_eq!(snapshot.primary.as_deref(), Some("e2"));

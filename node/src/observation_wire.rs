@@ -43,6 +43,7 @@ pub fn observation_from_proto(o: &meridian_proto::Observation, received_at_ms: u
             .sync_standby_names
             .as_ref()
             .map(|s| SyncSet::new(s.names.iter().cloned(), s.k));
+        obs.sync_target_seq = pg.sync_target_seq;
     }
     obs
 }
@@ -75,6 +76,7 @@ mod tests {
                     names: vec!["w1".into(), "e2".into()],
                     k: 2,
                 }),
+                sync_target_seq: Some(9),
                 ..Default::default()
             }),
             probes: [
@@ -111,6 +113,7 @@ mod tests {
             upstream: Some("e2".into()),
             seen_generation: Generation(4),
             sync_standby_names: Some(SyncSet::new(["e2", "w1"], 2)),
+            sync_target_seq: Some(9),
             probes: BTreeMap::from([
                 (
                     "e2".to_string(),

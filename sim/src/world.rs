@@ -1172,6 +1172,17 @@ impl<'s> World<'s> {
             upstream: pg.upstream.map(|u| self.members[u].name.to_string()),
             seen_generation: m.intent.generation,
             sync_standby_names: (up && !pg.in_recovery).then(|| pg.sync.clone()),
+            // The simulated agent applies a target in the step that reads it and never an
+            // older one after a newer: Postgres showing the newest target's set it knows
+            // is that target.
+            sync_target_seq: m
+                .intent
+                .sync_target
+                .as_ref()
+                .filter(|t| {
+                    up && !pg.in_recovery && t.generation == m.intent.generation && t.set == pg.sync
+                })
+                .map(|t| t.seq),
             probes,
             resume_pending: plan::resume_pending(
                 &MemberIntent::of(&m.intent, m.name),

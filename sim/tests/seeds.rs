@@ -225,6 +225,15 @@ fn f7_a_standby_that_broke_the_lease_confirms_nothing_more() {
     }
 }
 
+/// F8 (sim/FINDINGS.md): the record shrank on a primary's report made just before it
+/// applied a wider target, while the member only the wider target named confirmed its
+/// commits alone. Fixed by the report naming the target it applied (`sync_target_seq`).
+#[test]
+fn f8_the_sync_record_shrinks_only_on_a_report_of_the_newest_target() {
+    let out = run(&Scenario::campaign(29193), false);
+    assert!(out.ok(), "seed 29193: {:?}", out.violations);
+}
+
 /// F5 (sim/FINDINGS.md): `preferred` emptied the sync set while the in-region standby was
 /// cut off, the primary acknowledged alone, and a standby without those commits was
 /// promoted automatically under the default policy (the flapping loss of the chaos

@@ -78,6 +78,11 @@ pub fn cluster_view(
         recorded_sync_set: intent.sync_set.clone(),
         recorded_sync_degraded: intent.sync_degraded,
         recorded_sync_degraded_until_lsn: intent.sync_degraded_until_lsn,
+        sync_target: intent
+            .sync_target
+            .as_ref()
+            .filter(|t| t.generation == intent.generation)
+            .map(|t| (t.seq, t.set.clone())),
         maintenance: intent.maintenance,
         switchover,
         observations,
@@ -249,6 +254,7 @@ mod tests {
             },
             recorded_sync_degraded: false,
             recorded_sync_degraded_until_lsn: None,
+            sync_target: Some((1, SyncSet::default())),
             maintenance: false,
             switchover: None,
             observations: BTreeMap::from([
@@ -350,6 +356,7 @@ mod tests {
             recorded_sync_set: SyncSet::default(),
             recorded_sync_degraded: false,
             recorded_sync_degraded_until_lsn: None,
+            sync_target: None,
             maintenance: false,
             switchover: None,
             observations: BTreeMap::new(),

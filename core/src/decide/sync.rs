@@ -83,16 +83,35 @@ pub(super) fn step(cx: &Cx, primary: &str, pobs: &Observation) -> (Vec<Action>, 
         // new set hold everything the primary wrote; meanwhile the wider record stays
         // (with the degraded bound, if that is what changed).
         let forgets = !target.names.is_superset(&recorded.names) || target.k > recorded.k;
-        let set = if forgets && !pobs.wal_lsn.is_some_and(|p| held_by_k(cx, &target, p)) {
-            if view.recorded_sync_degraded == degraded
-                && view.recorded_sync_degraded_until_lsn == until
-            {
-                return (Vec::new(), short);
+        // Nor on a report older than the newest target (sim seed 29193: e1 reported
+        // `ANY 1 (e2)` just before it applied `ANY 1 (e2, w1)`; the record shrank on that
+        // report while w1 alone confirmed e1's commits). The primary names the target it
+        // applied; when that is not the newest, the newest becomes `target`, and the
+        // record shrinks once a report shows it applied.
+        let current = pobs.sync_target_seq == view.sync_target.as_ref().map(|(seq, _)| *seq);
+        if forgets && !current {
+            if let Some((_, newest)) = view.sync_target.as_ref().filter(|(_, s)| *s != target) {
+                debug_assert!(recorded.names.is_superset(&newest.names));
+                return (
+                    vec![Action::ApplySyncStandbyNames {
+                        primary: primary.to_string(),
+                        set: target,
+                    }],
+                    short,
+                );
             }
-            recorded.clone()
-        } else {
-            target
-        };
+        }
+        let set =
+            if forgets && !(current && pobs.wal_lsn.is_some_and(|p| held_by_k(cx, &target, p))) {
+                if view.recorded_sync_degraded == degraded
+                    && view.recorded_sync_degraded_until_lsn == until
+                {
+                    return (Vec::new(), short);
+                }
+                recorded.clone()
+            } else {
+                target
+            };
         // Postgres already waits on exactly `target`: recording it keeps the superset.
         return (
             vec![Action::RecordSyncSet {

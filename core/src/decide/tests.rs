@@ -75,6 +75,7 @@ fn base() -> ClusterView {
         recorded_sync_set: SyncSet::new(["e2"], 1),
         recorded_sync_degraded: false,
         recorded_sync_degraded_until_lsn: None,
+        sync_target: None,
         maintenance: false,
         switchover: None,
         observations: BTreeMap::from([
@@ -1104,6 +1105,45 @@ fn shrinking_the_sync_set_changes_postgres_before_the_record() {
             wait: None,
         }
     );
+}
+
+/// Sim F8: a report made before the primary applied the newest target says nothing of
+/// what Postgres waits on now; the record shrinks only on a report of the newest target.
+#[test]
+fn the_record_shrinks_only_on_a_report_of_the_newest_target() {
+    let mut v = base();
+    let wide = SyncSet::new(["e2", "w1", "w2"], 1);
+    let narrow = SyncSet::new(["e2"], 1);
+    v.recorded_sync_set = wide.clone();
+    obs(&mut v, "e2").received_lsn = Some(Lsn(1_000_100));
+    // The leader asked for `wide` (target 7); the report shows `narrow` of target 6.
+    v.sync_target = Some((7, wide.clone()));
+    with_applied(&mut v, narrow.clone());
+    obs(&mut v, "e1").sync_target_seq = Some(6);
+    // Not the record: the newest target becomes `narrow`, so a report can show it.
+    assert_eq!(
+        decide(&v, NOW).actions,
+        vec![Action::ApplySyncStandbyNames {
+            primary: "e1".into(),
+            set: narrow.clone()
+        }]
+    );
+    // Asked (target 8), but the report still predates it: the record stays.
+    v.sync_target = Some((8, narrow.clone()));
+    assert_eq!(decide(&v, NOW), Decision::default());
+    // An agent that names no target (an older version) never shrinks the record either.
+    obs(&mut v, "e1").sync_target_seq = None;
+    assert_eq!(decide(&v, NOW), Decision::default());
+    obs(&mut v, "e1").sync_target_seq = Some(8);
+    assert_eq!(
+        decide(&v, NOW).actions,
+        vec![Action::RecordSyncSet {
+            set: narrow,
+            degraded: false,
+            degraded_until_lsn: None,
+        }]
+    );
+    let _ = wide;
 }
 
 #[test]

@@ -30,6 +30,9 @@ pub struct ClusterView {
     /// While degraded: every commit acknowledged alone lies at or before this position
     /// (None: the primary may still acknowledge alone, or the bound is not known yet).
     pub recorded_sync_degraded_until_lsn: Option<Lsn>,
+    /// The newest `synchronous_standby_names` target of this generation the intent asked
+    /// the primary to apply, and its sequence number (`SyncTarget::seq`).
+    pub sync_target: Option<(u64, SyncSet)>,
     /// Maintenance mode: no automatic action (a pending switchover still proceeds,
     /// since an operator asked for it).
     pub maintenance: bool,
@@ -132,6 +135,11 @@ pub struct Observation {
     pub seen_generation: Generation,
     /// On a primary: what its Postgres has in `synchronous_standby_names`.
     pub sync_standby_names: Option<SyncSet>,
+    /// On a primary: the sequence number of the intent's sync target that
+    /// `sync_standby_names` is known to be (the agent applied it before this probe and
+    /// applies targets in log order), None when not known. Only a report of the newest
+    /// target tells what Postgres waits on now (sim F8).
+    pub sync_target_seq: Option<u64>,
     /// This agent's probes of other members, by member name.
     pub probes: BTreeMap<String, PeerProbe>,
     /// The primary of a generation it was resumed in place in, fenced, and may still take

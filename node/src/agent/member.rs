@@ -1130,17 +1130,19 @@ impl Member {
         // The old primary's setting may name this member: start with this generation's
         // target instead (the intent carries the old set minus this member, so commits
         // keep waiting on the same standbys; empty means async until the leader grows it).
-        let target = intent
+        let applied = intent
             .sync_target
             .as_ref()
-            .filter(|t| t.generation == generation)
-            .map(|t| t.set.clone())
-            .unwrap_or_default();
-        let target = render_sync_standby_names(&target, self.lease_gate());
+            .filter(|t| t.generation == generation);
+        let target = render_sync_standby_names(
+            &applied.map(|t| t.set.clone()).unwrap_or_default(),
+            self.lease_gate(),
+        );
         self.pg
             .set_synchronous_standby_names(&target)
             .await
             .context("setting synchronous_standby_names before promotion")?;
+        self.note_applied_sync_target(applied);
         self.pg
             .promote(shared.config.timing.promote_timeout)
             .await
@@ -1199,8 +1201,20 @@ impl Member {
             tracing::info!(from = %shown, to = %want, "setting synchronous_standby_names");
             self.pg.set_synchronous_standby_names(&want).await?;
         }
+        self.note_applied_sync_target(target);
         self.stanza.ensure(&self.shared.config).await;
         Ok(())
+    }
+
+    /// Remembers the target Postgres was just set to (or already had). Written only after
+    /// it was applied, and targets are applied in log order: a report pairing its probe
+    /// with this target cannot name one newer than what Postgres waits on.
+    fn note_applied_sync_target(&self, target: Option<&crate::raft::intent::SyncTarget>) {
+        *self
+            .shared
+            .applied_sync_target
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = target.map(|t| (t.seq, t.set.clone()));
     }
 
     /// A slot for every other data member, so each can clone and stream from here; the

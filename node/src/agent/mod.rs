@@ -88,6 +88,10 @@ pub struct Shared {
     /// The last WAL position of this member's Postgres after it stopped writes for a
     /// switchover (reported while it is down).
     pub final_lsn: Mutex<Option<crate::types::Lsn>>,
+    /// The intent's sync target (sequence number and set) this member's Postgres was last
+    /// set to as primary, written only once it was applied: the reporter names it when its
+    /// probe shows that set (sim F8).
+    pub applied_sync_target: Mutex<Option<(u64, crate::decide::SyncSet)>>,
     /// The local Postgres's `pg_current_wal_lsn` at the last probe while it was a primary
     /// (0: never), sent with lease renewals.
     pub local_wal_lsn: std::sync::atomic::AtomicU64,
@@ -325,6 +329,7 @@ impl Agent {
             last_report_ok: Mutex::new(Instant::now()),
             activity: Mutex::new(String::new()),
             final_lsn: Mutex::new(None),
+            applied_sync_target: Mutex::new(None),
             local_wal_lsn: std::sync::atomic::AtomicU64::new(0),
             wake_reporter: tokio::sync::Notify::new(),
             wake_leader: tokio::sync::Notify::new(),

@@ -315,6 +315,7 @@ pub fn postgres_observation(s: &PgStatus, fenced: bool) -> PostgresObservation {
         // Filled by the caller, which knows the address book.
         upstream: String::new(),
         sync_standby_names: None,
+        sync_target_seq: None,
         activity: String::new(),
         pending_restart: Vec::new(),
         replay_delay_ms: s.replay_delay_ms,
@@ -529,6 +530,13 @@ impl Reporter {
                 ..PostgresObservation::default()
             }),
             LocalPg::Data(instance) => {
+                // Read before the probe: the target was applied before this probe began.
+                let applied_target = self
+                    .shared
+                    .applied_sync_target
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
                 let status = instance.probe().await;
                 let mut o = postgres_observation(&status, instance.is_fenced());
                 if status.up && status.in_recovery {
@@ -556,6 +564,13 @@ impl Reporter {
                 }
                 if status.up && !status.in_recovery {
                     o.sync_standby_names = sync_standby_names(&status);
+                    o.sync_target_seq = applied_target
+                        .filter(|(_, set)| {
+                            o.sync_standby_names.as_ref().is_some_and(|s| {
+                                crate::decide::SyncSet::new(s.names.iter().cloned(), s.k) == *set
+                            })
+                        })
+                        .map(|(seq, _)| seq);
                     self.shared
                         .local_wal_lsn
                         .fetch_max(o.current_lsn, std::sync::atomic::Ordering::Relaxed);
