@@ -3,6 +3,7 @@
 //! dependency on the wire types.
 
 use meridian_core::decide::{Observation, PeerProbe, SyncSet};
+use meridian_core::intent::BreakRound;
 use meridian_core::types::{Generation, Lsn};
 
 /// One agent's report as the decision core reads it, stamped with when the leader
@@ -44,6 +45,16 @@ pub fn observation_from_proto(o: &meridian_proto::Observation, received_at_ms: u
             .as_ref()
             .map(|s| SyncSet::new(s.names.iter().cloned(), s.k));
         obs.sync_target_seq = pg.sync_target_seq;
+        obs.receiver_off_since = pg.receiver_off_generation.map(|g| {
+            (
+                Generation(g),
+                BreakRound {
+                    term: pg.receiver_off_round_term,
+                    seq: pg.receiver_off_round_seq,
+                },
+            )
+        });
+        obs.after_primary_stop = pg.after_primary_stop_generation.map(Generation);
     }
     obs
 }
@@ -77,6 +88,10 @@ mod tests {
                     k: 2,
                 }),
                 sync_target_seq: Some(9),
+                receiver_off_generation: Some(4),
+                receiver_off_round_term: 7,
+                receiver_off_round_seq: 2,
+                after_primary_stop_generation: Some(4),
                 ..Default::default()
             }),
             probes: [
@@ -125,6 +140,8 @@ mod tests {
                 ("w1".to_string(), PeerProbe::default()),
             ]),
             resume_pending: true,
+            receiver_off_since: Some((Generation(4), BreakRound { term: 7, seq: 2 })),
+            after_primary_stop: Some(Generation(4)),
         };
         assert_eq!(observation_from_proto(&report, 77), expected);
     }

@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::rc::Rc;
 
 use meridian_core::decide::{
-    cluster_view, decide, Action, LeaderBookkeeping, LeaseView, Limits, Observation, PeerProbe,
-    PromoteReason, SyncSet,
+    cluster_view, decide, primary_stop_token, Action, LeaderBookkeeping, LeaseView, Limits,
+    Observation, PeerProbe, PromoteReason, SyncSet,
 };
 use meridian_core::intent::{
     BreakRound, Command, Intent, MemberTags, Promote, PromotionKind, Response,
@@ -87,7 +87,10 @@ enum Msg {
     Report {
         obs: Box<Observation>,
     },
-    ReportAck,
+    ReportAck {
+        /// `decide::primary_stop_token` at the leader when it accepted the report.
+        primary_stopped: Option<Generation>,
+    },
     Renew {
         generation: Generation,
         wal_lsn: u64,
@@ -202,8 +205,13 @@ struct BreakTrack {
     running: Option<RunningRound>,
     last: Option<LeaseView>,
     next_at: u64,
+    /// When a broken round may be asked again (re-asks are spaced by `REASK_MS`).
+    reask_at: u64,
     breaks_since_release: Option<(BreakRound, u64)>,
 }
+
+/// Spacing of the re-asks of a broken round (`node`'s `REASK_SPACING`).
+const REASK_MS: u64 = 250;
 
 /// The leader's runtime bookkeeping (local clock).
 #[derive(Clone, Debug, Default)]
@@ -254,6 +262,11 @@ struct Member {
     /// Since when (local clock) the agent waits, fenced, to resume in that generation.
     resume_wait_since: Option<(Generation, u64)>,
     disconnected: bool,
+    /// Like `node`'s `Shared::receiver_off`: the break (generation, round) after which the
+    /// WAL receiver went off; cleared when it is pointed anywhere again.
+    receiver_off: Option<(Generation, BreakRound)>,
+    /// The newest stopped-primary token of the leader's answers to this agent's reports.
+    primary_stop_token: Option<Generation>,
     watchdog_deadline: Option<u64>,
     /// Paused processes and crash state.
     agent_paused: bool,
@@ -440,6 +453,8 @@ impl<'s> World<'s> {
                     next_report: 0,
                     next_plan: 0,
                     report_ok_at: 0,
+                    receiver_off: None,
+                    primary_stop_token: None,
                     seen_primary_up: i == 0,
                     unresponsive_since: None,
                     not_streaming_since: None,
@@ -689,6 +704,8 @@ impl<'s> World<'s> {
         m.not_streaming_since = None;
         m.resume_wait_since = None;
         m.disconnected = false;
+        m.receiver_off = None;
+        m.primary_stop_token = None;
         m.watchdog_deadline = None;
         m.agent_wakes_at = now;
     }
@@ -1003,16 +1020,25 @@ impl<'s> World<'s> {
                 let l = m.local(now);
                 let name = self.members[from].name.to_string();
                 let m = &mut self.members[to];
+                let mut primary_stopped = None;
                 if let Some(s) = &mut m.leader_state {
                     let mut obs = *obs;
                     obs.received_at_ms = l;
                     s.observations.insert(name, obs);
+                    let limits = Limits {
+                        stale_after_ms: STALE_AFTER_MS,
+                        ..Limits::default()
+                    };
+                    primary_stopped = primary_stop_token(&m.intent, &s.observations, &limits, l);
                 }
-                self.send(to, from, Msg::ReportAck);
+                self.send(to, from, Msg::ReportAck { primary_stopped });
             }
-            Msg::ReportAck => {
+            Msg::ReportAck { primary_stopped } => {
                 let m = &mut self.members[to];
                 m.report_ok_at = m.local(now);
+                if primary_stopped.is_some() {
+                    m.primary_stop_token = m.primary_stop_token.max(primary_stopped);
+                }
             }
             Msg::Renew {
                 generation,
@@ -1073,6 +1099,11 @@ impl<'s> World<'s> {
                     m.pg.upstream = None;
                     m.pg.streaming = false;
                     m.disconnected = true;
+                }
+                // Like `stop_confirming`: a running standby off that primary says so.
+                let is_primary = m.intent.primary.as_deref() == Some(member.as_str());
+                if broken && is_primary && m.pg.running && !m.pg_paused && m.pg.in_recovery {
+                    m.receiver_off = Some((generation, round));
                 }
                 let primary_lsn = m.grants.primary_lsn(generation);
                 let recorded = match d {
@@ -1189,6 +1220,14 @@ impl<'s> World<'s> {
                 pg.fenced,
                 m.resume_spent == Some(m.intent.generation),
             ),
+            // Like `node`'s reporter: only while that break still stands here.
+            receiver_off_since: m.receiver_off.filter(|(g, _)| {
+                up && pg.in_recovery
+                    && m.grants
+                        .standing_break(&m.intent)
+                        .is_some_and(|(sg, _)| sg == *g)
+            }),
+            after_primary_stop: m.primary_stop_token,
         }
     }
 
@@ -1201,6 +1240,20 @@ impl<'s> World<'s> {
         let Some(leader) = self.members[i].leader else {
             return;
         };
+        if leader == i {
+            // The leader answers its own reports: it knows the token before it probes.
+            let m = &mut self.members[i];
+            if let Some(s) = &m.leader_state {
+                let limits = Limits {
+                    stale_after_ms: STALE_AFTER_MS,
+                    ..Limits::default()
+                };
+                let token = primary_stop_token(&m.intent, &s.observations, &limits, l);
+                if token.is_some() {
+                    m.primary_stop_token = m.primary_stop_token.max(token);
+                }
+            }
+        }
         let obs = Box::new(self.observation(i));
         if leader == i && self.members[i].role == Role::Leader {
             let name = self.members[i].name.to_string();
@@ -1452,6 +1505,7 @@ impl<'s> World<'s> {
                 m.pg.upstream = u;
                 m.pg.streaming = false;
                 m.disconnected = false;
+                m.receiver_off = None;
                 m.not_streaming_since = None;
                 self.log(|| format!("{name}: follows {to}"));
             }
@@ -1605,6 +1659,31 @@ impl<'s> World<'s> {
         let standing = s.brk.round.is_some_and(|(round, started)| {
             l.saturating_sub(started) < valid && !intent_released(round)
         });
+        if s.brk.running.is_none() && s.brk.last.is_some_and(|v| v.broken) && standing {
+            // The decision asks again for a broken round: the sync members whose positions
+            // are not final yet get the same round once more (`node`'s `ask_again`); the
+            // answers are not awaited, their reports tell.
+            if l < s.brk.reask_at {
+                return;
+            }
+            s.brk.reask_at = l + REASK_MS;
+            let round = s.brk.round.expect("standing").0;
+            for j in 0..self.n() {
+                if j != i {
+                    self.send(
+                        i,
+                        j,
+                        Msg::Break {
+                            member: member.to_string(),
+                            generation,
+                            round,
+                            id: 0,
+                        },
+                    );
+                }
+            }
+            return;
+        }
         if s.brk.running.is_some()
             || s.brk.last.is_some_and(|v| v.broken) && standing
             || l < s.brk.next_at
@@ -1670,10 +1749,17 @@ impl<'s> World<'s> {
         // Even a round nobody answered "broken" in time may have left breaks: a voter that
         // was paused handles the request late (seed 380). Releasing it costs nothing.
         s.brk.breaks_since_release = s.brk.round.map(|r| (r.0, round_started));
+        let round = s.brk.round.map(|r| r.0);
+        let broken_since_ms = match s.brk.last {
+            Some(prev) if broken && prev.broken && prev.round == round => prev.broken_since_ms,
+            _ => broken.then_some(l),
+        };
         s.brk.last = Some(LeaseView {
             broken,
             majority_runs_out_at_ms: runs_out.map(|d| l + d),
             primary_lsn: (lsn > 0).then_some(Lsn(lsn)),
+            round,
+            broken_since_ms,
         });
         let wait = runs_out.unwrap_or(100).clamp(20, FENCE_AFTER_MS.max(500));
         s.brk.next_at = l + wait;
@@ -1920,6 +2006,7 @@ impl<'s> World<'s> {
                 m.pg.running = true;
                 m.pg.upstream = Some(u);
                 m.pg.streaming = false;
+                m.receiver_off = None;
                 m.pg.sync = SyncSet::default();
                 let to = self.members[u].name;
                 self.log(|| format!("{name}: rewound onto {to}, streaming"));

@@ -14,8 +14,9 @@ use meridian_sim::{run, seed_from_env, Invariant, Outcome, Scenario};
 /// Seeds of the campaign (the brief: at least 10,000 in under 2 minutes on 2 cores).
 const CAMPAIGN_SEEDS: u64 = 10_000;
 /// Campaign seeds that fail on today's rules, each an open finding of `sim/FINDINGS.md`
-/// with its own ignored regression test below. Reported, not asserted.
-const KNOWN_OPEN: &[u64] = &[3254];
+/// with its own ignored regression test below. Reported, not asserted. (None since F2 and
+/// F7b were fixed by the final-position rule.)
+const KNOWN_OPEN: &[u64] = &[];
 /// Every mutant must be caught within this many seeds.
 const MUTANT_BOUND: u64 = 2_000;
 
@@ -207,9 +208,9 @@ fn f3b_a_primary_resuming_in_place_is_not_replaced_on_its_own_fence_report() {
 }
 
 /// F2 (sim/FINDINGS.md): a standby restarted with a stale intent follows the frozen old
-/// primary and, after its SIGCONT, confirms its waiting commits.
+/// primary and, after its SIGCONT, confirms its waiting commits. Fixed with F7b: its
+/// position counts only from a report made once it could confirm nothing more.
 #[test]
-#[ignore = "open finding F2 (sim/FINDINGS.md): fails on today's rules"]
 fn f2_a_restarted_standby_does_not_confirm_a_deposed_primarys_commits() {
     let out = run(&Scenario::campaign(3254), false);
     assert!(out.ok(), "seed 3254: {:?}", out.violations);
@@ -220,6 +221,19 @@ fn f2_a_restarted_standby_does_not_confirm_a_deposed_primarys_commits() {
 #[test]
 fn f7_a_standby_that_broke_the_lease_confirms_nothing_more() {
     for seed in [13361, 26564, 380] {
+        let out = run(&Scenario::campaign(seed), false);
+        assert!(out.ok(), "seed {seed}: {:?}", out.violations);
+    }
+}
+
+/// F7b (sim/FINDINGS.md): a sync standby's report made while it could still confirm the
+/// old primary's WAL passed for its final position: one whose agent was paused (28417),
+/// one that had not broken the lease (11224), one whose report of a fenced primary's
+/// pause arrived late (20066). Fixed: only a report made after its receiver went off in
+/// the round the promotion relies on, or after the leader's stop token, counts.
+#[test]
+fn f7b_only_a_final_position_of_a_sync_standby_counts() {
+    for seed in [28417, 11224, 20066] {
         let out = run(&Scenario::campaign(seed), false);
         assert!(out.ok(), "seed {seed}: {:?}", out.violations);
     }

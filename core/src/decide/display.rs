@@ -243,6 +243,21 @@ impl fmt::Display for Wait {
                 "a new leader waits for the first report of {} (at most {remaining_ms} ms more)",
                 Names(missing)
             ),
+            Wait::SyncPositionsPending {
+                primary,
+                pending,
+                remaining_ms,
+            } => {
+                write!(
+                    f,
+                    "{primary} failed; waiting for {} to stop confirming its WAL and report a final position",
+                    Names(pending)
+                )?;
+                match remaining_ms {
+                    Some(ms) => write!(f, " (at most {ms} ms more)"),
+                    None => write!(f, " (once its lease is broken)"),
+                }
+            }
             Wait::PrimaryPromoting {
                 primary,
                 remaining_ms,

@@ -117,12 +117,132 @@ pub(super) fn gathering(cx: &Cx, old: &str) -> Option<Wait> {
     })
 }
 
+/// Whether `obs` gives a sync member's final position for replacing the primary of the
+/// view's generation (sim finding F7b): it broke that lease in the broken round the
+/// promotion relies on (or a later one) and its WAL receiver was off before the probe, so
+/// it confirms nothing more of the old primary; or, when that primary's own agent reported
+/// its Postgres stopped, the probe ran after the leader knew it.
+fn position_final(cx: &Cx, obs: &Observation, reason: PromoteReason) -> bool {
+    let generation = cx.view.generation;
+    if reason == PromoteReason::PrimaryFenced && obs.after_primary_stop == Some(generation) {
+        return true;
+    }
+    let Some(lease) = cx.view.primary.as_ref().map(|p| p.lease) else {
+        return false;
+    };
+    let Some(round) = lease.round.filter(|_| lease.broken) else {
+        return false;
+    };
+    obs.receiver_off_since
+        .is_some_and(|(g, r)| g == generation && r >= round)
+}
+
+/// Before a candidate is chosen under a sync set: the answering sync members whose
+/// positions are not final yet. They get the break request again (it is how a member
+/// stops confirming and says so), and the leader waits for them while they could still
+/// make up the quorum: for a fenced primary until its lease is broken, then for one
+/// staleness bound after the break. Past that, `choose` counts them as not answered.
+fn sealing(cx: &Cx, old: &str, reason: PromoteReason) -> Option<Decision> {
+    let view = cx.view;
+    let primary = view.primary.as_ref()?;
+    let k = view.recorded_sync_set.k as usize;
+    let sync_names: Vec<&str> = view
+        .recorded_sync_set
+        .names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| *n != old)
+        .collect();
+    if sync_names.is_empty() || k == 0 {
+        return None;
+    }
+    let needed = (sync_names.len() + 1).saturating_sub(k).max(1);
+    let (mut finals, mut pending) = (0usize, Vec::new());
+    for name in &sync_names {
+        let Some(obs) = cx.fresh(name) else { continue };
+        if !(obs.postgres_up && obs.in_recovery) || standby_lsn(obs).is_none() {
+            continue;
+        }
+        if position_final(cx, obs, reason) {
+            finals += 1;
+        } else {
+            pending.push(name.to_string());
+        }
+    }
+    if finals >= needed || finals + pending.len() < needed {
+        return None;
+    }
+    // A fenced primary's standbys learn of the stop from the leader's answers to their
+    // reports: no break needed, and their reports stay fresh only while they answer.
+    let actions = if reason == PromoteReason::PrimaryFenced {
+        Vec::new()
+    } else {
+        vec![Action::BreakLease {
+            member: old.to_string(),
+            generation: view.generation,
+        }]
+    };
+    let remaining_ms = match primary.lease.broken_since_ms {
+        Some(since) if primary.lease.broken && reason == PromoteReason::LeaseExpired => {
+            let left = cx.remaining_ms(since, view.limits.stale_after_ms);
+            if left == 0 {
+                return None;
+            }
+            Some(left)
+        }
+        _ => None,
+    };
+    Some(Decision {
+        actions,
+        wait: Some(Wait::SyncPositionsPending {
+            primary: old.to_string(),
+            pending,
+            remaining_ms,
+        }),
+    })
+}
+
+/// The break request again for the sync members whose positions are not final yet, when
+/// the answer for now is "no candidate": a member that missed the round, or whose
+/// Postgres was down then, stops confirming once asked, and may yet make up the quorum.
+fn ask_again(cx: &Cx, old: &str, reason: PromoteReason, decision: &mut Decision) {
+    if reason != PromoteReason::LeaseExpired {
+        return;
+    }
+    let Some(Wait::NoCandidate(nc)) = &decision.wait else {
+        return;
+    };
+    if !matches!(nc.reason, NoCandidateReason::SyncQuorumNotAnswering { .. }) {
+        return;
+    }
+    let unsealed = cx.view.recorded_sync_set.names.iter().any(|n| {
+        n != old
+            && cx
+                .fresh(n)
+                .is_some_and(|o| o.postgres_up && o.in_recovery && !position_final(cx, o, reason))
+    });
+    if unsealed {
+        decision.actions.push(Action::BreakLease {
+            member: old.to_string(),
+            generation: cx.view.generation,
+        });
+    }
+}
+
 /// Promote the best candidate for `old`, or say why there is none.
 pub(super) fn replace(cx: &Cx, old: &str, reason: PromoteReason) -> Decision {
+    if let Some(d) = sealing(cx, old, reason) {
+        return d;
+    }
+    let mut d = choose_decision(cx, old, reason);
+    ask_again(cx, old, reason, &mut d);
+    d
+}
+
+fn choose_decision(cx: &Cx, old: &str, reason: PromoteReason) -> Decision {
     // A primary whose own agent stopped it still holds all its data: no async fallback
     // then (the leader resumes it in place when nobody qualifies).
-    let allow_async = reason != PromoteReason::PrimaryFenced;
-    match choose(cx, old, allow_async) {
+    match choose(cx, old, reason) {
         Ok(c) => Decision {
             actions: vec![Action::Promote {
                 member: c.name,
@@ -153,7 +273,8 @@ struct Qualified {
     priority: i32,
 }
 
-fn choose(cx: &Cx, old: &str, allow_async: bool) -> Result<Chosen, NoCandidate> {
+fn choose(cx: &Cx, old: &str, reason: PromoteReason) -> Result<Chosen, NoCandidate> {
+    let allow_async = reason != PromoteReason::PrimaryFenced;
     let view = cx.view;
     let best_known = best_known_lsn(view);
     let old_obs = view.observations.get(old);
@@ -234,12 +355,16 @@ fn choose(cx: &Cx, old: &str, allow_async: bool) -> Result<Chosen, NoCandidate> 
         } else {
             (n + 1).saturating_sub(k).max(1)
         };
+        // Only a final position counts: one read once the member could no longer confirm
+        // the old primary's WAL (sim finding F7b: a stale report of a standby still
+        // connected to a frozen primary passed for the quorum's position).
         let answered: BTreeMap<&str, Lsn> = sync_names
             .iter()
             .filter_map(|name| {
                 let obs = cx.fresh(name)?;
                 let lsn = standby_lsn(obs)?;
-                (obs.postgres_up && obs.in_recovery).then_some((*name, lsn))
+                (obs.postgres_up && obs.in_recovery && position_final(cx, obs, reason))
+                    .then_some((*name, lsn))
             })
             .collect();
         if answered.len() >= needed {

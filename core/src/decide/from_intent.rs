@@ -274,6 +274,8 @@ mod tests {
             broken: false,
             majority_runs_out_at_ms: Some(7_000),
             primary_lsn: None,
+            round: Some(crate::intent::BreakRound { term: 4, seq: 2 }),
+            broken_since_ms: None,
         };
         let view = cluster_view(
             &intent(),

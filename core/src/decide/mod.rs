@@ -33,7 +33,7 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet};
 
 pub use from_intent::{cluster_view, LeaderBookkeeping};
-pub use resume::{resume_in_place, ResumeInPlace};
+pub use resume::{primary_stop_token, resume_in_place, ResumeInPlace};
 pub use view::{
     ClusterView, LeaseView, Limits, MemberView, Observation, PeerProbe, PrimaryView,
     SwitchoverAbort, SwitchoverPhase, SwitchoverView, SyncSet,
@@ -153,6 +153,15 @@ pub enum Wait {
     GatheringObservations {
         missing: Vec<String>,
         remaining_ms: u64,
+    },
+    /// The primary failed; enough of the recorded sync set answers to make up the quorum,
+    /// but these members' positions are not final yet (they have not said they stopped
+    /// confirming the old primary's WAL since its lease was broken). `remaining_ms`: how
+    /// long the leader still waits for them (None: until the lease is broken).
+    SyncPositionsPending {
+        primary: String,
+        pending: Vec<String>,
+        remaining_ms: Option<u64>,
     },
     /// A new primary is finishing its promotion.
     PrimaryPromoting {

@@ -2,6 +2,9 @@
 //! replace it, the leader hands it a new generation to take writes again in (its data is
 //! all there). One rule for the node's leader and the simulation.
 //!
+//! Also the token of a stopped primary ([`primary_stop_token`]): a fenced primary's
+//! standbys learn of its stop from the leader's answers to their reports.
+//!
 //! Each resume is a new generation, and the agent resumes at most once per generation
 //! (`plan::Step::Resume` / `GiveUpResume`): a resumed primary that failed again, or gave
 //! up, is resumed again in the next one; one whose resume is still pending is not (its
@@ -49,4 +52,21 @@ pub fn resume_in_place<'a>(
         generation: intent.generation.next(),
         no_candidate: nc,
     })
+}
+
+/// The token the leader hands back with every report it accepts: the generation whose
+/// primary is known stopped for real (its own agent's fresh report of this generation says
+/// fenced and Postgres down or read-only, with no resume pending). An agent that probes after receiving
+/// it reads a position that primary can no longer add to (sim finding F7b).
+pub fn primary_stop_token(
+    intent: &Intent,
+    observations: &BTreeMap<String, Observation>,
+    limits: &Limits,
+    now_ms: u64,
+) -> Option<Generation> {
+    let primary = intent.primary.as_deref()?;
+    let o = observations.get(primary)?;
+    let fresh = now_ms.saturating_sub(o.received_at_ms) <= limits.stale_after_ms;
+    let stopped = o.writes_stopped() && o.seen_generation >= intent.generation;
+    (fresh && stopped && !o.resume_pending).then_some(intent.generation)
 }

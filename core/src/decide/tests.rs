@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use super::*;
+use crate::intent::BreakRound;
 use crate::policy::{Durability, FailoverMode, Policy, SyncMode};
 use crate::types::MemberKind;
 
@@ -101,7 +102,17 @@ fn held_for(ms: u64) -> LeaseView {
         broken: false,
         majority_runs_out_at_ms: Some(NOW + ms),
         primary_lsn: None,
+        round: Some(ROUND),
+        broken_since_ms: None,
     }
+}
+
+/// The break round the tests' promotions rely on.
+const ROUND: BreakRound = BreakRound { term: 2, seq: 7 };
+
+/// `name` broke the lease of generation 3 in [`ROUND`] and its WAL receiver is off since.
+fn seal(v: &mut ClusterView, name: &str) {
+    obs(v, name).receiver_off_since = Some((Generation(3), ROUND));
 }
 
 fn obs<'a>(v: &'a mut ClusterView, name: &str) -> &'a mut Observation {
@@ -111,18 +122,37 @@ fn obs<'a>(v: &'a mut ClusterView, name: &str) -> &'a mut Observation {
 /// The primary's agent vanished and a majority broke its lease.
 fn lose_primary(v: &mut ClusterView) {
     obs(v, "e1").received_at_ms = STALE;
+    break_lease(v);
+}
+
+/// A majority broke the primary's lease in [`ROUND`] at NOW, and every standby that
+/// answers stopped confirming since.
+fn break_lease(v: &mut ClusterView) {
     v.primary.as_mut().unwrap().lease = LeaseView {
         broken: true,
         majority_runs_out_at_ms: None,
         primary_lsn: None,
+        round: Some(ROUND),
+        broken_since_ms: Some(NOW),
     };
+    for name in ["e2", "w1", "w2"] {
+        if v.observations.contains_key(name) {
+            seal(v, name);
+        }
+    }
 }
 
-/// The primary's own agent reports Postgres down and fenced.
+/// The primary's own agent reports Postgres down and fenced, and every standby that
+/// answers has reported since it learned of that from the leader.
 fn primary_fenced(v: &mut ClusterView) {
     let o = obs(v, "e1");
     o.postgres_up = false;
     o.fenced = true;
+    for name in ["e2", "w1", "w2"] {
+        if let Some(o) = v.observations.get_mut(name) {
+            o.after_primary_stop = Some(Generation(3));
+        }
+    }
 }
 
 fn promote(member: &str, reason: PromoteReason, loss: u64) -> Decision {
@@ -217,6 +247,7 @@ fn a_new_leader_hears_from_every_data_member_before_choosing() {
     assert_eq!(decide(&v, NOW), wait);
     // Once it reported, no more waiting.
     v.observations.insert("e2".into(), standby(1_000_000, "e1"));
+    seal(&mut v, "e2");
     assert_eq!(
         decide(&v, NOW),
         promote("e2", PromoteReason::LeaseExpired, 100)
@@ -274,6 +305,105 @@ fn primary_confirming_its_fence_is_replaced_at_once_without_lease_wait() {
         decide(&v, NOW),
         promote("e2", PromoteReason::PrimaryFenced, 100)
     );
+}
+
+/// Sim finding F7b (seeds 11224, 28417): a sync standby's report made while it could
+/// still confirm the old primary's WAL is no final position. After a lease break only a
+/// report of a standby that stopped confirming in the round the promotion relies on counts;
+/// the leader asks the others again and waits one staleness bound for them.
+#[test]
+fn after_a_lease_break_only_a_sync_standby_that_stopped_confirming_counts() {
+    let mut v = base();
+    lose_primary(&mut v);
+    obs(&mut v, "e2").receiver_off_since = None;
+    let ask = Action::BreakLease {
+        member: "e1".into(),
+        generation: Generation(3),
+    };
+    assert_eq!(
+        decide(&v, NOW + 200),
+        Decision {
+            actions: vec![ask.clone()],
+            wait: Some(Wait::SyncPositionsPending {
+                primary: "e1".into(),
+                pending: vec!["e2".into()],
+                remaining_ms: Some(v.limits.stale_after_ms - 200),
+            }),
+        }
+    );
+    // A stop in an earlier round (released since: the receiver may be back on) does not
+    // count for this one; nor does one of another generation.
+    let earlier = BreakRound { term: 2, seq: 6 };
+    obs(&mut v, "e2").receiver_off_since = Some((Generation(3), earlier));
+    assert!(matches!(
+        decide(&v, NOW).wait,
+        Some(Wait::SyncPositionsPending { .. })
+    ));
+    obs(&mut v, "e2").receiver_off_since = Some((Generation(2), ROUND));
+    assert!(matches!(
+        decide(&v, NOW).wait,
+        Some(Wait::SyncPositionsPending { .. })
+    ));
+    // A later round counts.
+    let later = BreakRound { term: 3, seq: 1 };
+    obs(&mut v, "e2").receiver_off_since = Some((Generation(3), later));
+    assert_eq!(
+        decide(&v, NOW),
+        promote("e2", PromoteReason::LeaseExpired, 100)
+    );
+    // Past the bound, e2 counts as not answered: no promotion under the default policy,
+    // and the leader keeps asking.
+    obs(&mut v, "e2").receiver_off_since = None;
+    v.primary.as_mut().unwrap().lease.broken_since_ms = Some(NOW - v.limits.stale_after_ms);
+    let d = decide(&v, NOW);
+    assert!(
+        matches!(
+            &d.wait,
+            Some(Wait::NoCandidate(NoCandidate {
+                reason: NoCandidateReason::SyncQuorumNotAnswering { .. },
+                ..
+            }))
+        ),
+        "{d:?}"
+    );
+    assert_eq!(d.actions, vec![ask]);
+}
+
+/// Sim finding F7b (seed 20066): a fenced primary's sync standby reported during the
+/// primary's pause, and confirmed more of its commits at the thaw before the fence. Only a
+/// report made after the leader knew of the stop counts; no break round is needed.
+#[test]
+fn a_fenced_primarys_sync_standby_counts_once_it_reported_after_the_stop() {
+    let mut v = base();
+    primary_fenced(&mut v);
+    obs(&mut v, "e2").after_primary_stop = None;
+    assert_eq!(
+        decide(&v, NOW),
+        Decision {
+            actions: vec![],
+            wait: Some(Wait::SyncPositionsPending {
+                primary: "e1".into(),
+                pending: vec!["e2".into()],
+                remaining_ms: None,
+            }),
+        }
+    );
+    // A token of an older generation says nothing about this stop.
+    obs(&mut v, "e2").after_primary_stop = Some(Generation(2));
+    assert!(matches!(
+        decide(&v, NOW).wait,
+        Some(Wait::SyncPositionsPending { .. })
+    ));
+    obs(&mut v, "e2").after_primary_stop = Some(Generation(3));
+    assert_eq!(
+        decide(&v, NOW),
+        promote("e2", PromoteReason::PrimaryFenced, 100)
+    );
+    // A standby whose report went stale is no longer awaited: nobody else may replace the
+    // primary, so the answer is no candidate (and the leader resumes it in place).
+    obs(&mut v, "e2").after_primary_stop = None;
+    obs(&mut v, "e2").received_at_ms = STALE;
+    assert!(matches!(decide(&v, NOW).wait, Some(Wait::NoCandidate(_))));
 }
 
 #[test]

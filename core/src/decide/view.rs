@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::intent::BreakRound;
 use crate::policy::Policy;
 use crate::types::MemberKind;
 use crate::types::{Generation, Lsn};
@@ -85,6 +86,12 @@ pub struct LeaseView {
     /// The highest WAL position the primary reported to the answering voters with its
     /// renewals (known even to a leader that never received its observations).
     pub primary_lsn: Option<Lsn>,
+    /// The round of that result: a promotion relies on it, so only a sync member that
+    /// stopped confirming in it (or a later one) gives a final position (sim F7b).
+    pub round: Option<BreakRound>,
+    /// When broken: when (leader's clock) this leader first saw a majority break it in
+    /// `round`; the wait for the sync members' final positions counts from there.
+    pub broken_since_ms: Option<u64>,
 }
 
 /// `synchronous_standby_names = 'ANY k (names)'`; empty names (k = 0) means async.
@@ -145,6 +152,14 @@ pub struct Observation {
     /// The primary of a generation it was resumed in place in, fenced, and may still take
     /// writes again in it: its fence is not final (sim finding F3b).
     pub resume_pending: bool,
+    /// On a standby: it broke the lease of this generation in this round (or a later one)
+    /// and its WAL receiver was off that primary, before this probe and since: what it
+    /// reports received is all it will ever confirm of that primary (sim finding F7b).
+    pub receiver_off_since: Option<(Generation, BreakRound)>,
+    /// This probe ran after the leader had told this agent that the primary of this
+    /// generation reported its Postgres stopped (the token of the leader's answer to an
+    /// earlier report): what it reports received is all that primary ever sent it.
+    pub after_primary_stop: Option<Generation>,
 }
 
 impl Observation {

@@ -68,7 +68,15 @@ struct LeaseBreak {
     round: Option<(BreakRound, Instant)>,
     /// The newest round since the last release in which any voter broke the lease.
     breaks_since_release: Option<(BreakRound, Instant)>,
+    /// The round `last` answered for, and when this leader first saw it broken.
+    last_round: Option<BreakRound>,
+    broken_since: Option<Instant>,
+    /// No re-ask of a broken round before this.
+    reask_at: Option<Instant>,
 }
+
+/// Spacing of the re-asks of a broken round while sync members' positions are not final.
+const REASK_SPACING: Duration = Duration::from_millis(250);
 
 /// How long a break round's majority may justify a promotion, from the round's start.
 /// Voters keep their breaks until the cluster releases them through Raft
@@ -314,6 +322,8 @@ fn lease_view(
             broken: r.broken && round_usable,
             majority_runs_out_at_ms: r.majority_runs_out_in.map(|d| ms(*at + d)),
             primary_lsn: r.primary_lsn,
+            round: lb.last_round,
+            broken_since_ms: lb.broken_since.filter(|_| r.broken).map(ms),
         },
         None => LeaseView::default(),
     }
@@ -337,9 +347,32 @@ fn start_break_round(
         let standing = lb.round.is_some_and(|(round, started)| {
             started.elapsed() < valid && !intent.lease_break_released(generation, round)
         });
+        let broken = lb.last.as_ref().is_some_and(|(r, _)| r.broken);
+        if lb.key == key && !lb.in_flight && broken && standing {
+            // The decision asks again for a broken round: some sync members' positions
+            // are not final yet. The same round goes out again, answers not awaited.
+            let now = Instant::now();
+            if lb.reask_at.is_some_and(|at| now < at) {
+                return;
+            }
+            lb.reask_at = Some(now + REASK_SPACING);
+            let Some((round, _)) = lb.round else { return };
+            drop(lb);
+            let shared = shared.clone();
+            let member = member.to_string();
+            let timeout = shared
+                .config
+                .timing
+                .fence_after
+                .max(Duration::from_millis(500));
+            tokio::spawn(async move {
+                super::lease::ask_again(&shared, &member, generation, round, timeout).await;
+            });
+            return;
+        }
         if lb.key != key
             || lb.in_flight
-            || lb.last.as_ref().is_some_and(|(r, _)| r.broken) && standing
+            || broken && standing
             || lb.next_at.is_some_and(|at| Instant::now() < at)
         {
             return;
@@ -386,6 +419,13 @@ fn start_break_round(
                 .unwrap_or(BREAK_RETRY)
                 .clamp(Duration::from_millis(20), timeout);
             lb.next_at = Some(now + wait);
+            let still = r.broken
+                && lb.last_round == Some(round)
+                && lb.last.as_ref().is_some_and(|(p, _)| p.broken);
+            if !still {
+                lb.broken_since = r.broken.then_some(now);
+            }
+            lb.last_round = Some(round);
             lb.last = Some((r, now));
         }
         drop(lb);

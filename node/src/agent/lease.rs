@@ -294,7 +294,16 @@ pub fn handle_break(shared: &Shared, req: BreakLeaseRequest) -> BreakLeaseRespon
 /// before the answer counts (sim finding F7: a thawed primary's waiting commits were
 /// confirmed by a sync standby after the promotion was decided). Bounded; a Postgres that
 /// is down or frozen confirms nothing anyway, so a failure only logs.
-pub async fn stop_confirming(shared: &Shared, primary: &str) {
+///
+/// Once the receiver is off (on a running Postgres), `Shared::receiver_off` records the
+/// break's generation and round: the reporter names them, and a sync standby's position
+/// counts for a promotion only with them (sim finding F7b).
+pub async fn stop_confirming(
+    shared: &Shared,
+    primary: &str,
+    generation: Generation,
+    round: BreakRound,
+) {
     const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
     if primary == shared.name() || shared.applied().intent.primary.as_deref() != Some(primary) {
         return;
@@ -302,8 +311,20 @@ pub async fn stop_confirming(shared: &Shared, primary: &str) {
     let Some(pg) = shared.local_pg.get() else {
         return;
     };
+    // A stopped server confirms nothing now, but its configuration still points at the
+    // primary: only a running one that was disconnected says so.
+    let running = pg.is_running();
     match tokio::time::timeout(DISCONNECT_TIMEOUT, pg.disconnect_upstream()).await {
         Ok(Ok(())) => {
+            if running {
+                let mut off = shared
+                    .receiver_off
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if off.is_none_or(|(g, r)| (g, r) < (generation, round)) {
+                    *off = Some((generation, round));
+                }
+            }
             tracing::info!(%primary, "lease broken here: WAL receiver disconnected from it")
         }
         Ok(Err(e)) => {
@@ -481,6 +502,9 @@ pub async fn break_round(
     for voter in voters {
         if voter == shared.name() {
             let r = handle_break(shared, req.clone());
+            if r.broken {
+                stop_confirming(shared, member, generation, round).await;
+            }
             lsn = lsn.max(r.primary_lsn);
             tally(&voter, Ok(r), &mut broken_by, &mut held);
             continue;
@@ -512,6 +536,9 @@ pub async fn break_round(
             Ok(None) | Err(_) => break,
         }
     }
+    // The rest still get the request (bounded by `timeout`): a sync standby that breaks
+    // late stops confirming, and its next report says so (sim F7b).
+    calls.detach_all();
     let broken = broken_by.len() >= need;
     let held_ms = held
         .iter()
@@ -540,6 +567,40 @@ fn tally(
         Ok(r) => tracing::debug!(%voter, reason = %r.reason, "lease break refused"),
         Err(e) => tracing::debug!(%voter, "lease break: {e}"),
     }
+}
+
+/// Asks every voter again to break `member`'s lease in the standing broken `round`,
+/// without waiting for the answers: a voter that missed the round (or whose Postgres was
+/// down then) stops confirming the old primary's WAL, and its next report says so. Each
+/// call is bounded by `timeout`.
+pub async fn ask_again(
+    shared: &Arc<Shared>,
+    member: &str,
+    generation: Generation,
+    round: BreakRound,
+    timeout: Duration,
+) {
+    let intent = shared.applied().intent.clone();
+    let req = BreakLeaseRequest {
+        cluster: shared.config.cluster.clone(),
+        member: member.to_string(),
+        generation: generation.0,
+        round_term: round.term,
+        round_seq: round.seq,
+    };
+    let mut calls = JoinSet::new();
+    for voter in lease_voters(shared, &intent) {
+        if voter == shared.name() {
+            if handle_break(shared, req.clone()).broken {
+                stop_confirming(shared, member, generation, round).await;
+            }
+            continue;
+        }
+        let shared = shared.clone();
+        let req = req.clone();
+        calls.spawn(async move { call_break(&shared, &voter, req, timeout).await });
+    }
+    calls.detach_all();
 }
 
 async fn call_break(

@@ -658,8 +658,19 @@ impl Member {
             .then(|| slot_name(self.name()))
     }
 
+    /// The WAL receiver is about to be pointed somewhere: no report may say it is off any
+    /// more (cleared first, so a report in between under-claims, never over-claims).
+    fn receiver_on(&self) {
+        *self
+            .shared
+            .receiver_off
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// Points a stopped standby at `primary` through this member's slot.
     async fn repoint_stopped(&mut self, primary: &str) -> anyhow::Result<()> {
+        self.receiver_on();
         let (host, port) = pg_addr(&self.shared, primary)?;
         let slot = self.primary_slot();
         self.pg
@@ -800,6 +811,7 @@ impl Member {
     }
 
     async fn clone_from(&mut self, primary: &str) -> anyhow::Result<()> {
+        self.receiver_on();
         self.primary_ready(primary).await?;
         let (host, port) = pg_addr(&self.shared, primary)?;
         let source = self.clone_source(primary);
@@ -981,6 +993,7 @@ impl Member {
 
     /// `pg_rewind` onto `primary`, then start as its standby; re-clone if rewind fails.
     async fn rejoin(&mut self, primary: &str) -> anyhow::Result<()> {
+        self.receiver_on();
         self.primary_ready(primary).await?;
         let (host, port) = pg_addr(&self.shared, primary)?;
         let slot = self.primary_slot();
@@ -1355,7 +1368,7 @@ impl Member {
         // promotion (a new generation) or a release of the break, so a thawed primary's
         // waiting commits are not confirmed here after a promotion was decided (sim F7).
         // The break handler disconnects at once; this keeps it so.
-        if let Some((generation, _)) = self.shared.grants.standing_break(intent) {
+        if let Some((generation, round)) = self.shared.grants.standing_break(intent) {
             if generation == intent.generation {
                 if !self.disconnected {
                     tracing::warn!(
@@ -1366,9 +1379,20 @@ impl Member {
                     );
                     self.shared
                         .set_activity("lease broken here: WAL receiver disconnected");
+                    let running = self.pg.is_running();
                     self.pg.disconnect_upstream().await?;
                     self.disconnected = true;
                     self.upstream = None;
+                    if running {
+                        let mut off = self
+                            .shared
+                            .receiver_off
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner());
+                        if off.is_none_or(|o| o < (generation, round)) {
+                            *off = Some((generation, round));
+                        }
+                    }
                 }
                 return Ok(());
             }
@@ -1386,6 +1410,7 @@ impl Member {
             let to = want.member.clone();
             let (host, port) = pg_addr(&self.shared, &to)?;
             let slot = want.slot.then(|| slot_name(self.name()));
+            self.receiver_on();
             self.pg
                 .configure_standby(&host, port, slot.as_deref())
                 .await

@@ -92,6 +92,13 @@ pub struct Shared {
     /// set to as primary, written only once it was applied: the reporter names it when its
     /// probe shows that set (sim F8).
     pub applied_sync_target: Mutex<Option<(u64, crate::decide::SyncSet)>>,
+    /// The lease break (generation, round) after which this member's WAL receiver was
+    /// disconnected from that primary; cleared before the receiver is pointed anywhere
+    /// again. The reporter names it while the break stands (sim F7b).
+    pub receiver_off: Mutex<Option<(crate::types::Generation, crate::raft::intent::BreakRound)>>,
+    /// The newest stopped-primary token of a leader's answer to this agent's reports: a
+    /// probe after it reads a position that primary can no longer add to (sim F7b).
+    pub primary_stop_token: Mutex<Option<crate::types::Generation>>,
     /// The local Postgres's `pg_current_wal_lsn` at the last probe while it was a primary
     /// (0: never), sent with lease renewals.
     pub local_wal_lsn: std::sync::atomic::AtomicU64,
@@ -330,6 +337,8 @@ impl Agent {
             activity: Mutex::new(String::new()),
             final_lsn: Mutex::new(None),
             applied_sync_target: Mutex::new(None),
+            receiver_off: Mutex::new(None),
+            primary_stop_token: Mutex::new(None),
             local_wal_lsn: std::sync::atomic::AtomicU64::new(0),
             wake_reporter: tokio::sync::Notify::new(),
             wake_leader: tokio::sync::Notify::new(),

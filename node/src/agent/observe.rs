@@ -47,6 +47,15 @@ impl ObservationStore {
         urgent
     }
 
+    /// One member's latest observation.
+    pub fn get(&self, member: &str) -> Option<(Observation, Instant)> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(member)
+            .cloned()
+    }
+
     pub fn snapshot(&self) -> HashMap<String, (Observation, Instant)> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -122,6 +131,35 @@ fn known_member(shared: &Shared, name: &str) -> bool {
 
 /// Whether this leader heard from a quorum within `fence_after`: the one bound on a leader
 /// taking observations (remote and local) as heard.
+/// The stopped-primary token this leader hands back with an accepted report
+/// ([`crate::decide::primary_stop_token`] over the primary's latest report here).
+fn primary_stop_token(shared: &Shared) -> Option<u64> {
+    let intent = shared.applied().intent.clone();
+    let primary = intent.primary.clone()?;
+    let (o, at) = shared.observations.get(&primary)?;
+    let obs = std::collections::BTreeMap::from([(
+        primary,
+        crate::decide::observation_from_proto(&o, shared.ms_since_epoch(at)),
+    )]);
+    let now_ms = shared.ms_since_epoch(Instant::now());
+    let limits = super::leader::limits(shared);
+    crate::decide::primary_stop_token(&intent, &obs, &limits, now_ms).map(|g| g.0)
+}
+
+/// Keeps the newest stopped-primary token a leader answered with.
+fn note_stop_token(shared: &Shared, token: Option<u64>) {
+    let Some(g) = token.map(crate::types::Generation) else {
+        return;
+    };
+    let mut t = shared
+        .primary_stop_token
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if t.is_none_or(|cur| cur < g) {
+        *t = Some(g);
+    }
+}
+
 fn leader_has_fresh_quorum(shared: &Shared) -> bool {
     let bound = shared.config.timing.fence_after.as_millis() as u64;
     shared
@@ -149,6 +187,7 @@ impl AgentRpc for AgentService {
             return Ok(Response::new(ObservationAck {
                 accepted: false,
                 leader,
+                primary_stopped_generation: None,
             }));
         }
         if !known_member(&self.shared, &obs.member) {
@@ -167,6 +206,7 @@ impl AgentRpc for AgentService {
             return Ok(Response::new(ObservationAck {
                 accepted: false,
                 leader: String::new(),
+                primary_stopped_generation: None,
             }));
         }
         if self.shared.observations.record(obs, gap) {
@@ -175,6 +215,7 @@ impl AgentRpc for AgentService {
         Ok(Response::new(ObservationAck {
             accepted: true,
             leader: self.shared.name().to_string(),
+            primary_stopped_generation: primary_stop_token(&self.shared),
         }))
     }
 
@@ -194,9 +235,14 @@ impl AgentRpc for AgentService {
     ) -> Result<Response<BreakLeaseResponse>, Status> {
         let req = request.into_inner();
         let primary = req.member.clone();
+        let generation = crate::types::Generation(req.generation);
+        let round = crate::raft::intent::BreakRound {
+            term: req.round_term,
+            seq: req.round_seq,
+        };
         let resp = super::lease::handle_break(&self.shared, req);
         if resp.broken {
-            super::lease::stop_confirming(&self.shared, &primary).await;
+            super::lease::stop_confirming(&self.shared, &primary, generation, round).await;
         }
         Ok(Response::new(resp))
     }
@@ -319,6 +365,11 @@ pub fn postgres_observation(s: &PgStatus, fenced: bool) -> PostgresObservation {
         activity: String::new(),
         pending_restart: Vec::new(),
         replay_delay_ms: s.replay_delay_ms,
+        // Filled by the caller, which reads them before the probe.
+        receiver_off_generation: None,
+        receiver_off_round_term: 0,
+        receiver_off_round_seq: 0,
+        after_primary_stop_generation: None,
     }
 }
 
@@ -537,8 +588,31 @@ impl Reporter {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .clone();
+                // Also before the probe: the receiver was off (while the break stands) and
+                // the leader's stop token had arrived before this probe began (sim F7b).
+                let intent = self.shared.applied().intent.clone();
+                let standing = self.shared.grants.standing_break(&intent);
+                let receiver_off = self
+                    .shared
+                    .receiver_off
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .filter(|(g, _)| standing.is_some_and(|(sg, _)| sg == *g));
+                let stop_token = *self
+                    .shared
+                    .primary_stop_token
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 let status = instance.probe().await;
                 let mut o = postgres_observation(&status, instance.is_fenced());
+                if status.up && status.in_recovery {
+                    if let Some((g, r)) = receiver_off {
+                        o.receiver_off_generation = Some(g.0);
+                        o.receiver_off_round_term = r.term;
+                        o.receiver_off_round_seq = r.seq;
+                    }
+                }
+                o.after_primary_stop_generation = stop_token.map(|g| g.0);
                 if status.up && status.in_recovery {
                     // A standby whose WAL receiver is down falls back to its last
                     // checkpoint's timeline, which lags a timeline switch until the next
@@ -687,6 +761,8 @@ impl Reporter {
             if shared.observations.record(obs, gap) {
                 shared.wake_leader.notify_one();
             }
+            // The leader answers its own report: its next probe runs after the token.
+            note_stop_token(shared, primary_stop_token(shared));
             let intent = shared.applied().intent.clone();
             let metrics = shared.raft_metrics();
             let membership = metrics.membership_config.membership();
@@ -724,6 +800,7 @@ impl Reporter {
                 format!("{leader} is no longer the leader")
             });
         }
+        note_stop_token(&self.shared, ack.primary_stopped_generation);
         Ok(())
     }
 
