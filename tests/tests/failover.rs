@@ -1091,3 +1091,67 @@ async fn adding_a_member_while_one_is_down_keeps_the_primarys_lease() {
         c.logs()
     );
 }
+
+/// The postmaster's startup process (recovery) of `member`.
+fn startup_process(c: &AgentCluster, member: &str) -> Option<i32> {
+    use meridian_chaos::cluster::children_of as children;
+    let postmaster = c.member(member).postmaster_pid()?;
+    children(postmaster).into_iter().find(|p| {
+        std::fs::read(format!("/proc/{p}/cmdline"))
+            .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains("startup"))
+    })
+}
+
+/// #12, defect 2: a promotion that never completes is given up, not waited on forever.
+/// a2's recovery is frozen (its startup process SIGSTOPped), so `pg_promote` cannot
+/// finish when the leader picks a2 after a1's Postgres crashes (b1's region is
+/// `failover = manual`, so nobody else qualifies). Before, a2 stayed in recovery for good
+/// and the leader waited for a fence nobody carried out: no primary, ever. Now a2's agent
+/// fences its own Postgres once `promote_timeout` (20 s here) passed, the leader resumes
+/// a2 in place in a new generation, and every acknowledged row is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_that_never_completes_is_given_up_and_retried() {
+    use meridian_node::policy::{FailoverMode, RegionPolicy};
+    use nix::sys::signal::Signal;
+    let _serial = SERIAL.lock().await;
+    let (c, rw) = form_with_table().await;
+    let manual = RegionPolicy {
+        failover: FailoverMode::Manual,
+        ..RegionPolicy::default()
+    };
+    c.set_region_policy("w1", &["b"], manual, "test: only a2 may be promoted")
+        .await;
+    for id in 1..=3 {
+        exec(&rw, &format!("INSERT INTO t VALUES ({id})"))
+            .await
+            .unwrap();
+    }
+    let startup = startup_process(&c, "a2").expect("a2 runs a startup process");
+    signal_all(&[startup], Signal::SIGSTOP);
+    let probe = SplitBrainProbe::start(&c);
+    let killed_at = Instant::now();
+    c.member("a1").kill_postgres();
+    wait_for("a2 named primary of generation 2", FAILOVER, || async {
+        let s = c.status().await.ok()?;
+        (s.primary == "a2" && s.generation == 2).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    // 20 s of promote_timeout, then the fence, the resume and its crash recovery.
+    insert_until_ok(&rw, 4, Duration::from_secs(90))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    eprintln!(
+        "STUCK PROMOTION: writes accepted again after {} ms",
+        killed_at.elapsed().as_millis()
+    );
+    let s = c.status().await.unwrap();
+    assert_eq!(s.primary, "a2", "{s:?}");
+    assert!(
+        s.generation >= 3,
+        "a new generation after the give-up: {s:?}"
+    );
+    assert_eq!(ids_on(&c, "a2").await, BTreeSet::from([1, 2, 3, 4]));
+    let (max, worst) = probe.finish().await;
+    assert!(max <= 1, "two writable primaries at once: {worst:?}");
+}

@@ -7,6 +7,10 @@
 //! broke its lease. The "others agree" check is the absence of contrary evidence: safety
 //! rests on the lease and the primary's self-fencing, and the probes only stop a promotion
 //! while someone still sees the old primary take writes.
+//!
+//! Under a sync set, the replacement holds the highest *final* position of n − k + 1 of
+//! the recorded set: a position read once the member could confirm nothing more of the
+//! old primary ([`position_final`], sim finding F7b).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};

@@ -1836,6 +1836,17 @@ fn a_new_primary_gets_a_bounded_time_to_finish_promoting() {
             member: "e1".into()
         }]
     );
+    // Issue #12 defect 2: a promotion that never completes is retried with another
+    // candidate. Once the stuck member's agent confirms the fence, the next one holding
+    // every commit is promoted.
+    obs(&mut v, "e1").wal_lsn = None;
+    obs(&mut v, "e1").received_lsn = Some(Lsn(1_000_000));
+    primary_fenced(&mut v);
+    obs(&mut v, "e1").in_recovery = true;
+    assert_eq!(
+        decide(&v, NOW),
+        promote("e2", PromoteReason::PrimaryFenced, 0)
+    );
 }
 
 #[test]

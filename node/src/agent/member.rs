@@ -171,6 +171,7 @@ pub async fn run(shared: Arc<Shared>, pg: PgInstance) {
         disconnected: false,
         not_streaming_since: None,
         unresponsive_since: None,
+        promoting_since: None,
         slots: None,
         last_error: None,
         system_identifier: None,
@@ -236,6 +237,10 @@ struct Member {
     not_streaming_since: Option<Instant>,
     /// Since when the running local Postgres has not answered probes.
     unresponsive_since: Option<Instant>,
+    /// The generation this member was named primary in while still in recovery, and
+    /// since when: a promotion that does not complete within `promote_timeout` is given
+    /// up (fenced), so the leader can try another candidate (#12, defect 2).
+    promoting_since: Option<(Generation, Instant)>,
     /// The slots this primary made sure of, for which generation.
     slots: Option<(Generation, std::collections::BTreeSet<String>)>,
     last_error: Option<String>,
@@ -372,6 +377,35 @@ impl Member {
         self.unresponsive_since = None;
         if i_am_primary {
             if status.in_recovery {
+                let generation = intent.generation;
+                let since = match self.promoting_since {
+                    Some((g, at)) if g == generation => at,
+                    _ => {
+                        let now = Instant::now();
+                        self.promoting_since = Some((generation, now));
+                        now
+                    }
+                };
+                // The leader waits `promote_timeout` from the promotion's commit, then
+                // for this fence; counted here from when this agent saw the promotion,
+                // so the leader never replaces a member still within its bound.
+                let bound = self.shared.config.timing.promote_timeout;
+                if since.elapsed() >= bound {
+                    self.promoting_since = None;
+                    self.shared
+                        .set_activity("fenced: the promotion did not complete in time");
+                    tracing::error!(
+                        %generation,
+                        "the promotion did not complete within {} ms: fencing the local \
+                         Postgres so the leader can choose another candidate",
+                        bound.as_millis()
+                    );
+                    return self
+                        .pg
+                        .fence(self.shared.config.timing.pg_probe_timeout * 2)
+                        .await
+                        .context("fencing after a promotion that did not complete");
+                }
                 self.promote(intent).await
             } else {
                 self.seen_primary_up = true;
