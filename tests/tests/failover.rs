@@ -1127,6 +1127,15 @@ async fn a_promotion_that_never_completes_is_given_up_and_retried() {
             .unwrap();
     }
     let startup = startup_process(&c, "a2").expect("a2 runs a startup process");
+    // Whatever the outcome, the stopped process is continued before the cluster goes
+    // (a SIGSTOPped child outlives its postmaster's shutdown otherwise).
+    struct Continue(i32);
+    impl Drop for Continue {
+        fn drop(&mut self) {
+            signal_all(&[self.0], nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+    let _continue = Continue(startup);
     signal_all(&[startup], Signal::SIGSTOP);
     let probe = SplitBrainProbe::start(&c);
     let killed_at = Instant::now();

@@ -141,6 +141,16 @@ fn position_final(cx: &Cx, obs: &Observation, reason: PromoteReason) -> bool {
         .is_some_and(|(g, r)| g == generation && r >= round)
 }
 
+/// The recorded sync set without the failed primary.
+fn recorded_sync_names<'v>(view: &'v ClusterView, old: &str) -> BTreeSet<&'v str> {
+    view.recorded_sync_set
+        .names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| *n != old)
+        .collect()
+}
+
 /// Before a candidate is chosen under a sync set: the answering sync members whose
 /// positions are not final yet. They get the break request again (it is how a member
 /// stops confirming and says so), and the leader waits for them while they could still
@@ -150,13 +160,7 @@ fn sealing(cx: &Cx, old: &str, reason: PromoteReason) -> Option<Decision> {
     let view = cx.view;
     let primary = view.primary.as_ref()?;
     let k = view.recorded_sync_set.k as usize;
-    let sync_names: Vec<&str> = view
-        .recorded_sync_set
-        .names
-        .iter()
-        .map(String::as_str)
-        .filter(|n| *n != old)
-        .collect();
+    let sync_names = recorded_sync_names(view, old);
     if sync_names.is_empty() || k == 0 {
         return None;
     }
@@ -310,13 +314,7 @@ fn choose(cx: &Cx, old: &str, reason: PromoteReason) -> Result<Chosen, NoCandida
         rejected,
     };
 
-    let sync_names: BTreeSet<&str> = view
-        .recorded_sync_set
-        .names
-        .iter()
-        .map(String::as_str)
-        .filter(|n| *n != old)
-        .collect();
+    let sync_names = recorded_sync_names(view, old);
     let k = view.recorded_sync_set.k as usize;
     // An explicit `mode = sync` is the user asking for zero loss: no async fallback then.
     let strict = !allow_async

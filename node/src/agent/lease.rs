@@ -475,8 +475,25 @@ pub struct BreakResult {
     pub primary_lsn: Option<crate::types::Lsn>,
 }
 
+/// The request to break `member`'s lease of `generation` in `round`.
+fn break_request(
+    shared: &Shared,
+    member: &str,
+    generation: Generation,
+    round: BreakRound,
+) -> BreakLeaseRequest {
+    BreakLeaseRequest {
+        cluster: shared.config.cluster.clone(),
+        member: member.to_string(),
+        generation: generation.0,
+        round_term: round.term,
+        round_seq: round.seq,
+    }
+}
+
 /// The leader asks every member to break `member`'s lease of `generation`; returns as soon
-/// as a majority broke it, or a majority answered, or after `timeout`.
+/// as a majority broke it, or a majority answered, or after `timeout`. The calls still
+/// running then go on in the background (bounded by `timeout`).
 pub async fn break_round(
     shared: &Arc<Shared>,
     member: &str,
@@ -488,13 +505,7 @@ pub async fn break_round(
     let voters = lease_voters(shared, &intent);
     let voters_n = voters.len();
     let need = majority(voters_n);
-    let req = BreakLeaseRequest {
-        cluster: shared.config.cluster.clone(),
-        member: member.to_string(),
-        generation: generation.0,
-        round_term: round.term,
-        round_seq: round.seq,
-    };
+    let req = break_request(shared, member, generation, round);
     let mut broken_by = Vec::new();
     let mut held: Vec<Duration> = Vec::new();
     let mut lsn = 0u64;
@@ -581,13 +592,7 @@ pub async fn ask_again(
     timeout: Duration,
 ) {
     let intent = shared.applied().intent.clone();
-    let req = BreakLeaseRequest {
-        cluster: shared.config.cluster.clone(),
-        member: member.to_string(),
-        generation: generation.0,
-        round_term: round.term,
-        round_seq: round.seq,
-    };
+    let req = break_request(shared, member, generation, round);
     let mut calls = JoinSet::new();
     for voter in lease_voters(shared, &intent) {
         if voter == shared.name() {
