@@ -2,7 +2,8 @@
 //! request ([`VoterLease`]), when the primary's lease is valid and when it must fence
 //! ([`fence_deadline_ms`], [`lease_valid`]), when the lease gate may release commits
 //! ([`gate_may_confirm`]), the configured margin between the two
-//! ([`check_fence_margin`]) and majority counting ([`majority`], [`is_majority`]).
+//! ([`check_fence_margin`]), majority counting ([`majority`], [`is_majority`]) and when a
+//! membership change may follow the last ([`membership_change_may_proceed`]).
 //!
 //! Every instant is a millisecond count on the caller's own monotonic clock: the clocks of
 //! different members are never compared, each counts its own intervals. The runtime
@@ -117,6 +118,50 @@ pub fn check_fence_margin(fence_after_ms: u64, lease_ttl_ms: u64) -> Result<(), 
         });
     }
     Ok(())
+}
+
+/// Why a membership change has to wait.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MembershipWait {
+    #[error("the primary {primary} has not reported which members it counts its lease over; a membership change waits until it has")]
+    PrimaryNotHeardFrom { primary: String },
+    #[error("the primary {primary} still counts its lease over {} while the cluster has {}; a membership change waits until the primary has applied the last one", .counts_over.join(", "), .current.join(", "))]
+    PrimaryBehind {
+        primary: String,
+        counts_over: Vec<String>,
+        current: Vec<String>,
+    },
+}
+
+/// Whether the next membership change may be proposed now.
+///
+/// The primary counts its lease majority over the members it knows of, and the leader
+/// counts a break over the members it knows of. Two member sets one change apart (one
+/// member added or removed) always have intersecting majorities, so whatever the primary
+/// holds and whatever the leader broke share a voter; two changes apart they need not (a
+/// primary counting 2 of {a, b, c} and a break by c, d, e of {a, b, c, d, e}). So a change
+/// is proposed only once the primary reported counting over the current set, which keeps
+/// the primary at most one change behind the leader. No primary named: no lease to keep.
+/// `current` and `reported` are sorted member names.
+pub fn membership_change_may_proceed(
+    primary: Option<&str>,
+    current: &[String],
+    reported: Option<&[String]>,
+) -> Result<(), MembershipWait> {
+    let Some(primary) = primary else {
+        return Ok(());
+    };
+    match reported {
+        None => Err(MembershipWait::PrimaryNotHeardFrom {
+            primary: primary.to_string(),
+        }),
+        Some(r) if r == current => Ok(()),
+        Some(r) => Err(MembershipWait::PrimaryBehind {
+            primary: primary.to_string(),
+            counts_over: r.to_vec(),
+            current: current.to_vec(),
+        }),
+    }
 }
 
 /// Why a voter refused a renewal.
@@ -377,6 +422,75 @@ pub fn majority_runs_out_in_ms(broken: usize, mut held_ms: Vec<u64>, voters: usi
 mod tests {
     use super::*;
     use crate::intent::LeaseBreakRelease;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Every subset of `set` that is a majority of it.
+    fn majorities_of(set: &[String]) -> Vec<std::collections::BTreeSet<String>> {
+        let n = set.len();
+        (0u32..(1 << n))
+            .filter(|mask| is_majority(mask.count_ones() as usize, n))
+            .map(|mask| {
+                (0..n)
+                    .filter(|i| mask & (1 << i) != 0)
+                    .map(|i| set[i].clone())
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn all_intersect(a: &[String], b: &[String]) -> bool {
+        majorities_of(a)
+            .iter()
+            .all(|x| majorities_of(b).iter().all(|y| !x.is_disjoint(y)))
+    }
+
+    #[test]
+    fn majorities_one_change_apart_intersect_and_two_apart_need_not() {
+        let three = names(&["a", "b", "c"]);
+        let four = names(&["a", "b", "c", "d"]);
+        let five = names(&["a", "b", "c", "d", "e"]);
+        let two = names(&["a", "b"]);
+        assert!(all_intersect(&three, &four), "one member added");
+        assert!(all_intersect(&four, &three), "one member removed");
+        assert!(all_intersect(&four, &five));
+        assert!(all_intersect(&two, &three));
+        assert!(!all_intersect(&three, &five), "two members added");
+        assert!(!all_intersect(&five, &three), "two members removed");
+    }
+
+    #[test]
+    fn a_membership_change_waits_for_the_primary_to_count_over_the_current_members() {
+        let current = names(&["a", "b", "c", "d"]);
+        assert_eq!(membership_change_may_proceed(None, &current, None), Ok(()));
+        assert_eq!(
+            membership_change_may_proceed(Some("a"), &current, Some(&current)),
+            Ok(())
+        );
+        assert_eq!(
+            membership_change_may_proceed(Some("a"), &current, None),
+            Err(MembershipWait::PrimaryNotHeardFrom {
+                primary: "a".into()
+            })
+        );
+        let behind = names(&["a", "b", "c"]);
+        let refusal = membership_change_may_proceed(Some("a"), &current, Some(&behind));
+        assert_eq!(
+            refusal,
+            Err(MembershipWait::PrimaryBehind {
+                primary: "a".into(),
+                counts_over: behind.clone(),
+                current: current.clone(),
+            })
+        );
+        assert_eq!(
+            refusal.unwrap_err().to_string(),
+            "the primary a still counts its lease over a, b, c while the cluster has a, b, c, d; \
+             a membership change waits until the primary has applied the last one"
+        );
+    }
 
     const TTL: u64 = 2_000;
     const T0: u64 = 100_000;

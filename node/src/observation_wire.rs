@@ -27,6 +27,7 @@ pub fn observation_from_proto(o: &meridian_proto::Observation, received_at_ms: u
         seen_generation: Generation(o.generation),
         probes,
         resume_pending: o.resume_pending,
+        lease_voters: o.lease_voters.clone(),
         ..Observation::default()
     };
     if let Some(pg) = &o.postgres {
@@ -113,6 +114,7 @@ mod tests {
             .into_iter()
             .collect(),
             resume_pending: true,
+            lease_voters: vec!["e1".into(), "e2".into(), "w1".into()],
             ..Default::default()
         };
         let expected = Observation {
@@ -142,6 +144,7 @@ mod tests {
             resume_pending: true,
             receiver_off_since: Some((Generation(4), BreakRound { term: 7, seq: 2 })),
             after_primary_stop: Some(Generation(4)),
+            lease_voters: vec!["e1".into(), "e2".into(), "w1".into()],
         };
         assert_eq!(observation_from_proto(&report, 77), expected);
     }

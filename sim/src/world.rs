@@ -1228,6 +1228,8 @@ impl<'s> World<'s> {
                         .is_some_and(|(sg, _)| sg == *g)
             }),
             after_primary_stop: m.primary_stop_token,
+            // The simulated membership never changes; nothing reads this here.
+            lease_voters: Vec::new(),
         }
     }
 

@@ -15,6 +15,11 @@
 //! never two writable servers. Postgres TLS (verify-full, certificates naming the hosts'
 //! addresses) and the roles come from the fixture.
 //!
+//! `a_membership_change_waits_until_the_primary_counts_over_the_current_members`: the
+//! primary cut off from the Raft leader only (it keeps its lease through a witness); one
+//! witness joins, a second is held back as a learner until the primary reports counting
+//! over the current members, and is admitted after the heal.
+//!
 //! The tests run one at a time (a shared lock): five agents (and four Postgres) on 2 cores.
 
 use std::collections::BTreeSet;
@@ -688,6 +693,154 @@ fn configs_list_host_addresses() {
             assert!(text.contains(&listen), "{m} lacks {listen}:\n{text}");
         }
     }
+    drop(c);
+    assert_hosts_removed(&namespaces);
+}
+
+/// Whether `member` is a Raft voter in `s`.
+fn is_voter(s: &StatusResponse, member: &str) -> bool {
+    s.members.iter().any(|m| m.name == member && m.voter)
+}
+
+/// The lease majority and membership versions: the primary a2, cut off from the Raft
+/// leader but still renewing its lease with the witness w1, keeps counting over the three
+/// members it knows of. One member added (w2) is safe: every majority of four shares a
+/// voter with a2's two of three. A second (w3) would let the leader break a2's lease with
+/// three of five (itself, w2, w3) while a2 still holds two of three, so the leader admits
+/// it only once a2 reported counting over the current members: w3 stays a learner for as
+/// long as the cut lasts, a2 stays the only writer, and after the heal w3 is admitted.
+/// Without the rule w3 became a voter during the cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_membership_change_waits_until_the_primary_counts_over_the_current_members() {
+    if skip_unless_hosts().is_none() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    const MEMBERS: [&str; 5] = ["a1", "a2", "w1", "w2", "w3"];
+    let mut c = AgentCluster::build_with(
+        vec![
+            MemberSpec::data("a1", "us-east").bootstrap(),
+            MemberSpec::data("a2", "us-west").join("a1"),
+            MemberSpec::witness("w1", "eu-central").join("a1"),
+            MemberSpec::witness("w2", "eu-west").join("a1"),
+            MemberSpec::witness("w3", "ap-south").join("a1"),
+        ],
+        ClusterSetup {
+            token: Some(TOKEN.into()),
+            postgres: true,
+            hosts: Hosts::Netns,
+            ..ClusterSetup::default()
+        },
+    )
+    .unwrap();
+    let namespaces = host_resources(&c);
+    c.start("a1").unwrap();
+    wait_for("a1 primary of generation 1", FORM_PG, || async {
+        let s = c.status().await.ok()?;
+        (s.primary == "a1" && s.generation == 1).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    c.start("a2").unwrap();
+    c.start("w1").unwrap();
+    let streaming = |s: &StatusResponse, standby: &str, from: &str| {
+        s.members
+            .iter()
+            .find(|m| m.name == standby)
+            .and_then(|m| m.observation.as_ref())
+            .and_then(|o| o.postgres.as_ref())
+            .is_some_and(|p| {
+                p.up && p.in_recovery
+                    && p.wal_receiver() == WalReceiverStatus::Streaming
+                    && p.upstream == from
+            })
+    };
+    wait_for("a2 streaming from a1, three voters", FORM_PG, || async {
+        let s = leader_status(&c, &MEMBERS).await?;
+        (streaming(&s, "a2", "a1") && ["a1", "a2", "w1"].iter().all(|m| is_voter(&s, m)))
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    // The bootstrap member leads Raft; make a2 the primary so the two differ.
+    c.command(
+        "a1",
+        &Command::BeginSwitchover(PendingSwitchover {
+            from: "a1".into(),
+            to: "a2".into(),
+            started_at_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64,
+            phase: SwitchoverPhase::Requested,
+        }),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    let s = wait_for("a2 primary, a1 streaming from it", FAILOVER, || async {
+        let s = leader_status(&c, &MEMBERS).await?;
+        (s.primary == "a2" && streaming(&s, "a1", "a2")).then_some(s)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let leader = s.leader.clone();
+    let generation = s.generation;
+    assert_ne!(
+        leader, "a2",
+        "the test needs the Raft leader apart from the primary"
+    );
+
+    // The primary cut off from the leader only: it renews with w1, the leader commits
+    // with w1, and the primary's reports stop reaching the leader.
+    assert_eq!(c.hosts().unwrap().cut("a2", &leader).unwrap(), 2);
+    c.start("w2").unwrap();
+    wait_for("w2 a voter", FAILOVER, || async {
+        let s = leader_status(&c, &MEMBERS).await?;
+        is_voter(&s, "w2").then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    c.start("w3").unwrap();
+    let watch_until = Instant::now() + Duration::from_secs(12);
+    let mut rounds = 0;
+    while Instant::now() < watch_until {
+        rounds += 1;
+        if let Some(s) = leader_status(&c, &MEMBERS).await {
+            assert!(
+                !is_voter(&s, "w3"),
+                "w3 was admitted while the primary still counted over three members \
+                 (round {rounds})\n{}",
+                c.logs()
+            );
+            assert_eq!(
+                (s.primary.as_str(), s.generation),
+                ("a2", generation),
+                "the primary changed during the cut\n{}",
+                c.logs()
+            );
+        }
+        assert_ne!(
+            writable(&c, "a1").await,
+            Some(true),
+            "a1 became writable beside a2\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(writable(&c, "a2").await, Some(true), "a2 kept its lease");
+    assert!(
+        c.member("w3").log().contains("still counts its lease over"),
+        "w3's log does not say what its admission waits for\n{}",
+        c.logs()
+    );
+
+    c.hosts().unwrap().heal().unwrap();
+    wait_for("w3 a voter after the heal", FAILOVER, || async {
+        let s = leader_status(&c, &MEMBERS).await?;
+        is_voter(&s, "w3").then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     drop(c);
     assert_hosts_removed(&namespaces);
 }

@@ -160,6 +160,10 @@ pub struct Observation {
     /// generation reported its Postgres stopped (the token of the leader's answer to an
     /// earlier report): what it reports received is all that primary ever sent it.
     pub after_primary_stop: Option<Generation>,
+    /// The members this agent counts a lease majority over (its intent's members that are
+    /// Raft voters), sorted; empty when an older agent did not say. Gates membership
+    /// changes ([`crate::lease::membership_change_may_proceed`]), not decisions.
+    pub lease_voters: Vec<String>,
 }
 
 impl Observation {

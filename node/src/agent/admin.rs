@@ -41,6 +41,9 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many times a membership change is retried while another one is in progress.
 const MEMBERSHIP_RETRIES: usize = 20;
 const MEMBERSHIP_RETRY_EVERY: Duration = Duration::from_millis(200);
+/// How long a membership change waits for the primary to report the current members.
+const PRIMARY_CURRENT_WAIT: Duration = Duration::from_secs(5);
+const PRIMARY_CURRENT_POLL: Duration = Duration::from_millis(100);
 
 pub struct AdminService {
     shared: Arc<Shared>,
@@ -343,6 +346,37 @@ impl AdminService {
         }
     }
 
+    /// Waits (bounded) until the primary reported counting its lease over the members this
+    /// leader counts over now ([`meridian_core::lease::membership_change_may_proceed`]);
+    /// called before every step that changes that set. Unavailable when it did not in
+    /// time, so a joiner asks again.
+    async fn await_primary_current(&self) -> Result<(), Status> {
+        let deadline = tokio::time::Instant::now() + PRIMARY_CURRENT_WAIT;
+        loop {
+            let intent = self.shared.applied().intent.clone();
+            let current = super::lease::lease_voters(&self.shared, &intent);
+            let primary = intent.primary.as_deref();
+            let reported = match primary {
+                // The leader's own count is the one computed here.
+                Some(p) if p == self.shared.name() => Some(current.clone()),
+                Some(p) => self.shared.observations.get(p).map(|(o, _)| o.lease_voters),
+                None => None,
+            };
+            let verdict = meridian_core::lease::membership_change_may_proceed(
+                primary,
+                &current,
+                reported.as_deref(),
+            );
+            match verdict {
+                Ok(()) => return Ok(()),
+                Err(wait) if tokio::time::Instant::now() >= deadline => {
+                    return Err(Status::unavailable(wait.to_string()))
+                }
+                Err(_) => tokio::time::sleep(PRIMARY_CURRENT_POLL).await,
+            }
+        }
+    }
+
     async fn add_member_here(&self, req: AddMemberRequest) -> Result<AddMemberResponse, Status> {
         let kind = parse_kind(&req.kind)?;
         let tags = parse_tags(&req.tags)?;
@@ -448,6 +482,7 @@ impl AdminService {
                 )))
             }
         }
+        self.await_primary_current().await?;
         self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])))
             .await?;
         tracing::info!(member = %req.name, id, "member is now a voter");
@@ -485,7 +520,21 @@ impl AdminService {
                 )));
             }
         }
+        let is_voter = |name: &str| -> bool {
+            in_raft(name).is_some_and(|id| {
+                self.shared
+                    .raft_metrics()
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .any(|v| v == id)
+            })
+        };
         if intent.member(name).is_some() {
+            if is_voter(name) {
+                // Leaving the intent takes it out of the lease count.
+                self.await_primary_current().await?;
+            }
             let cmd = Command::RemoveMember {
                 name: name.to_string(),
                 at_unix_ms: unix_ms(),
@@ -503,14 +552,8 @@ impl AdminService {
             return Err(Status::not_found(format!("no member named {name:?}")));
         }
         if let Some(id) = in_raft(name) {
-            let is_voter = self
-                .shared
-                .raft_metrics()
-                .membership_config
-                .membership()
-                .voter_ids()
-                .any(|v| v == id);
-            let change = if is_voter {
+            let change = if is_voter(name) {
+                self.await_primary_current().await?;
                 ChangeMembers::RemoveVoters(BTreeSet::from([id]))
             } else {
                 ChangeMembers::RemoveNodes(BTreeSet::from([id]))

@@ -340,14 +340,14 @@ pub async fn stop_confirming(
 
 pub use meridian_core::lease::majority;
 
-/// One renewal: sent to every member at once, counted when a majority granted it. On
-/// success the member's [`LeaseState`] moves to the send time. Bounded by `timeout`.
-/// The members a lease majority is counted over: the intent's members that are Raft
-/// voters. A member the intent already names but that has not been admitted as a voter
-/// (its agent may not even run yet) would grow the majority before it can grant: with one
-/// member down, adding one would fence the primary (#12, defect 8). Membership moves one
-/// voter at a time, so the primary's count and a breaker's differ by at most one member
-/// and their majorities still intersect.
+/// The members a lease majority is counted over (sorted): the intent's members that are
+/// Raft voters. A member the intent already names but that has not been admitted as a
+/// voter (its agent may not even run yet) would grow the majority before it can grant:
+/// with one member down, adding one would fence the primary (#12, defect 8). Membership
+/// moves one voter at a time, and a change is proposed only once the primary reported
+/// this set for the last one ([`meridian_core::lease::membership_change_may_proceed`]),
+/// so the primary's count and a breaker's differ by at most one member and their
+/// majorities intersect.
 pub fn lease_voters(shared: &Shared, intent: &Intent) -> Vec<String> {
     let metrics = shared.raft_metrics();
     let membership = metrics.membership_config.membership();
@@ -372,6 +372,8 @@ fn voters_among(intent: &Intent, voter_names: &std::collections::BTreeSet<String
         .collect()
 }
 
+/// One renewal: sent to every member at once, counted when a majority granted it. On
+/// success the member's [`LeaseState`] moves to the send time. Bounded by `timeout`.
 pub async fn renew_once(
     shared: &Arc<Shared>,
     generation: Generation,

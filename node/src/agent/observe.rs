@@ -729,6 +729,7 @@ impl Reporter {
                     pg.as_ref().is_some_and(|p| p.fenced),
                     resume_spent,
                 ),
+                lease_voters: super::lease::lease_voters(&self.shared, &applied.intent),
             };
             let result = self.report(obs, report_timeout).await;
             if result.is_ok() {
