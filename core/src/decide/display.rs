@@ -316,13 +316,9 @@ impl fmt::Display for Action {
                 }
                 Ok(())
             }
-            Action::Fence { member } => write!(f, "fence {member}"),
-            Action::Unfence { member } => write!(f, "let {member} take writes again"),
             Action::BreakLease { member, generation } => {
                 write!(f, "break {member}'s lease of generation {generation}")
             }
-            Action::Repoint { member, to } => write!(f, "point {member} at {to}"),
-            Action::Rejoin { member, to } => write!(f, "rejoin {member} as a standby of {to}"),
             Action::RecordSyncSet { set, degraded, .. } => {
                 write!(f, "record the sync set {set}")?;
                 if *degraded {

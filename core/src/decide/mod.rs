@@ -2,8 +2,10 @@
 //! Raft leader should do next ([`decide`] → [`Decision`]).
 //!
 //! Owns the rules of DESIGN §3: when the primary counts as failed, who may replace it
-//! (and why nobody may), the planned-switchover state machine, rejoin and re-pointing
-//! of standbys, and the sync-set ordering rule.
+//! (and why nobody may), the planned-switchover state machine and the sync-set ordering
+//! rule. What a member does with its own Postgres (fence, resume, re-point, rewind) is
+//! the local planner's ([`crate::plan`]), from the intent the leader commits: the leader
+//! emits only Raft writes and lease breaks, each of which its runtime carries out.
 //!
 //! # Invariants
 //! - **The decision core does no I/O.** No tokio, no network, no files, no
@@ -44,7 +46,7 @@ use crate::types::{Generation, Lsn};
 /// What the leader should do now, and what (if anything) it is waiting for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Decision {
-    /// In order; Raft writes come before the agent commands that rely on them.
+    /// In order; Raft writes come before the lease break that relies on them.
     pub actions: Vec<Action>,
     /// Why something the cluster needs is not (yet) happening; `None` when all is well.
     pub wait: Option<Wait>,
@@ -63,10 +65,6 @@ pub enum Action {
         /// WAL the old primary was known to hold beyond what `member` received.
         expected_loss_bytes: u64,
     },
-    /// Agent: stop `member`'s Postgres from accepting writes, for real, and report `fenced`.
-    Fence { member: String },
-    /// Agent: let `member` (still the recorded primary) accept writes again.
-    Unfence { member: String },
     /// Leader: ask every voter to break `member`'s lease of `generation` (a voter breaks
     /// it only once its own grant ran out); the result comes back as
     /// [`PrimaryView::lease`].
@@ -74,11 +72,6 @@ pub enum Action {
         member: String,
         generation: Generation,
     },
-    /// Agent: point `member`'s `primary_conninfo` (and slot) at `to`.
-    Repoint { member: String, to: String },
-    /// Agent: demote `member` (an old primary, or a diverged timeline) and rejoin it as a
-    /// standby of `to` (`pg_rewind`, or a fresh clone if rewind fails).
-    Rejoin { member: String, to: String },
     /// Raft: record the sync set. `degraded`: the primary may acknowledge commits with no
     /// sync standby although the policy asks for one (see `Intent::sync_degraded`).
     /// `degraded_until_lsn`: once the primary waits on a set again, every commit it
@@ -318,22 +311,18 @@ fn automatic(cx: &Cx) -> Decision {
     let name = primary.name.as_str();
     match failover::primary_state(cx, primary) {
         failover::PrimaryState::Healthy(pobs) => {
-            let mut actions = housekeeping(cx, name, Some(pobs.timeline));
-            let (sync_actions, wait) = sync::step(cx, name, pobs);
-            actions.extend(sync_actions);
+            let (actions, wait) = sync::step(cx, name, pobs);
             Decision { actions, wait }
         }
         failover::PrimaryState::Promoting { remaining_ms } => Decision {
-            actions: repoints(cx, name),
+            actions: Vec::new(),
             wait: Some(Wait::PrimaryPromoting {
                 primary: name.to_string(),
                 remaining_ms,
             }),
         },
         failover::PrimaryState::NotFenced => Decision {
-            actions: vec![Action::Fence {
-                member: name.to_string(),
-            }],
+            actions: Vec::new(),
             wait: Some(Wait::PrimaryFencing {
                 primary: name.to_string(),
             }),
@@ -359,55 +348,6 @@ fn automatic(cx: &Cx) -> Decision {
     }
 }
 
-/// Around a healthy primary: fence any second writer, rejoin old primaries and
-/// diverged standbys, re-point standbys that follow someone else.
-fn housekeeping(cx: &Cx, primary: &str, primary_timeline: Option<u32>) -> Vec<Action> {
-    let mut actions = Vec::new();
-    for (name, obs) in cx.fresh_data_members() {
-        if name == primary {
-            continue;
-        }
-        let member = name.to_string();
-        if obs.writable() {
-            // A second writer: the one-writer invariant comes before anything else.
-            actions.push(Action::Fence { member });
-        } else if obs.fenced
-            || (obs.postgres_up
-                && obs.in_recovery
-                && primary_timeline.is_some_and(|t| obs.timeline > t))
-        {
-            actions.push(Action::Rejoin {
-                member,
-                to: primary.to_string(),
-            });
-        } else if obs.postgres_up && obs.in_recovery && obs.upstream.as_deref() != Some(primary) {
-            actions.push(Action::Repoint {
-                member,
-                to: primary.to_string(),
-            });
-        }
-    }
-    actions
-}
-
-/// While a new primary finishes promoting: re-point the standbys already (their WAL
-/// receivers retry until it is up).
-fn repoints(cx: &Cx, primary: &str) -> Vec<Action> {
-    cx.fresh_data_members()
-        .filter(|(name, obs)| {
-            *name != primary
-                && obs.postgres_up
-                && obs.in_recovery
-                && !obs.fenced
-                && obs.upstream.as_deref() != Some(primary)
-        })
-        .map(|(name, _)| Action::Repoint {
-            member: name.to_string(),
-            to: primary.to_string(),
-        })
-        .collect()
-}
-
 /// The view and the clock, with the small queries every rule needs.
 struct Cx<'a> {
     view: &'a ClusterView,
@@ -429,15 +369,6 @@ impl<'a> Cx<'a> {
             .observations
             .get(name)
             .filter(|obs| self.is_fresh(obs))
-    }
-
-    /// Data members with a fresh observation, by name.
-    fn fresh_data_members(&self) -> impl Iterator<Item = (&'a str, &'a Observation)> + '_ {
-        self.view
-            .members
-            .iter()
-            .filter(|(_, m)| m.kind == crate::types::MemberKind::Data)
-            .filter_map(move |(name, _)| self.fresh(name).map(|obs| (name.as_str(), obs)))
     }
 
     /// Deadline arithmetic: ms left until `since + bound`, 0 once passed.

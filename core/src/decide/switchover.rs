@@ -48,14 +48,9 @@ pub(super) fn step(cx: &Cx, sw: &SwitchoverView) -> Decision {
             };
             match check_target(cx, target, pobs.wal_lsn.unwrap_or(Lsn::ZERO)) {
                 Ok(()) => Decision {
-                    actions: vec![
-                        Action::SetSwitchoverPhase {
-                            phase: SwitchoverPhase::StoppingWrites,
-                        },
-                        Action::Fence {
-                            member: primary.to_string(),
-                        },
-                    ],
+                    actions: vec![Action::SetSwitchoverPhase {
+                        phase: SwitchoverPhase::StoppingWrites,
+                    }],
                     wait: None,
                 },
                 Err(r @ (Rejection::NotAMember | Rejection::Witness | Rejection::NoFailover)) => {
@@ -76,12 +71,10 @@ pub(super) fn step(cx: &Cx, sw: &SwitchoverView) -> Decision {
             let final_lsn = pobs.filter(|o| o.writes_stopped()).and_then(|o| o.wal_lsn);
             let Some(final_lsn) = final_lsn else {
                 if remaining_ms == 0 {
-                    return aborting(primary, SwitchoverAbort::WritesNotStopped);
+                    return aborting(SwitchoverAbort::WritesNotStopped);
                 }
                 return waiting(
-                    vec![Action::Fence {
-                        member: primary.to_string(),
-                    }],
+                    Vec::new(),
                     SwitchoverWait::WritesStopping {
                         primary: primary.to_string(),
                         remaining_ms,
@@ -103,7 +96,6 @@ pub(super) fn step(cx: &Cx, sw: &SwitchoverView) -> Decision {
             }
             if remaining_ms == 0 {
                 return aborting(
-                    primary,
                     SwitchoverAbort::TargetDidNotCatchUp {
                         received_lsn,
                         final_lsn,
@@ -132,9 +124,7 @@ pub(super) fn step(cx: &Cx, sw: &SwitchoverView) -> Decision {
                 return abandon(reason.clone());
             }
             waiting(
-                vec![Action::Unfence {
-                    member: primary.to_string(),
-                }],
+                Vec::new(),
                 SwitchoverWait::PrimaryResuming {
                     primary: primary.to_string(),
                     remaining_ms,
@@ -193,16 +183,11 @@ fn abandon(reason: SwitchoverAbort) -> Decision {
     }
 }
 
-fn aborting(primary: &str, reason: SwitchoverAbort) -> Decision {
+fn aborting(reason: SwitchoverAbort) -> Decision {
     Decision {
-        actions: vec![
-            Action::SetSwitchoverPhase {
-                phase: SwitchoverPhase::Aborting(reason),
-            },
-            Action::Unfence {
-                member: primary.to_string(),
-            },
-        ],
+        actions: vec![Action::SetSwitchoverPhase {
+            phase: SwitchoverPhase::Aborting(reason),
+        }],
         wait: None,
     }
 }

@@ -616,11 +616,7 @@ fn command_for(
                 at_unix_ms: unix_ms(),
             })
         }
-        Action::Fence { .. }
-        | Action::Unfence { .. }
-        | Action::BreakLease { .. }
-        | Action::Repoint { .. }
-        | Action::Rejoin { .. } => None,
+        Action::BreakLease { .. } => None,
     }
 }
 
