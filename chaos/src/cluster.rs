@@ -31,7 +31,7 @@ use anyhow::Context;
 use meridian_node::pg::{pid_alive, RunAs, DEFAULT_OS_USER};
 use meridian_node::raft::{Command as IntentCommand, Intent};
 use meridian_proto::admin_client::AdminClient;
-use meridian_proto::{CommandRequest, StatusRequest, StatusResponse, WalReceiverStatus};
+use meridian_proto::{StatusRequest, StatusResponse, WalReceiverStatus};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::{getpgid, Pid};
 use tempfile::TempDir;
@@ -1208,35 +1208,25 @@ impl Cluster {
     }
 
     /// Proposes `cmd` through the responsive members (forwarded to the leader), retrying
-    /// while no leader answers for at most [`COMMAND_RETRY_WINDOW`]. Returns the result JSON.
-    pub async fn command(&self, cmd: &IntentCommand) -> anyhow::Result<serde_json::Value> {
-        let json = serde_json::to_string(cmd)?;
+    /// while no leader answers for at most [`COMMAND_RETRY_WINDOW`]. Returns the log index;
+    /// a refusal is an error carrying its reason.
+    pub async fn command(&self, cmd: &IntentCommand) -> anyhow::Result<u64> {
         let deadline = Instant::now() + COMMAND_RETRY_WINDOW;
         let mut last = anyhow::anyhow!("no member is running");
         loop {
             for name in self.responsive() {
                 let attempt = async {
                     let mut c = self.admin(&name).await?;
-                    let r = tokio::time::timeout(
-                        CALL_TIMEOUT * 4,
-                        c.command(CommandRequest {
-                            command_json: json.clone(),
-                            token: ADMIN_TOKEN.to_string(),
-                        }),
-                    )
-                    .await
-                    .with_context(|| format!("command via {name}: timed out"))?
-                    .with_context(|| format!("command via {name}"))?;
-                    let v: serde_json::Value = serde_json::from_str(&r.into_inner().result_json)?;
-                    anyhow::Ok(v)
+                    meridian_node::admin_client::submit(&mut c, cmd, ADMIN_TOKEN, CALL_TIMEOUT * 4)
+                        .await
+                        .with_context(|| format!("command via {name}"))
                 };
                 match attempt.await {
-                    Ok(v) => {
-                        anyhow::ensure!(
-                            v["response"]["response"] == "applied",
-                            "command {json} was not applied: {v}"
-                        );
-                        return Ok(v);
+                    Ok(committed) => {
+                        if let Some(refusal) = committed.refusal() {
+                            anyhow::bail!("command {} was refused: {refusal}", cmd);
+                        }
+                        return Ok(committed.log_index);
                     }
                     Err(e) => last = e,
                 }

@@ -5,11 +5,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use meridian_node::raft::{Command, Intent, Response};
+use meridian_node::raft::{Command, Intent};
 use meridian_proto::admin_client::AdminClient;
 use meridian_proto::{
-    CommandRequest, MemberActionRequest, MemberActionResponse, PgCatalogRequest, QueryRequest,
-    QueryResponse, RemoveMemberRequest, StatusRequest, StatusResponse,
+    MemberActionRequest, MemberActionResponse, PgCatalogRequest, QueryRequest, QueryResponse,
+    RemoveMemberRequest, StatusRequest, StatusResponse,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
@@ -150,55 +150,29 @@ impl Client {
     /// retried for at most [`LEADERLESS_RETRY`]: only for commands whose repetition is
     /// harmless. Returns the log index; a refusal is an error carrying its reason.
     pub async fn command(&self, cmd: &Command, retry_leaderless: bool) -> anyhow::Result<u64> {
-        let json = serde_json::to_string(cmd).context("encoding the command")?;
-        let value = self.command_json(&json, retry_leaderless).await?;
-        let response: Response = serde_json::from_value(value["response"].clone())
-            .with_context(|| format!("decoding the cluster's answer {value}"))?;
-        match response {
-            Response::Refused(r) => anyhow::bail!("refused by the cluster: {r}"),
-            _ => value["log_index"]
-                .as_u64()
-                .with_context(|| format!("the cluster's answer has no log index: {value}")),
-        }
-    }
-
-    /// Sends raw command JSON; returns the decoded result JSON.
-    pub async fn command_json(
-        &self,
-        json: &str,
-        retry_leaderless: bool,
-    ) -> anyhow::Result<serde_json::Value> {
+        use meridian_node::admin_client::{submit, SubmitError};
         let deadline = Instant::now() + LEADERLESS_RETRY;
         loop {
             let (ep, mut c) = self.first().await?;
-            let r = tokio::time::timeout(
-                self.timeout(),
-                c.command(CommandRequest {
-                    command_json: json.to_string(),
-                    token: self.settings.token.clone(),
-                }),
-            )
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "{} did not answer within {} ms",
-                    ep.label(),
-                    self.settings.timeout_ms
-                )
-            })?;
-            match r {
-                Ok(r) => {
-                    return serde_json::from_str(&r.into_inner().result_json)
-                        .context("decoding the cluster's answer")
+            match submit(&mut c, cmd, &self.settings.token, self.timeout()).await {
+                Ok(committed) => {
+                    if let Some(refusal) = committed.refusal() {
+                        anyhow::bail!("refused by the cluster: {refusal}");
+                    }
+                    return Ok(committed.log_index);
                 }
-                Err(s)
+                Err(SubmitError::Status(s))
                     if retry_leaderless
                         && s.code() == tonic::Code::Unavailable
                         && Instant::now() + LEADERLESS_RETRY_EVERY < deadline =>
                 {
                     tokio::time::sleep(LEADERLESS_RETRY_EVERY).await;
                 }
-                Err(s) => anyhow::bail!("{}", describe_status(&s)),
+                Err(SubmitError::Status(s)) => anyhow::bail!("{}", describe_status(&s)),
+                Err(SubmitError::Timeout(ms)) => {
+                    anyhow::bail!("{} did not answer within {ms} ms", ep.label())
+                }
+                Err(e) => return Err(e.into()),
             }
         }
     }

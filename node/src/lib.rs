@@ -1,6 +1,7 @@
 //! meridian-node as a library: the agent's building blocks, shared with the end-to-end
 //! tests and the chaos harness.
 
+pub mod admin_client;
 pub mod agent;
 pub mod auth;
 pub mod backup;

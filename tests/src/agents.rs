@@ -754,32 +754,28 @@ impl AgentCluster {
     /// for at most [`RETRY_WINDOW`]: a retried command may apply twice, so use commands
     /// whose repetition is harmless.
     pub async fn command(&self, name: &str, cmd: &IntentCommand) -> anyhow::Result<u64> {
-        let json = serde_json::to_string(cmd)?;
+        use meridian_node::admin_client::{submit, SubmitError};
         let deadline = Instant::now() + RETRY_WINDOW;
-        let result = loop {
+        let committed = loop {
             let mut c = self.admin(name).await?;
-            let r = tokio::time::timeout(
-                CALL_TIMEOUT,
-                c.command(meridian_proto::CommandRequest {
-                    command_json: json.clone(),
-                    token: self.token.clone(),
-                }),
-            )
-            .await
-            .with_context(|| format!("command via {name}: timed out"))?;
-            match r {
-                Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+            match submit(&mut c, cmd, &self.token, CALL_TIMEOUT).await {
+                Err(e)
+                    if e.code() == Some(tonic::Code::Unavailable) && Instant::now() < deadline =>
+                {
                     tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e @ SubmitError::Timeout(_)) => {
+                    return Err(
+                        anyhow::Error::new(e).context(format!("command via {name}: timed out"))
+                    )
                 }
                 other => break other.with_context(|| format!("command via {name}"))?,
             }
         };
-        let v: serde_json::Value = serde_json::from_str(&result.into_inner().result_json)?;
-        anyhow::ensure!(
-            v["response"]["response"] == "applied",
-            "command via {name} was not applied: {v}"
-        );
-        v["log_index"].as_u64().context("result has no log_index")
+        if let Some(refusal) = committed.refusal() {
+            anyhow::bail!("command via {name} was not applied: {refusal}");
+        }
+        Ok(committed.log_index)
     }
 
     /// Commits a policy that is the default except for `region` (every region named gets

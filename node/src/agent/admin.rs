@@ -908,13 +908,10 @@ impl Admin for AdminService {
                 let w = within(self.shared.raft.client_write(cmd))
                     .await?
                     .map_err(write_error)?;
-                let result = serde_json::json!({
-                    "log_index": w.log_id.index,
-                    "response": w.data,
-                });
-                Ok(GrpcResponse::new(CommandResponse {
-                    result_json: result.to_string(),
-                }))
+                Ok(GrpcResponse::new(crate::admin_client::encode(
+                    w.log_id.index,
+                    &w.data,
+                )))
             }
         }
     }

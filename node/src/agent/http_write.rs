@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use axum::http::StatusCode;
 use meridian_proto::admin_server::Admin;
-use meridian_proto::CommandRequest;
 use tonic::Request;
 
 use super::admin::AdminService;
@@ -76,8 +75,6 @@ async fn carry_out(
 ) -> Result<serde_json::Value, WriteError> {
     let intent = shared.applied().intent.clone();
     let cmd = command_for(&intent, req)?;
-    let json = serde_json::to_string(&cmd)
-        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let token = shared
         .config
         .api
@@ -87,10 +84,7 @@ async fn carry_out(
         .unwrap_or_default();
     let svc = AdminService::new(shared.clone());
     let r = svc
-        .command(Request::new(CommandRequest {
-            command_json: json,
-            token,
-        }))
+        .command(Request::new(crate::admin_client::request(&cmd, &token)))
         .await
         .map_err(|s| {
             let code = match s.code() {
@@ -104,12 +98,16 @@ async fn carry_out(
             };
             (code, s.message().to_string())
         })?;
-    let v: serde_json::Value = serde_json::from_str(&r.into_inner().result_json)
+    let committed = crate::admin_client::decode(r.get_ref())
         .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    if v["response"]["response"] == "refused" {
-        return Err((StatusCode::CONFLICT, v["response"]["detail"].to_string()));
+    if let Some(refusal) = committed.refusal() {
+        return Err((StatusCode::CONFLICT, refusal));
     }
-    Ok(v)
+    // The body callers have always had: the log index and the response as the log has it.
+    Ok(serde_json::json!({
+        "log_index": committed.log_index,
+        "response": committed.response,
+    }))
 }
 
 #[cfg(test)]

@@ -24,8 +24,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use meridian_proto::admin_client::AdminClient;
-use meridian_proto::CommandRequest;
-use tonic::Request;
 
 use super::join::unix_ms;
 use super::Shared;
@@ -145,23 +143,22 @@ pub async fn propose(shared: &Shared, cmd: Command) -> anyhow::Result<Response> 
     }
     let (_, leader) = shared.leader().context("no leader is known")?;
     let channel = shared.dialer.channel(&leader)?;
-    let mut req = Request::new(CommandRequest {
-        command_json: serde_json::to_string(&cmd)?,
-        token: shared
-            .config
-            .api
-            .token
-            .as_ref()
-            .map(|t| t.expose().to_string())
-            .unwrap_or_default(),
-    });
-    req.set_timeout(PROPOSE_TIMEOUT);
-    let r = tokio::time::timeout(PROPOSE_TIMEOUT, AdminClient::new(channel).command(req))
-        .await
-        .context("the leader did not answer in time")?
-        .map_err(|s| anyhow::anyhow!("leader {leader}: {}", s.message()))?;
-    let v: serde_json::Value = serde_json::from_str(&r.into_inner().result_json)?;
-    Ok(serde_json::from_value(v["response"].clone())?)
+    let token = shared
+        .config
+        .api
+        .token
+        .as_ref()
+        .map(|t| t.expose().to_string())
+        .unwrap_or_default();
+    let committed = crate::admin_client::submit(
+        &mut AdminClient::new(channel),
+        &cmd,
+        &token,
+        PROPOSE_TIMEOUT,
+    )
+    .await
+    .with_context(|| format!("proposing through the leader {leader}"))?;
+    Ok(committed.response)
 }
 
 /// The reconcile loop of a data member.

@@ -30,6 +30,7 @@ pub mod pg_access;
 pub mod resume;
 pub mod scheduled;
 pub mod stop;
+pub mod switch_over;
 pub mod watchdog;
 
 use std::net::{SocketAddr, ToSocketAddrs};

@@ -23,8 +23,11 @@ use super::admin::AdminService;
 use super::join::unix_ms;
 use super::member::propose;
 use super::Shared;
-use crate::raft::intent::{Command, HistoryEntry, HistoryKind, PendingSwitchover, Response};
+use crate::raft::intent::{Command, HistoryEntry, HistoryKind, Response};
 
+/// How long a freshly elected leader waits for the members' reports before it judges the
+/// switchover's target.
+const GATHER_BOUND: Duration = Duration::from_secs(3);
 /// Bound on a scheduled switchover, from its request to the new primary in the intent.
 const SWITCHOVER_WAIT: Duration = Duration::from_secs(60);
 /// Bound on a restarted member coming back (streaming, or running as the primary).
@@ -83,47 +86,17 @@ pub async fn fire(shared: Arc<Shared>, s: Scheduled) {
 /// A switchover to `candidate` (or the best healthy standby); Ok once the intent names it
 /// the primary.
 async fn switchover(shared: &Arc<Shared>, candidate: Option<&str>) -> anyhow::Result<String> {
-    let status = AdminService::new(shared.clone())
-        .status(Request::new(StatusRequest { local: false }))
+    let from = shared
+        .applied()
+        .intent
+        .primary
+        .clone()
+        .context("there is no primary")?;
+    let to = super::switch_over::choose_target(shared, candidate, GATHER_BOUND)
         .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))
-        .context("reading the cluster's status")?
-        .into_inner();
-    let intent = shared.applied().intent.clone();
-    let from = intent.primary.clone().context("there is no primary")?;
-    let to = crate::precheck::switchover_candidate(&status, &intent, candidate)
         .map_err(|why| anyhow::anyhow!("switchover refused: {why}"))?;
-    let begin = Command::BeginSwitchover(PendingSwitchover {
-        from: from.clone(),
-        to: to.clone(),
-        started_at_unix_ms: unix_ms(),
-        phase: Default::default(),
-    });
-    if let Response::Refused(r) = propose(shared, begin)
-        .await
-        .context("requesting the switchover")?
-    {
-        anyhow::bail!("the switchover was refused: {r}");
-    }
-    let deadline = Instant::now() + SWITCHOVER_WAIT;
-    loop {
-        let intent = shared.applied().intent.clone();
-        match intent.primary.as_deref() {
-            Some(p) if p == to => return Ok(format!("switched over from {from} to {to}")),
-            Some(p) if p != from => anyhow::bail!("{p} became the primary instead of {to}"),
-            _ => {}
-        }
-        if intent.pending_switchover.is_none() {
-            anyhow::bail!("the switchover from {from} to {to} was abandoned");
-        }
-        if Instant::now() >= deadline {
-            anyhow::bail!(
-                "the switchover to {to} did not finish within {} s",
-                SWITCHOVER_WAIT.as_secs()
-            );
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    super::switch_over::run(shared, &from, &to, SWITCHOVER_WAIT).await?;
+    Ok(format!("switched over from {from} to {to}"))
 }
 
 /// Whether the leader's latest observation of `member` says a parameter waits for a

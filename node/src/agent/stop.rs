@@ -14,25 +14,14 @@
 //! agent exits.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::Context;
-use meridian_proto::admin_server::Admin;
-use meridian_proto::StatusRequest;
 use tokio::task::JoinHandle;
-use tonic::Request;
 
-use super::admin::AdminService;
-use super::join::unix_ms;
-use super::member::propose;
 use super::Shared;
 use crate::config::OnPrimaryStop;
 use crate::pg::{PgInstance, StopMode};
-use crate::raft::intent::{PendingSwitchover, Response};
-use crate::raft::Command;
 
-/// How often the applied intent is checked while a hand-over runs.
-const POLL: Duration = Duration::from_millis(100);
 /// Bound on stopping (or fencing) the local Postgres.
 const PG_STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -89,69 +78,18 @@ pub async fn before_shutdown(
     }
 }
 
-/// A switchover away from this member, to the best healthy standby; returns its name once
-/// the applied intent names it the primary.
 /// How long a stopping primary waits for a newly elected leader to hear from the standbys.
 const GATHER_BOUND: Duration = Duration::from_secs(3);
-const GATHER_RETRY: Duration = Duration::from_millis(200);
 
+/// A switchover away from this member, to the best healthy standby; returns its name once
+/// the applied intent names it the primary.
 async fn hand_over(shared: &Arc<Shared>) -> anyhow::Result<String> {
-    let deadline = Instant::now() + shared.config.shutdown.switchover_timeout;
-    // A leader elected a moment ago holds no reports yet ("has not reported"): give it
-    // one gathering period (bounded, within the switchover budget) before giving up on a
-    // hand-over and fencing instead (seen in CI right after a Raft leadership hand-off).
-    let gather_until =
-        Instant::now() + GATHER_BOUND.min(shared.config.shutdown.switchover_timeout / 2);
-    let to = loop {
-        let status = AdminService::new(shared.clone())
-            .status(Request::new(StatusRequest { local: false }))
-            .await
-            .map_err(|s| anyhow::anyhow!("{}", s.message()))
-            .context("reading the cluster's status")?
-            .into_inner();
-        let intent = shared.applied().intent.clone();
-        match crate::precheck::switchover_candidate(&status, &intent, None) {
-            Ok(to) => break to,
-            Err(why) if why.contains("has not reported") && Instant::now() < gather_until => {
-                tokio::time::sleep(GATHER_RETRY).await;
-            }
-            Err(why) => anyhow::bail!(why),
-        }
-    };
-    tracing::info!("stopping: switching over to {to} first");
-    let begin = Command::BeginSwitchover(PendingSwitchover {
-        from: shared.name().to_string(),
-        to: to.clone(),
-        started_at_unix_ms: unix_ms(),
-        phase: Default::default(),
-    });
-    if let Response::Refused(r) = propose(shared, begin)
+    let within = shared.config.shutdown.switchover_timeout;
+    // Bounded within the switchover budget, before giving up on a hand-over and fencing.
+    let to = super::switch_over::choose_target(shared, None, GATHER_BOUND.min(within / 2))
         .await
-        .context("requesting the switchover")?
-    {
-        anyhow::bail!("the switchover was refused: {r}");
-    }
-    let mut began = false;
-    loop {
-        let intent = shared.applied().intent.clone();
-        match intent.primary.as_deref() {
-            Some(p) if p == to => return Ok(to),
-            Some(p) if p != shared.name() => {
-                anyhow::bail!("{p} became the primary instead of {to}")
-            }
-            _ => {}
-        }
-        match &intent.pending_switchover {
-            Some(_) => began = true,
-            None if began => anyhow::bail!("the switchover to {to} was abandoned"),
-            None => {}
-        }
-        if Instant::now() >= deadline {
-            anyhow::bail!(
-                "the switchover to {to} did not finish within {} s",
-                shared.config.shutdown.switchover_timeout.as_secs()
-            );
-        }
-        tokio::time::sleep(POLL).await;
-    }
+        .map_err(|why| anyhow::anyhow!(why))?;
+    tracing::info!("stopping: switching over to {to} first");
+    super::switch_over::run(shared, shared.name(), &to, within).await?;
+    Ok(to)
 }
