@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::intent::{Command, PromotionKind};
+use crate::intent::{Command, MemberTags, PromotionKind};
 
 impl fmt::Display for PromotionKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -16,6 +16,20 @@ impl fmt::Display for PromotionKind {
     }
 }
 
+impl fmt::Display for MemberTags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "priority {}, nofailover {}, nosync {}, clonefrom {}",
+            self.priority, self.nofailover, self.nosync, self.clonefrom
+        )?;
+        if let Some(up) = &self.replicatefrom {
+            write!(f, ", replicatefrom {up}")?;
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -23,17 +37,7 @@ impl fmt::Display for Command {
                 name, region, kind, ..
             } => write!(f, "add {kind} member {name} in region {region}"),
             Command::RemoveMember { name, .. } => write!(f, "remove member {name}"),
-            Command::SetMemberTags { name, tags } => {
-                write!(
-                    f,
-                    "tag {name}: priority {}, nofailover {}",
-                    tags.priority, tags.nofailover
-                )?;
-                if let Some(up) = &tags.replicatefrom {
-                    write!(f, ", replicatefrom {up}")?;
-                }
-                Ok(())
-            }
+            Command::SetMemberTags { name, tags } => write!(f, "tag {name}: {tags}"),
             Command::Promote(p) => {
                 write!(
                     f,

@@ -424,3 +424,60 @@ async fn a_member_of_another_cluster_or_with_a_bad_certificate_is_refused() {
         "a1 does not log the refused handshake of y1:\n{a1_log}"
     );
 }
+
+/// Tags follow the member's configuration, as in Patroni: a member whose config gained
+/// `priority` and `nofailover` after it joined has them in the intent once its agent is
+/// restarted with that config; nothing else about it changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_edited_in_a_members_config_reach_the_intent_after_a_restart() {
+    let mut c = AgentCluster::new(
+        vec![
+            MemberSpec::data("a1", "east").bootstrap(),
+            MemberSpec::data("a2", "east").join("a1"),
+            MemberSpec::witness("w1", "eu").join("a1"),
+        ],
+        false,
+    )
+    .unwrap();
+    for m in ["a1", "a2", "w1"] {
+        c.start(m).unwrap();
+    }
+    let s = wait_voters(&c, &["a1", "a2", "w1"], FORM).await;
+    let before = intent(&s).members["a2"].clone();
+    assert_eq!((before.tags.priority, before.tags.nofailover), (0, false));
+    c.stop("a2").unwrap();
+    let path = c.member("a2").config_path.clone();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let edited = text.replacen(
+        "kind = \"data\"\n",
+        "kind = \"data\"\npriority = 7\nnofailover = true\n",
+        1,
+    );
+    assert_ne!(
+        edited,
+        text,
+        "the [member] section was not found in {}",
+        path.display()
+    );
+    std::fs::write(&path, edited).unwrap();
+    c.start("a2").unwrap();
+    let after = wait_for("a2's new tags in the intent", FORM, || async {
+        let s = c.status().await.ok()?;
+        let m = intent(&s).members.get("a2")?.clone();
+        (m.tags.priority == 7 && m.tags.nofailover).then_some(m)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    assert_eq!(
+        (after.id, after.region.as_str(), after.kind),
+        (before.id, before.region.as_str(), before.kind),
+        "only the tags changed"
+    );
+    assert!(
+        c.member("a2")
+            .log()
+            .contains("this member's tags now follow its configuration"),
+        "{}",
+        c.logs()
+    );
+}

@@ -398,13 +398,7 @@ async fn bootstrap_inner(shared: &Shared) -> anyhow::Result<()> {
                 name: shared.name().to_string(),
                 region: shared.config.member.region.clone(),
                 kind: intent_kind(shared.config.member.kind),
-                tags: MemberTags {
-                    priority: shared.config.member.priority,
-                    nofailover: shared.config.member.nofailover,
-                    nosync: shared.config.member.nosync,
-                    clonefrom: shared.config.member.clonefrom,
-                    replicatefrom: shared.config.member.replicatefrom.clone(),
-                },
+                tags: config_tags(&shared.config),
                 at_unix_ms: unix_ms(),
             };
             let write = tokio::time::timeout(BOOTSTRAP_DEADLINE, shared.raft.client_write(cmd));
@@ -439,6 +433,72 @@ pub fn unix_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or_default()
+}
+
+/// The tags this member's configuration asks for.
+pub fn config_tags(config: &Config) -> MemberTags {
+    MemberTags {
+        priority: config.member.priority,
+        nofailover: config.member.nofailover,
+        nosync: config.member.nosync,
+        clonefrom: config.member.clonefrom,
+        replicatefrom: config.member.replicatefrom.clone(),
+    }
+}
+
+/// How long a started agent keeps trying to bring the intent's tags for it in line with
+/// its configuration.
+const TAGS_DEADLINE: Duration = Duration::from_secs(120);
+const TAGS_RETRY_EVERY: Duration = Duration::from_secs(1);
+
+/// Tags follow the member's configuration, as in Patroni: when the intent records other
+/// tags for this member than its config asks for (the config was edited and the agent
+/// restarted), the agent proposes `SetMemberTags` once it finds itself in the intent.
+/// Bounded; a refusal is logged and ends the task (nothing changed).
+pub async fn sync_tags(shared: Arc<Shared>) {
+    let wanted = config_tags(&shared.config);
+    let started = Instant::now();
+    let mut last_error = None;
+    while started.elapsed() < TAGS_DEADLINE {
+        let recorded = shared
+            .applied()
+            .intent
+            .member(shared.name())
+            .map(|m| m.tags.clone());
+        match recorded {
+            Some(t) if t == wanted => return,
+            Some(t) => {
+                let cmd = Command::SetMemberTags {
+                    name: shared.name().to_string(),
+                    tags: wanted.clone(),
+                };
+                match super::member::propose(&shared, cmd).await {
+                    Ok(Response::Refused(r)) => {
+                        tracing::error!("updating this member's tags was refused: {r}");
+                        return;
+                    }
+                    Ok(_) => {
+                        tracing::info!(
+                            "this member's tags now follow its configuration: {wanted} \
+                             (were {t})"
+                        );
+                        return;
+                    }
+                    Err(e) => last_error = Some(format!("{e:#}")),
+                }
+            }
+            // Not in the intent yet (still joining, or replaying after a restart).
+            None => {}
+        }
+        tokio::time::sleep(TAGS_RETRY_EVERY).await;
+    }
+    if let Some(e) = last_error {
+        tracing::warn!(
+            "this member's tags in the cluster differ from its configuration and could not \
+             be updated within {} s: {e}",
+            TAGS_DEADLINE.as_secs()
+        );
+    }
 }
 
 #[cfg(test)]

@@ -426,6 +426,7 @@ impl Agent {
             let _ = shared.local_pg.set(pg.clone());
         }
         tasks.push(tokio::spawn(reporter.run(health_tx)));
+        tasks.push(tokio::spawn(join::sync_tags(shared.clone())));
         tasks.push(tokio::spawn(lease::run(shared.clone(), local.clone())));
         let mut member_task = None;
         if let Some(pg) = local.clone() {
