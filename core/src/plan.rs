@@ -3,13 +3,11 @@
 //! locally ([`LocalObserved`]). [`plan`] returns one [`Step`]; the runtime executes it and
 //! plans again on its next tick (level-triggered, like the leader's core).
 //!
-//! This is the whole decision tree of a member: `node/src/agent/member.rs` gathers
-//! [`LocalObserved`] (and keeps the timers it measures), calls [`plan`] and executes the
-//! step; the simulation runs the same function over its simulated Postgres. The runtime
-//! decides nothing itself: how a step is carried out (which commands, in which order) is
-//! its business, whether it is taken is this module's.
+//! The decision tree is the one of `node/src/agent/member.rs` (`tick`, `not_running`,
+//! `as_standby`), written as a pure function so that it can be tested exactly and run by
+//! the simulation. The runtime does not execute these steps yet (member.rs keeps its own
+//! copy of the tree); the unit tests below pin the rules both share.
 
-pub use crate::cascade::Upstream;
 use crate::decide::{SwitchoverPhase, SyncSet};
 use crate::intent::Intent;
 use crate::types::Generation;
@@ -95,12 +93,8 @@ pub struct LocalObserved {
     pub lease_valid: bool,
     /// The timeline the primary writes on, from a fresh peer probe.
     pub primary_timeline: Option<u32>,
-    /// What the standby's `primary_conninfo` points at, as this agent set it (None: not
-    /// set by this agent yet, or disconnected).
-    pub upstream: Option<Upstream>,
-    /// Where it should stream from ([`crate::cascade::upstream`] with this agent's own
-    /// probes); None when the intent names no primary other than this member.
-    pub wanted_upstream: Option<Upstream>,
+    /// The primary the standby's `primary_conninfo` points at.
+    pub upstream: Option<String>,
     /// The WAL receiver was disconnected because this member is isolated.
     pub disconnected: bool,
     /// How long the standby has not streamed (0 when it streams).
@@ -116,9 +110,6 @@ pub struct LocalObserved {
     /// This member, as a voter, broke the current generation's lease (a standing break,
     /// not released): as a standby it must stop confirming that primary's WAL.
     pub broke_primary_lease: bool,
-    /// How long this agent has seen itself named the primary of the current generation
-    /// while its server is still in recovery (0 when not).
-    pub promoting_for_ms: u64,
 }
 
 /// What the agent tells the leader about a resume in place: its fence is not final while
@@ -141,9 +132,6 @@ pub struct PlanLimits {
     /// A primary resumed in place that cannot take its lease within this gives the resume
     /// up: its fence becomes final and the leader may promote another member.
     pub resume_within_ms: u64,
-    /// A named primary still in recovery after this long gives the promotion up (fences
-    /// itself), so the leader can choose another candidate.
-    pub promote_timeout_ms: u64,
 }
 
 /// Why a member fences its own Postgres.
@@ -155,19 +143,6 @@ pub enum FenceWhy {
     Crashed,
     /// It accepts writes but the intent names another primary.
     NotPrimary,
-    /// Named the primary, it did not leave recovery within `promote_timeout`.
-    PromotionStuck,
-}
-
-/// Why a standby disconnects its WAL receiver.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DisconnectWhy {
-    /// No leader accepted its reports for `isolated_after`: the primary's sync commits
-    /// must not count it while it cannot see the cluster.
-    Isolated,
-    /// This voter broke the primary's lease of this generation: it confirms none of that
-    /// primary's WAL until a promotion or a release of the break (sim F7).
-    LeaseBroken,
 }
 
 /// One step for the agent to carry out.
@@ -181,10 +156,8 @@ pub enum Step {
     Bootstrap,
     /// Re-clone on the operator's request.
     Reinit,
-    /// No data yet: clone it from the primary (or a `clonefrom` standby of it).
+    /// No data yet: clone it from the primary.
     Clone { from: String },
-    /// Named the primary with no data directory: nothing to start; said loudly.
-    PrimaryWithoutData,
     /// Start the server where it was (a stopped standby, or a primary with its lease).
     Start,
     /// Start as the primary: wait for the current generation's lease first.
@@ -195,24 +168,22 @@ pub enum Step {
     Promote,
     /// The switchover away from this member asks it to stop taking writes.
     StopWrites,
-    /// Take writes again: a switchover given up after writes stopped (`in_place` false),
-    /// or resumed in place with the lease (`in_place` true: the runtime clears the fence
-    /// mark, then marks this generation's resume spent, then starts the server).
-    Resume { in_place: bool },
+    /// Take writes again (switchover aborted, or resumed in place with the lease). For a
+    /// resume in place the runtime clears the fence mark, then marks the resume spent,
+    /// then starts the server.
+    Resume,
     /// Resumed in place, but no lease within `resume_within_ms`: mark this generation's
     /// resume spent (durably), so the fence is final.
     GiveUpResume,
-    /// Serve writes: the primary's upkeep (roles, slots, stanza), with
-    /// `synchronous_standby_names` set to `sync` where it differs (None: leave it as it
-    /// is; the runtime renders the set with the lease gate when that is on).
-    ServePrimary { sync: Option<SyncSet> },
-    /// Point `primary_conninfo` (and slot) at `to`.
-    Repoint { to: Upstream },
-    /// Streaming from where it should: a standby's upkeep (slots of members cascading
-    /// from here); `clear_fence` when a fenced former primary now streams.
-    Streaming { clear_fence: bool },
-    /// Disconnect the WAL receiver and keep it off.
-    DisconnectUpstream(DisconnectWhy),
+    /// Set `synchronous_standby_names` to this generation's target.
+    ApplySyncNames(SyncSet),
+    /// Point `primary_conninfo` at the primary.
+    Repoint { to: String },
+    /// A fenced former primary streams from the new one: clear the fence mark.
+    ClearFence,
+    /// Isolated from every leader: disconnect the WAL receiver (so the primary's sync
+    /// commits do not count this member while it cannot see the cluster).
+    DisconnectUpstream,
     /// Diverged or an old primary: `pg_rewind` onto `onto` and start as its standby
     /// (re-clone when rewind fails).
     Rewind { onto: String },
@@ -231,9 +202,8 @@ pub fn plan(intent: &MemberIntent, local: &LocalObserved, limits: &PlanLimits) -
     }
     if !local.has_data {
         return match &intent.primary {
-            Some(_) if intent.i_am_primary => Step::PrimaryWithoutData,
-            Some(p) => Step::Clone { from: p.clone() },
-            None => Step::Idle,
+            Some(p) if !intent.i_am_primary => Step::Clone { from: p.clone() },
+            _ => Step::Idle,
         };
     }
     if !local.running {
@@ -247,27 +217,21 @@ pub fn plan(intent: &MemberIntent, local: &LocalObserved, limits: &PlanLimits) -
     };
     if intent.i_am_primary {
         if probe.in_recovery {
-            if local.fenced {
-                // Fenced for a switchover being undone, or after a crash: not promotable.
-                return Step::Idle;
-            }
-            if local.promoting_for_ms >= limits.promote_timeout_ms {
-                return Step::Fence(FenceWhy::PromotionStuck);
-            }
-            return Step::Promote;
+            return if local.fenced {
+                Step::Idle
+            } else {
+                Step::Promote
+            };
         }
         if intent.switchover_from_me == Some(SwitchoverPhase::StoppingWrites) {
             return Step::StopWrites;
         }
-        let sync = match (&intent.sync_target, &probe.sync_standby_names) {
-            (Some(target), _) => Some(target.clone()),
-            // No target for this generation yet: the leader has not decided, so a set
-            // already in place stays; an async primary stays async (gated, when the lease
-            // gate is on).
-            (None, Some(shown)) if shown.is_empty() => Some(SyncSet::default()),
-            (None, _) => None,
-        };
-        return Step::ServePrimary { sync };
+        if let Some(target) = &intent.sync_target {
+            if probe.sync_standby_names.as_ref() != Some(target) {
+                return Step::ApplySyncNames(target.clone());
+            }
+        }
+        return Step::Idle;
     }
     if !probe.in_recovery {
         // A second writer: fence before anything else (DESIGN invariant 4).
@@ -276,12 +240,17 @@ pub fn plan(intent: &MemberIntent, local: &LocalObserved, limits: &PlanLimits) -
     let Some(primary) = intent.primary.clone() else {
         return Step::Idle;
     };
-    let streaming = streams(probe, local.primary_timeline);
+    // Streaming an older timeline than the primary writes on means it diverged.
+    let behind_timeline = matches!(
+        (probe.streamed_timeline, local.primary_timeline),
+        (Some(s), Some(p)) if s < p
+    );
+    let streaming = probe.streaming && !behind_timeline;
     if local.since_report_ok_ms > limits.isolated_after_ms {
         return if local.disconnected {
             Step::Idle
         } else {
-            Step::DisconnectUpstream(DisconnectWhy::Isolated)
+            Step::DisconnectUpstream
         };
     }
     // This voter broke the primary's lease: its WAL receiver stays off that primary until
@@ -291,35 +260,23 @@ pub fn plan(intent: &MemberIntent, local: &LocalObserved, limits: &PlanLimits) -
         return if local.disconnected {
             Step::Idle
         } else {
-            Step::DisconnectUpstream(DisconnectWhy::LeaseBroken)
+            Step::DisconnectUpstream
         };
     }
-    let Some(want) = &local.wanted_upstream else {
-        return Step::Idle;
-    };
-    if local.upstream.as_ref() != Some(want) || local.disconnected {
-        return Step::Repoint { to: want.clone() };
+    if local.upstream.as_deref() != Some(primary.as_str()) || local.disconnected {
+        return Step::Repoint { to: primary };
     }
     if streaming {
-        return Step::Streaming {
-            clear_fence: local.fenced,
+        return if local.fenced {
+            Step::ClearFence
+        } else {
+            Step::Idle
         };
     }
     if local.not_streaming_for_ms < limits.rejoin_after_ms {
         return Step::Idle;
     }
     Step::Rewind { onto: primary }
-}
-
-/// Whether a standby's probe counts as streaming: its WAL receiver streams, and not an
-/// older timeline than the primary writes on (it received WAL past the new timeline's fork
-/// point and Postgres retries that forever: it diverged, and is rewound after a while).
-pub fn streams(probe: &Probe, primary_timeline: Option<u32>) -> bool {
-    let behind_timeline = matches!(
-        (probe.streamed_timeline, primary_timeline),
-        (Some(s), Some(p)) if s < p
-    );
-    probe.streaming && !behind_timeline
 }
 
 fn not_running(intent: &MemberIntent, local: &LocalObserved, limits: &PlanLimits) -> Step {
@@ -329,13 +286,13 @@ fn not_running(intent: &MemberIntent, local: &LocalObserved, limits: &PlanLimits
                 intent.switchover_from_me,
                 Some(SwitchoverPhase::Aborting(_))
             ) {
-                return Step::Resume { in_place: false };
+                return Step::Resume;
             }
             // At most once per generation, and only while the leader waits for it (the
             // report says the resume is pending until it is spent).
             if intent.resumed && !local.resume_spent {
                 if local.lease_valid {
-                    return Step::Resume { in_place: true };
+                    return Step::Resume;
                 }
                 if local.resume_waiting_ms >= limits.resume_within_ms {
                     return Step::GiveUpResume;
@@ -377,15 +334,7 @@ mod tests {
         isolated_after_ms: 3_000,
         rejoin_after_ms: 10_000,
         resume_within_ms: 5_000,
-        promote_timeout_ms: 30_000,
     };
-
-    fn from(member: &str) -> Upstream {
-        Upstream {
-            member: member.into(),
-            slot: true,
-        }
-    }
 
     fn standby_intent() -> MemberIntent {
         MemberIntent {
@@ -416,8 +365,7 @@ mod tests {
                 sync_standby_names: None,
             }),
             primary_timeline: Some(3),
-            upstream: Some(from("p")),
-            wanted_upstream: Some(from("p")),
+            upstream: Some("p".into()),
             ..LocalObserved::default()
         }
     }
@@ -459,10 +407,7 @@ mod tests {
             plan(&standby_intent(), &empty, &LIMITS),
             Step::Clone { from: "p".into() }
         );
-        assert_eq!(
-            plan(&primary_intent(), &empty, &LIMITS),
-            Step::PrimaryWithoutData
-        );
+        assert_eq!(plan(&primary_intent(), &empty, &LIMITS), Step::Idle);
     }
 
     #[test]
@@ -495,7 +440,7 @@ mod tests {
             resumed: true,
             ..primary_intent()
         };
-        assert_eq!(plan(&resumed, &l, &LIMITS), Step::Resume { in_place: true });
+        assert_eq!(plan(&resumed, &l, &LIMITS), Step::Resume);
         let no_lease = LocalObserved {
             lease_valid: false,
             ..l.clone()
@@ -505,10 +450,7 @@ mod tests {
             switchover_from_me: Some(SwitchoverPhase::Aborting(SwitchoverAbort::WritesNotStopped)),
             ..primary_intent()
         };
-        assert_eq!(
-            plan(&aborting, &no_lease, &LIMITS),
-            Step::Resume { in_place: false }
-        );
+        assert_eq!(plan(&aborting, &no_lease, &LIMITS), Step::Resume);
     }
 
     /// F7: a standby that broke the primary's lease stops streaming from it, and picks up
@@ -519,14 +461,14 @@ mod tests {
         l.broke_primary_lease = true;
         assert_eq!(
             plan(&standby_intent(), &l, &LIMITS),
-            Step::DisconnectUpstream(DisconnectWhy::LeaseBroken)
+            Step::DisconnectUpstream
         );
         l.disconnected = true;
         assert_eq!(plan(&standby_intent(), &l, &LIMITS), Step::Idle);
         l.broke_primary_lease = false;
         assert_eq!(
             plan(&standby_intent(), &l, &LIMITS),
-            Step::Repoint { to: from("p") }
+            Step::Repoint { to: "p".into() }
         );
     }
 
@@ -579,45 +521,10 @@ mod tests {
     fn the_primary_promotes_stops_writes_and_applies_its_sync_target() {
         let l = streaming_standby();
         assert_eq!(plan(&primary_intent(), &l, &LIMITS), Step::Promote);
-        // #12 defect 2: a promotion that does not complete in time is given up.
-        let stuck = LocalObserved {
-            promoting_for_ms: 29_999,
-            ..l.clone()
-        };
-        assert_eq!(plan(&primary_intent(), &stuck, &LIMITS), Step::Promote);
-        let stuck = LocalObserved {
-            promoting_for_ms: 30_000,
-            ..l.clone()
-        };
-        assert_eq!(
-            plan(&primary_intent(), &stuck, &LIMITS),
-            Step::Fence(FenceWhy::PromotionStuck)
-        );
-        let fenced = LocalObserved {
-            fenced: true,
-            ..stuck
-        };
+        let fenced = LocalObserved { fenced: true, ..l };
         assert_eq!(plan(&primary_intent(), &fenced, &LIMITS), Step::Idle);
-        // No target yet: what is set stays, unless it is async (then async, gated).
         let w = writable_primary();
-        assert_eq!(
-            plan(&primary_intent(), &w, &LIMITS),
-            Step::ServePrimary { sync: None }
-        );
-        let mut async_now = w.clone();
-        async_now.probe.as_mut().unwrap().sync_standby_names = Some(SyncSet::default());
-        assert_eq!(
-            plan(&primary_intent(), &async_now, &LIMITS),
-            Step::ServePrimary {
-                sync: Some(SyncSet::default())
-            }
-        );
-        let mut some_set = w.clone();
-        some_set.probe.as_mut().unwrap().sync_standby_names = Some(SyncSet::new(["x"], 1));
-        assert_eq!(
-            plan(&primary_intent(), &some_set, &LIMITS),
-            Step::ServePrimary { sync: None }
-        );
+        assert_eq!(plan(&primary_intent(), &w, &LIMITS), Step::Idle);
         let stopping = MemberIntent {
             switchover_from_me: Some(SwitchoverPhase::StoppingWrites),
             ..primary_intent()
@@ -630,14 +537,11 @@ mod tests {
         };
         assert_eq!(
             plan(&target, &w, &LIMITS),
-            Step::ServePrimary {
-                sync: Some(set.clone())
-            }
+            Step::ApplySyncNames(set.clone())
         );
-        assert_eq!(
-            plan(&target, &some_set, &LIMITS),
-            Step::ServePrimary { sync: Some(set) }
-        );
+        let mut applied = w;
+        applied.probe.as_mut().unwrap().sync_standby_names = Some(set);
+        assert_eq!(plan(&target, &applied, &LIMITS), Step::Idle);
     }
 
     #[test]
@@ -651,47 +555,20 @@ mod tests {
     #[test]
     fn a_standby_repoints_streams_and_rewinds_when_diverged() {
         let l = streaming_standby();
-        assert_eq!(
-            plan(&standby_intent(), &l, &LIMITS),
-            Step::Streaming { clear_fence: false }
-        );
+        assert_eq!(plan(&standby_intent(), &l, &LIMITS), Step::Idle);
         let elsewhere = LocalObserved {
-            upstream: Some(from("old")),
+            upstream: Some("old".into()),
             ..l.clone()
         };
         assert_eq!(
             plan(&standby_intent(), &elsewhere, &LIMITS),
-            Step::Repoint { to: from("p") }
-        );
-        // Cascading: the wanted upstream, slot included, is what counts.
-        let cascading = LocalObserved {
-            wanted_upstream: Some(from("s")),
-            ..l.clone()
-        };
-        assert_eq!(
-            plan(&standby_intent(), &cascading, &LIMITS),
-            Step::Repoint { to: from("s") }
-        );
-        let no_slot = Upstream {
-            member: "p".into(),
-            slot: false,
-        };
-        let fell_back = LocalObserved {
-            wanted_upstream: Some(no_slot.clone()),
-            ..l.clone()
-        };
-        assert_eq!(
-            plan(&standby_intent(), &fell_back, &LIMITS),
-            Step::Repoint { to: no_slot }
+            Step::Repoint { to: "p".into() }
         );
         let fenced = LocalObserved {
             fenced: true,
             ..l.clone()
         };
-        assert_eq!(
-            plan(&standby_intent(), &fenced, &LIMITS),
-            Step::Streaming { clear_fence: true }
-        );
+        assert_eq!(plan(&standby_intent(), &fenced, &LIMITS), Step::ClearFence);
         // Streaming an older timeline than the primary's counts as not streaming.
         let mut behind = l.clone();
         behind.primary_timeline = Some(4);
@@ -710,14 +587,14 @@ mod tests {
         l.since_report_ok_ms = 3_001;
         assert_eq!(
             plan(&standby_intent(), &l, &LIMITS),
-            Step::DisconnectUpstream(DisconnectWhy::Isolated)
+            Step::DisconnectUpstream
         );
         l.disconnected = true;
         assert_eq!(plan(&standby_intent(), &l, &LIMITS), Step::Idle);
         l.since_report_ok_ms = 0;
         assert_eq!(
             plan(&standby_intent(), &l, &LIMITS),
-            Step::Repoint { to: from("p") }
+            Step::Repoint { to: "p".into() }
         );
     }
 

@@ -261,9 +261,6 @@ struct Member {
     resume_spent: Option<Generation>,
     /// Since when (local clock) the agent waits, fenced, to resume in that generation.
     resume_wait_since: Option<(Generation, u64)>,
-    /// Since when (local clock) the agent sees itself named primary of that generation
-    /// while its Postgres is still in recovery.
-    promoting_since: Option<(Generation, u64)>,
     disconnected: bool,
     /// Like `node`'s `Shared::receiver_off`: the break (generation, round) after which the
     /// WAL receiver went off; cleared when it is pointed anywhere again.
@@ -463,7 +460,6 @@ impl<'s> World<'s> {
                     not_streaming_since: None,
                     resume_spent: None,
                     resume_wait_since: None,
-                    promoting_since: None,
                     disconnected: false,
                     watchdog_deadline: None,
                     agent_paused: false,
@@ -707,7 +703,6 @@ impl<'s> World<'s> {
         m.unresponsive_since = None;
         m.not_streaming_since = None;
         m.resume_wait_since = None;
-        m.promoting_since = None;
         m.disconnected = false;
         m.receiver_off = None;
         m.primary_stop_token = None;
@@ -1404,11 +1399,7 @@ impl<'s> World<'s> {
                 .and_then(|p| self.idx(p))
                 .filter(|p| self.link_up(i, *p) && self.link_up(*p, i))
                 .map(|p| self.members[p].pg.timeline),
-            upstream: m.pg.upstream.map(|u| plan::Upstream {
-                member: self.members[u].name.to_string(),
-                slot: true,
-            }),
-            wanted_upstream: meridian_core::cascade::upstream(&m.intent, m.name, |_| false),
+            upstream: m.pg.upstream.map(|u| self.members[u].name.to_string()),
             disconnected: m.disconnected,
             not_streaming_for_ms: m.not_streaming_since.map_or(0, |s| l.saturating_sub(s)),
             since_report_ok_ms: l.saturating_sub(m.report_ok_at),
@@ -1421,17 +1412,12 @@ impl<'s> World<'s> {
                 .resume_wait_since
                 .filter(|(g, _)| *g == m.intent.generation)
                 .map_or(0, |(_, since)| l.saturating_sub(since)),
-            promoting_for_ms: m
-                .promoting_since
-                .filter(|(g, _)| *g == m.intent.generation)
-                .map_or(0, |(_, since)| l.saturating_sub(since)),
         };
         let limits = PlanLimits {
             fence_after_ms: FENCE_AFTER_MS,
             isolated_after_ms: LEASE_TTL_MS + ELECTION_MAX_MS,
             rejoin_after_ms: REJOIN_AFTER_MS,
             resume_within_ms: RESUME_WITHIN_MS,
-            promote_timeout_ms: PROMOTE_TIMEOUT_MS,
         };
         let step = plan::plan(&mi, &local, &limits);
         let m = &mut self.members[i];
@@ -1450,14 +1436,6 @@ impl<'s> World<'s> {
         if answers && !m.pg.in_recovery && !m.pg.fenced && mi.i_am_primary {
             m.seen_primary_up = true;
         }
-        if mi.i_am_primary && answers && m.pg.in_recovery {
-            let g = mi.generation;
-            if m.promoting_since.is_none_or(|(pg, _)| pg != g) {
-                m.promoting_since = Some((g, l));
-            }
-        } else if answers && !m.pg.in_recovery {
-            m.promoting_since = None;
-        }
         if mi.i_am_primary && mi.resumed && m.pg.fenced && !m.pg.running {
             let g = mi.generation;
             if m.resume_wait_since.is_none_or(|(wg, _)| wg != g) {
@@ -1473,12 +1451,8 @@ impl<'s> World<'s> {
         let now = self.now;
         let name = self.members[i].name;
         match step {
-            Step::Idle
-            | Step::NotAMember
-            | Step::Bootstrap
-            | Step::Reinit
-            | Step::Clone { .. }
-            | Step::PrimaryWithoutData => {}
+            Step::Idle | Step::NotAMember | Step::Bootstrap | Step::Reinit | Step::Clone { .. } => {
+            }
             Step::WaitForLease => {}
             Step::GiveUpResume => {
                 let m = &mut self.members[i];
@@ -1491,12 +1465,7 @@ impl<'s> World<'s> {
                 self.members[i].pg.op_generation = mi.generation;
                 self.log(|| format!("{name}: starting Postgres"));
             }
-            Step::Fence(why) => {
-                if why == plan::FenceWhy::PromotionStuck {
-                    self.members[i].promoting_since = None;
-                }
-                self.fence(i, &format!("{why:?}"))
-            }
+            Step::Fence(why) => self.fence(i, &format!("{why:?}")),
             Step::Promote => {
                 let m = &mut self.members[i];
                 let l = m.local(now);
@@ -1521,22 +1490,18 @@ impl<'s> World<'s> {
             Step::StopWrites => {
                 self.fence(i, "switchover: stop writes");
             }
-            Step::Resume { .. } => {
+            Step::Resume => {
                 let d = self.rng.random_range(50..300);
                 self.members[i].pg.op = Some((PgOp::Resume, now + d));
                 self.members[i].pg.op_generation = mi.generation;
                 self.log(|| format!("{name}: resuming writes in place"));
             }
-            Step::ServePrimary { sync } => {
-                let Some(set) = sync.filter(|s| *s != self.members[i].pg.sync) else {
-                    return;
-                };
+            Step::ApplySyncNames(set) => {
                 let what = format!("{set:?}");
                 self.members[i].pg.sync = set;
                 self.log(|| format!("{name}: synchronous_standby_names = {what}"));
             }
             Step::Repoint { to } => {
-                let to = to.member;
                 let u = self.idx(&to);
                 let m = &mut self.members[i];
                 m.pg.upstream = u;
@@ -1546,12 +1511,10 @@ impl<'s> World<'s> {
                 m.not_streaming_since = None;
                 self.log(|| format!("{name}: follows {to}"));
             }
-            Step::Streaming { clear_fence } => {
-                if clear_fence {
-                    self.members[i].pg.fenced = false;
-                }
+            Step::ClearFence => {
+                self.members[i].pg.fenced = false;
             }
-            Step::DisconnectUpstream(_) => {
+            Step::DisconnectUpstream => {
                 let m = &mut self.members[i];
                 m.pg.upstream = None;
                 m.pg.streaming = false;

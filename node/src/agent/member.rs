@@ -1,11 +1,9 @@
 //! The member side of the runtime: every data member's agent reconciles its local
 //! Postgres toward the Raft intent, once per `timing.observe_interval` (Neon-style: the
 //! intent says what should be, the member makes it so; the leader never touches another
-//! member's Postgres). Each round reads the local facts (`observe_local`), asks the pure
-//! planner (`meridian_core::plan::plan`) for one step and carries it out (`execute`):
-//! which step is the planner's rule, how it is done is this module's.
+//! member's Postgres).
 //!
-//! Owns carrying out the Postgres lifecycle: bootstrap (`init`, start, `Promote{Bootstrap}`), clone of a
+//! Owns the Postgres lifecycle: bootstrap (`init`, start, `Promote{Bootstrap}`), clone of a
 //! joining member through its slot, start on boot, restart of a crashed standby, fencing of
 //! a crashed primary (so the leader promotes at once), promotion of the member the newest
 //! generation names, re-pointing standbys (at the primary, or at their `replicatefrom`
@@ -28,11 +26,10 @@ use meridian_proto::admin_client::AdminClient;
 use super::join::unix_ms;
 use super::Shared;
 use crate::decide::SyncSet;
-use crate::pg::{PgInstance, PgStatus, StopMode};
+use crate::pg::{PgInstance, StopMode};
 use crate::raft::intent::{Command, Intent, MemberKind, Promote, PromotionKind, Response};
 use crate::types::Generation;
 use meridian_core::cascade::{self, Upstream};
-use meridian_core::plan;
 
 /// A standby whose WAL receiver does not stream for this long is rewound (it may have
 /// diverged from the primary's timeline).
@@ -333,310 +330,114 @@ impl Member {
             self.apply_parameters().await?;
         }
         self.check_pending_restart().await;
-        let mi = plan::MemberIntent::of(intent, &me);
-        let (local, status) = self.observe_local(intent, &mi).await;
-        let step = plan::plan(&mi, &local, &self.plan_limits());
-        self.execute(step, intent, status.as_ref()).await
-    }
-
-    /// The planner's bounds, from the configuration.
-    fn plan_limits(&self) -> plan::PlanLimits {
-        let t = &self.shared.config.timing;
-        let ms = |d: Duration| d.as_millis() as u64;
-        plan::PlanLimits {
-            fence_after_ms: ms(t.fence_after),
-            // Longer than a Raft election, so a leader change alone never stalls the
-            // primary's sync commits; an isolated primary fences itself sooner anyway.
-            isolated_after_ms: ms(t.lease_ttl + self.shared.config.raft.election_timeout_max),
-            rejoin_after_ms: ms(REJOIN_AFTER),
-            // Two lease lengths: a majority that grants nothing for that long will not
-            // grant in time to matter.
-            resume_within_ms: ms(t.lease_ttl * 2),
-            promote_timeout_ms: ms(t.promote_timeout),
+        if intent.generation == Generation(0) && intent.primary.is_none() {
+            return self.bootstrap(intent).await;
         }
-    }
-
-    /// What the planner reads about the local Postgres, and the probe it came from. The
-    /// timers this agent keeps are set or cleared here from this round's facts alone
-    /// (level-triggered), except where a step resets one it has just acted on.
-    async fn observe_local(
-        &mut self,
-        intent: &Intent,
-        mi: &plan::MemberIntent,
-    ) -> (plan::LocalObserved, Option<PgStatus>) {
-        let now = Instant::now();
-        let t = &self.shared.config.timing;
-        let has_data = self.has_data();
-        let running = has_data && self.pg.is_running();
-        let status = if running {
-            Some(self.pg.probe().await)
-        } else {
-            None
-        };
-        let peer_probes = self.shared.peer_probes.fresh(t.observe_interval * 4);
-        let primary_timeline = intent
-            .primary
-            .as_deref()
-            .and_then(|p| peer_probes.get(p)?.timeline);
-        let probe = status.as_ref().filter(|s| s.up).map(|s| plan::Probe {
-            in_recovery: s.in_recovery,
-            streaming: s.is_streaming(),
-            streamed_timeline: s.wal_receiver.as_ref().and_then(|w| w.received_tli),
-            sync_standby_names: s
-                .synchronous_standby_names
-                .as_deref()
-                .map(parse_sync_standby_names),
-        });
-        let fenced = self.pg.is_fenced();
-        // Unresponsiveness counts only while a server runs: a crashed primary resumed in
-        // place starts (and runs crash recovery) with a fresh clock. Counting from the
-        // crash fenced it again at its first slow probe (seen in CI under load).
-        if running && probe.is_none() {
-            self.unresponsive_since.get_or_insert(now);
-        } else {
+        let i_am_primary = intent.primary.as_deref() == Some(me.as_str());
+        if intent.reinit.contains(&me) && !i_am_primary {
+            return self.reinit(intent).await;
+        }
+        if !self.has_data() {
+            return self.clone_fresh(intent).await;
+        }
+        if !self.pg.is_running() {
+            // Unresponsiveness counts only while a server runs: a crashed primary resumed
+            // in place starts (and runs crash recovery) with a fresh clock. Counting from
+            // the crash fenced it again at its first slow probe (seen in CI under load).
             self.unresponsive_since = None;
+            return self.not_running(intent, i_am_primary).await;
         }
-        if let Some(p) = &probe {
-            if mi.i_am_primary && p.in_recovery {
-                // Counted from when this agent saw the promotion: the leader waits
-                // `promote_timeout` from its commit, then for this fence, so it never
-                // replaces a member still within its bound.
-                if self.promoting_since.is_none_or(|(g, _)| g != mi.generation) {
-                    self.promoting_since = Some((mi.generation, now));
-                }
-            } else if mi.i_am_primary {
-                self.promoting_since = None;
-                self.seen_primary_up = true;
-            } else if p.in_recovery {
-                if plan::streams(p, primary_timeline) {
-                    self.not_streaming_since = None;
-                } else {
-                    self.not_streaming_since.get_or_insert(now);
-                }
-            }
-        }
-        if mi.i_am_primary && mi.resumed && fenced && !running {
-            if self.resume_wait.is_none_or(|(g, _)| g != mi.generation) {
-                self.resume_wait = Some((mi.generation, now));
-            }
-        } else {
-            self.resume_wait = None;
-        }
-        let since_report_ok = self
-            .shared
-            .last_report_ok
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .elapsed();
-        // Cascading: the tagged source while this agent's own probe sees it stream, else
-        // the primary (and back when the source streams again).
-        let wanted_upstream = cascade::upstream(intent, self.name(), |m| {
-            peer_probes
-                .get(m)
-                .is_some_and(|p| p.streaming && !p.writable)
-        });
-        let ms_since =
-            |at: Option<Instant>| at.map_or(0, |at| now.duration_since(at).as_millis() as u64);
-        let local = plan::LocalObserved {
-            has_data,
-            running,
-            fenced,
-            standby_signal: self.pg.has_standby_signal(),
-            probe,
-            unresponsive_for_ms: ms_since(self.unresponsive_since),
-            seen_primary_up: self.seen_primary_up,
-            lease_valid: self.shared.lease.valid(intent.generation, t.fence_after),
-            primary_timeline,
-            upstream: self.upstream.clone(),
-            wanted_upstream,
-            disconnected: self.disconnected,
-            not_streaming_for_ms: ms_since(self.not_streaming_since),
-            since_report_ok_ms: since_report_ok.as_millis() as u64,
-            resume_spent: self.shared.resume.is_spent(intent.generation),
-            resume_waiting_ms: ms_since(self.resume_wait.map(|(_, at)| at)),
-            broke_primary_lease: self
-                .shared
-                .grants
-                .standing_break(intent)
-                .is_some_and(|(g, _)| g == intent.generation),
-            promoting_for_ms: ms_since(
-                self.promoting_since
-                    .filter(|(g, _)| *g == mi.generation)
-                    .map(|(_, at)| at),
-            ),
-        };
-        (local, status)
-    }
-
-    /// Carries out one step of the planner; decides nothing.
-    async fn execute(
-        &mut self,
-        step: plan::Step,
-        intent: &Intent,
-        status: Option<&PgStatus>,
-    ) -> anyhow::Result<()> {
-        use plan::Step;
-        match step {
-            Step::NotAMember | Step::Idle => Ok(()),
-            Step::Bootstrap => self.bootstrap(intent).await,
-            Step::Reinit => self.reinit(intent).await,
-            Step::Clone { .. } => self.clone_fresh(intent).await,
-            Step::PrimaryWithoutData => {
-                anyhow::bail!("this member is the primary but has no data directory")
-            }
-            Step::Start => self.start(intent).await,
-            Step::WaitForLease => {
-                self.shared
-                    .set_activity("waiting for the lease before starting as primary");
-                Ok(())
-            }
-            Step::Fence(why) => self.fence_for(why, intent).await,
-            Step::Promote => self.promote(intent).await,
-            Step::StopWrites => self.stop_writes().await,
-            Step::Resume { in_place: false } => {
-                self.resume_as_primary("switchover aborted: resuming writes", None)
-                    .await
-            }
-            Step::Resume { in_place: true } => {
-                let generation = intent.generation;
-                tracing::info!(%generation, "resumed in place as the primary");
-                self.resume_wait = None;
-                self.resume_as_primary("resumed in place", Some(generation))
-                    .await
-            }
-            Step::GiveUpResume => {
-                let generation = intent.generation;
-                let waited_ms = self
-                    .resume_wait
-                    .map_or(0, |(_, at)| at.elapsed().as_millis() as u64);
-                tracing::warn!(
-                    %generation,
-                    waited_ms,
-                    "giving up the resume in place: no lease in time; the fence is final \
-                     and the leader may promote another member or resume this one anew"
-                );
-                self.shared.resume.spend(generation)?;
-                self.resume_wait = None;
-                Ok(())
-            }
-            Step::ServePrimary { sync } => {
-                let shown = status.and_then(|s| s.synchronous_standby_names.as_deref());
-                self.as_primary(intent, shown, sync).await
-            }
-            Step::Repoint { to } => self.repoint(intent, to).await,
-            Step::Streaming { clear_fence } => {
-                if clear_fence {
-                    // A former primary that now streams from the new one (switchover).
-                    self.pg.clear_fence()?;
-                    self.shared.set_activity("");
-                }
-                // The slots of the members that cascade from here (done again only when
-                // the generation or the set changes).
-                if let Err(e) = self.ensure_slots(intent).await {
-                    tracing::debug!("slots for cascading standbys: {e:#}");
-                    self.slots = None;
-                }
-                Ok(())
-            }
-            Step::DisconnectUpstream(why) => self.disconnect(intent, why).await,
-            Step::Rewind { onto } => {
-                if self.pg.is_running() {
-                    // Not streaming for long: most likely a diverged timeline (if the
-                    // primary is up).
-                    if let Err(e) = self.primary_ready(&onto).await {
-                        return Err(e.context("standby not streaming"));
-                    }
-                    tracing::warn!(
-                        primary = %onto,
-                        "the standby has not streamed for {} s: rewinding",
-                        REJOIN_AFTER.as_secs()
-                    );
-                    self.not_streaming_since = None;
-                    self.pg
-                        .stop(StopMode::Fast, START_TIMEOUT)
-                        .await
-                        .context("stopping for a rewind")?;
-                }
-                // An old primary (or a fenced member): rejoin the current primary.
-                self.rejoin(&onto).await
-            }
-        }
-    }
-
-    /// Starts the stopped local Postgres where it was: a standby, a named primary still
-    /// down as a standby (it is promoted next), or a primary holding its lease.
-    async fn start(&mut self, intent: &Intent) -> anyhow::Result<()> {
-        let i_am_primary = intent.primary.as_deref() == Some(self.name());
-        if i_am_primary && self.pg.has_standby_signal() {
-            return self.pg.start(START_TIMEOUT).await.context("starting");
-        }
-        self.shared.set_activity(if i_am_primary {
-            "starting as primary"
-        } else {
-            "starting as standby"
-        });
-        self.pg.start(START_TIMEOUT).await.context("starting")?;
-        self.shared.set_activity("");
-        Ok(())
-    }
-
-    /// Stops the local Postgres from taking writes, for real (DESIGN invariant 4).
-    async fn fence_for(&mut self, why: plan::FenceWhy, intent: &Intent) -> anyhow::Result<()> {
-        use plan::FenceWhy;
-        self.seen_primary_up = false;
-        let (activity, context) = match why {
-            FenceWhy::Unresponsive => {
-                let since_ms = self
-                    .unresponsive_since
-                    .map_or(0, |at| at.elapsed().as_millis() as u64);
+        let status = self.pg.probe().await;
+        if !status.up {
+            // Starting up, or frozen. A primary whose server stays unresponsive is fenced
+            // (a frozen postmaster is killed with its group), so the leader can promote at
+            // once instead of waiting on a server that may wake up and take writes.
+            let t = &self.shared.config.timing;
+            let since = *self.unresponsive_since.get_or_insert_with(Instant::now);
+            if i_am_primary && since.elapsed() >= t.fence_after {
                 self.unresponsive_since = None;
+                self.seen_primary_up = false;
+                self.shared
+                    .set_activity("fenced: the primary's Postgres stopped answering");
                 tracing::error!(
-                    "the local primary's Postgres has not answered for {since_ms} ms: \
-                     fencing it"
+                    "the local primary's Postgres has not answered for {} ms: fencing it",
+                    since.elapsed().as_millis()
                 );
-                (
-                    "fenced: the primary's Postgres stopped answering",
-                    "fencing an unresponsive primary",
-                )
+                return self
+                    .pg
+                    .fence(t.pg_probe_timeout * 2)
+                    .await
+                    .context("fencing an unresponsive primary");
             }
-            FenceWhy::Crashed => {
-                // The primary's Postgres crashed under this agent: fenced so the leader
-                // promotes at once, no lease wait.
-                tracing::error!("the local primary's Postgres is down: fencing it");
-                (
-                    "fenced: the primary's Postgres crashed",
-                    "fencing the crashed primary",
-                )
+            return Ok(());
+        }
+        self.unresponsive_since = None;
+        if i_am_primary {
+            if status.in_recovery {
+                let generation = intent.generation;
+                let since = match self.promoting_since {
+                    Some((g, at)) if g == generation => at,
+                    _ => {
+                        let now = Instant::now();
+                        self.promoting_since = Some((generation, now));
+                        now
+                    }
+                };
+                // The leader waits `promote_timeout` from the promotion's commit, then
+                // for this fence; counted here from when this agent saw the promotion,
+                // so the leader never replaces a member still within its bound.
+                let bound = self.shared.config.timing.promote_timeout;
+                if since.elapsed() >= bound {
+                    self.promoting_since = None;
+                    self.shared
+                        .set_activity("fenced: the promotion did not complete in time");
+                    tracing::error!(
+                        %generation,
+                        "the promotion did not complete within {} ms: fencing the local \
+                         Postgres so the leader can choose another candidate",
+                        bound.as_millis()
+                    );
+                    return self
+                        .pg
+                        .fence(self.shared.config.timing.pg_probe_timeout * 2)
+                        .await
+                        .context("fencing after a promotion that did not complete");
+                }
+                self.promote(intent).await
+            } else {
+                self.seen_primary_up = true;
+                self.as_primary(intent, status.synchronous_standby_names.as_deref())
+                    .await
             }
-            FenceWhy::NotPrimary => {
-                tracing::error!(
-                    generation = %intent.generation, primary = ?intent.primary,
-                    "the local Postgres accepts writes but is not the primary: fencing it"
-                );
-                (
-                    "fenced: not the primary of the newest generation",
-                    "fencing an old primary",
-                )
-            }
-            FenceWhy::PromotionStuck => {
-                self.promoting_since = None;
-                tracing::error!(
-                    generation = %intent.generation,
-                    "the promotion did not complete within {} ms: fencing the local \
-                     Postgres so the leader can choose another candidate",
-                    self.shared.config.timing.promote_timeout.as_millis()
-                );
-                (
-                    "fenced: the promotion did not complete in time",
-                    "fencing after a promotion that did not complete",
-                )
-            }
-        };
-        self.shared.set_activity(activity);
-        self.pg
-            .fence(self.shared.config.timing.pg_probe_timeout * 2)
-            .await
-            .context(context)
+        } else if !status.in_recovery {
+            // A second writer: fence before anything else (DESIGN invariant 4).
+            self.shared
+                .set_activity("fenced: not the primary of the newest generation");
+            tracing::error!(
+                generation = %intent.generation, primary = ?intent.primary,
+                "the local Postgres accepts writes but is not the primary: fencing it"
+            );
+            self.seen_primary_up = false;
+            self.pg
+                .fence(self.shared.config.timing.pg_probe_timeout * 2)
+                .await
+                .context("fencing an old primary")
+        } else {
+            // Streaming an older timeline than the primary writes on means it diverged
+            // (it received WAL past the new timeline's fork point): Postgres retries that
+            // forever, so it counts as not streaming and is rewound after a while.
+            let primary_tli = intent.primary.as_deref().and_then(|p| {
+                let max_age = self.shared.config.timing.observe_interval * 4;
+                self.shared.peer_probes.fresh(max_age).get(p)?.timeline
+            });
+            let streamed_tli = status.wal_receiver.as_ref().and_then(|w| w.received_tli);
+            let behind_timeline = matches!(
+                (streamed_tli, primary_tli),
+                (Some(s), Some(p)) if s < p
+            );
+            let streaming = status.is_streaming() && !behind_timeline;
+            self.as_standby(intent, streaming).await
+        }
     }
 
     /// Before anything touches an existing data dir: refuse one of another cluster (its
@@ -1129,6 +930,98 @@ impl Member {
         Ok(())
     }
 
+    async fn not_running(&mut self, intent: &Intent, i_am_primary: bool) -> anyhow::Result<()> {
+        let fenced = self.pg.is_fenced();
+        if i_am_primary {
+            if fenced {
+                if switchover_phase_from(intent, self.name())
+                    .is_some_and(|p| matches!(p, crate::decide::SwitchoverPhase::Aborting(_)))
+                {
+                    return self
+                        .resume_as_primary("switchover aborted: resuming writes", None)
+                        .await;
+                }
+                // Resumed in place (no other member could take over): with this
+                // generation's lease, take writes again, at most once per generation.
+                // Without the lease in time the resume is given up, so the fence becomes
+                // final for the leader (it reports the resume pending until then).
+                let t = &self.shared.config.timing;
+                let generation = intent.generation;
+                if intent.resumed == Some(generation) && !self.shared.resume.is_spent(generation) {
+                    if self.shared.lease.valid(generation, t.fence_after) {
+                        tracing::info!(%generation, "resumed in place as the primary");
+                        self.resume_wait = None;
+                        return self
+                            .resume_as_primary("resumed in place", Some(generation))
+                            .await;
+                    }
+                    let since = match self.resume_wait {
+                        Some((g, since)) if g == generation => since,
+                        _ => {
+                            let now = Instant::now();
+                            self.resume_wait = Some((generation, now));
+                            now
+                        }
+                    };
+                    // Two lease lengths: a majority that grants nothing for that long
+                    // will not grant in time to matter.
+                    if since.elapsed() >= t.lease_ttl * 2 {
+                        tracing::warn!(
+                            %generation,
+                            waited_ms = since.elapsed().as_millis() as u64,
+                            "giving up the resume in place: no lease in time; the fence is final \
+                             and the leader may promote another member or resume this one anew"
+                        );
+                        self.shared.resume.spend(generation)?;
+                        self.resume_wait = None;
+                    }
+                }
+                // Stays down: the leader promotes another member.
+                return Ok(());
+            }
+            if self.seen_primary_up {
+                // The primary's Postgres crashed under this agent: fence so the leader
+                // promotes at once, no lease wait.
+                self.seen_primary_up = false;
+                self.shared
+                    .set_activity("fenced: the primary's Postgres crashed");
+                tracing::error!("the local primary's Postgres is down: fencing it");
+                return self
+                    .pg
+                    .fence(self.shared.config.timing.pg_probe_timeout * 2)
+                    .await
+                    .context("fencing the crashed primary");
+            }
+            if self.pg.has_standby_signal() {
+                // Named primary while down as a standby: start, then promote.
+                return self.pg.start(START_TIMEOUT).await.context("starting");
+            }
+            // Boot: start as the primary only with the current generation's lease.
+            let t = &self.shared.config.timing;
+            if !self.shared.lease.valid(intent.generation, t.fence_after) {
+                self.shared
+                    .set_activity("waiting for the lease before starting as primary");
+                return Ok(());
+            }
+            self.shared.set_activity("starting as primary");
+            self.pg.start(START_TIMEOUT).await.context("starting")?;
+            self.shared.set_activity("");
+            return Ok(());
+        }
+        let Some(primary) = intent.primary.clone() else {
+            return Ok(());
+        };
+        if self.pg.has_standby_signal() && !fenced {
+            // A crashed or stopped standby: restart it where it was.
+            self.shared.set_activity("starting as standby");
+            self.pg.start(START_TIMEOUT).await.context("starting")?;
+            self.shared.set_activity("");
+            return Ok(());
+        }
+        // An old primary (or a fenced member): rejoin the current primary.
+        self.rejoin(&primary).await
+    }
+
     /// `pg_rewind` onto `primary`, then start as its standby; re-clone if rewind fails.
     async fn rejoin(&mut self, primary: &str) -> anyhow::Result<()> {
         self.receiver_on();
@@ -1313,16 +1206,14 @@ impl Member {
         Ok(())
     }
 
-    /// The primary's upkeep each round: roles, system identifier, slots, stanza, and
-    /// `synchronous_standby_names` set to `sync` (the planner's choice; None: leave it)
-    /// where it differs. `shown`: the setting as this round's probe read it (read on its
-    /// own when absent).
-    async fn as_primary(
-        &mut self,
-        intent: &Intent,
-        shown: Option<&str>,
-        sync: Option<SyncSet>,
-    ) -> anyhow::Result<()> {
+    /// `shown`: `synchronous_standby_names` as this round's probe read it (the probe
+    /// carries it, so no second query per round; read on its own when absent).
+    async fn as_primary(&mut self, intent: &Intent, shown: Option<&str>) -> anyhow::Result<()> {
+        use crate::decide::SwitchoverPhase;
+        let generation = intent.generation;
+        if switchover_phase_from(intent, self.name()) == Some(SwitchoverPhase::StoppingWrites) {
+            return self.stop_writes().await;
+        }
         if !self.roles_ensured {
             self.pg
                 .ensure_roles()
@@ -1332,20 +1223,28 @@ impl Member {
         }
         self.record_system_identifier(intent).await?;
         self.ensure_slots(intent).await?;
-        if let Some(want) = sync.map(|s| render_sync_standby_names(&s, self.lease_gate())) {
-            let shown = match shown {
-                Some(v) => v.to_string(),
-                None => self.pg.setting("synchronous_standby_names").await?,
-            };
-            if shown.trim() != want {
-                tracing::info!(from = %shown, to = %want, "setting synchronous_standby_names");
-                self.pg.set_synchronous_standby_names(&want).await?;
-            }
-        }
         let target = intent
             .sync_target
             .as_ref()
-            .filter(|t| t.generation == intent.generation);
+            .filter(|t| t.generation == generation);
+        let shown = match shown {
+            Some(v) => v.to_string(),
+            None => self.pg.setting("synchronous_standby_names").await?,
+        };
+        let want = match target {
+            Some(t) => Some(render_sync_standby_names(&t.set, self.lease_gate())),
+            // No target for this generation yet: the leader has not decided, so a set
+            // already in place stays; an async primary is still gated (or ungated when
+            // the gate was turned off).
+            None if parse_sync_standby_names(&shown) == SyncSet::default() => Some(
+                render_sync_standby_names(&SyncSet::default(), self.lease_gate()),
+            ),
+            None => None,
+        };
+        if let Some(want) = want.filter(|w| shown.trim() != w) {
+            tracing::info!(from = %shown, to = %want, "setting synchronous_standby_names");
+            self.pg.set_synchronous_standby_names(&want).await?;
+        }
         self.note_applied_sync_target(target);
         self.stanza.ensure(&self.shared.config).await;
         Ok(())
@@ -1468,41 +1367,22 @@ impl Member {
         Ok(())
     }
 
-    /// Points `primary_conninfo` (and slot) at `to`.
-    async fn repoint(&mut self, intent: &Intent, to: Upstream) -> anyhow::Result<()> {
-        let (host, port) = pg_addr(&self.shared, &to.member)?;
-        let slot = to.slot.then(|| slot_name(self.name()));
-        self.receiver_on();
-        self.pg
-            .configure_standby(&host, port, slot.as_deref())
-            .await
-            .with_context(|| format!("pointing at {}", to.member))?;
-        if intent.primary.as_deref() == Some(to.member.as_str()) {
-            tracing::info!(primary = %to.member, slot = to.slot, "standby follows the primary");
-        } else {
-            tracing::info!(upstream = %to.member, primary = ?intent.primary, "standby cascades from its replicatefrom member");
-        }
-        self.upstream = Some(to);
-        self.disconnected = false;
-        self.not_streaming_since = None;
-        self.shared.set_activity("");
-        Ok(())
-    }
-
-    /// Disconnects the WAL receiver and keeps it off (the planner says why).
-    async fn disconnect(
-        &mut self,
-        intent: &Intent,
-        why: plan::DisconnectWhy,
-    ) -> anyhow::Result<()> {
-        match why {
-            plan::DisconnectWhy::Isolated => {
-                let since_ok = self
-                    .shared
-                    .last_report_ok
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .elapsed();
+    async fn as_standby(&mut self, intent: &Intent, streaming: bool) -> anyhow::Result<()> {
+        let Some(primary) = intent.primary.clone() else {
+            return Ok(());
+        };
+        let t = &self.shared.config.timing;
+        let since_ok = self
+            .shared
+            .last_report_ok
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed();
+        // Longer than a Raft election, so a leader change alone never stalls the
+        // primary's sync commits; an isolated primary fences itself sooner anyway.
+        let isolated_after = t.lease_ttl + self.shared.config.raft.election_timeout_max;
+        if since_ok > isolated_after {
+            if !self.disconnected {
                 tracing::warn!(
                     "no leader accepted a report for {} ms: disconnecting the WAL receiver",
                     since_ok.as_millis()
@@ -1513,38 +1393,100 @@ impl Member {
                 self.disconnected = true;
                 self.upstream = None;
             }
-            plan::DisconnectWhy::LeaseBroken => {
-                // This voter broke the primary's lease of this generation: no WAL from it
-                // until a promotion (a new generation) or a release of the break, so a
-                // thawed primary's waiting commits are not confirmed here after a
-                // promotion was decided (sim F7). The break handler disconnects at once;
-                // this keeps it so.
-                let standing = self.shared.grants.standing_break(intent);
-                tracing::warn!(
-                    primary = ?intent.primary,
-                    generation = %intent.generation,
-                    "this member broke the primary's lease: WAL receiver off until a \
-                     promotion or a release of the break"
-                );
-                self.shared
-                    .set_activity("lease broken here: WAL receiver disconnected");
-                let running = self.pg.is_running();
-                self.pg.disconnect_upstream().await?;
-                self.disconnected = true;
-                self.upstream = None;
-                if let Some(broke) = standing.filter(|_| running) {
-                    let mut off = self
-                        .shared
-                        .receiver_off
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner());
-                    if off.is_none_or(|o| o < broke) {
-                        *off = Some(broke);
+            return Ok(());
+        }
+        // This voter broke the primary's lease of this generation: no WAL from it until a
+        // promotion (a new generation) or a release of the break, so a thawed primary's
+        // waiting commits are not confirmed here after a promotion was decided (sim F7).
+        // The break handler disconnects at once; this keeps it so.
+        if let Some((generation, round)) = self.shared.grants.standing_break(intent) {
+            if generation == intent.generation {
+                if !self.disconnected {
+                    tracing::warn!(
+                        %primary,
+                        %generation,
+                        "this member broke the primary's lease: WAL receiver off until a \
+                         promotion or a release of the break"
+                    );
+                    self.shared
+                        .set_activity("lease broken here: WAL receiver disconnected");
+                    let running = self.pg.is_running();
+                    self.pg.disconnect_upstream().await?;
+                    self.disconnected = true;
+                    self.upstream = None;
+                    if running {
+                        let mut off = self
+                            .shared
+                            .receiver_off
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner());
+                        if off.is_none_or(|o| o < (generation, round)) {
+                            *off = Some((generation, round));
+                        }
                     }
                 }
+                return Ok(());
             }
         }
-        Ok(())
+        // Cascading: the tagged source while this agent's own probe sees it stream, else
+        // the primary (and back when the source streams again).
+        let max_age = self.shared.config.timing.observe_interval * 4;
+        let probes = self.shared.peer_probes.fresh(max_age);
+        let Some(want) = cascade::upstream(intent, self.name(), |m| {
+            probes.get(m).is_some_and(|p| p.streaming && !p.writable)
+        }) else {
+            return Ok(());
+        };
+        if self.upstream.as_ref() != Some(&want) || self.disconnected {
+            let to = want.member.clone();
+            let (host, port) = pg_addr(&self.shared, &to)?;
+            let slot = want.slot.then(|| slot_name(self.name()));
+            self.receiver_on();
+            self.pg
+                .configure_standby(&host, port, slot.as_deref())
+                .await
+                .with_context(|| format!("pointing at {to}"))?;
+            if to == primary {
+                tracing::info!(%primary, slot = want.slot, "standby follows the primary");
+            } else {
+                tracing::info!(upstream = %to, %primary, "standby cascades from its replicatefrom member");
+            }
+            self.upstream = Some(want);
+            self.disconnected = false;
+            self.not_streaming_since = None;
+            self.shared.set_activity("");
+            return Ok(());
+        }
+        if streaming {
+            self.not_streaming_since = None;
+            if self.pg.is_fenced() {
+                // A former primary that now streams from the new one (switchover).
+                self.pg.clear_fence()?;
+                self.shared.set_activity("");
+            }
+            // The slots of the members that cascade from here (done again only when the
+            // generation or the set changes).
+            if let Err(e) = self.ensure_slots(intent).await {
+                tracing::debug!("slots for cascading standbys: {e:#}");
+                self.slots = None;
+            }
+            return Ok(());
+        }
+        let since = *self.not_streaming_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < REJOIN_AFTER {
+            return Ok(());
+        }
+        // Not streaming for long: most likely a diverged timeline (if the primary is up).
+        if let Err(e) = self.primary_ready(&primary).await {
+            return Err(e.context("standby not streaming"));
+        }
+        tracing::warn!(%primary, "the standby has not streamed for {} s: rewinding", REJOIN_AFTER.as_secs());
+        self.not_streaming_since = None;
+        self.pg
+            .stop(StopMode::Fast, START_TIMEOUT)
+            .await
+            .context("stopping for a rewind")?;
+        self.rejoin(&primary).await
     }
 
     async fn reinit(&mut self, intent: &Intent) -> anyhow::Result<()> {
@@ -1586,6 +1528,15 @@ impl Member {
             other => anyhow::bail!("recording reinit done: {other:?}"),
         }
     }
+}
+
+/// The pending switchover's phase, when this member is its source.
+fn switchover_phase_from(intent: &Intent, me: &str) -> Option<crate::decide::SwitchoverPhase> {
+    intent
+        .pending_switchover
+        .as_ref()
+        .filter(|sw| sw.from == me)
+        .map(|sw| sw.phase.clone())
 }
 
 #[cfg(test)]
