@@ -95,12 +95,10 @@ pub(super) fn step(cx: &Cx, sw: &SwitchoverView) -> Decision {
                 };
             }
             if remaining_ms == 0 {
-                return aborting(
-                    SwitchoverAbort::TargetDidNotCatchUp {
-                        received_lsn,
-                        final_lsn,
-                    },
-                );
+                return aborting(SwitchoverAbort::TargetDidNotCatchUp {
+                    received_lsn,
+                    final_lsn,
+                });
             }
             waiting(
                 Vec::new(),
