@@ -75,13 +75,7 @@ async fn carry_out(
 ) -> Result<serde_json::Value, WriteError> {
     let intent = shared.applied().intent.clone();
     let cmd = command_for(&intent, req)?;
-    let token = shared
-        .config
-        .api
-        .token
-        .as_ref()
-        .map(|t| t.expose().to_string())
-        .unwrap_or_default();
+    let token = super::join::admin_token(&shared.config);
     let svc = AdminService::new(shared.clone());
     let r = svc
         .command(Request::new(crate::admin_client::request(&cmd, &token)))

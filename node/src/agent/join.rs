@@ -173,7 +173,8 @@ fn code_name(code: Code) -> &'static str {
     }
 }
 
-fn token(config: &Config) -> String {
+/// The admin token this agent sends with its own admin calls (empty: none configured).
+pub fn admin_token(config: &Config) -> String {
     config
         .api
         .token
@@ -216,7 +217,7 @@ async fn register(config: &Config, dialer: &Dialer) -> anyhow::Result<NodeId> {
                 tags
             },
             cluster: config.cluster.clone(),
-            token: token(config),
+            token: admin_token(config),
         };
         let result = async {
             let channel = dialer
@@ -331,7 +332,7 @@ async fn admit_via(shared: &Shared, peer: &str) -> Result<(), tonic::Status> {
         cluster: shared.config.cluster.clone(),
         name: shared.name().to_string(),
         id: shared.id,
-        token: token(&shared.config),
+        token: admin_token(&shared.config),
     });
     request.set_timeout(ADMIT_CALL_TIMEOUT);
     tokio::time::timeout(

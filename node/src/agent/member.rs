@@ -140,13 +140,7 @@ pub async fn propose(shared: &Shared, cmd: Command) -> anyhow::Result<Response> 
     }
     let (_, leader) = shared.leader().context("no leader is known")?;
     let channel = shared.dialer.channel(&leader)?;
-    let token = shared
-        .config
-        .api
-        .token
-        .as_ref()
-        .map(|t| t.expose().to_string())
-        .unwrap_or_default();
+    let token = super::join::admin_token(&shared.config);
     let committed = crate::admin_client::submit(
         &mut AdminClient::new(channel),
         &cmd,
