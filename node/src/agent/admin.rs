@@ -42,6 +42,10 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const MEMBERSHIP_RETRIES: usize = 20;
 const MEMBERSHIP_RETRY_EVERY: Duration = Duration::from_millis(200);
 /// How long a membership change waits for the primary to report the current members.
+/// How long a write waits for an election in progress to settle (this member campaigning
+/// or just elected, or no leader known) before it answers "no leader": an election takes
+/// about one election timeout, and an operator's switchover should not fail for it.
+const LEADER_SETTLE_WAIT: Duration = Duration::from_secs(3);
 const PRIMARY_CURRENT_WAIT: Duration = Duration::from_secs(5);
 const PRIMARY_CURRENT_POLL: Duration = Duration::from_millis(100);
 
@@ -140,6 +144,26 @@ impl AdminService {
         match leader {
             Some((id, name)) if id != self.shared.id => Ok(Some(name)),
             other => Err(not_leader(other.map(|l| l.1))),
+        }
+    }
+
+    /// [`Self::route`] for a write, once leadership has settled: while no leader is known,
+    /// or this member is named leader but is not leading yet (a campaign or a transfer in
+    /// progress), it waits for that to end, bounded by [`LEADER_SETTLE_WAIT`].
+    async fn route_write<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
+        let deadline = tokio::time::Instant::now() + LEADER_SETTLE_WAIT;
+        let mut metrics = self.shared.raft.metrics();
+        loop {
+            let settled = self.shared.believes_leader()
+                || matches!(self.shared.leader(), Some((id, _)) if id != self.shared.id);
+            if settled || tokio::time::Instant::now() >= deadline {
+                return self.route(request);
+            }
+            match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                Ok(Ok(())) => {}
+                // Raft stopped, or the deadline passed: answer with what is known.
+                Ok(Err(_)) | Err(_) => return self.route(request),
+            }
         }
     }
 
@@ -730,7 +754,7 @@ impl Admin for AdminService {
         let req = request.get_ref();
         self.check_cluster("registration", &req.name, &req.cluster)?;
         let how = self.authorize(&request, &req.token)?;
-        match self.route(&request)? {
+        match self.route_write(&request).await? {
             Some(leader) => {
                 let mut client = self.client(&leader)?;
                 bounded(
@@ -752,7 +776,7 @@ impl Admin for AdminService {
         let req = request.get_ref();
         self.check_cluster("admission", &req.name, &req.cluster)?;
         let how = self.authorize(&request, &req.token)?;
-        match self.route(&request)? {
+        match self.route_write(&request).await? {
             Some(leader) => {
                 let mut client = self.client(&leader)?;
                 let bound = ADMIT_CALL_TIMEOUT + FORWARD_TIMEOUT;
@@ -774,7 +798,7 @@ impl Admin for AdminService {
         request: Request<RemoveMemberRequest>,
     ) -> Result<GrpcResponse<RemoveMemberResponse>, Status> {
         let how = self.authorize(&request, &request.get_ref().token)?;
-        match self.route(&request)? {
+        match self.route_write(&request).await? {
             Some(leader) => {
                 let mut client = self.client(&leader)?;
                 bounded(
@@ -882,7 +906,7 @@ impl Admin for AdminService {
                 "members are added and removed with AddMember/RemoveMember, which also change the Raft membership",
             ));
         }
-        match self.route(&request)? {
+        match self.route_write(&request).await? {
             Some(leader) => {
                 let mut client = self.client(&leader)?;
                 bounded(
