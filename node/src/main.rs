@@ -75,7 +75,11 @@ fn main() -> ExitCode {
             }
         };
     }
+    // One worker: at idle the agent is a few dozen small wake-ups a second, and a second
+    // worker only added cross-thread wake-ups (issue 14's idle cost). Blocking work never
+    // runs on it: redb commits go through spawn_blocking, tools are child processes.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .thread_name("meridian")
         .build()

@@ -95,6 +95,21 @@ fn same_shape(a: &Observation, b: &Observation) -> bool {
     shape(a) == shape(b)
 }
 
+/// Whether report `b` would tell the leader nothing that `a` did not: the same but for the
+/// send time, the round trips and the replay delay (display only), which change every round.
+fn tells_nothing_new(a: &Observation, b: &Observation) -> bool {
+    fn strip(o: &Observation) -> Observation {
+        let mut o = o.clone();
+        o.sent_unix_ms = 0;
+        o.rtt_us.clear();
+        if let Some(p) = o.postgres.as_mut() {
+            p.replay_delay_ms = p.replay_delay_ms.map(|_| 0);
+        }
+        o
+    }
+    strip(a) == strip(b)
+}
+
 /// A report more than this after the member's previous one wakes the leader whatever it
 /// says (the member was stale, or unheard, in between).
 fn report_gap(shared: &Shared) -> Duration {
@@ -704,11 +719,15 @@ impl Reporter {
                 serde_json::to_value(&history.applied().intent.history).unwrap_or_default()
             });
         });
+        // Pacing: the last report the leader acknowledged, and whether it came back quickly.
+        let mut last_sent: Option<Observation> = None;
+        let mut last_quick = false;
+        let mut held_back = false;
         loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = self.shared.wake_reporter.notified() => {}
-            }
+            let woken = tokio::select! {
+                _ = ticker.tick() => false,
+                _ = self.shared.wake_reporter.notified() => true,
+            };
             let (probes, rtt_us) = self.peers.to_proto(probe_max_age);
             // Read before the fence mark (in `observe`): a resume clears the mark, then
             // spends the resume, so this report says either "pending" or "not fenced".
@@ -731,7 +750,28 @@ impl Reporter {
                 ),
                 lease_voters: super::lease::lease_voters(&self.shared, &applied.intent),
             };
-            let result = self.report(obs, report_timeout).await;
+            // A report that would tell the leader nothing new (word for word the last one it
+            // acknowledged quickly, but for send time, round trips and replay delay) waits
+            // one round; the next goes whatever it says. At idle the reports were a fifth of
+            // an agent's cost. The leader's copy stays under two rounds plus a quick answer
+            // old, below its staleness bound of four rounds.
+            let hold = !woken
+                && !held_back
+                && last_quick
+                && !self.shared.believes_leader()
+                && last_sent
+                    .as_ref()
+                    .is_some_and(|prev| tells_nothing_new(prev, &obs));
+            if hold {
+                held_back = true;
+                self.publish(&health, pg.as_ref(), &applied.intent);
+                continue;
+            }
+            held_back = false;
+            let sent_at = Instant::now();
+            let result = self.report(obs.clone(), report_timeout).await;
+            last_quick = result.is_ok() && sent_at.elapsed() <= interval / 2;
+            last_sent = result.is_ok().then_some(obs);
             if result.is_ok() {
                 *self
                     .shared
@@ -999,6 +1039,37 @@ mod tests {
             5,
             "every report is kept"
         );
+    }
+
+    #[test]
+    fn a_report_may_wait_only_when_it_tells_nothing_new() {
+        let base = Observation {
+            member: "a".into(),
+            sent_unix_ms: 1,
+            rtt_us: [("b".to_string(), 100)].into_iter().collect(),
+            postgres: Some(PostgresObservation {
+                up: true,
+                in_recovery: true,
+                replayed_lsn: 10,
+                replay_delay_ms: Some(5),
+                ..PostgresObservation::default()
+            }),
+            ..Observation::default()
+        };
+        let mut later = base.clone();
+        later.sent_unix_ms = 251;
+        later.rtt_us.insert("b".into(), 140);
+        later.postgres.as_mut().unwrap().replay_delay_ms = Some(255);
+        assert!(tells_nothing_new(&base, &later), "only the clock moved");
+        let mut moved = later.clone();
+        moved.postgres.as_mut().unwrap().replayed_lsn = 11;
+        assert!(!tells_nothing_new(&base, &moved), "replay moved");
+        let mut down = later.clone();
+        down.postgres.as_mut().unwrap().up = false;
+        assert!(!tells_nothing_new(&base, &down), "Postgres went down");
+        let mut newer = later;
+        newer.generation = 2;
+        assert!(!tells_nothing_new(&base, &newer), "a new generation seen");
     }
 
     #[test]

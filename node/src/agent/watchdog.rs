@@ -58,9 +58,14 @@ pub fn path(state_dir: &Path) -> PathBuf {
 /// This boot's id: a CLOCK_MONOTONIC deadline from another boot means nothing (the clock
 /// restarts at boot), so such a deadline counts as passed.
 fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    // Read once: a process never outlives its boot.
+    static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+    .clone()
 }
 
 /// An armed deadline as the file holds it.
@@ -82,46 +87,146 @@ impl Armed {
     }
 }
 
-fn render(deadline_ms: Option<u64>, agent_pid: i32, boot: &str) -> String {
-    match deadline_ms {
-        Some(d) => format!("armed {d} {agent_pid} {boot}\n"),
-        None => "disarmed\n".to_string(),
-    }
+/// Every record is this long (padded with spaces), so an in-place rewrite never leaves a
+/// tail of an older, longer one.
+const RECORD_LEN: usize = 96;
+
+/// FNV-1a of a record's body: a reader that caught a rewrite half done (the agent writes in
+/// place, and a buffered read does not wait for a write) sees a mismatch, not a mix of two
+/// deadlines, one of which could lie later than either.
+fn checksum(body: &str) -> u64 {
+    body.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
-fn parse(text: &str) -> Option<Armed> {
-    let mut words = text.strip_prefix("armed ")?.split_whitespace();
-    let deadline_ms = words.next()?.parse().ok()?;
+fn render(deadline_ms: Option<u64>, agent_pid: i32, boot: &str) -> String {
+    let body = match deadline_ms {
+        Some(d) => format!("armed {d} {agent_pid} {boot}"),
+        None => "disarmed".to_string(),
+    };
+    let sum = checksum(&body);
+    let mut text = format!("{body} #{sum:016x}");
+    while text.len() < RECORD_LEN - 1 {
+        text.push(' ');
+    }
+    text.push('\n');
+    text
+}
+
+/// What a read of the file found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Record {
+    Armed(Armed),
+    /// Disarmed, missing, or not a deadline.
+    Disarmed,
+    /// The checksum does not match: a rewrite was caught half done.
+    Torn,
+}
+
+fn parse(text: &str) -> Record {
+    let text = text.trim_end();
+    let body = match text.rsplit_once(" #") {
+        Some((body, sum)) => {
+            if u64::from_str_radix(sum, 16).ok() != Some(checksum(body)) {
+                return Record::Torn;
+            }
+            body
+        }
+        // Written by an agent from before the checksum (whole-file rename, never torn).
+        None => text,
+    };
+    let Some(rest) = body.strip_prefix("armed ") else {
+        return Record::Disarmed;
+    };
+    let mut words = rest.split_whitespace();
+    let Some(deadline_ms) = words.next().and_then(|w| w.parse().ok()) else {
+        return Record::Disarmed;
+    };
     // Files written before the pid and boot were recorded: owner unknown, this boot.
     let agent_pid = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
     let boot_id = words.next().map_or_else(boot_id, str::to_string);
-    Some(Armed {
+    Record::Armed(Armed {
         deadline_ms,
         agent_pid,
         boot_id,
     })
 }
 
-/// Arms the watchdog with `deadline_ms` (CLOCK_MONOTONIC) or disarms it (None), in the
-/// name of this process. Atomic (write then rename), so the watchdog never reads half a
-/// line.
-pub fn write(state_dir: &Path, deadline_ms: Option<u64>) -> std::io::Result<()> {
-    // One temporary file per write: two writers of this process (the lease task and the
-    // watchdog's spawn) sharing one name raced, one rename found the file gone (ENOENT)
-    // and the agent ran without a watchdog (CI: a frozen primary's Postgres never fenced).
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let text = render(deadline_ms, std::process::id() as i32, &boot_id());
-    let tmp = state_dir.join(format!("{FILE}.tmp.{}.{seq}", std::process::id()));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path(state_dir)).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
+/// The deadline file as this process keeps it open: rewritten in place at every renewal.
+/// A temporary file and a rename per renewal were a tenth of an idle primary's agent CPU
+/// (a new inode, a journaled rename and an inotify move each time).
+struct Kept {
+    path: PathBuf,
+    file: std::fs::File,
+    ino: u64,
 }
 
-/// The armed deadline, if armed.
+/// Arms the watchdog with `deadline_ms` (CLOCK_MONOTONIC) or disarms it (None), in the
+/// name of this process: one fixed-length record with a checksum, rewritten in place.
+/// Writers of this process (the lease task, the watchdog's spawn) take turns.
+pub fn write(state_dir: &Path, deadline_ms: Option<u64>) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    static KEPT: std::sync::Mutex<Option<Kept>> = std::sync::Mutex::new(None);
+    let text = render(deadline_ms, std::process::id() as i32, &boot_id());
+    debug_assert_eq!(text.len(), RECORD_LEN, "a record longer than its slot");
+    let target = path(state_dir);
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    // Reopen when the file is not the one kept (another state directory, or the file was
+    // removed or replaced behind this process): a write to an unlinked inode arms nothing.
+    let current_ino = std::fs::metadata(&target).ok().map(|m| m.ino());
+    let reuse = kept
+        .as_ref()
+        .is_some_and(|k| k.path == target && Some(k.ino) == current_ino);
+    if !reuse {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&target)?;
+        let ino = file.metadata()?.ino();
+        *kept = Some(Kept {
+            path: target,
+            file,
+            ino,
+        });
+    }
+    let k = kept.as_ref().expect("kept file just set");
+    let written = k.file.write_all_at(text.as_bytes(), 0).and_then(|()| {
+        // A file left by an older agent may be longer than a record.
+        if k.file.metadata()?.len() != RECORD_LEN as u64 {
+            k.file.set_len(RECORD_LEN as u64)?;
+        }
+        Ok(())
+    });
+    if written.is_err() {
+        *kept = None;
+    }
+    written
+}
+
+/// How often a read that caught a rewrite half done is retried before it gives up.
+const TORN_RETRIES: u32 = 5;
+
+/// The armed deadline, if armed. `Err(())` when every read caught a rewrite half done.
+fn read_checked(state_dir: &Path) -> Result<Option<Armed>, ()> {
+    for _ in 0..TORN_RETRIES {
+        let Ok(text) = std::fs::read_to_string(path(state_dir)) else {
+            return Ok(None);
+        };
+        match parse(&text) {
+            Record::Armed(a) => return Ok(Some(a)),
+            Record::Disarmed => return Ok(None),
+            Record::Torn => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    Err(())
+}
+
+/// The armed deadline, if armed (a file that stays torn reads as not armed).
 pub fn read(state_dir: &Path) -> Option<Armed> {
-    parse(&std::fs::read_to_string(path(state_dir)).ok()?)
+    read_checked(state_dir).ok().flatten()
 }
 
 /// Spawns the watchdog process of this agent (same binary, same config). While the
@@ -187,6 +292,7 @@ impl Waker {
             fd.add_watch(
                 state_dir,
                 AddWatchFlags::IN_MOVED_TO
+                    | AddWatchFlags::IN_MODIFY
                     | AddWatchFlags::IN_CLOSE_WRITE
                     | AddWatchFlags::IN_DELETE
                     | AddWatchFlags::IN_DELETE_SELF
@@ -293,9 +399,14 @@ pub async fn run(config: Config, agent_pid: i32) -> anyhow::Result<()> {
     let mut reported_gone = false;
     let waker = Waker::new(&config.state_dir);
     let mut wait = CHECK_EVERY;
+    let mut last_read: Option<Armed> = None;
     loop {
         waker.sleep(wait).await;
-        let armed = read(&config.state_dir);
+        // A file that stays torn keeps what was read last: the deadline it guards holds.
+        if let Ok(now) = read_checked(&config.state_dir) {
+            last_read = now;
+        }
+        let armed = last_read.clone();
         let agent_alive = crate::pg::pid_alive(agent_pid);
         let now_ms = monotonic_ms();
         let passed = armed.as_ref().is_some_and(|a| a.passed(now_ms, &this_boot));
@@ -351,20 +462,47 @@ mod tests {
     #[test]
     fn armed_file_round_trips_with_owner_and_boot() {
         let text = render(Some(1234), 77, "boot-a");
+        assert_eq!(text.len(), RECORD_LEN);
         assert_eq!(
             parse(&text),
-            Some(Armed {
+            Record::Armed(Armed {
                 deadline_ms: 1234,
                 agent_pid: 77,
                 boot_id: "boot-a".into()
             })
         );
-        assert_eq!(parse(&render(None, 77, "boot-a")), None);
-        assert_eq!(parse("garbage"), None);
+        assert_eq!(parse(&render(None, 77, "boot-a")), Record::Disarmed);
+        assert_eq!(render(None, 77, "boot-a").len(), RECORD_LEN);
+        assert_eq!(parse("garbage"), Record::Disarmed);
+        // Written by an agent from before the checksum.
+        assert_eq!(
+            parse("armed 99 5 boot-b\n"),
+            Record::Armed(Armed {
+                deadline_ms: 99,
+                agent_pid: 5,
+                boot_id: "boot-b".into()
+            })
+        );
+    }
+
+    /// A read that caught a rewrite half done sees a checksum mismatch, never a deadline
+    /// made of two (which could lie later than both).
+    #[test]
+    fn a_half_done_rewrite_reads_as_torn() {
+        let old = render(Some(1_234_567_999), 77, "boot-a");
+        let new = render(Some(1_234_568_299), 77, "boot-a");
+        for cut in 1..RECORD_LEN {
+            let mixed = format!("{}{}", &new[..cut], &old[cut..]);
+            if mixed == old || mixed == new {
+                continue;
+            }
+            assert_eq!(parse(&mixed), Record::Torn, "cut at {cut}: {mixed:?}");
+        }
     }
 
     /// CI: the lease task and the spawn wrote through one temporary name; a rename then
-    /// failed with ENOENT and the agent ran without a watchdog.
+    /// failed with ENOENT and the agent ran without a watchdog. Now one kept file is
+    /// rewritten in place; writers take turns and a reader never sees a torn record.
     #[test]
     fn concurrent_writers_never_lose_the_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -378,18 +516,48 @@ mod tests {
                 })
             })
             .collect();
+        let reader = {
+            let d = dir.path().to_path_buf();
+            std::thread::spawn(move || {
+                for _ in 0..500 {
+                    assert!(read_checked(&d).is_ok(), "a read stayed torn");
+                }
+            })
+        };
         for t in threads {
             t.join().unwrap();
         }
-        assert!(path(dir.path()).exists());
-        let leftovers = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .is_ok_and(|e| e.file_name().to_string_lossy().contains(".tmp"))
-            })
-            .count();
-        assert_eq!(leftovers, 0);
+        reader.join().unwrap();
+        assert_eq!(
+            std::fs::metadata(path(dir.path())).unwrap().len(),
+            RECORD_LEN as u64
+        );
+        let entries = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(entries, 1, "only the deadline file");
+    }
+
+    /// A file replaced behind the agent (an operator, an older agent's rename) is reopened,
+    /// not written through a stale descriptor; a longer file of an older format is cut to
+    /// one record.
+    #[test]
+    fn a_replaced_file_is_reopened_and_cut_to_one_record() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), Some(10)).unwrap();
+        let tmp = dir.path().join("other");
+        std::fs::write(
+            &tmp,
+            format!("armed 5 1 {}{}\n", boot_id(), " ".repeat(300)),
+        )
+        .unwrap();
+        std::fs::rename(&tmp, path(dir.path())).unwrap();
+        write(dir.path(), Some(20)).unwrap();
+        assert_eq!(read(dir.path()).map(|a| a.deadline_ms), Some(20));
+        assert_eq!(
+            std::fs::metadata(path(dir.path())).unwrap().len(),
+            RECORD_LEN as u64
+        );
+        write(dir.path(), None).unwrap();
+        assert_eq!(read(dir.path()), None);
     }
 
     #[test]
