@@ -9,9 +9,18 @@
 //! Semantics (as Patroni's): `GET /`, `/primary`, `/read-write`, `/leader`: 200 only on a
 //! primary that holds a valid lease, else 503. `/replica`: 200 on a running standby
 //! (`?lag=` bounds its lag, in bytes or with a unit such as `16MB`). `/read-only`: 200 on a
-//! running primary or standby. `/health`: 200 when Postgres is running. `/sync` and
+//! running primary or standby. `/health`: 200 when Postgres is running. `/patroni` and
+//! `/liveness`: 200 whenever the agent answers (the body is the status document, with
+//! Patroni's `patroni`, `xlog`, `replication`, `pending_restart` and `cluster_unlocked`
+//! fields). `/sync` and
 //! `/async`: 200 on a synchronous / asynchronous standby. Health checks answer `GET`,
 //! `HEAD` and `OPTIONS` (HAProxy's `option httpchk` sends `OPTIONS` by default).
+//!
+//! `GET /config`: the cluster-wide configuration as the Raft log holds it (the replication
+//! policy, `postgresql.parameters`, maintenance mode, its version), with Patroni's names
+//! `maximum_lag_on_failover`, `synchronous_node_count` and `pause` alongside, so tools that
+//! watch Patroni's dynamic configuration for changes work; it is changed with
+//! `meridianctl edit-config`, not over HTTP.
 //!
 //! Write endpoints (`POST /switchover`, `/failover`, `/pause`, `/resume`) need
 //! `Authorization: Bearer <api token>` and are thin wrappers over the admin commands
@@ -69,12 +78,42 @@ pub struct NodeHealth {
     pub paused: bool,
     pub noloadbalance: bool,
     pub version: String,
+    /// WAL positions as this member's Postgres reported them last (Patroni's `xlog`).
+    pub wal: WalPositions,
+    /// Some parameter's new value waits for a restart (`pg_settings.pending_restart`).
+    pub pending_restart: bool,
+    /// On a primary: its walsenders (Patroni's `replication`).
+    pub replication: Vec<ReplicationRow>,
+    /// The intent names no primary (Patroni's `cluster_unlocked`).
+    pub cluster_unlocked: bool,
     /// The cluster as this member sees it (for `/cluster`), built on request.
     #[serde(skip)]
     pub cluster_json: LazyJson,
     /// History entries (for `/history`), built on request.
     #[serde(skip)]
     pub history_json: LazyJson,
+    /// The cluster-wide configuration (for `/config`), built on request.
+    #[serde(skip)]
+    pub config_json: LazyJson,
+}
+
+/// Where this member's WAL stands; each None when unknown or not applicable to its role.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WalPositions {
+    /// Primary: `pg_current_wal_lsn()`.
+    pub current: Option<u64>,
+    /// Standby: received and flushed.
+    pub received: Option<u64>,
+    /// Standby: replayed.
+    pub replayed: Option<u64>,
+}
+
+/// One standby connected to this primary (`pg_stat_replication`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ReplicationRow {
+    pub application_name: String,
+    pub state: String,
+    pub sync_state: String,
 }
 
 /// A JSON document built when it is asked for, not each time health is published.
@@ -174,10 +213,13 @@ pub fn router(state: HttpState) -> Router {
             "/asynchronous",
             check(|h, _| h.running && h.role == Role::AsyncStandby),
         )
+        // Patroni's status document: 200 whenever the agent answers, whatever the role.
+        .route("/patroni", check(|_, _| true))
         .route("/liveness", check(|_, _| true))
         .route("/readiness", check(is_read_only))
         .route("/cluster", get(cluster))
         .route("/history", get(history))
+        .route("/config", get(config))
         .route("/metrics", get(metrics))
         .route("/switchover", axum::routing::post(switchover))
         .route("/failover", axum::routing::post(failover))
@@ -270,13 +312,19 @@ fn patroni_body(h: &NodeHealth) -> serde_json::Value {
         Role::Witness => "witness",
         Role::Unknown => "unknown",
     };
-    serde_json::json!({
+    let mut body = serde_json::json!({
         "state": state,
         "role": role,
         "timeline": h.timeline,
         "replication_lag_bytes": h.lag_bytes,
         "sync_standby": h.role == Role::SyncStandby,
         "pause": h.paused,
+        // Patroni's own fields, read by check_patroni and other Patroni tooling.
+        "patroni": {
+            "version": h.version,
+            "scope": h.cluster,
+            "name": h.member,
+        },
         "meridian": {
             "version": h.version,
             "scope": h.cluster,
@@ -285,7 +333,30 @@ fn patroni_body(h: &NodeHealth) -> serde_json::Value {
             "generation": h.generation,
             "lease_valid": h.lease_valid,
         },
-    })
+    });
+    if h.running {
+        let xlog = if h.in_recovery {
+            serde_json::json!({
+                "received_location": h.wal.received,
+                "replayed_location": h.wal.replayed,
+                "paused": false,
+            })
+        } else {
+            serde_json::json!({ "location": h.wal.current })
+        };
+        body["xlog"] = xlog;
+    }
+    if h.role == Role::Primary && h.running && !h.in_recovery {
+        body["replication"] = serde_json::to_value(&h.replication).unwrap_or_default();
+    }
+    // As Patroni: present only when true.
+    if h.pending_restart {
+        body["pending_restart"] = serde_json::Value::Bool(true);
+    }
+    if h.cluster_unlocked {
+        body["cluster_unlocked"] = serde_json::Value::Bool(true);
+    }
+    body
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -406,6 +477,11 @@ async fn history(State(s): State<HttpState>) -> Response {
     Json(view.get()).into_response()
 }
 
+async fn config(State(s): State<HttpState>) -> Response {
+    let view = s.health.borrow().config_json.clone();
+    Json(view.get()).into_response()
+}
+
 async fn metrics(State(s): State<HttpState>) -> Response {
     match s.metrics.render() {
         Ok(body) => (
@@ -514,6 +590,46 @@ mod tests {
         CheckQuery {
             lag: lag.map(str::to_string),
         }
+    }
+
+    #[test]
+    fn the_status_document_has_patronis_fields() {
+        let mut h = primary();
+        h.member = "a1".into();
+        h.cluster = "c".into();
+        h.version = "0.1.0".into();
+        h.wal.current = Some(4096);
+        h.replication = vec![ReplicationRow {
+            application_name: "a2".into(),
+            state: "streaming".into(),
+            sync_state: "quorum".into(),
+        }];
+        let b = patroni_body(&h);
+        assert_eq!(b["patroni"]["name"], "a1");
+        assert_eq!(b["patroni"]["scope"], "c");
+        assert_eq!(b["patroni"]["version"], "0.1.0");
+        assert_eq!(b["role"], "primary");
+        assert_eq!(b["xlog"]["location"], 4096);
+        assert_eq!(b["replication"][0]["application_name"], "a2");
+        assert!(b.get("pending_restart").is_none(), "absent unless true");
+        assert!(b.get("cluster_unlocked").is_none(), "absent unless true");
+        let mut s = standby(Role::SyncStandby, 0);
+        s.wal.received = Some(10);
+        s.wal.replayed = Some(8);
+        s.pending_restart = true;
+        s.cluster_unlocked = true;
+        let b = patroni_body(&s);
+        assert_eq!(b["role"], "replica");
+        assert_eq!(b["xlog"]["received_location"], 10);
+        assert_eq!(b["xlog"]["replayed_location"], 8);
+        assert!(b.get("replication").is_none(), "only on a primary");
+        assert_eq!(b["pending_restart"], true);
+        assert_eq!(b["cluster_unlocked"], true);
+        let stopped = NodeHealth {
+            running: false,
+            ..s
+        };
+        assert!(patroni_body(&stopped).get("xlog").is_none());
     }
 
     #[test]

@@ -142,6 +142,62 @@ async fn replica_lag_is_measured_against_the_primary() {
     }
     assert_eq!(get(c.member("a1").http, "/replica").await.0, 503);
 
+    // Patroni's status document, as check_patroni and Patroni's tooling read it: 200 on
+    // every member, with `patroni.{name,scope,version}` and the WAL positions.
+    for (m, role) in [("a1", "primary"), ("a2", "replica"), ("b1", "replica")] {
+        // The primary's walsender list is as old as its last round: wait for both rows.
+        let http = c.member(m).http;
+        let (code, body) = wait_for(
+            &format!("{m}'s /patroni"),
+            Duration::from_secs(5),
+            || async {
+                let (code, body) = get(http, "/patroni").await;
+                let rows = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["replication"].as_array().map(Vec::len))
+                    .unwrap_or(0);
+                (code != 200 || role != "primary" || rows >= 2).then_some((code, body))
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+        assert_eq!(code, 200, "{m} /patroni: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("/patroni is JSON");
+        assert_eq!(v["patroni"]["name"], m, "{body}");
+        assert_eq!(v["patroni"]["scope"], "test-cluster", "{body}");
+        assert!(v["patroni"]["version"].is_string(), "{body}");
+        assert_eq!(v["role"], role, "{body}");
+        assert_eq!(v["state"], "running", "{body}");
+        if role == "primary" {
+            assert!(
+                v["xlog"]["location"].as_u64().is_some_and(|l| l > 0),
+                "{body}"
+            );
+            let names: Vec<&str> = v["replication"]
+                .as_array()
+                .map(|r| {
+                    r.iter()
+                        .filter_map(|x| x["application_name"].as_str())
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert!(names.contains(&"a2") && names.contains(&"b1"), "{body}");
+        } else {
+            assert!(
+                v["xlog"]["replayed_location"]
+                    .as_u64()
+                    .is_some_and(|l| l > 0),
+                "{body}"
+            );
+        }
+    }
+
+    let (code, body) = get(c.member("a2").http, "/config").await;
+    assert_eq!(code, 200, "/config: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("/config is JSON");
+    assert!(v["synchronous_node_count"].as_u64().is_some(), "{body}");
+    assert!(v["policy_version"].as_u64().is_some(), "{body}");
+
     // Freeze b1's WAL receiver: its row still says streaming, nothing arrives.
     let b1 = connect(&c.member("b1").pg_conninfo()).await;
     let pid: i32 = b1
@@ -220,6 +276,12 @@ async fn replica_lag_is_measured_against_the_primary() {
         "{body}"
     );
     assert_eq!(member("a2")["state"], "streaming", "{body}");
+    assert!(
+        member("a2")["api_url"]
+            .as_str()
+            .is_some_and(|u| u.ends_with(&format!(":{}/patroni", a2_http.port()))),
+        "{body}"
+    );
 
     // Thawed, it catches up and is a replica within 1 MB again.
     nix::sys::signal::kill(

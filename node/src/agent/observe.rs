@@ -520,13 +520,17 @@ impl ClusterSource {
                         })?;
                         Some(std::net::SocketAddr::new(ip, pg.port).to_string())
                     });
-                if let Some((host, port)) = addr.as_deref().and_then(super::dial::split_host_port) {
+                let host_port = addr.as_deref().and_then(super::dial::split_host_port);
+                if let Some((host, port)) = &host_port {
                     v["host"] = json!(host);
                     v["port"] = json!(port);
                 }
                 if m.name == me {
-                    v["api_url"] =
-                        json!(format!("http://{}/patroni", shared.config.api.http_listen));
+                    let api = &shared.config.api;
+                    let pg_host = host_port.as_ref().map(|(h, _)| h.to_string());
+                    if let Some(url) = api_url(api.http_listen, api.http_tls.is_some(), pg_host) {
+                        v["api_url"] = json!(url);
+                    }
                 }
                 if let Some(t) = timeline.filter(|t| *t > 0) {
                     v["timeline"] = json!(t);
@@ -550,6 +554,46 @@ impl ClusterSource {
             "pause": intent.maintenance,
         })
     }
+}
+
+/// `/config`: the intent's cluster-wide configuration, with Patroni's names for the
+/// settings Patroni has too.
+fn config_json(intent: &crate::raft::Intent) -> serde_json::Value {
+    let mut v = serde_json::to_value(&intent.policy).unwrap_or_default();
+    if !v.is_object() {
+        v = serde_json::json!({});
+    }
+    v["policy_version"] = serde_json::json!(intent.policy_version);
+    v["pause"] = serde_json::json!(intent.maintenance);
+    v["maximum_lag_on_failover"] = serde_json::json!(intent.policy.max_lag_on_failover_bytes);
+    v["synchronous_node_count"] = serde_json::json!(intent.policy.sync_quorum);
+    v
+}
+
+/// This member's `/patroni` URL as other hosts reach it: the HTTP listen address, or, when
+/// that is a wildcard (`0.0.0.0`, `::`), the host its Postgres is known by; None when
+/// neither names a host.
+fn api_url(
+    http_listen: std::net::SocketAddr,
+    tls: bool,
+    pg_host: Option<String>,
+) -> Option<String> {
+    let scheme = if tls { "https" } else { "http" };
+    let port = http_listen.port();
+    let host = if http_listen.ip().is_unspecified() {
+        let h = pg_host?;
+        if h.contains(':') && !h.starts_with('[') {
+            format!("[{h}]")
+        } else {
+            h
+        }
+    } else {
+        match http_listen.ip() {
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        }
+    };
+    Some(format!("{scheme}://{host}:{port}/patroni"))
 }
 
 /// The loop that observes, reports and publishes.
@@ -715,6 +759,9 @@ impl Reporter {
         let history = self.shared.clone();
         health.send_modify(|h| {
             h.cluster_json = crate::http::LazyJson::new(move || view.to_json());
+            let config = history.clone();
+            h.config_json =
+                crate::http::LazyJson::new(move || config_json(&config.applied().intent));
             h.history_json = crate::http::LazyJson::new(move || {
                 serde_json::to_value(&history.applied().intent.history).unwrap_or_default()
             });
@@ -981,6 +1028,34 @@ impl Reporter {
             h.lag_bytes = lag_bytes;
             h.streaming = streaming;
             h.noloadbalance = shared.config.member.noloadbalance;
+            let up = pg.filter(|p| p.up);
+            let nonzero = |l: u64| (l > 0).then_some(l);
+            h.wal = crate::http::WalPositions {
+                current: up
+                    .filter(|p| !p.in_recovery)
+                    .and_then(|p| nonzero(p.current_lsn)),
+                received: up
+                    .filter(|p| p.in_recovery)
+                    .and_then(|p| nonzero(p.received_lsn)),
+                replayed: up
+                    .filter(|p| p.in_recovery)
+                    .and_then(|p| nonzero(p.replayed_lsn)),
+            };
+            h.pending_restart = up.is_some_and(|p| !p.pending_restart.is_empty());
+            h.replication = up
+                .filter(|p| !p.in_recovery)
+                .map(|p| {
+                    p.standbys
+                        .iter()
+                        .map(|sb| crate::http::ReplicationRow {
+                            application_name: sb.application_name.clone(),
+                            state: sb.state.clone(),
+                            sync_state: sb.sync_state.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            h.cluster_unlocked = intent.primary.is_none();
         });
         *self.local.lock().unwrap_or_else(|e| e.into_inner()) = pg.cloned();
     }
@@ -1039,6 +1114,39 @@ mod tests {
             5,
             "every report is kept"
         );
+    }
+
+    #[test]
+    fn config_shows_the_policy_under_its_own_and_patronis_names() {
+        let mut intent = crate::raft::Intent::default();
+        intent.policy.sync_quorum = 2;
+        intent.policy.max_lag_on_failover_bytes = 1 << 20;
+        intent.policy_version = 7;
+        intent.maintenance = true;
+        let v = config_json(&intent);
+        assert_eq!(v["sync_quorum"], 2);
+        assert_eq!(v["synchronous_node_count"], 2);
+        assert_eq!(v["maximum_lag_on_failover"], 1 << 20);
+        assert_eq!(v["policy_version"], 7);
+        assert_eq!(v["pause"], true);
+    }
+
+    #[test]
+    fn the_api_url_names_a_host_others_can_reach() {
+        let at = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert_eq!(
+            api_url(at("10.0.0.5:8008"), false, None).as_deref(),
+            Some("http://10.0.0.5:8008/patroni")
+        );
+        assert_eq!(
+            api_url(at("0.0.0.0:8008"), true, Some("db1.example".into())).as_deref(),
+            Some("https://db1.example:8008/patroni")
+        );
+        assert_eq!(
+            api_url(at("[::]:8008"), false, Some("fd00::5".into())).as_deref(),
+            Some("http://[fd00::5]:8008/patroni")
+        );
+        assert_eq!(api_url(at("0.0.0.0:8008"), false, None), None);
     }
 
     #[test]
