@@ -11,7 +11,8 @@
 //! (`?lag=` bounds its lag, in bytes or with a unit such as `16MB`). `/read-only`: 200 on a
 //! running primary or standby. `/health`: 200 when Postgres is running. `/patroni` and
 //! `/liveness`: 200 whenever the agent answers (the body is the status document, with
-//! Patroni's `patroni`, `xlog`, `replication`, `pending_restart` and `cluster_unlocked`
+//! Patroni's `patroni`, `xlog`, `server_version`, `postmaster_start_time`,
+//! `database_system_identifier`, `replication`, `pending_restart` and `cluster_unlocked`
 //! fields). `/sync` and
 //! `/async`: 200 on a synchronous / asynchronous standby. Health checks answer `GET`,
 //! `HEAD` and `OPTIONS` (HAProxy's `option httpchk` sends `OPTIONS` by default).
@@ -86,6 +87,8 @@ pub struct NodeHealth {
     pub replication: Vec<ReplicationRow>,
     /// The intent names no primary (Patroni's `cluster_unlocked`).
     pub cluster_unlocked: bool,
+    /// The running server, as its last probe read it.
+    pub server: ServerInfo,
     /// The cluster as this member sees it (for `/cluster`), built on request.
     #[serde(skip)]
     pub cluster_json: LazyJson,
@@ -106,6 +109,15 @@ pub struct WalPositions {
     pub received: Option<u64>,
     /// Standby: replayed.
     pub replayed: Option<u64>,
+}
+
+/// The running server itself (Patroni's `server_version`, `postmaster_start_time`,
+/// `database_system_identifier`); each None when not known.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ServerInfo {
+    pub server_version: Option<u32>,
+    pub postmaster_start_time: Option<String>,
+    pub system_identifier: Option<String>,
 }
 
 /// One standby connected to this primary (`pg_stat_replication`).
@@ -345,6 +357,15 @@ fn patroni_body(h: &NodeHealth) -> serde_json::Value {
             serde_json::json!({ "location": h.wal.current })
         };
         body["xlog"] = xlog;
+        if let Some(v) = h.server.server_version {
+            body["server_version"] = serde_json::json!(v);
+        }
+        if let Some(t) = &h.server.postmaster_start_time {
+            body["postmaster_start_time"] = serde_json::json!(t);
+        }
+        if let Some(id) = &h.server.system_identifier {
+            body["database_system_identifier"] = serde_json::json!(id);
+        }
     }
     if h.role == Role::Primary && h.running && !h.in_recovery {
         body["replication"] = serde_json::to_value(&h.replication).unwrap_or_default();
@@ -599,6 +620,8 @@ mod tests {
         h.cluster = "c".into();
         h.version = "0.1.0".into();
         h.wal.current = Some(4096);
+        h.server.server_version = Some(150004);
+        h.server.system_identifier = Some("7312345678901234567".into());
         h.replication = vec![ReplicationRow {
             application_name: "a2".into(),
             state: "streaming".into(),
@@ -610,6 +633,8 @@ mod tests {
         assert_eq!(b["patroni"]["version"], "0.1.0");
         assert_eq!(b["role"], "primary");
         assert_eq!(b["xlog"]["location"], 4096);
+        assert_eq!(b["server_version"], 150004);
+        assert_eq!(b["database_system_identifier"], "7312345678901234567");
         assert_eq!(b["replication"][0]["application_name"], "a2");
         assert!(b.get("pending_restart").is_none(), "absent unless true");
         assert!(b.get("cluster_unlocked").is_none(), "absent unless true");

@@ -168,6 +168,12 @@ async fn replica_lag_is_measured_against_the_primary() {
         assert!(v["patroni"]["version"].is_string(), "{body}");
         assert_eq!(v["role"], role, "{body}");
         assert_eq!(v["state"], "running", "{body}");
+        assert!(
+            v["server_version"].as_u64().is_some_and(|n| n >= 150000),
+            "{body}"
+        );
+        assert!(v["database_system_identifier"].is_string(), "{body}");
+        assert!(v["postmaster_start_time"].is_string(), "{body}");
         if role == "primary" {
             assert!(
                 v["xlog"]["location"].as_u64().is_some_and(|l| l > 0),

@@ -606,6 +606,8 @@ pub struct Reporter {
     peers: super::peers::PeerProbes,
     /// The latest observation of the local Postgres (for `/cluster`, built on request).
     local: Arc<Mutex<Option<PostgresObservation>>>,
+    /// What the last successful probe said about the server itself (display only).
+    server: Mutex<crate::http::ServerInfo>,
 }
 
 impl Reporter {
@@ -628,6 +630,7 @@ impl Reporter {
             peers,
             streamed_tli: Mutex::new(None),
             local: Arc::new(Mutex::new(None)),
+            server: Mutex::new(crate::http::ServerInfo::default()),
         }
     }
 
@@ -663,6 +666,14 @@ impl Reporter {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
                 let status = instance.probe().await;
+                if status.up {
+                    *self.server.lock().unwrap_or_else(|e| e.into_inner()) =
+                        crate::http::ServerInfo {
+                            server_version: status.server_version,
+                            postmaster_start_time: status.postmaster_start_time.clone(),
+                            system_identifier: status.system_identifier.clone(),
+                        };
+                }
                 let mut o = postgres_observation(&status, instance.is_fenced());
                 if status.up && status.in_recovery {
                     if let Some((g, r)) = receiver_off {
@@ -1056,6 +1067,14 @@ impl Reporter {
                 })
                 .unwrap_or_default();
             h.cluster_unlocked = intent.primary.is_none();
+            h.server = if up.is_some() {
+                self.server
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+            } else {
+                crate::http::ServerInfo::default()
+            };
         });
         *self.local.lock().unwrap_or_else(|e| e.into_inner()) = pg.cloned();
     }

@@ -46,6 +46,12 @@ pub struct PgStatus {
     /// Standby: milliseconds since the last replayed transaction was committed on the
     /// primary, 0 when everything received is replayed; None when unknown or a primary.
     pub replay_delay_ms: Option<u64>,
+    /// `server_version_num`, e.g. 150004 (for Patroni's status document).
+    pub server_version: Option<u32>,
+    /// `pg_postmaster_start_time()` as text.
+    pub postmaster_start_time: Option<String>,
+    /// `pg_control_system().system_identifier` as text.
+    pub system_identifier: Option<String>,
 }
 
 /// A standby's WAL receiver (`pg_stat_wal_receiver`).
@@ -121,7 +127,9 @@ const STATUS_SQL: &str = "SELECT pg_is_in_recovery(), \
       FROM pg_stat_replication WHERE application_name IS DISTINCT FROM 'meridian_lease_gate'), \
      CASE WHEN NOT pg_is_in_recovery() THEN NULL \
           WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0 \
-          ELSE (extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint END \
+          ELSE (extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint END, \
+     current_setting('server_version_num')::int, pg_postmaster_start_time()::text, \
+     (SELECT system_identifier FROM pg_control_system())::text \
      FROM (SELECT 1) AS one LEFT JOIN pg_stat_wal_receiver AS r ON true";
 
 /// One setting's current value on the kept session.
@@ -521,6 +529,11 @@ async fn probe_with(client: &Client, status: &Statement) -> Result<PgStatus, PgE
         replay_delay_ms: row
             .get::<_, Option<i64>>(15)
             .map(|ms| u64::try_from(ms).unwrap_or(0)),
+        server_version: row
+            .get::<_, Option<i32>>(16)
+            .and_then(|v| u32::try_from(v).ok()),
+        postmaster_start_time: row.get(17),
+        system_identifier: row.get(18),
     })
 }
 
