@@ -69,20 +69,29 @@ impl ObservationStore {
     }
 }
 
+/// A report without what changes every round and the leader only displays: the send
+/// time, the round trips and the replay delay.
+fn without_clocks(o: &Observation) -> Observation {
+    let mut o = o.clone();
+    o.sent_unix_ms = 0;
+    o.rtt_us.clear();
+    if let Some(p) = o.postgres.as_mut() {
+        p.replay_delay_ms = p.replay_delay_ms.map(|_| 0);
+    }
+    o
+}
+
 /// Whether two reports of a member differ at most in WAL positions, replay delay, round
 /// trips and send time: everything the decision core reads besides those (up, recovery,
 /// timeline, fenced, error, upstream, receiver status, walsenders' states, sync names,
 /// activity, pending restarts, generation, probes) is the same.
 fn same_shape(a: &Observation, b: &Observation) -> bool {
     fn shape(o: &Observation) -> Observation {
-        let mut o = o.clone();
-        o.sent_unix_ms = 0;
-        o.rtt_us.clear();
+        let mut o = without_clocks(o);
         if let Some(p) = o.postgres.as_mut() {
             p.current_lsn = 0;
             p.received_lsn = 0;
             p.replayed_lsn = 0;
-            p.replay_delay_ms = p.replay_delay_ms.map(|_| 0);
             for s in &mut p.standbys {
                 s.sent_lsn = 0;
                 s.write_lsn = 0;
@@ -95,19 +104,10 @@ fn same_shape(a: &Observation, b: &Observation) -> bool {
     shape(a) == shape(b)
 }
 
-/// Whether report `b` would tell the leader nothing that `a` did not: the same but for the
-/// send time, the round trips and the replay delay (display only), which change every round.
+/// Whether report `b` would tell the leader nothing that `a` did not: the same but for
+/// [`without_clocks`]'s fields.
 fn tells_nothing_new(a: &Observation, b: &Observation) -> bool {
-    fn strip(o: &Observation) -> Observation {
-        let mut o = o.clone();
-        o.sent_unix_ms = 0;
-        o.rtt_us.clear();
-        if let Some(p) = o.postgres.as_mut() {
-            p.replay_delay_ms = p.replay_delay_ms.map(|_| 0);
-        }
-        o
-    }
-    strip(a) == strip(b)
+    without_clocks(a) == without_clocks(b)
 }
 
 /// A report more than this after the member's previous one wakes the leader whatever it
