@@ -687,7 +687,11 @@ impl AdminService {
             intent_json: serde_json::to_string(intent).unwrap_or_default(),
             answered_by: shared.name().to_string(),
             answered_role: role_name(metrics.state).to_string(),
-            from_leader: is_leader && metrics.state == ServerState::Leader,
+            // A deposed leader that has not heard it yet (thawed after a freeze) still
+            // believes it leads: without a fresh quorum its view is flagged like a follower's.
+            from_leader: is_leader
+                && metrics.state == ServerState::Leader
+                && shared.leader_has_fresh_quorum(),
             last_log_index: metrics.last_log_index.unwrap_or_default(),
             quorum_ack_age_ms: metrics
                 .millis_since_quorum_ack

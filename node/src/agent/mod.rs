@@ -203,6 +203,16 @@ impl Shared {
         let m = self.raft_metrics();
         m.current_leader == Some(self.id) && m.state == ServerState::Leader
     }
+
+    /// Whether a majority acknowledged this leader within `timing.fence_after`. A leader
+    /// frozen past that (a paused VM, SIGSTOP) may already be deposed without knowing it,
+    /// so what it says about the cluster is not the leader's word.
+    pub fn leader_has_fresh_quorum(&self) -> bool {
+        let bound = u64::try_from(self.config.timing.fence_after.as_millis()).unwrap_or(u64::MAX);
+        self.raft_metrics()
+            .millis_since_quorum_ack
+            .is_none_or(|ms| ms <= bound)
+    }
 }
 
 /// Builds the address book from `[peers]`, resolving `host:port` (first address wins).

@@ -175,14 +175,6 @@ fn note_stop_token(shared: &Shared, token: Option<u64>) {
     }
 }
 
-fn leader_has_fresh_quorum(shared: &Shared) -> bool {
-    let bound = shared.config.timing.fence_after.as_millis() as u64;
-    shared
-        .raft_metrics()
-        .millis_since_quorum_ack
-        .is_none_or(|ms| ms <= bound)
-}
-
 #[tonic::async_trait]
 impl AgentRpc for AgentService {
     async fn report(
@@ -216,7 +208,7 @@ impl AgentRpc for AgentService {
         // counts itself unheard (a standby nobody with a quorum hears stops acknowledging
         // synchronous commits).
         let gap = report_gap(&self.shared);
-        if !leader_has_fresh_quorum(&self.shared) {
+        if !self.shared.leader_has_fresh_quorum() {
             self.shared.observations.record(obs, gap);
             return Ok(Response::new(ObservationAck {
                 accepted: false,
@@ -853,7 +845,7 @@ impl Reporter {
             let shared = &self.shared;
             // A leader cut off from its quorum does not step down by itself.
             let gap = report_gap(shared);
-            if !leader_has_fresh_quorum(shared) {
+            if !shared.leader_has_fresh_quorum() {
                 shared.observations.record(obs, gap);
                 return Err("this leader has no recent quorum acknowledgement".into());
             }
