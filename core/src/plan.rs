@@ -95,12 +95,10 @@ pub struct LocalObserved {
     pub primary_timeline: Option<u32>,
     /// The primary the standby's `primary_conninfo` points at.
     pub upstream: Option<String>,
-    /// The WAL receiver was disconnected because this member is isolated.
+    /// The WAL receiver was disconnected because this member broke the primary's lease.
     pub disconnected: bool,
     /// How long the standby has not streamed (0 when it streams).
     pub not_streaming_for_ms: u64,
-    /// How long since a leader last accepted this agent's report.
-    pub since_report_ok_ms: u64,
     /// This agent already resumed, or gave up resuming, in the current generation
     /// (durable): it never takes writes again in it without a new `Resume`.
     pub resume_spent: bool,
@@ -124,9 +122,6 @@ pub fn resume_pending(intent: &MemberIntent, fenced: bool, resume_spent: bool) -
 pub struct PlanLimits {
     /// A primary's server unresponsive for this long is fenced.
     pub fence_after_ms: u64,
-    /// A standby whose reports no leader accepted for this long disconnects its WAL
-    /// receiver (`lease_ttl` + the longest election).
-    pub isolated_after_ms: u64,
     /// A standby not streaming for this long is rewound.
     pub rejoin_after_ms: u64,
     /// A primary resumed in place that cannot take its lease within this gives the resume
@@ -181,8 +176,8 @@ pub enum Step {
     Repoint { to: String },
     /// A fenced former primary streams from the new one: clear the fence mark.
     ClearFence,
-    /// Isolated from every leader: disconnect the WAL receiver (so the primary's sync
-    /// commits do not count this member while it cannot see the cluster).
+    /// This voter broke the primary's lease: disconnect the WAL receiver, so it confirms
+    /// nothing more of that primary and its position becomes final.
     DisconnectUpstream,
     /// Diverged or an old primary: `pg_rewind` onto `onto` and start as its standby
     /// (re-clone when rewind fails).
@@ -246,13 +241,11 @@ pub fn plan(intent: &MemberIntent, local: &LocalObserved, limits: &PlanLimits) -
         (Some(s), Some(p)) if s < p
     );
     let streaming = probe.streaming && !behind_timeline;
-    if local.since_report_ok_ms > limits.isolated_after_ms {
-        return if local.disconnected {
-            Step::Idle
-        } else {
-            Step::DisconnectUpstream
-        };
-    }
+    // A standby that cannot reach any Raft leader keeps confirming the primary's WAL: the
+    // leader promotes only on final positions (`decide::failover::position_final`), so its
+    // confirmations cannot make a promotion lose a commit, and disconnecting stalled the
+    // primary's commits for a whole partial partition when it was the only sync standby
+    // the primary reached (#12).
     // This voter broke the primary's lease: its WAL receiver stays off that primary until
     // a promotion (a new generation) or a release of the break, so a thawed primary's
     // waiting commits are not confirmed here after a promotion was decided (sim F7).
@@ -331,7 +324,6 @@ mod tests {
 
     const LIMITS: PlanLimits = PlanLimits {
         fence_after_ms: 1_500,
-        isolated_after_ms: 3_000,
         rejoin_after_ms: 10_000,
         resume_within_ms: 5_000,
     };
@@ -578,23 +570,6 @@ mod tests {
         assert_eq!(
             plan(&standby_intent(), &behind, &LIMITS),
             Step::Rewind { onto: "p".into() }
-        );
-    }
-
-    #[test]
-    fn an_isolated_standby_disconnects_once_and_repoints_after() {
-        let mut l = streaming_standby();
-        l.since_report_ok_ms = 3_001;
-        assert_eq!(
-            plan(&standby_intent(), &l, &LIMITS),
-            Step::DisconnectUpstream
-        );
-        l.disconnected = true;
-        assert_eq!(plan(&standby_intent(), &l, &LIMITS), Step::Idle);
-        l.since_report_ok_ms = 0;
-        assert_eq!(
-            plan(&standby_intent(), &l, &LIMITS),
-            Step::Repoint { to: "p".into() }
         );
     }
 

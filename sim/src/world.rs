@@ -46,6 +46,9 @@ pub struct Outcome {
     pub failovers: u64,
     /// Simulated ms from the heal to the first converged step (None: never converged).
     pub converged_after_ms: Option<u64>,
+    /// The longest simulated time without an acknowledged commit between the first
+    /// fault's start and the heal (writes unavailable for that long).
+    pub longest_write_gap_ms: u64,
 }
 
 impl Outcome {
@@ -252,7 +255,6 @@ struct Member {
     next_renew: u64,
     next_report: u64,
     next_plan: u64,
-    report_ok_at: u64,
     seen_primary_up: bool,
     unresponsive_since: Option<u64>,
     not_streaming_since: Option<u64>,
@@ -294,6 +296,7 @@ struct Ack {
     id: u64,
     member: usize,
     covered: bool,
+    at_ms: u64,
 }
 
 struct World<'s> {
@@ -452,7 +455,6 @@ impl<'s> World<'s> {
                     next_renew: 0,
                     next_report: 0,
                     next_plan: 0,
-                    report_ok_at: 0,
                     receiver_off: None,
                     primary_stop_token: None,
                     seen_primary_up: i == 0,
@@ -472,7 +474,6 @@ impl<'s> World<'s> {
                 // Past the start-up wait: the bootstrap primary may renew at once.
                 m.grants.previous_until_ms = l0;
                 m.election_at = l0 + rng.random_range(ELECTION_MIN_MS..ELECTION_MAX_MS);
-                m.report_ok_at = l0;
                 m.lease = (i == 0).then_some((l0, Generation(1)));
                 m.named_since = (i == 0).then_some((Generation(1), l0));
                 m
@@ -698,7 +699,6 @@ impl<'s> World<'s> {
         m.lease = None;
         m.named_since = None;
         m.renewals.clear();
-        m.report_ok_at = l;
         m.seen_primary_up = false;
         m.unresponsive_since = None;
         m.not_streaming_since = None;
@@ -1035,7 +1035,6 @@ impl<'s> World<'s> {
             }
             Msg::ReportAck { primary_stopped } => {
                 let m = &mut self.members[to];
-                m.report_ok_at = m.local(now);
                 if primary_stopped.is_some() {
                     m.primary_stop_token = m.primary_stop_token.max(primary_stopped);
                 }
@@ -1264,7 +1263,6 @@ impl<'s> World<'s> {
                 obs.received_at_ms = l;
                 s.observations.insert(name, obs);
             }
-            self.members[i].report_ok_at = l;
             return;
         }
         self.send(i, leader, Msg::Report { obs });
@@ -1402,7 +1400,6 @@ impl<'s> World<'s> {
             upstream: m.pg.upstream.map(|u| self.members[u].name.to_string()),
             disconnected: m.disconnected,
             not_streaming_for_ms: m.not_streaming_since.map_or(0, |s| l.saturating_sub(s)),
-            since_report_ok_ms: l.saturating_sub(m.report_ok_at),
             resume_spent: m.resume_spent == Some(m.intent.generation),
             broke_primary_lease: m
                 .grants
@@ -1415,7 +1412,6 @@ impl<'s> World<'s> {
         };
         let limits = PlanLimits {
             fence_after_ms: FENCE_AFTER_MS,
-            isolated_after_ms: LEASE_TTL_MS + ELECTION_MAX_MS,
             rejoin_after_ms: REJOIN_AFTER_MS,
             resume_within_ms: RESUME_WITHIN_MS,
         };
@@ -2045,6 +2041,7 @@ impl<'s> World<'s> {
             id,
             member: i,
             covered,
+            at_ms: self.now,
         });
     }
 
@@ -2150,8 +2147,25 @@ impl<'s> World<'s> {
             allowed_loss: self.allowed_loss,
             failovers: self.failovers,
             converged_after_ms: self.converged_at.map(|at| at - self.sc.heal_ms),
+            longest_write_gap_ms: write_gap_ms(
+                self.acks.iter().map(|a| a.at_ms),
+                self.sc.faults.iter().map(|f| f.start_ms).min(),
+                self.sc.heal_ms,
+            ),
         }
     }
+}
+
+/// The longest stretch of `[from, to]` without an acknowledgement (`acks` in time order).
+fn write_gap_ms(acks: impl Iterator<Item = u64>, from: Option<u64>, to: u64) -> u64 {
+    let Some(from) = from else { return 0 };
+    let mut last = from;
+    let mut longest = 0;
+    for at in acks.filter(|at| (from..=to).contains(at)) {
+        longest = longest.max(at - last);
+        last = at;
+    }
+    longest.max(to.saturating_sub(last))
 }
 
 /// The Raft command for a core action (`node/src/agent/leader.rs::command_for`); None for

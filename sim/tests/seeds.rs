@@ -274,3 +274,75 @@ fn f3_a_stale_fence_report_does_not_replace_a_resumed_primary() {
     let out = run(&Scenario::campaign(9088), false);
     assert!(out.ok(), "seed 9088: {:?}", out.violations);
 }
+
+/// #12 availability: a partial partition in which the primary still reaches every member
+/// but its only sync standby reaches nobody else (so no Raft leader, when the leader is not
+/// the primary). The standby used to disconnect its WAL receiver once no leader accepted
+/// its reports, and the primary's commits waited on it for the whole partition. Its WAL
+/// receiver stays on now: the promotion rule counts only final positions, so a standby
+/// that keeps confirming cannot make a promotion lose a commit.
+#[test]
+fn a_sync_standby_cut_off_from_the_leader_keeps_the_primary_writable() {
+    use meridian_core::policy::{RegionPolicy, SyncMode};
+    use meridian_sim::scenario::timing::CONVERGE_MS;
+    use meridian_sim::{Fault, FaultKind, Topology};
+    const CUT_MS: u64 = 8_000;
+    let mut leader_elsewhere = 0;
+    for seed in (0..400)
+        .filter(|s| Scenario::generate(*s).topology == Topology::TwoByTwoPlusWitness)
+        .take(12)
+    {
+        let mut sc = Scenario::generate(seed);
+        // e1 e2 (east, sync) w1 w2 (west, async) x1: the sync set is ANY 1 (e2).
+        sc.policy.regions.clear();
+        for (region, mode) in [("east", SyncMode::Sync), ("west", SyncMode::Async)] {
+            sc.policy.regions.insert(
+                region.to_string(),
+                RegionPolicy {
+                    mode,
+                    ..RegionPolicy::default()
+                },
+            );
+        }
+        sc.policy.async_failover = false;
+        sc.zero_loss = false;
+        sc.loss_permille = 0;
+        let links = [2, 3, 4].iter().flat_map(|o| [(1, *o), (*o, 1)]).collect();
+        sc.faults = vec![Fault {
+            start_ms: 3_000,
+            duration_ms: CUT_MS,
+            kind: FaultKind::CutLinks { links },
+        }];
+        sc.heal_ms = 3_000 + CUT_MS;
+        sc.end_ms = sc.heal_ms + CONVERGE_MS;
+        let out = run(&sc, true);
+        assert!(out.ok(), "seed {seed}: {:?}", out.violations);
+        // Who led the Raft group when the cut began.
+        let leader = out
+            .trace
+            .iter()
+            .rev()
+            .filter_map(|l| {
+                let (at, rest) = l.trim_start().split_once(" ms  ")?;
+                let (who, what) = rest.split_once(": ")?;
+                (at.parse::<u64>().ok()? < 3_000 && what.starts_with("elected leader"))
+                    .then(|| who.to_string())
+            })
+            .next();
+        if leader.as_deref().is_some_and(|l| l != "e1") {
+            leader_elsewhere += 1;
+        }
+        assert!(
+            out.longest_write_gap_ms < 3_000,
+            "seed {seed}: no commit acknowledged for {} ms while the primary reached every \
+             member (Raft leader at the cut: {leader:?})\n{}",
+            out.longest_write_gap_ms,
+            out.trace.join("\n")
+        );
+    }
+    // The case that matters must have happened, or the test could not fail.
+    assert!(
+        leader_elsewhere > 0,
+        "the Raft leader was the primary in every run"
+    );
+}

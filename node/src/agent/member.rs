@@ -223,7 +223,7 @@ struct Member {
     /// The member this standby's `primary_conninfo` was last pointed at by this agent,
     /// and whether through this member's slot there.
     upstream: Option<Upstream>,
-    /// An isolated standby disconnected its WAL receiver.
+    /// This standby disconnected its WAL receiver (it broke the primary's lease).
     disconnected: bool,
     not_streaming_since: Option<Instant>,
     /// Since when the running local Postgres has not answered probes.
@@ -1365,30 +1365,10 @@ impl Member {
         let Some(primary) = intent.primary.clone() else {
             return Ok(());
         };
-        let t = &self.shared.config.timing;
-        let since_ok = self
-            .shared
-            .last_report_ok
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .elapsed();
-        // Longer than a Raft election, so a leader change alone never stalls the
-        // primary's sync commits; an isolated primary fences itself sooner anyway.
-        let isolated_after = t.lease_ttl + self.shared.config.raft.election_timeout_max;
-        if since_ok > isolated_after {
-            if !self.disconnected {
-                tracing::warn!(
-                    "no leader accepted a report for {} ms: disconnecting the WAL receiver",
-                    since_ok.as_millis()
-                );
-                self.shared
-                    .set_activity("isolated: WAL receiver disconnected");
-                self.pg.disconnect_upstream().await?;
-                self.disconnected = true;
-                self.upstream = None;
-            }
-            return Ok(());
-        }
+        // Cut off from every Raft leader, a standby keeps streaming: promotions count only
+        // final positions, so its confirmations cannot cost a commit, and disconnecting
+        // stalled the primary's commits for a whole partial partition (#12, the sim's
+        // `a_sync_standby_cut_off_from_the_leader_keeps_the_primary_writable`).
         // This voter broke the primary's lease of this generation: no WAL from it until a
         // promotion (a new generation) or a release of the break, so a thawed primary's
         // waiting commits are not confirmed here after a promotion was decided (sim F7).

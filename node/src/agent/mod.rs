@@ -81,9 +81,6 @@ pub struct Shared {
     pub peer_probes: peers::PeerProbes,
     /// The base of the leader's millisecond clock (`now_ms` of the decision core).
     pub epoch: Instant,
-    /// When this member last got an observation report accepted by a leader that had a
-    /// quorum: an isolated standby stops acknowledging sync replication.
-    pub last_report_ok: Mutex<Instant>,
     /// What the agent is doing to its Postgres (reported in observations).
     pub activity: Mutex<String>,
     /// The last WAL position of this member's Postgres after it stopped writes for a
@@ -344,7 +341,6 @@ impl Agent {
             resume: resume::ResumeSpent::load(Some(&config.state_dir)),
             peer_probes: peers::PeerProbes::default(),
             epoch: Instant::now(),
-            last_report_ok: Mutex::new(Instant::now()),
             activity: Mutex::new(String::new()),
             final_lsn: Mutex::new(None),
             applied_sync_target: Mutex::new(None),

@@ -822,13 +822,6 @@ impl Reporter {
             let result = self.report(obs.clone(), report_timeout).await;
             last_quick = result.is_ok() && sent_at.elapsed() <= interval / 2;
             last_sent = result.is_ok().then_some(obs);
-            if result.is_ok() {
-                *self
-                    .shared
-                    .last_report_ok
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Instant::now();
-            }
             match (&result, &last_error) {
                 (Err(e), Some(prev)) if e == prev => {}
                 (Err(e), _) => tracing::warn!("reporting observations to the leader: {e}"),
