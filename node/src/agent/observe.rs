@@ -205,8 +205,7 @@ impl AgentRpc for AgentService {
         }
         // A leader cut off from its quorum does not step down by itself: it keeps the
         // observation but does not accept it, as the local path does, so the reporter
-        // counts itself unheard (a standby nobody with a quorum hears stops acknowledging
-        // synchronous commits).
+        // counts itself unheard and looks for the real leader (defect 7 of #12).
         let gap = report_gap(&self.shared);
         if !self.shared.leader_has_fresh_quorum() {
             self.shared.observations.record(obs, gap);
