@@ -688,10 +688,12 @@ impl AdminService {
             answered_by: shared.name().to_string(),
             answered_role: role_name(metrics.state).to_string(),
             // A deposed leader that has not heard it yet (thawed after a freeze) still
-            // believes it leads: without a fresh quorum its view is flagged like a follower's.
+            // believes it leads: past the longest election without a quorum's
+            // acknowledgement, the followers may have chosen another, so its view is
+            // flagged like a follower's.
             from_leader: is_leader
                 && metrics.state == ServerState::Leader
-                && shared.leader_has_fresh_quorum(),
+                && shared.leader_acked_within(shared.config.raft.election_timeout_max),
             last_log_index: metrics.last_log_index.unwrap_or_default(),
             quorum_ack_age_ms: metrics
                 .millis_since_quorum_ack
