@@ -687,13 +687,8 @@ impl AdminService {
             intent_json: serde_json::to_string(intent).unwrap_or_default(),
             answered_by: shared.name().to_string(),
             answered_role: role_name(metrics.state).to_string(),
-            // A deposed leader that has not heard it yet (thawed after a freeze) still
-            // believes it leads: past the longest election without a quorum's
-            // acknowledgement, the followers may have chosen another, so its view is
-            // flagged like a follower's.
-            from_leader: is_leader
-                && metrics.state == ServerState::Leader
-                && shared.leader_acked_within(shared.config.raft.election_timeout_max),
+            // The leader's own belief; `status` confirms it with a quorum before it says so.
+            from_leader: is_leader && metrics.state == ServerState::Leader,
             last_log_index: metrics.last_log_index.unwrap_or_default(),
             quorum_ack_age_ms: metrics
                 .millis_since_quorum_ack
@@ -748,8 +743,22 @@ impl Admin for AdminService {
                     }
                 }
             }
-            // Not the leader and cannot forward: this member's view, flagged.
-            Ok(None) | Err(_) => Ok(GrpcResponse::new(self.local_status())),
+            // The leader, or not the leader and cannot forward: this member's view, flagged.
+            Ok(None) | Err(_) => {
+                let mut status = self.local_status();
+                // A deposed leader that has not heard it yet (thawed after a freeze) still
+                // believes it leads: a heartbeat round to a quorum decides (a newer leader's
+                // vote deposes it), so a stale view is never passed off as the leader's.
+                if status.from_leader {
+                    let bound = self.shared.config.raft.election_timeout_max;
+                    let confirmed =
+                        tokio::time::timeout(bound, self.shared.raft.ensure_linearizable()).await;
+                    if !matches!(confirmed, Ok(Ok(_))) {
+                        status.from_leader = false;
+                    }
+                }
+                Ok(GrpcResponse::new(status))
+            }
         }
     }
 

@@ -201,17 +201,10 @@ impl Shared {
         m.current_leader == Some(self.id) && m.state == ServerState::Leader
     }
 
-    /// Whether a majority acknowledged this leader within `timing.fence_after` (the bound
-    /// for accepting reports, which a standby's sync confirmations once hung on).
+    /// Whether a majority acknowledged this leader within `timing.fence_after`. A leader
+    /// frozen past that (a paused VM, SIGSTOP) may already be deposed without knowing it.
     pub fn leader_has_fresh_quorum(&self) -> bool {
-        self.leader_acked_within(self.config.timing.fence_after)
-    }
-
-    /// Whether a majority acknowledged this leader within `bound`. A leader frozen past
-    /// the election timeout (a paused VM, SIGSTOP) may already be deposed without
-    /// knowing it, so what it says about the cluster is not the leader's word.
-    pub fn leader_acked_within(&self, bound: std::time::Duration) -> bool {
-        let bound = u64::try_from(bound.as_millis()).unwrap_or(u64::MAX);
+        let bound = u64::try_from(self.config.timing.fence_after.as_millis()).unwrap_or(u64::MAX);
         self.raft_metrics()
             .millis_since_quorum_ack
             .is_none_or(|ms| ms <= bound)
