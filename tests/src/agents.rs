@@ -43,6 +43,9 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 pub const SUPERUSER_PASSWORD: &str = "test-superuser-pw";
 /// How long [`AgentCluster::command`] retries while the cluster has no leader.
 pub const RETRY_WINDOW: Duration = Duration::from_secs(10);
+/// How long [`AgentCluster::status`] waits for some member to answer from a leader: a
+/// few election timeouts of the test configuration (at most 1 s each).
+pub const LEADER_WAIT: Duration = Duration::from_secs(4);
 /// Bound on a graceful stop (SIGTERM) before the fixture kills the process.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -737,16 +740,27 @@ impl AgentCluster {
     }
 
     /// The first status answered by the leader, asking the running members in turn.
+    /// When none answers from a leader (the leader just stopped and the election is under
+    /// way), asks again for at most [`LEADER_WAIT`]: one round is not enough right after
+    /// the Raft leader left, as everyone still names it for an election timeout.
     pub async fn status(&self) -> anyhow::Result<StatusResponse> {
-        let mut last = None;
-        for name in self.running() {
-            match self.status_of(&name, false).await {
-                Ok(s) if s.from_leader => return Ok(s),
-                Ok(s) => last = Some(anyhow::anyhow!("{name} answered without a leader: {s:?}")),
-                Err(e) => last = Some(e),
+        let deadline = Instant::now() + LEADER_WAIT;
+        loop {
+            let mut last = None;
+            for name in self.running() {
+                match self.status_of(&name, false).await {
+                    Ok(s) if s.from_leader => return Ok(s),
+                    Ok(s) => {
+                        last = Some(anyhow::anyhow!("{name} answered without a leader: {s:?}"))
+                    }
+                    Err(e) => last = Some(e),
+                }
             }
+            if Instant::now() >= deadline {
+                return Err(last.unwrap_or_else(|| anyhow::anyhow!("no member is running")));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        Err(last.unwrap_or_else(|| anyhow::anyhow!("no member is running")))
     }
 
     /// Proposes `cmd` through `name` (forwarded to the leader); returns the log index.
