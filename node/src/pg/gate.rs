@@ -38,8 +38,9 @@ pub const GATE_APPLICATION_NAME: &str = "meridian_lease_gate";
 const MAX_FRAME_BYTES: usize = 16 << 20;
 /// How often an unconfirmed position is checked against the lease again.
 const RECHECK_INTERVAL: Duration = Duration::from_millis(20);
-/// A status message at least this often, so `wal_sender_timeout` never ends the stream.
-const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+/// A status message at least this often, so `wal_sender_timeout` never ends the stream
+/// (Meridian sets 5 s; the sender's reply requests are answered at once as well).
+const STATUS_INTERVAL: Duration = Duration::from_secs(2);
 /// Microseconds from the Unix epoch to the Postgres epoch (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 

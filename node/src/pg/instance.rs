@@ -1580,6 +1580,14 @@ fn render_meridian_conf(
         // A standby re-pointed at a new primary retries soon (default 5 s), e.g. while
         // its slot is being created there.
         ("wal_retrieve_retry_interval", "'500ms'".into()),
+        // A replication connection whose peer went silent (a partition dropping its
+        // packets) ends after 5 s on both sides instead of 60 s: the standby reconnects as
+        // soon as the path heals instead of waiting out TCP's retransmission backoff on
+        // the dead connection, and the primary's sender releases the standby's slot so
+        // the new connection can take it. A live idle link never trips either: each side
+        // asks the other for a reply after half its timeout.
+        ("wal_sender_timeout", "'5s'".into()),
+        ("wal_receiver_timeout", "'5s'".into()),
         ("password_encryption", "'scram-sha-256'".into()),
     ];
     for (k, v) in lines {
@@ -1711,6 +1719,8 @@ hot_standby = on
 wal_keep_size = '256MB'
 wal_receiver_status_interval = '1s'
 wal_retrieve_retry_interval = '500ms'
+wal_sender_timeout = '5s'
+wal_receiver_timeout = '5s'
 password_encryption = 'scram-sha-256'
 max_slot_wal_keep_size = '4GB'
 # Cluster parameters (meridianctl edit-config postgresql.parameters.*) and this member's [postgres.parameters].
