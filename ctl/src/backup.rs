@@ -1,8 +1,9 @@
 //! `meridianctl backup`, `backup list`, `backup check`, `restore`, `restore-point`:
 //! disaster recovery through pgBackRest, in pgBackRest's and Patroni users' words. The
-//! member that runs each is chosen by the cluster (the primary for a backup, a check and a
-//! restore point; the answering member for a restore) unless `--from` / `--member` names
-//! one; the work itself is `meridian_node::backup::ops`.
+//! member that runs each is chosen by the cluster (the primary for a check and a restore
+//! point; the answering member for a restore) unless `--from` / `--member` names one; a
+//! backup runs on the healthy standby least behind unless `--from` says otherwise. The
+//! work itself is `meridian_node::backup::ops`.
 
 use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
@@ -23,10 +24,16 @@ pub struct BackupArgs {
     /// Backup type.
     #[arg(long = "type", value_enum, default_value_t = KindArg::Full)]
     pub kind: KindArg,
-    /// Where the backup runs: `primary` or a member name. (pgBackRest reads the data
-    /// directory of the member it runs on; backups from a standby need pgBackRest to
-    /// reach the primary too, which this release does not configure.)
-    #[arg(long, value_name = "primary|MEMBER", default_value = "primary")]
+    /// Where the backup runs. `auto`: the healthy standby least behind, else the
+    /// primary (also when the members run no pgbackrest server); `standby`: a healthy
+    /// standby or nothing; `primary`; or a member name. A backup on a standby copies its
+    /// files and starts and stops the backup on the primary through the primary's
+    /// `pgbackrest server` (`[backup] server_port` on every data member).
+    #[arg(
+        long,
+        value_name = "auto|standby|primary|MEMBER",
+        default_value = "auto"
+    )]
     pub from: String,
     /// How long to wait for the backup.
     #[arg(long, value_name = "SECONDS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=86400))]
@@ -119,6 +126,32 @@ fn bytes(n: u64) -> String {
     format!("{:.1} MB", n as f64 / MB)
 }
 
+/// The healthy standby least behind the primary: streaming from it, seen recently.
+async fn best_standby(client: &Client) -> Result<Option<String>, Failure> {
+    let snap = client.status().await?;
+    let view = crate::view::cluster_view(&snap.status, &snap.intent);
+    let primary = snap.intent.primary.clone();
+    Ok(view
+        .members
+        .iter()
+        .filter(|m| m.kind == "data" && m.state == "streaming")
+        .filter(|m| primary.is_some() && m.upstream == primary)
+        .min_by_key(|m| (m.lag_bytes.unwrap_or(u64::MAX), m.name.clone()))
+        .map(|m| m.name.clone()))
+}
+
+async fn call_raw(
+    client: &Client,
+    member: &str,
+    op: &BackupOp,
+    wait: u64,
+) -> anyhow::Result<(String, serde_json::Value)> {
+    let json = serde_json::to_string(op)?;
+    client
+        .backup_op(member, &json, Duration::from_secs(wait))
+        .await
+}
+
 async fn call(
     client: &Client,
     member: &str,
@@ -149,18 +182,44 @@ pub async fn backup(client: &Client, args: BackupArgs, json: bool) -> Result<(),
         KindArg::Diff => BackupKind::Diff,
         KindArg::Incr => BackupKind::Incr,
     };
-    let member = match args.from.as_str() {
-        "primary" => "",
-        "standby" => {
-            return Err(Failure::Usage(
-                "--from standby is not supported yet (pgBackRest's backup-standby needs the \
-                 primary reachable through pgbackrest server); use --from primary"
-                    .into(),
-            ))
-        }
-        m => m,
+    let op = BackupOp::Backup {
+        kind,
+        primary: None,
     };
-    let (ran_on, v) = call(client, member, &BackupOp::Backup { kind }, args.wait).await?;
+    let from = args.from.trim();
+    if from.is_empty() {
+        return Err(Failure::Usage(
+            "--from is empty (auto, standby, primary or a member name)".into(),
+        ));
+    }
+    let (ran_on, v) = match from {
+        "primary" => call(client, "", &op, args.wait).await?,
+        "standby" | "auto" => {
+            let standby = best_standby(client).await?;
+            match (standby, from) {
+                (None, "standby") => {
+                    return Err(Failure::Failed(anyhow::anyhow!(
+                        "no healthy standby to back up from (none streaming from the \
+                         primary); use --from primary"
+                    )))
+                }
+                (None, _) => call(client, "", &op, args.wait).await?,
+                (Some(s), "standby") => call(client, &s, &op, args.wait).await?,
+                (Some(s), _) => match call_raw(client, &s, &op, args.wait).await {
+                    Ok(answer) => answer,
+                    Err(e)
+                        if e.downcast_ref::<crate::client::RpcFailure>()
+                            .is_some_and(|f| f.code == tonic::Code::Unimplemented) =>
+                    {
+                        eprintln!("{s} cannot take a backup as a standby ({e:#}); backing up on the primary");
+                        call(client, "", &op, args.wait).await?
+                    }
+                    Err(e) => return Err(Failure::Failed(e)),
+                },
+            }
+        }
+        m => call(client, m, &op, args.wait).await?,
+    };
     if json {
         print_json(&v);
     } else {

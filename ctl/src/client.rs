@@ -235,7 +235,7 @@ impl Client {
             .map_err(|_| {
                 anyhow::anyhow!("{} did not answer within {} s", ep.label(), bound.as_secs())
             })?
-            .map_err(|s| anyhow::anyhow!("{}", describe_status(&s)))?
+            .map_err(|s| anyhow::Error::new(RpcFailure::from(&s)))?
             .into_inner();
         let v = serde_json::from_str(&r.result_json).context("decoding the member's answer")?;
         Ok((r.member, v))
@@ -350,6 +350,24 @@ fn snapshot(status: StatusResponse) -> anyhow::Result<Snapshot> {
     })
 }
 
+/// A refused or failed call, with its gRPC code for callers that branch on it; shown as
+/// [`describe_status`].
+#[derive(Debug, thiserror::Error)]
+#[error("{text}")]
+pub struct RpcFailure {
+    pub code: tonic::Code,
+    pub text: String,
+}
+
+impl From<&tonic::Status> for RpcFailure {
+    fn from(s: &tonic::Status) -> Self {
+        RpcFailure {
+            code: s.code(),
+            text: describe_status(s),
+        }
+    }
+}
+
 /// A gRPC failure as one line an operator can act on.
 pub fn describe_status(s: &tonic::Status) -> String {
     let msg = one_line(s.message());
@@ -362,7 +380,8 @@ pub fn describe_status(s: &tonic::Status) -> String {
         tonic::Code::NotFound => format!("not found: {msg}"),
         tonic::Code::FailedPrecondition => format!("refused: {msg}"),
         tonic::Code::InvalidArgument => format!("invalid request: {msg}"),
-        _ => format!("{:?}: {msg}", s.code()),
+        tonic::Code::Unimplemented => format!("not supported: {msg}"),
+        _ => format!("{}: {msg}", s.code().description()),
     }
 }
 

@@ -244,9 +244,13 @@ async fn archive_backups_replicas_and_pitr_survive_a_failover() {
     .unwrap();
 
     // 1. A full backup, the list, and a green check on the running cluster.
+    // The members run no pgbackrest server: the default (`--from auto`) tries a standby,
+    // which says it cannot, and the backup runs on the primary.
     let r = ctl_ok(&c, &["backup", "--type", "full", "--json"]).await;
     let label = r.json()["label"].as_str().unwrap().to_string();
     assert!(label.ends_with('F'), "{r:#?}");
+    assert_eq!(r.json()["member"], "a1", "{r:#?}");
+    assert!(r.stderr.contains("backing up on the primary"), "{r:#?}");
     let r = ctl_ok(&c, &["backup", "list", "--json"]).await;
     let list = r.json();
     assert_eq!(list["backups"].as_array().unwrap().len(), 1, "{list}");

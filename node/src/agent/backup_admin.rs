@@ -1,6 +1,7 @@
 //! `Admin.BackupOp`: which member runs a backup operation (the primary for a backup, a
 //! check or a restore point unless the caller names one; the answering member otherwise),
-//! forwarding to it once, and running it here through `backup::ops`. A finished backup and
+//! forwarding to it once, and running it here through `backup::ops` (a backup on a
+//! standby first asks the primary where its `pgbackrest server` is). A finished backup and
 //! a restore point are recorded in the cluster history.
 
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use tonic::{Request, Response as GrpcResponse, Status};
 
 use super::admin::FORWARDED_HEADER;
 use super::Shared;
+use crate::backup::pgbackrest::PrimarySource;
 use crate::backup::BackupOp;
 use crate::raft::intent::{Command, HistoryEntry, HistoryKind};
 
@@ -78,6 +80,7 @@ pub async fn serve(
     let pg = super::observe::local_instance_or_why(&shared.config)
         .await
         .map_err(Status::failed_precondition)?;
+    let op = prepared(&shared, &pg, op).await?;
     let result = tokio::time::timeout(
         timeout,
         crate::backup::ops::execute(&shared.config, &pg, op.clone()),
@@ -101,15 +104,116 @@ pub async fn serve(
     }))
 }
 
+/// Bound on asking the primary where a standby's backup reaches it.
+const SOURCE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A backup runs as it must where it runs: on the primary as it is; on a standby with
+/// pgBackRest's `backup-standby`, through the primary's `pgbackrest server`, which this
+/// member asks the primary for (a caller's own `primary` is never trusted). A standby
+/// without `backup.server_port` answers `Unimplemented`, which meridianctl's default
+/// `--from auto` takes as "back up on the primary instead".
+async fn prepared(
+    shared: &Shared,
+    pg: &crate::pg::PgInstance,
+    op: BackupOp,
+) -> Result<BackupOp, Status> {
+    let BackupOp::Backup { kind, .. } = op else {
+        return Ok(op);
+    };
+    let me = shared.name();
+    let in_recovery = pg
+        .is_in_recovery()
+        .await
+        .map_err(|e| Status::failed_precondition(format!("{me}: {e}")))?;
+    if !in_recovery {
+        return Ok(BackupOp::Backup {
+            kind,
+            primary: None,
+        });
+    }
+    if shared
+        .config
+        .backup
+        .as_ref()
+        .is_none_or(|b| b.server.is_none())
+    {
+        return Err(Status::unimplemented(format!(
+            "{me} is a standby without backup.server_port: a backup from a standby needs a \
+             pgbackrest server and a client certificate on every data member (docs/backup.md)"
+        )));
+    }
+    let primary = shared
+        .applied()
+        .intent
+        .primary
+        .clone()
+        .ok_or_else(|| Status::unavailable("the cluster has no primary"))?;
+    if primary == me {
+        return Err(Status::failed_precondition(format!(
+            "{me} is the primary in the cluster's intent but its Postgres is in recovery: \
+             try again once it is promoted or fenced"
+        )));
+    }
+    let ch = shared
+        .dialer
+        .channel(&primary)
+        .map_err(|e| Status::unavailable(format!("cannot reach the primary {primary}: {e:#}")))?;
+    let req = BackupOpRequest {
+        member: primary.clone(),
+        op_json: serde_json::to_string(&BackupOp::Source)
+            .map_err(|e| Status::internal(e.to_string()))?,
+        timeout_ms: SOURCE_TIMEOUT.as_millis() as u64,
+        ..Default::default()
+    };
+    let req = super::admin::forwarded(req, SOURCE_TIMEOUT, "member");
+    let answer = tokio::time::timeout(SOURCE_TIMEOUT, AdminClient::new(ch).backup_op(req))
+        .await
+        .map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "the primary {primary} did not say where its pgbackrest server is within {} s",
+                SOURCE_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(|s| {
+            let msg = format!(
+                "asking the primary {primary} for its pgbackrest server: {}",
+                s.message()
+            );
+            if s.message().contains("backup.server_port is not set") {
+                Status::unimplemented(msg)
+            } else {
+                Status::new(s.code(), msg)
+            }
+        })?
+        .into_inner();
+    let mut source: PrimarySource = serde_json::from_str(&answer.result_json).map_err(|e| {
+        Status::internal(format!(
+            "{primary} answered an unreadable pgbackrest source: {e}"
+        ))
+    })?;
+    source.host = super::member::pg_addr(shared, &primary)
+        .map_err(|e| Status::failed_precondition(format!("{e:#}")))?
+        .0;
+    Ok(BackupOp::Backup {
+        kind,
+        primary: Some(source),
+    })
+}
+
 /// A backup or restore point goes into the cluster history (best effort: the operation
 /// itself already succeeded).
 async fn record(shared: &Shared, op: &BackupOp, result: &serde_json::Value) {
     let reason = match op {
-        BackupOp::Backup { kind } => format!(
-            "{} backup {} taken on {}",
+        BackupOp::Backup { kind, primary } => format!(
+            "{} backup {} taken on {}{}",
             kind.as_str(),
             result["label"].as_str().unwrap_or("?"),
-            shared.name()
+            shared.name(),
+            if primary.is_some() {
+                " (a standby)"
+            } else {
+                ""
+            }
         ),
         BackupOp::RestorePoint { name } => format!(
             "restore point {name:?} at {}",

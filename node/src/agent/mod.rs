@@ -456,6 +456,7 @@ impl Agent {
         tasks.push(tokio::spawn(leader::run(shared.clone())));
         tasks.push(tokio::spawn(crate::backup::metrics::run(shared.clone())));
         tasks.push(tokio::spawn(crate::backup::schedule::run(shared.clone())));
+        tasks.push(tokio::spawn(crate::backup::server::run(shared.clone())));
 
         tracing::info!(
             grpc = %grpc_addr, http = %http_addr,

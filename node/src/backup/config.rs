@@ -1,7 +1,8 @@
 //! The agent config's `[backup]` table: where the pgBackRest repository is (a path, or a
 //! repository host served by `pgbackrest server` over TLS), S3-compatible settings passed
-//! through, retention, `archive_mode`, how replicas are created, and the bounds on every
-//! pgBackRest call. Validated here so the rest of `backup/` can trust it.
+//! through, retention, `archive_mode`, how replicas are created, this member's own
+//! `pgbackrest server` (what backups from a standby reach the primary through), and the
+//! bounds on every pgBackRest call. Validated here so the rest of `backup/` can trust it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -53,6 +54,27 @@ pub struct RepoHost {
     pub user: Option<String>,
 }
 
+/// This member's `pgbackrest server` (TLS with client certificates), so that a backup
+/// taken on a standby can reach whichever member is the primary, and the certificate this
+/// member presents to the other members' servers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerTls {
+    /// `tls-server-address`: the address to listen on (`*` for every interface).
+    pub address: String,
+    /// `tls-server-port`.
+    pub port: u16,
+    /// The server's certificate: its names must cover the host the other members reach
+    /// this member's Postgres at (`peers.<name>.postgres`).
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// The CA that signed every member's server and client certificates.
+    pub ca_file: PathBuf,
+    /// The client certificate this member presents; its CN must be this member's name
+    /// (the servers authorize the cluster's data members by name).
+    pub client_cert_file: PathBuf,
+    pub client_key_file: PathBuf,
+}
+
 /// The validated `[backup]` table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackupConfig {
@@ -61,6 +83,8 @@ pub struct BackupConfig {
     /// `repo1-path`: on this host (or mounted), or on the repository host.
     pub repo_path: PathBuf,
     pub repo_host: Option<RepoHost>,
+    /// This member's `pgbackrest server`, when configured (`server_port`).
+    pub server: Option<ServerTls>,
     /// `repo1-retention-full` (count of full backups kept).
     pub retention_full: u32,
     /// `repo1-retention-diff`, when set.
@@ -100,6 +124,13 @@ pub(crate) struct RawBackup {
     repo_host_cert_file: Option<PathBuf>,
     repo_host_key_file: Option<PathBuf>,
     repo_host_user: Option<String>,
+    server_port: Option<u16>,
+    server_address: Option<String>,
+    server_cert_file: Option<PathBuf>,
+    server_key_file: Option<PathBuf>,
+    tls_ca_file: Option<PathBuf>,
+    client_cert_file: Option<PathBuf>,
+    client_key_file: Option<PathBuf>,
     retention_full: Option<u32>,
     retention_diff: Option<u32>,
     archive_mode: Option<ArchiveMode>,
@@ -139,6 +170,7 @@ const OWNED_OPTIONS: &[&str] = &[
     "lock-path",
     "spool-path",
     "stanza",
+    "backup-standby",
 ];
 
 fn resolve(base: &Path, p: PathBuf) -> PathBuf {
@@ -229,6 +261,73 @@ impl RawBackup {
                 })
             }
         };
+        let server = match self.server_port {
+            None => {
+                for (k, set) in [
+                    ("server_address", self.server_address.is_some()),
+                    ("server_cert_file", self.server_cert_file.is_some()),
+                    ("server_key_file", self.server_key_file.is_some()),
+                    ("tls_ca_file", self.tls_ca_file.is_some()),
+                    ("client_cert_file", self.client_cert_file.is_some()),
+                    ("client_key_file", self.client_key_file.is_some()),
+                ] {
+                    if set {
+                        return bad(
+                            k,
+                            "only applies with backup.server_port (this member's pgbackrest server)"
+                                .into(),
+                        );
+                    }
+                }
+                None
+            }
+            Some(0) => return bad("server_port", "must be 1 to 65535".into()),
+            Some(port) => {
+                let files = [
+                    ("server_cert_file", self.server_cert_file),
+                    ("server_key_file", self.server_key_file),
+                    ("tls_ca_file", self.tls_ca_file),
+                    ("client_cert_file", self.client_cert_file),
+                    ("client_key_file", self.client_key_file),
+                ];
+                let mut resolved = Vec::new();
+                for (k, f) in files {
+                    match f {
+                        None => {
+                            return bad(
+                                k,
+                                "is required with backup.server_port (pgbackrest server speaks TLS with client certificates)".into(),
+                            )
+                        }
+                        Some(f) => {
+                            let f = resolve(base, f);
+                            if !f.is_file() {
+                                return bad(k, format!("{} does not exist", f.display()));
+                            }
+                            resolved.push(f);
+                        }
+                    }
+                }
+                let address = self.server_address.unwrap_or_else(|| "*".into());
+                if address.is_empty() || address.chars().any(|c| c.is_whitespace()) {
+                    return bad(
+                        "server_address",
+                        format!("{address:?} is not an address (an IP, a host name or \"*\")"),
+                    );
+                }
+                let mut it = resolved.into_iter();
+                let mut next = || it.next().unwrap_or_default();
+                Some(ServerTls {
+                    address,
+                    port,
+                    cert_file: next(),
+                    key_file: next(),
+                    ca_file: next(),
+                    client_cert_file: next(),
+                    client_key_file: next(),
+                })
+            }
+        };
         let retention_full = self.retention_full.unwrap_or(2);
         if retention_full == 0 {
             return bad("retention_full", "must be at least 1".into());
@@ -293,6 +392,7 @@ impl RawBackup {
             stanza,
             repo_path,
             repo_host,
+            server,
             retention_full,
             retention_diff: self.retention_diff,
             archive_mode: self.archive_mode.unwrap_or(ArchiveMode::On),
@@ -359,6 +459,44 @@ mod tests {
             key("repo_path = \"/r\"\nretention_full = 0"),
             "backup.retention_full"
         );
+    }
+
+    #[test]
+    fn the_server_needs_its_certificates_and_a_port() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["s.pem", "s.key", "ca.pem", "c.pem", "c.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let raw = |t: &str| -> Result<BackupConfig, (String, String)> {
+            let raw: RawBackup = toml::from_str(t).expect("toml");
+            raw.validate(dir.path(), "prod")
+        };
+        let all = "repo_path = \"/r\"\nserver_port = 8432\nserver_cert_file = \"s.pem\"\n\
+                   server_key_file = \"s.key\"\ntls_ca_file = \"ca.pem\"\n\
+                   client_cert_file = \"c.pem\"\nclient_key_file = \"c.key\"\n";
+        let s = raw(all).unwrap().server.unwrap();
+        assert_eq!((s.address.as_str(), s.port), ("*", 8432));
+        assert_eq!(s.client_key_file, dir.path().join("c.key"));
+        assert_eq!(s.ca_file, dir.path().join("ca.pem"));
+        let key = |t: &str| raw(t).unwrap_err().0;
+        assert_eq!(
+            key(&all.replace("client_key_file = \"c.key\"\n", "")),
+            "backup.client_key_file"
+        );
+        assert_eq!(
+            key(&all.replace("\"s.key\"", "\"nope.key\"")),
+            "backup.server_key_file"
+        );
+        assert_eq!(key(&all.replace("8432", "0")), "backup.server_port");
+        assert_eq!(
+            key("repo_path = \"/r\"\nclient_cert_file = \"c.pem\""),
+            "backup.client_cert_file"
+        );
+        assert_eq!(
+            key(&format!("{all}server_address = \"a b\"\n")),
+            "backup.server_address"
+        );
+        assert!(parse("repo_path = \"/r\"").unwrap().server.is_none());
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //! - `metrics.rs`: last good backup age, WAL waiting to be archived, archive failures.
 //! - `schedule.rs`: scheduled backups on the Raft leader (the rule is
 //!   `meridian_core::backup_schedule`), one run per slot, recorded in the history.
+//! - `server.rs`: this member's supervised `pgbackrest server`, which backups taken on a
+//!   standby reach the primary through.
 //! - `replica.rs`: a standby restored from the repository; the old primary's unarchived
 //!   WAL pushed before it is rewound.
 
@@ -23,6 +25,7 @@ pub mod ops;
 pub mod pgbackrest;
 pub mod replica;
 pub mod schedule;
+pub mod server;
 
 pub use config::{ArchiveMode, BackupConfig, ReplicaMethod};
 pub use ops::{BackupKind, BackupOp, RestoreTarget};

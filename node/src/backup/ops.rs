@@ -69,7 +69,14 @@ impl RestoreTarget {
 pub enum BackupOp {
     Backup {
         kind: BackupKind,
+        /// Filled by the agent that runs the backup on a standby (what it asked the
+        /// primary for); whatever a caller sends here is replaced.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        primary: Option<super::pgbackrest::PrimarySource>,
     },
+    /// Where a standby's backup reaches this member as the primary (its
+    /// `pgbackrest server`); asked member to member.
+    Source,
     List,
     Check,
     RestorePoint {
@@ -94,7 +101,10 @@ impl BackupOp {
     pub fn on_primary(&self) -> bool {
         matches!(
             self,
-            BackupOp::Backup { .. } | BackupOp::Check | BackupOp::RestorePoint { .. }
+            BackupOp::Backup { .. }
+                | BackupOp::Source
+                | BackupOp::Check
+                | BackupOp::RestorePoint { .. }
         )
     }
 
@@ -153,12 +163,27 @@ pub async fn execute(
         .context("setting up pgBackRest")?;
     let member = config.member.name.clone();
     match op {
-        BackupOp::Backup { kind } => {
-            br.stanza_create().await.context("creating the stanza")?;
+        BackupOp::Backup { kind, primary } => {
             let started = Instant::now();
-            br.backup(kind.as_str())
-                .await
-                .with_context(|| format!("{kind:?} backup on {member}").to_lowercase())?;
+            match &primary {
+                None => {
+                    br.stanza_create().await.context("creating the stanza")?;
+                    br.backup(kind.as_str())
+                        .await
+                        .with_context(|| format!("{kind:?} backup on {member}").to_lowercase())?;
+                }
+                Some(p) => br
+                    .backup_from_standby(kind.as_str(), p)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "{} backup on standby {member} (primary's pgbackrest server {}:{})",
+                            kind.as_str(),
+                            p.host,
+                            p.server_port
+                        )
+                    })?,
+            }
             let info = br.info().await.context("reading the repository")?;
             let label = info.backup.last().map(|b| b.label.clone());
             Ok(serde_json::json!({
@@ -167,6 +192,12 @@ pub async fn execute(
                 "label": label,
                 "seconds": started.elapsed().as_secs_f64(),
             }))
+        }
+        BackupOp::Source => {
+            let source = br.source().with_context(|| {
+                format!("{member} runs no pgbackrest server (backup.server_port is not set)")
+            })?;
+            Ok(serde_json::to_value(source)?)
         }
         BackupOp::List => Ok(serde_json::to_value(list(&br).await?)?),
         BackupOp::Check => Ok(serde_json::to_value(check(&br, pg, &member).await?)?),

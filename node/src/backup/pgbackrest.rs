@@ -34,6 +34,22 @@ pub struct Pgbackrest {
     passfile: PathBuf,
 }
 
+/// Where a standby's backup finds the primary: its `pgbackrest server` and, for the
+/// remote pgBackRest that server runs, the primary's own config, data directory and
+/// Postgres socket. The primary answers all but `host`, which the standby fills from its
+/// address book (`peers.<name>.postgres`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PrimarySource {
+    #[serde(default)]
+    pub host: String,
+    pub server_port: u16,
+    pub pg_path: PathBuf,
+    pub pg_port: u16,
+    pub pg_socket: PathBuf,
+    pub pg_user: String,
+    pub config_path: PathBuf,
+}
+
 /// The pgBackRest binary: the first `pgbackrest` on PATH (else the bare name).
 fn find_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("PATH") {
@@ -75,6 +91,111 @@ impl Pgbackrest {
 
     pub fn stanza(&self) -> &str {
         &self.cfg.stanza
+    }
+
+    /// The directory this agent keeps pgBackRest's config, logs, locks and spool in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    /// The libpq passfile pgBackRest's sessions use, when it exists.
+    pub fn passfile(&self) -> Option<&Path> {
+        self.passfile.is_file().then_some(self.passfile.as_path())
+    }
+
+    /// What a standby's backup needs to reach this member as the primary through its
+    /// `pgbackrest server`; None without `server_port`.
+    pub fn source(&self) -> Option<PrimarySource> {
+        let tls = self.cfg.server.as_ref()?;
+        Some(PrimarySource {
+            host: String::new(),
+            server_port: tls.port,
+            pg_path: self.pg_path.clone(),
+            pg_port: self.pg_port,
+            pg_socket: self.pg_socket.clone(),
+            pg_user: self.pg_user.clone(),
+            config_path: self.conf_path(),
+        })
+    }
+
+    /// The `pg2-*` options that name the primary as a remote pgBackRest host over TLS.
+    fn pg2_args(&self, primary: &PrimarySource) -> Result<Vec<String>, PgError> {
+        let tls = self.cfg.server.as_ref().ok_or_else(|| PgError::State {
+            step: "pgbackrest backup (from a standby)",
+            what: "this member has no backup.server_port (nor its client certificate)".into(),
+        })?;
+        Ok(vec![
+            format!("--pg2-host={}", primary.host),
+            "--pg2-host-type=tls".into(),
+            format!("--pg2-host-port={}", primary.server_port),
+            format!("--pg2-host-ca-file={}", tls.ca_file.display()),
+            format!("--pg2-host-cert-file={}", tls.client_cert_file.display()),
+            format!("--pg2-host-key-file={}", tls.client_key_file.display()),
+            format!("--pg2-host-config={}", primary.config_path.display()),
+            format!("--pg2-path={}", primary.pg_path.display()),
+            format!("--pg2-port={}", primary.pg_port),
+            format!("--pg2-socket-path={}", primary.pg_socket.display()),
+            format!("--pg2-user={}", primary.pg_user),
+        ])
+    }
+
+    /// `stanza-create` and `backup --backup-standby` from this standby: files copied here,
+    /// the backup started and stopped on `primary` through its server.
+    pub async fn backup_from_standby(
+        &self,
+        kind: &str,
+        primary: &PrimarySource,
+    ) -> Result<(), PgError> {
+        let pg2 = self.pg2_args(primary)?;
+        let mut create = vec!["stanza-create".to_string()];
+        create.extend(pg2.iter().cloned());
+        self.run("pgbackrest stanza-create", &create, self.short())
+            .await?;
+        let mut args = vec![
+            "backup".to_string(),
+            format!("--type={kind}"),
+            "--backup-standby".into(),
+        ];
+        args.extend(pg2);
+        self.run(
+            "pgbackrest backup (from a standby)",
+            &args,
+            self.cfg.backup_timeout,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    #[cfg(test)]
+    pub fn for_tests(stanza: &str, dir: PathBuf) -> Pgbackrest {
+        Pgbackrest {
+            cfg: BackupConfig {
+                stanza: stanza.into(),
+                repo_path: "/repo".into(),
+                repo_host: None,
+                server: None,
+                retention_full: 2,
+                retention_diff: None,
+                archive_mode: super::ArchiveMode::On,
+                create_replica_methods: vec![super::ReplicaMethod::Basebackup],
+                options: Default::default(),
+                backup_timeout: Duration::from_secs(60),
+                command_timeout: Duration::from_secs(10),
+                schedule: vec![],
+            },
+            bin: "pgbackrest".into(),
+            run_as: RunAs::CurrentUser,
+            pg_path: "/data".into(),
+            pg_port: 5432,
+            pg_socket: "/run/pg".into(),
+            pg_user: "postgres".into(),
+            passfile: dir.join("pgpass"),
+            dir,
+        }
     }
 
     pub fn conf_path(&self) -> PathBuf {

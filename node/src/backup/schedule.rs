@@ -178,6 +178,7 @@ async fn execute(shared: &Shared, run: &ScheduledRun) -> anyhow::Result<String> 
     let cfg = shared.config.backup.as_ref().context("no [backup] table")?;
     let op = BackupOp::Backup {
         kind: kind_of(run.kind),
+        primary: None,
     };
     let timeout = cfg.backup_timeout;
     let result: serde_json::Value = if run.member == shared.name() {

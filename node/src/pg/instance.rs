@@ -865,6 +865,20 @@ impl PgInstance {
         self.check_writable(&client).await
     }
 
+    /// Whether the local server is a standby (in recovery), in one bounded session.
+    pub async fn is_in_recovery(&self) -> Result<bool, PgError> {
+        const STEP: &str = "read pg_is_in_recovery()";
+        let client = self.connect().await?;
+        let row = self
+            .bounded_sql(
+                STEP,
+                self.timeouts.sql,
+                client.query_one("SELECT pg_is_in_recovery()", &[]),
+            )
+            .await?;
+        Ok(row.get::<_, bool>(0))
+    }
+
     /// Fails unless `client`'s server is out of recovery and commits a read-write
     /// transaction. The commit is local-only so a stale `synchronous_standby_names` cannot
     /// hang the check.
