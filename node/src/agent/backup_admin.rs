@@ -112,7 +112,7 @@ const SOURCE_TIMEOUT: Duration = Duration::from_secs(10);
 /// member asks the primary for (a caller's own `primary` is never trusted). A standby
 /// without `backup.server_port` answers `Unimplemented`, which meridianctl's default
 /// `--from auto` takes as "back up on the primary instead".
-async fn prepared(
+pub(crate) async fn prepared(
     shared: &Shared,
     pg: &crate::pg::PgInstance,
     op: BackupOp,

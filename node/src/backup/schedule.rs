@@ -59,10 +59,10 @@ pub async fn run(shared: Arc<Shared>) {
         let intent = shared.applied().intent.clone();
         let candidates = Candidates {
             primary: intent.primary.clone(),
-            // Backups from a standby need `pgbackrest server` beside the primary, which
-            // Meridian does not run yet: the primary takes them.
-            streaming_standbys: Vec::new(),
-            standby_backups: false,
+            streaming_standbys: streaming_standbys(&shared, intent.primary.as_deref()),
+            // Backups from a standby go through the primary's `pgbackrest server`: taken
+            // as configured on every data member when it is on this one.
+            standby_backups: cfg.server.is_some(),
         };
         let now = crate::agent::join::unix_ms();
         let res = match decide(
@@ -95,6 +95,33 @@ pub async fn run(shared: Arc<Shared>) {
             last_error = None;
         }
     }
+}
+
+/// Data members streaming from `primary` by a fresh observation (up, in recovery, not
+/// fenced), the one that received most first.
+fn streaming_standbys(shared: &Shared, primary: Option<&str>) -> Vec<String> {
+    let Some(primary) = primary else {
+        return Vec::new();
+    };
+    let stale_after = (shared.config.timing.observe_interval * 4).max(Duration::from_secs(1));
+    let now = std::time::Instant::now();
+    let mut found: Vec<(u64, String)> = shared
+        .observations
+        .snapshot()
+        .into_iter()
+        .filter(|(name, (_, at))| name != primary && now.duration_since(*at) <= stale_after)
+        .filter_map(|(name, (o, _))| {
+            let p = o.postgres?;
+            (p.up
+                && p.in_recovery
+                && !p.fenced
+                && p.upstream == primary
+                && p.wal_receiver() == meridian_proto::WalReceiverStatus::Streaming)
+                .then_some((p.received_lsn, name))
+        })
+        .collect();
+    found.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    found.into_iter().map(|(_, n)| n).collect()
 }
 
 fn fresh_quorum(shared: &Shared) -> bool {
@@ -185,6 +212,9 @@ async fn execute(shared: &Shared, run: &ScheduledRun) -> anyhow::Result<String> 
         let pg = crate::agent::observe::local_instance_or_why(&shared.config)
             .await
             .map_err(anyhow::Error::msg)?;
+        let op = crate::agent::backup_admin::prepared(shared, &pg, op)
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
         tokio::time::timeout(timeout, super::ops::execute(&shared.config, &pg, op))
             .await
             .map_err(|_| {
