@@ -168,9 +168,19 @@ pub async fn execute(
             match &primary {
                 None => {
                     br.stanza_create().await.context("creating the stanza")?;
-                    br.backup(kind.as_str())
-                        .await
-                        .with_context(|| format!("{kind:?} backup on {member}").to_lowercase())?;
+                    if let Err(e) = br.backup(kind.as_str()).await {
+                        let what = format!("{} backup on {member}", kind.as_str());
+                        if br.cfg.repo_host.is_some()
+                            && e.to_string().contains("must be run on the repository host")
+                        {
+                            return Err(anyhow::Error::new(e).context(format!(
+                                "{what}: this pgBackRest takes backups only on the repository \
+                                 host (backup.repo_host); run `pgbackrest backup` there, with \
+                                 the data members as pgN-host, or use a shared repo_path or S3"
+                            )));
+                        }
+                        return Err(anyhow::Error::new(e).context(what));
+                    }
                 }
                 Some(p) => br
                     .backup_from_standby(kind.as_str(), p)
