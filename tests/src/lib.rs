@@ -6,6 +6,7 @@
 
 pub mod agents;
 pub mod ctl;
+pub mod pgbr;
 
 pub use meridian_chaos::pg_cluster::{free_ports, PgCluster, PgClusterBuilder};
 pub use meridian_chaos::wait::{wait_for, wait_until};

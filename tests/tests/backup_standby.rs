@@ -12,76 +12,13 @@ use std::time::{Duration, Instant};
 use meridian_proto::WalReceiverStatus;
 use meridian_tests::agents::{AgentCluster, ClusterSetup, ConfigExtra, MemberSpec};
 use meridian_tests::ctl::{run_ctl_env, CtlRun};
+use meridian_tests::pgbr::{chown_to_postgres, is_root, issue, new_ca, write_private};
 use meridian_tests::{free_ports, wait_for};
 use tokio_postgres::NoTls;
 
 const FORM: Duration = Duration::from_secs(120);
 const SQL: Duration = Duration::from_secs(10);
 const TOKEN: &str = "backup-standby-token";
-
-fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
-
-fn chown_to_postgres(p: &Path) {
-    if is_root() {
-        let u = nix::unistd::User::from_name("postgres")
-            .unwrap()
-            .expect("the postgres OS user");
-        nix::unistd::chown(p, Some(u.uid), Some(u.gid)).unwrap();
-    }
-}
-
-/// Writes a file the Postgres OS user can read (and only it, for keys).
-fn write_private(path: &Path, contents: &str, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, contents).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-    chown_to_postgres(path);
-}
-
-fn new_ca(cn: &str) -> rcgen::CertifiedIssuer<'static, rcgen::KeyPair> {
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, cn);
-    params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::DigitalSignature,
-    ];
-    rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap()
-}
-
-/// A certificate named `cn` for `purpose`, signed by `ca`: (cert path, key path).
-fn issue(
-    dir: &Path,
-    ca: &rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-    cn: &str,
-    file: &str,
-    purpose: rcgen::ExtendedKeyUsagePurpose,
-) -> (PathBuf, PathBuf) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec![cn.to_string()]).unwrap();
-    // pgBackRest matches the host it dials against the DNS names and the CN only, not IP
-    // addresses: the address goes in as a DNS name too.
-    params.subject_alt_names.extend([
-        rcgen::SanType::DnsName("127.0.0.1".try_into().unwrap()),
-        rcgen::SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])),
-    ]);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, cn);
-    params.extended_key_usages = vec![purpose];
-    let cert = params.signed_by(&key, ca).unwrap();
-    let (c, k) = (
-        dir.join(format!("{file}.pem")),
-        dir.join(format!("{file}.key")),
-    );
-    write_private(&c, &cert.pem(), 0o644);
-    write_private(&k, &key.serialize_pem(), 0o600);
-    (c, k)
-}
 
 async fn ctl(c: &AgentCluster, args: &[&str]) -> CtlRun {
     let eps: Vec<String> = c

@@ -73,6 +73,9 @@ pub struct ServerTls {
     /// (the servers authorize the cluster's data members by name).
     pub client_cert_file: PathBuf,
     pub client_key_file: PathBuf,
+    /// More client CNs the server serves besides the data members: a dedicated
+    /// repository host that pulls backups from the members (`server_clients`).
+    pub extra_clients: Vec<String>,
 }
 
 /// The validated `[backup]` table.
@@ -131,6 +134,8 @@ pub(crate) struct RawBackup {
     tls_ca_file: Option<PathBuf>,
     client_cert_file: Option<PathBuf>,
     client_key_file: Option<PathBuf>,
+    #[serde(default)]
+    server_clients: Vec<String>,
     retention_full: Option<u32>,
     retention_diff: Option<u32>,
     archive_mode: Option<ArchiveMode>,
@@ -270,6 +275,7 @@ impl RawBackup {
                     ("tls_ca_file", self.tls_ca_file.is_some()),
                     ("client_cert_file", self.client_cert_file.is_some()),
                     ("client_key_file", self.client_key_file.is_some()),
+                    ("server_clients", !self.server_clients.is_empty()),
                 ] {
                     if set {
                         return bad(
@@ -315,6 +321,19 @@ impl RawBackup {
                         format!("{address:?} is not an address (an IP, a host name or \"*\")"),
                     );
                 }
+                for (i, cn) in self.server_clients.iter().enumerate() {
+                    if cn.is_empty()
+                        || cn.len() > 64
+                        || !cn
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                    {
+                        return bad(
+                            &format!("server_clients[{i}]"),
+                            format!("{cn:?} is not a certificate CN (1 to 64 letters, digits, '-', '_' or '.')"),
+                        );
+                    }
+                }
                 let mut it = resolved.into_iter();
                 let mut next = || it.next().unwrap_or_default();
                 Some(ServerTls {
@@ -325,6 +344,7 @@ impl RawBackup {
                     ca_file: next(),
                     client_cert_file: next(),
                     client_key_file: next(),
+                    extra_clients: self.server_clients,
                 })
             }
         };
@@ -497,6 +517,15 @@ mod tests {
             "backup.server_address"
         );
         assert!(parse("repo_path = \"/r\"").unwrap().server.is_none());
+        let s = raw(&format!("{all}server_clients = [\"backup-host\"]\n"))
+            .unwrap()
+            .server
+            .unwrap();
+        assert_eq!(s.extra_clients, vec!["backup-host".to_string()]);
+        assert_eq!(
+            key(&format!("{all}server_clients = [\"a=b\"]\n")),
+            "backup.server_clients[0]"
+        );
     }
 
     #[test]

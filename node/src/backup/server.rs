@@ -3,8 +3,9 @@
 //! `pg_backup_start`/`pg_backup_stop` on the primary and copies the files from the
 //! standby). Owns the server's own config file and the supervised process: started when
 //! `[backup] server_port` is set, restarted (bounded backoff) when it exits, and when the
-//! set of clients it may serve changes — the cluster's data members, authorized by the CN
-//! of their client certificates. The process dies with the agent (`PR_SET_PDEATHSIG`), so
+//! set of clients it may serve changes — the cluster's data members (and any
+//! `server_clients`, e.g. a repository host that pulls backups), authorized by the CN of
+//! their client certificates. The process dies with the agent (`PR_SET_PDEATHSIG`), so
 //! a killed agent leaves no server holding the port for the next one.
 
 use std::path::PathBuf;
@@ -76,7 +77,13 @@ pub async fn run(shared: Arc<Shared>) {
     let mut backoff = Duration::from_secs(1);
     let mut not_before = Instant::now();
     loop {
-        let conf = render_conf(&br, &tls, &clients(&shared.applied().intent));
+        let mut names = clients(&shared.applied().intent);
+        if !names.is_empty() {
+            names.extend(tls.extra_clients.iter().cloned());
+            names.sort();
+            names.dedup();
+        }
+        let conf = render_conf(&br, &tls, &names);
         if let Some((c, started)) = child.as_mut() {
             match c.try_wait() {
                 Ok(None) if conf == running_conf => {}
@@ -202,6 +209,7 @@ mod tests {
             ca_file: "/c/ca.pem".into(),
             client_cert_file: "/c/c.pem".into(),
             client_key_file: "/c/c.key".into(),
+            extra_clients: vec![],
         };
         let br = Pgbackrest::for_tests("prod", "/state/pgbackrest".into());
         let conf = render_conf(&br, &tls, &["a1".into(), "b1".into()]);
